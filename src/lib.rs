@@ -1,0 +1,13 @@
+//! Eddy: a replicated queue service for asynchronous ML inference.
+//!
+//! Module map:
+//! - [`queue`]: the pure state machine (items, groups, consumers, dispatch).
+//! - `raft`: the only module that knows openraft; log store, state-machine
+//!   adapter, gRPC network, forwarding of writes to the leader.
+//! - `api`: the only module that knows axum; the EAS HTTP and WebSocket
+//!   protocol, admin routes, status codes.
+//! - `client`: a Rust client of the EAS protocol (CLI, engine, benchmark).
+//! - `engine`: the asynchronous inference worker.
+//! - `config`: node settings from flags and `EDDY_*` variables.
+
+pub mod queue;

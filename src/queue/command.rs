@@ -1,0 +1,241 @@
+//! The vocabulary of the replicated log: commands in, replies and events out.
+//!
+//! Everything a replica needs to compute the same state travels inside the
+//! command: the request id, the proposer's wall-clock stamp, the connection
+//! a consumer is attached through. Nothing in `apply` reads a clock or draws
+//! a random number.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Node identifier in the cluster (the Raft node id).
+pub type NodeId = u64;
+
+/// Which of a service's two queues a command addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum QueueKind {
+    /// The input (source) queue: `/api/predict/{service}`.
+    Input,
+    /// The output queue: `/api/predict/{service}/sink`.
+    Sink,
+}
+
+impl QueueKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueKind::Input => "input",
+            QueueKind::Sink => "sink",
+        }
+    }
+}
+
+/// A queue address: service name and which of its queues.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QueueRef {
+    pub service: String,
+    pub kind: QueueKind,
+}
+
+impl QueueRef {
+    pub fn new(service: impl Into<String>, kind: QueueKind) -> Self {
+        Self { service: service.into(), kind }
+    }
+}
+
+impl std::fmt::Display for QueueRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            QueueKind::Input => write!(f, "{}", self.service),
+            QueueKind::Sink => write!(f, "{}/sink", self.service),
+        }
+    }
+}
+
+/// Capacity rules of one queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueLimits {
+    /// Most items the queue stores (`stream.approxMaxLength`).
+    pub max_length: u64,
+    /// Largest payload accepted, in bytes (`meta.maxPayloadBytes`).
+    pub max_payload_bytes: u64,
+    /// When full: evict the oldest item instead of refusing the put.
+    pub evict_oldest: bool,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self { max_length: 100_000, max_payload_bytes: 8 * 1024 * 1024, evict_oldest: false }
+    }
+}
+
+/// How a service is set up. Part of the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// The token clients send in `Authorization`.
+    pub token: String,
+    pub input: QueueLimits,
+    pub sink: QueueLimits,
+    /// Deliveries of one item before it is dead-lettered (0 = unlimited).
+    pub max_delivery: u32,
+    /// How long a consumer whose connection dropped keeps its items
+    /// (status `Leaving`) before they go to the rest of its group.
+    pub consumer_grace_ms: u64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            input: QueueLimits::default(),
+            sink: QueueLimits::default(),
+            max_delivery: 5,
+            consumer_grace_ms: 2_000,
+        }
+    }
+}
+
+impl ServiceConfig {
+    pub fn limits(&self, kind: QueueKind) -> &QueueLimits {
+        match kind {
+            QueueKind::Input => &self.input,
+            QueueKind::Sink => &self.sink,
+        }
+    }
+}
+
+/// Tag set of an item, or a filter that an item's tags must contain.
+pub type Tags = BTreeMap<String, String>;
+
+/// The new item a put carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewItem {
+    /// Assigned by the node that received the put, before proposing.
+    pub request_id: String,
+    pub tags: Tags,
+    pub data: Bytes,
+    pub priority: u32,
+    /// Sub-path the item was put on (for the engine), empty for `/`.
+    pub path: String,
+}
+
+/// How a watch connection wants to be served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerSpec {
+    pub group: String,
+    pub user: String,
+    /// The node that holds the connection and pushes its frames.
+    pub node: NodeId,
+    /// Identifies one connection; a takeover gets a new one.
+    pub connection: u64,
+    pub window: u32,
+    pub auto_commit: bool,
+    pub index_only: bool,
+    pub tags: Tags,
+    /// Only items with an index at or above this are delivered.
+    /// `None` = only items put after the attach (`_index_=-1`).
+    pub start_index: Option<u64>,
+}
+
+/// Which items a get or count looks at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    /// First index to consider; 0 = head. `None` = only the newest item.
+    pub from_index: Option<u64>,
+    pub length: u32,
+    pub tags: Tags,
+}
+
+/// A mutation of the replicated state. Every one is applied by every replica
+/// in log order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateService { name: String, config: ServiceConfig },
+    DeleteService { name: String },
+    Put { queue: QueueRef, item: NewItem },
+    /// Read and delete in one step (get with `_auto_delete_=true`).
+    Take { queue: QueueRef, selector: Selector },
+    Commit { queue: QueueRef, group: String, indexes: Vec<u64> },
+    Negative { queue: QueueRef, group: String, indexes: Vec<u64>, code: String, reason: String },
+    Delete { queue: QueueRef, indexes: Vec<u64> },
+    /// Remove every item whose index is below `before`.
+    Truncate { queue: QueueRef, before: u64 },
+    End { queue: QueueRef, force: bool },
+    Attach { queue: QueueRef, consumer: ConsumerSpec },
+    /// The connection closed; the consumer starts its grace period.
+    Detach { queue: QueueRef, group: String, user: String, connection: u64 },
+    /// Every consumer attached through `node` is gone at once (node lost or
+    /// restarted): their items go back to their groups now.
+    NodeGone { node: NodeId },
+    /// The leader's clock: consumers whose grace ran out are removed.
+    Tick,
+    /// The engine's result: put `result` on the sink and commit `input_index`
+    /// on the input queue, as one step. Skipped (but the commit still done)
+    /// when the sink already holds a result for the same request id.
+    Complete { service: String, group: String, input_index: u64, result: Option<NewItem> },
+    /// Several commands in one log entry; replies come back in order.
+    Batch(Vec<Command>),
+}
+
+/// A command as it travels through the log: a unique id for de-duplication
+/// of retries, and the proposer's wall clock in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: u128,
+    pub now_ms: u64,
+    pub command: Command,
+}
+
+/// One item as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub index: u64,
+    pub tags: Tags,
+    pub data: Bytes,
+    pub path: String,
+    pub message: String,
+}
+
+/// Why a command was refused. Refusals change nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("no such service: {0}")]
+    NoSuchService(String),
+    #[error("service {0} already exists with another configuration")]
+    ServiceExists(String),
+    #[error("queue is full ({0} items)")]
+    Full(u64),
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("sink of service {0} is full")]
+    SinkFull(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// What a command returns to its proposer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    Put { index: u64, request_id: String },
+    Items(Vec<Frame>),
+    /// Completing an item: the sink index of the result (if one was written)
+    /// and whether an existing result was found instead.
+    Completed { sink_index: Option<u64>, duplicate: bool },
+    Rejected(Rejection),
+    Batch(Vec<Reply>),
+}
+
+/// Side effects of an applied command, for the node that owns the
+/// connection concerned. Every replica emits the same events; each node acts
+/// only on those addressed to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Push this frame over `connection`.
+    Deliver { node: NodeId, connection: u64, queue: QueueRef, frame: Frame },
+    /// Close this connection (it was taken over or its consumer removed).
+    Close { node: NodeId, connection: u64 },
+    /// Items were added to or removed from this queue (wakes long polls).
+    Changed { queue: QueueRef },
+}

@@ -1,0 +1,24 @@
+//! The queue state machine: pure, deterministic, and the single source of
+//! truth for items, consumers and who holds what in flight.
+//!
+//! `QueueState::apply(envelope)` is the only way state changes. It does no
+//! I/O, reads no clock (time arrives inside the envelope) and draws no random
+//! numbers, so every replica that applies the same log reaches the same
+//! state and emits the same events. Dispatch decisions (which consumer gets
+//! which item) are made here, as part of applying the command that made them
+//! possible; the node holding a consumer's connection merely pushes the
+//! `Deliver` events addressed to it.
+
+mod attributes;
+mod command;
+#[allow(clippy::module_inception)]
+mod queue;
+mod state;
+
+#[cfg(test)]
+mod tests;
+
+pub use attributes::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, attributes};
+pub use command::*;
+pub use queue::{Consumer, ConsumerStatus, Group, Item, Queue, REQUEST_ID_TAG, tags_match};
+pub use state::{DEDUP_CAPACITY, QueueState, Service, validate_service_name};

@@ -1,0 +1,721 @@
+//! One queue: its items, its consumer groups and the dispatch rule.
+//!
+//! Invariants (checked by the property tests in `tests.rs`):
+//! - indexes are strictly increasing, never 0, never reused;
+//! - an item is in flight to at most one consumer per group, and then it is
+//!   not in that group's ready set;
+//! - a consumer without auto-commit never holds more than `window` items
+//!   (a takeover with a smaller window may leave it above until commits);
+//! - an item leaves the queue only by commit of every group that sees it,
+//!   by delete/truncate/take/eviction, or by dead-lettering.
+//!
+//! The ready set of a group is derived state: it is rebuilt after a snapshot
+//! is restored rather than stored.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::command::{
+    ConsumerSpec, Event, Frame, NewItem, NodeId, QueueLimits, QueueRef, Rejection, Selector, Tags,
+};
+
+/// Tag key under which every item carries its request id.
+pub const REQUEST_ID_TAG: &str = "requestId";
+
+/// A stored item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub index: u64,
+    pub request_id: String,
+    /// Includes `requestId`.
+    pub tags: Tags,
+    pub data: Bytes,
+    pub priority: u32,
+    pub path: String,
+    pub enqueued_ms: u64,
+    /// How many times the item was handed to a consumer.
+    pub deliveries: u32,
+    /// The last negative-commit code and reason, shown with redeliveries.
+    pub message: String,
+}
+
+impl Item {
+    fn frame(&self, with_data: bool) -> Frame {
+        Frame {
+            index: self.index,
+            tags: self.tags.clone(),
+            data: if with_data { self.data.clone() } else { Bytes::new() },
+            path: self.path.clone(),
+            message: self.message.clone(),
+        }
+    }
+
+    fn order_key(&self) -> ReadyKey {
+        (u32::MAX - self.priority, self.index)
+    }
+}
+
+/// Dispatch order: higher priority first, then lower index.
+type ReadyKey = (u32, u64);
+
+/// Whether `tags` contains every pair of `filter`.
+pub fn tags_match(tags: &Tags, filter: &Tags) -> bool {
+    filter.iter().all(|(k, v)| tags.get(k) == Some(v))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsumerStatus {
+    Running,
+    /// The connection dropped at `since_ms`; items are kept until the grace
+    /// period ends or the consumer reconnects.
+    Leaving { since_ms: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consumer {
+    pub node: NodeId,
+    pub connection: u64,
+    pub window: u32,
+    pub auto_commit: bool,
+    pub index_only: bool,
+    pub tags: Tags,
+    pub start_index: u64,
+    pub status: ConsumerStatus,
+    /// Items delivered and not yet committed.
+    pub pending: u32,
+    pub last_index: u64,
+    pub last_active_ms: u64,
+}
+
+impl Consumer {
+    fn has_free_slot(&self) -> bool {
+        self.status == ConsumerStatus::Running && (self.auto_commit || self.pending < self.window)
+    }
+
+    fn accepts(&self, item: &Item) -> bool {
+        item.index >= self.start_index && tags_match(&item.tags, &self.tags)
+    }
+}
+
+/// Consumers sharing one group id: each item goes to one of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// The tag filter the group was created with; items it does not match
+    /// are not waited for when deciding whether an item is consumed.
+    pub tags: Tags,
+    pub consumers: BTreeMap<String, Consumer>,
+    /// index -> user id of the consumer holding it.
+    pub in_flight: BTreeMap<u64, String>,
+    /// Items this group committed that other groups still have to consume.
+    pub acked: BTreeSet<u64>,
+    #[serde(skip)]
+    ready: BTreeSet<ReadyKey>,
+}
+
+impl Group {
+    fn sees(&self, item: &Item) -> bool {
+        tags_match(&item.tags, &self.tags)
+    }
+
+    /// A group without consumers is inactive: it remembers what it committed
+    /// (so a returning group is not handed those items again) but no item
+    /// waits for it.
+    fn is_active(&self) -> bool {
+        !self.consumers.is_empty() || !self.in_flight.is_empty()
+    }
+
+    fn waits_for(&self, item: &Item) -> bool {
+        self.is_active() && self.sees(item) && !self.acked.contains(&item.index)
+    }
+}
+
+/// What a watch connection needs to know about a delivery target.
+struct Target<'a> {
+    queue: &'a QueueRef,
+    events: &'a mut Vec<Event>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queue {
+    pub items: BTreeMap<u64, Item>,
+    /// The index the next put gets. Starts at 1.
+    pub next_index: u64,
+    pub groups: BTreeMap<String, Group>,
+    /// Items given up on after too many deliveries, kept for inspection.
+    pub dead: BTreeMap<u64, Item>,
+    pub ended: bool,
+    /// Totals since the queue was created (for metrics).
+    pub puts_total: u64,
+    pub commits_total: u64,
+    #[serde(skip)]
+    by_request_id: HashMap<String, u64>,
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        Self { next_index: 1, ..Default::default() }
+    }
+
+    /// Rebuild derived indexes after deserialization.
+    pub fn rebuild_derived(&mut self) {
+        self.by_request_id =
+            self.items.values().map(|it| (it.request_id.clone(), it.index)).collect();
+        for group in self.groups.values_mut() {
+            group.ready = self
+                .items
+                .values()
+                .filter(|it| {
+                    group.sees(it)
+                        && !group.in_flight.contains_key(&it.index)
+                        && !group.acked.contains(&it.index)
+                })
+                .map(Item::order_key)
+                .collect();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn index_of_request(&self, request_id: &str) -> Option<u64> {
+        self.by_request_id.get(request_id).copied()
+    }
+
+    pub fn in_flight_count(&self) -> usize {
+        self.groups.values().map(|g| g.in_flight.len()).sum()
+    }
+
+    // ---- mutations ---------------------------------------------------------
+
+    pub fn put(
+        &mut self,
+        qref: &QueueRef,
+        limits: &QueueLimits,
+        item: NewItem,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<u64, Rejection> {
+        let size = item.data.len() as u64;
+        if size > limits.max_payload_bytes {
+            return Err(Rejection::TooLarge { size, limit: limits.max_payload_bytes });
+        }
+        if self.items.len() as u64 >= limits.max_length {
+            if !limits.evict_oldest || limits.max_length == 0 {
+                return Err(Rejection::Full(limits.max_length));
+            }
+            while self.items.len() as u64 >= limits.max_length {
+                let oldest = *self.items.keys().next().expect("queue is non-empty");
+                self.remove_item(oldest);
+            }
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        let mut tags = item.tags;
+        tags.insert(REQUEST_ID_TAG.to_string(), item.request_id.clone());
+        let stored = Item {
+            index,
+            request_id: item.request_id,
+            tags,
+            data: item.data,
+            priority: item.priority,
+            path: item.path,
+            enqueued_ms: now_ms,
+            deliveries: 0,
+            message: String::new(),
+        };
+        for group in self.groups.values_mut() {
+            if group.sees(&stored) {
+                group.ready.insert(stored.order_key());
+            }
+        }
+        self.by_request_id.insert(stored.request_id.clone(), index);
+        self.items.insert(index, stored);
+        self.puts_total += 1;
+        events.push(Event::Changed { queue: qref.clone() });
+        self.dispatch_all(qref, now_ms, events);
+        Ok(index)
+    }
+
+    /// Remove an item everywhere. Returns it if it existed.
+    fn remove_item(&mut self, index: u64) -> Option<Item> {
+        let item = self.items.remove(&index)?;
+        if self.by_request_id.get(&item.request_id) == Some(&index) {
+            self.by_request_id.remove(&item.request_id);
+        }
+        let key = item.order_key();
+        for group in self.groups.values_mut() {
+            group.ready.remove(&key);
+            group.acked.remove(&index);
+            if let Some(user) = group.in_flight.remove(&index)
+                && let Some(c) = group.consumers.get_mut(&user)
+            {
+                c.pending = c.pending.saturating_sub(1);
+            }
+        }
+        Some(item)
+    }
+
+    /// Items matching `selector`, oldest first (a read; nothing changes).
+    pub fn select(&self, selector: &Selector) -> Vec<&Item> {
+        let limit = selector.length.max(1) as usize;
+        match selector.from_index {
+            None => self
+                .items
+                .values()
+                .rev()
+                .filter(|it| tags_match(&it.tags, &selector.tags))
+                .take(1)
+                .collect(),
+            Some(from) => self
+                .items
+                .range(from..)
+                .map(|(_, it)| it)
+                .filter(|it| tags_match(&it.tags, &selector.tags))
+                .take(limit)
+                .collect(),
+        }
+    }
+
+    pub fn peek(&self, selector: &Selector) -> Vec<Frame> {
+        self.select(selector).into_iter().map(|it| it.frame(true)).collect()
+    }
+
+    pub fn take(
+        &mut self,
+        qref: &QueueRef,
+        selector: &Selector,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Vec<Frame> {
+        let indexes: Vec<u64> = self.select(selector).iter().map(|it| it.index).collect();
+        let frames: Vec<Frame> = indexes
+            .iter()
+            .filter_map(|i| self.remove_item(*i))
+            .map(|it| it.frame(true))
+            .collect();
+        if !frames.is_empty() {
+            events.push(Event::Changed { queue: qref.clone() });
+            self.dispatch_all(qref, now_ms, events);
+        }
+        frames
+    }
+
+    pub fn delete(&mut self, qref: &QueueRef, indexes: &[u64], now_ms: u64, events: &mut Vec<Event>) {
+        let mut any = false;
+        for i in indexes {
+            any |= self.remove_item(*i).is_some();
+        }
+        if any {
+            events.push(Event::Changed { queue: qref.clone() });
+            self.dispatch_all(qref, now_ms, events);
+        }
+    }
+
+    pub fn truncate(&mut self, qref: &QueueRef, before: u64, now_ms: u64, events: &mut Vec<Event>) {
+        let doomed: Vec<u64> = self.items.range(..before).map(|(i, _)| *i).collect();
+        self.delete(qref, &doomed, now_ms, events);
+    }
+
+    pub fn end(&mut self, qref: &QueueRef, force: bool, now_ms: u64, events: &mut Vec<Event>) {
+        self.ended = true;
+        if force {
+            let undelivered: Vec<u64> = self
+                .items
+                .keys()
+                .filter(|i| !self.groups.values().any(|g| g.in_flight.contains_key(i)))
+                .copied()
+                .collect();
+            self.delete(qref, &undelivered, now_ms, events);
+        }
+        events.push(Event::Changed { queue: qref.clone() });
+    }
+
+    /// Commit `indexes` for `group`. Unknown indexes are ignored: a commit
+    /// racing a redelivery must not fail the client.
+    pub fn commit(
+        &mut self,
+        qref: &QueueRef,
+        group: &str,
+        indexes: &[u64],
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let mut changed = false;
+        for &index in indexes {
+            changed |= self.commit_one(group, index);
+        }
+        if changed {
+            events.push(Event::Changed { queue: qref.clone() });
+            self.dispatch_all(qref, now_ms, events);
+        }
+    }
+
+    /// Returns whether anything changed.
+    fn commit_one(&mut self, group_id: &str, index: u64) -> bool {
+        let Some(item) = self.items.get(&index) else { return false };
+        let key = item.order_key();
+        match self.groups.get_mut(group_id) {
+            Some(group) => {
+                if let Some(user) = group.in_flight.remove(&index)
+                    && let Some(c) = group.consumers.get_mut(&user)
+                {
+                    c.pending = c.pending.saturating_sub(1);
+                }
+                group.ready.remove(&key);
+                group.acked.insert(index);
+            }
+            None => {
+                // A commit from outside any watching group consumes the item
+                // only if no group is waiting for it.
+                if self.groups.values().any(|g| g.is_active() && g.sees(item)) {
+                    return false;
+                }
+            }
+        }
+        self.commits_total += 1;
+        self.release_if_consumed(index);
+        true
+    }
+
+    /// Delete the item if no active group still waits for it.
+    fn release_if_consumed(&mut self, index: u64) {
+        let Some(item) = self.items.get(&index) else { return };
+        if !self.groups.values().any(|g| g.waits_for(item)) {
+            self.remove_item(index);
+        }
+    }
+
+    pub fn negative(
+        &mut self,
+        qref: &QueueRef,
+        group_id: &str,
+        indexes: &[u64],
+        message: String,
+        max_delivery: u32,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let mut changed = false;
+        for &index in indexes {
+            let held = self.groups.get(group_id).is_some_and(|g| g.in_flight.contains_key(&index));
+            if held {
+                if let Some(item) = self.items.get_mut(&index) {
+                    item.message = message.clone();
+                }
+                self.requeue(group_id, index, max_delivery);
+                changed = true;
+            }
+        }
+        if changed {
+            events.push(Event::Changed { queue: qref.clone() });
+            self.dispatch_all(qref, now_ms, events);
+        }
+    }
+
+    /// Take `index` back from its consumer in `group_id` and make it ready
+    /// again, or dead-letter it once it was delivered `max_delivery` times.
+    fn requeue(&mut self, group_id: &str, index: u64, max_delivery: u32) {
+        let Some(group) = self.groups.get_mut(group_id) else { return };
+        if let Some(user) = group.in_flight.remove(&index)
+            && let Some(c) = group.consumers.get_mut(&user)
+        {
+            c.pending = c.pending.saturating_sub(1);
+        }
+        let Some(item) = self.items.get(&index) else { return };
+        if max_delivery > 0 && item.deliveries >= max_delivery {
+            if let Some(item) = self.remove_item(index) {
+                self.dead.insert(index, item);
+            }
+        } else {
+            group.ready.insert(item.order_key());
+        }
+    }
+
+    pub fn attach(
+        &mut self,
+        qref: &QueueRef,
+        spec: ConsumerSpec,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let start_index = spec.start_index.unwrap_or(self.next_index);
+        if !self.groups.contains_key(&spec.group) {
+            let mut group = Group { tags: spec.tags.clone(), ..Default::default() };
+            group.ready =
+                self.items.values().filter(|it| group.sees(it)).map(Item::order_key).collect();
+            self.groups.insert(spec.group.clone(), group);
+        }
+        let group = self.groups.get_mut(&spec.group).expect("group exists");
+        let fresh = Consumer {
+            node: spec.node,
+            connection: spec.connection,
+            window: spec.window,
+            auto_commit: spec.auto_commit,
+            index_only: spec.index_only,
+            tags: spec.tags,
+            start_index,
+            status: ConsumerStatus::Running,
+            pending: 0,
+            last_index: 0,
+            last_active_ms: now_ms,
+        };
+        match group.consumers.get_mut(&spec.user) {
+            Some(existing) => {
+                // Takeover: the new connection replaces the old one and gets
+                // the consumer's uncommitted items again.
+                if existing.connection != fresh.connection {
+                    events.push(Event::Close { node: existing.node, connection: existing.connection });
+                }
+                let pending = existing.pending;
+                let last_index = existing.last_index;
+                *existing = Consumer { pending, last_index, ..fresh };
+                let with_data = !existing.index_only;
+                let (node, connection) = (existing.node, existing.connection);
+                for (index, _) in group.in_flight.iter().filter(|(_, u)| **u == spec.user) {
+                    if let Some(item) = self.items.get(index) {
+                        events.push(Event::Deliver {
+                            node,
+                            connection,
+                            queue: qref.clone(),
+                            frame: item.frame(with_data),
+                        });
+                    }
+                }
+            }
+            None => {
+                group.consumers.insert(spec.user, fresh);
+            }
+        }
+        self.dispatch_group(qref, &spec.group, now_ms, events);
+    }
+
+    pub fn detach(
+        &mut self,
+        qref: &QueueRef,
+        group_id: &str,
+        user: &str,
+        connection: u64,
+        grace_ms: u64,
+        max_delivery: u32,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let Some(group) = self.groups.get_mut(group_id) else { return };
+        let Some(c) = group.consumers.get_mut(user) else { return };
+        if c.connection != connection {
+            return; // an old connection of a consumer that was taken over
+        }
+        if c.pending == 0 || grace_ms == 0 {
+            self.remove_consumer(qref, group_id, user, max_delivery, now_ms, events);
+        } else if c.status == ConsumerStatus::Running {
+            c.status = ConsumerStatus::Leaving { since_ms: now_ms };
+        }
+    }
+
+    /// Remove consumers whose grace period ended by `now_ms`.
+    pub fn expire(
+        &mut self,
+        qref: &QueueRef,
+        grace_ms: u64,
+        max_delivery: u32,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let expired: Vec<(String, String)> = self
+            .groups
+            .iter()
+            .flat_map(|(gid, g)| {
+                g.consumers.iter().filter_map(move |(uid, c)| match c.status {
+                    ConsumerStatus::Leaving { since_ms }
+                        if now_ms.saturating_sub(since_ms) >= grace_ms =>
+                    {
+                        Some((gid.clone(), uid.clone()))
+                    }
+                    _ => None,
+                })
+            })
+            .collect();
+        for (gid, uid) in expired {
+            self.remove_consumer(qref, &gid, &uid, max_delivery, now_ms, events);
+        }
+    }
+
+    /// The earliest time at which `expire` would remove a consumer.
+    pub fn next_expiry(&self, grace_ms: u64) -> Option<u64> {
+        self.groups
+            .values()
+            .flat_map(|g| g.consumers.values())
+            .filter_map(|c| match c.status {
+                ConsumerStatus::Leaving { since_ms } => Some(since_ms + grace_ms),
+                ConsumerStatus::Running => None,
+            })
+            .min()
+    }
+
+    /// Remove every consumer attached through `node`.
+    pub fn node_gone(
+        &mut self,
+        qref: &QueueRef,
+        node: NodeId,
+        max_delivery: u32,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let gone: Vec<(String, String, u64)> = self
+            .groups
+            .iter()
+            .flat_map(|(gid, g)| {
+                g.consumers
+                    .iter()
+                    .filter(|(_, c)| c.node == node)
+                    .map(move |(uid, c)| (gid.clone(), uid.clone(), c.connection))
+            })
+            .collect();
+        for (gid, uid, connection) in gone {
+            events.push(Event::Close { node, connection });
+            self.remove_consumer(qref, &gid, &uid, max_delivery, now_ms, events);
+        }
+    }
+
+    fn remove_consumer(
+        &mut self,
+        qref: &QueueRef,
+        group_id: &str,
+        user: &str,
+        max_delivery: u32,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let Some(group) = self.groups.get_mut(group_id) else { return };
+        if group.consumers.remove(user).is_none() {
+            return;
+        }
+        let held: Vec<u64> =
+            group.in_flight.iter().filter(|(_, u)| u.as_str() == user).map(|(i, _)| *i).collect();
+        for index in held {
+            self.requeue(group_id, index, max_delivery);
+        }
+        let group = self.groups.get(group_id).expect("group exists");
+        if !group.is_active() {
+            // Items this group was the last to wait for are consumed now.
+            let candidates: BTreeSet<u64> =
+                self.groups.values().flat_map(|g| g.acked.iter().copied()).collect();
+            for index in candidates {
+                self.release_if_consumed(index);
+            }
+            if self.groups.get(group_id).is_some_and(|g| g.acked.is_empty()) {
+                self.groups.remove(group_id);
+            }
+            events.push(Event::Changed { queue: qref.clone() });
+        } else {
+            self.dispatch_group(qref, group_id, now_ms, events);
+        }
+    }
+
+    // ---- dispatch ----------------------------------------------------------
+
+    fn dispatch_all(&mut self, qref: &QueueRef, now_ms: u64, events: &mut Vec<Event>) {
+        let ids: Vec<String> = self.groups.keys().cloned().collect();
+        for gid in ids {
+            self.dispatch_group(qref, &gid, now_ms, events);
+        }
+    }
+
+    /// Hand ready items to consumers with free slots: the least loaded
+    /// consumer first (ties by user id), each getting its first eligible item
+    /// in priority-then-index order.
+    fn dispatch_group(&mut self, qref: &QueueRef, group_id: &str, now_ms: u64, events: &mut Vec<Event>) {
+        let mut target = Target { queue: qref, events };
+        let mut exhausted: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let Some(group) = self.groups.get(group_id) else { return };
+            if group.ready.is_empty() {
+                return;
+            }
+            let candidate = group
+                .consumers
+                .iter()
+                .filter(|(uid, c)| c.has_free_slot() && !exhausted.contains(*uid))
+                .min_by_key(|(uid, c)| (c.pending, (*uid).clone()))
+                .map(|(uid, _)| uid.clone());
+            let Some(user) = candidate else { return };
+            let consumer = &group.consumers[&user];
+            let pick = group
+                .ready
+                .iter()
+                .map(|(_, index)| &self.items[index])
+                .find(|it| consumer.accepts(it))
+                .map(|it| it.index);
+            match pick {
+                Some(index) => self.assign(&mut target, group_id, &user, index, now_ms),
+                None => {
+                    exhausted.insert(user);
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, target: &mut Target<'_>, group_id: &str, user: &str, index: u64, now_ms: u64) {
+        let item = self.items.get_mut(&index).expect("ready items exist");
+        item.deliveries += 1;
+        let key = item.order_key();
+        let group = self.groups.get_mut(group_id).expect("group exists");
+        group.ready.remove(&key);
+        let consumer = group.consumers.get_mut(user).expect("consumer exists");
+        consumer.last_index = index;
+        consumer.last_active_ms = now_ms;
+        target.events.push(Event::Deliver {
+            node: consumer.node,
+            connection: consumer.connection,
+            queue: target.queue.clone(),
+            frame: item.frame(!consumer.index_only),
+        });
+        if consumer.auto_commit {
+            group.acked.insert(index);
+            self.commits_total += 1;
+            self.release_if_consumed(index);
+        } else {
+            consumer.pending += 1;
+            group.in_flight.insert(index, user.to_string());
+        }
+    }
+
+    // ---- reads -------------------------------------------------------------
+
+    /// `_search_`: whether the item is being processed, and how many ready
+    /// items are ahead of it.
+    pub fn search(&self, index: u64) -> Option<(bool, u64)> {
+        let item = self.items.get(&index)?;
+        if self.groups.values().any(|g| g.in_flight.contains_key(&index)) {
+            return Some((true, 0));
+        }
+        let key = item.order_key();
+        let ahead = self
+            .items
+            .values()
+            .filter(|it| {
+                it.order_key() < key && !self.groups.values().any(|g| g.in_flight.contains_key(&it.index))
+            })
+            .count() as u64;
+        Some((false, ahead))
+    }
+
+    /// `_count_`: items with the given tags (and priority, when given).
+    pub fn count(&self, priority: Option<u32>, tags: &Tags) -> u64 {
+        self.items
+            .values()
+            .filter(|it| priority.is_none_or(|p| it.priority == p) && tags_match(&it.tags, tags))
+            .count() as u64
+    }
+
+    pub fn dead_letters(&self, limit: usize) -> Vec<Frame> {
+        self.dead.values().take(limit).map(|it| it.frame(true)).collect()
+    }
+}
