@@ -11,3 +11,4 @@
 //! - `config`: node settings from flags and `EDDY_*` variables.
 
 pub mod queue;
+pub mod raft;

@@ -238,4 +238,45 @@ pub enum Event {
     Close { node: NodeId, connection: u64 },
     /// Items were added to or removed from this queue (wakes long polls).
     Changed { queue: QueueRef },
+    /// The whole state was replaced (a snapshot was installed): every
+    /// connection this node holds must be re-established.
+    Resync,
+}
+
+impl Command {
+    /// Short name of the command kind, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::CreateService { .. } => "create-service",
+            Command::DeleteService { .. } => "delete-service",
+            Command::Put { .. } => "put",
+            Command::Take { .. } => "take",
+            Command::Commit { .. } => "commit",
+            Command::Negative { .. } => "negative",
+            Command::Delete { .. } => "delete",
+            Command::Truncate { .. } => "truncate",
+            Command::End { .. } => "end",
+            Command::Attach { .. } => "attach",
+            Command::Detach { .. } => "detach",
+            Command::NodeGone { .. } => "node-gone",
+            Command::Tick => "tick",
+            Command::Complete { .. } => "complete",
+            Command::Batch(_) => "batch",
+        }
+    }
+}
+
+impl std::fmt::Display for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{:032x}", self.command.name(), self.id)
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Rejected(r) => write!(f, "rejected: {r}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
 }

@@ -1,0 +1,21 @@
+//! Replication: the only module that knows openraft and the peer protocol.
+//!
+//! - `log_store`: the durable Raft log (write-ahead file, group fsync).
+//! - `state_machine`: applies log entries to the pure queue state; snapshots.
+//! - `network` / `service`: node-to-node gRPC (client and server).
+//! - `node`: a running member; proposing, forwarding, leader housekeeping.
+
+mod log_store;
+mod network;
+mod node;
+mod service;
+mod state_machine;
+mod types;
+
+#[allow(clippy::all, missing_docs)]
+pub(crate) mod pb {
+    tonic::include_proto!("eddy.raft");
+}
+
+pub use log_store::{FSYNC_BUCKETS_MICROS, FsyncStats};
+pub use node::{ClusterStatus, Peer, ProposeError, RaftNode, RaftSettings, now_ms};

@@ -1,0 +1,182 @@
+//! The client side of node-to-node gRPC: openraft's network traits on tonic.
+//!
+//! One lazily connected `Channel` per peer, cached by address and shared by
+//! Raft replication and write forwarding. Every call carries the cluster
+//! secret and the node id the caller means to reach; the receiver refuses a
+//! mismatch of either, so a node never acts on a message meant for another.
+//! Raft payloads are postcard-encoded openraft structures inside protobuf
+//! envelopes, so only this module and `service.rs` know their shape.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::pb::raft_client::RaftClient;
+use super::pb::{RaftRequest, SnapshotChunk};
+use super::types::{NodeInfo, Snapshot, TypeConfig, Vote};
+
+pub const SECRET_HEADER: &str = "x-eddy-cluster-secret";
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("raft messages always encode")
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    postcard::from_bytes(b).map_err(|e| format!("decode: {e}"))
+}
+
+/// Cached channels to peers, keyed by `host:port`.
+#[derive(Clone, Default)]
+pub struct Channels {
+    inner: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.inner.lock().unwrap();
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .connect_lazy();
+        map.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Adds the cluster secret to an outgoing request.
+pub fn authorized<T>(secret: &str, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Ok(v) = secret.parse() {
+        req.metadata_mut().insert(SECRET_HEADER, v);
+    }
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    req
+}
+
+#[derive(Clone)]
+pub struct Network {
+    pub channels: Channels,
+    pub secret: Arc<String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: u64, node: &NodeInfo) -> PeerConnection {
+        PeerConnection {
+            target,
+            addr: node.raft_addr.clone(),
+            channels: self.channels.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: u64,
+    addr: String,
+    channels: Channels,
+    secret: Arc<String>,
+}
+
+fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig, E> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(Unreachable::from_string(s.message()))
+        }
+        _ => RPCError::Network(NetworkError::from_string(format!("{}: {}", s.code(), s.message()))),
+    }
+}
+
+impl PeerConnection {
+    fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+        let ch = self.channels.get(&self.addr).map_err(|e| Unreachable::new(&e))?;
+        Ok(RaftClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
+    }
+
+    fn request(&self, body: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftRequest> {
+        authorized(&self.secret, RaftRequest { target: self.target, body: body.into() }, Some(option.soft_ttl()))
+    }
+}
+
+fn reply_body(r: super::pb::RaftReply) -> Result<bytes::Bytes, String> {
+    if r.error.is_empty() { Ok(r.body) } else { Err(r.error) }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = super::types::SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let reply = client.append_entries(self.request(encode(&rpc), &option)).await.map_err(status_to_rpc)?;
+        let body = reply_body(reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let reply = client.vote(self.request(encode(&rpc), &option)).await.map_err(status_to_rpc)?;
+        let body = reply_body(reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let reply = client.pre_vote(self.request(encode(&rpc), &option)).await.map_err(status_to_rpc)?;
+        let body = reply_body(reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client()?;
+        let data = snapshot.snapshot.into_inner();
+        let meta = encode(&(vote, snapshot.meta));
+        let target = self.target;
+        let mut chunks = vec![SnapshotChunk { target, meta: meta.into(), data: Default::default() }];
+        for c in data.chunks(SNAPSHOT_CHUNK) {
+            chunks.push(SnapshotChunk { target, meta: Default::default(), data: bytes::Bytes::copy_from_slice(c) });
+        }
+        let timeout = option.hard_ttl().max(Duration::from_secs(30));
+        let req = authorized(&self.secret, tokio_stream::iter(chunks), Some(timeout));
+        let call = client.install_snapshot(req);
+        let reply = tokio::select! {
+            r = call => r.map_err(|s| StreamingError::Unreachable(Unreachable::from_string(s.to_string())))?,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let body = reply_body(reply.into_inner())
+            .map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))?;
+        decode(&body).map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))
+    }
+}

@@ -1,0 +1,366 @@
+//! A running Raft member: log store, state machine, openraft, the gRPC
+//! server for peers, and the proposer that turns queue commands into log
+//! entries on whichever node leads.
+//!
+//! Proposing: every command is wrapped in an [`Envelope`] with a fresh uuid
+//! and this node's clock. On the leader it goes straight into openraft;
+//! elsewhere it is forwarded once to the leader over gRPC. Retries after a
+//! lost answer reuse the envelope, and the state machine's de-duplication
+//! table applies it once.
+//!
+//! The leader also runs the housekeeping that needs a clock: it proposes
+//! `Tick` when a leaving consumer's grace period ends, and `NodeGone` for a
+//! member whose replication acks stopped (its consumers' items move on).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{Config, ServerState, SnapshotPolicy};
+use tokio::sync::mpsc;
+
+use super::log_store::LogStore;
+use super::network::{Channels, Network, authorized, decode, encode};
+use super::pb::ForwardRequest;
+use super::pb::raft_client::RaftClient;
+use super::service::Service;
+use super::state_machine::{SharedState, StateMachine};
+use super::types::{NodeInfo, Raft};
+use crate::queue::{Command, Envelope, Event, QueueState, Reply};
+
+/// A cluster member as configured: id, Raft (gRPC) address, HTTP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+/// Everything a node needs to join or form its cluster.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// Where the gRPC server listens.
+    pub raft_listen: SocketAddr,
+    /// How peers reach this node's gRPC server and HTTP API.
+    pub advertise: Peer,
+    /// All initial members, including this node. Empty or just this node
+    /// means a single-node cluster.
+    pub peers: Vec<Peer>,
+    pub secret: String,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    /// A member silent this long is declared gone (its consumers' items move).
+    pub node_lost_ms: u64,
+    pub snapshot_every: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<u64> },
+    #[error("no leader is available: {0}")]
+    Unavailable(String),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// Cluster view for status endpoints and readiness.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    pub id: u64,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub committed: Option<u64>,
+    pub applied: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub nodes: BTreeMap<u64, (String, String)>,
+    /// Per follower (on the leader): how far its log matches ours.
+    pub replication: BTreeMap<u64, Option<u64>>,
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+pub struct RaftNode {
+    pub id: u64,
+    pub raft: Raft,
+    pub shared: Arc<SharedState>,
+    pub log: LogStore,
+    pub(crate) secret: String,
+    channels: Channels,
+    settings: RaftSettings,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RaftNode {
+    /// Open storage, start openraft and the peer gRPC server, and form the
+    /// cluster if it was never formed. Returns the node and the stream of
+    /// state-machine events for the watch hub.
+    pub async fn start(
+        settings: RaftSettings,
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Event>>)> {
+        let log = LogStore::open(&settings.data_dir.join("raft"))?;
+        let (sm, events) = StateMachine::open(&settings.data_dir.join("state"))?;
+        let shared = sm.shared();
+        let config = Config {
+            cluster_name: "eddy".into(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: settings.election_timeout_ms,
+            election_timeout_max: settings.election_timeout_ms * 2,
+            enable_pre_vote: Some(true),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            purge_batch_size: 256,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()?;
+        let channels = Channels::default();
+        let network = Network { channels: channels.clone(), secret: Arc::new(settings.secret.clone()) };
+        let raft = Raft::new(settings.id, Arc::new(config), network, log.clone(), sm).await?;
+        let node = Arc::new(Self {
+            id: settings.id,
+            raft,
+            shared,
+            log,
+            secret: settings.secret.clone(),
+            channels,
+            settings: settings.clone(),
+        });
+
+        let service = super::pb::raft_server::RaftServer::new(Service { node: node.clone() })
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024);
+        let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "raft gRPC server stopped");
+            }
+        });
+
+        node.initialize_if_pristine().await?;
+        tokio::spawn(node.clone().housekeeping());
+        Ok((node, events))
+    }
+
+    fn members(&self) -> BTreeMap<u64, NodeInfo> {
+        let mut peers = self.settings.peers.clone();
+        if !peers.iter().any(|p| p.id == self.id) {
+            peers.push(self.settings.advertise.clone());
+        }
+        peers.into_iter().map(|p| (p.id, NodeInfo::new(p.raft_addr, p.api_addr))).collect()
+    }
+
+    /// Only the lowest configured id forms the cluster, and only from an
+    /// empty log, so a cluster is initialised once whatever the start order.
+    async fn initialize_if_pristine(&self) -> anyhow::Result<()> {
+        let members = self.members();
+        let lowest = *members.keys().next().expect("at least this node");
+        if lowest != self.id || self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => tracing::info!(id = self.id, "cluster initialised"),
+            Err(e) => tracing::info!(error = %e, "cluster initialisation skipped"),
+        }
+        Ok(())
+    }
+
+    /// Read the applied state.
+    pub fn read<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
+        let applied = self.shared.applied.read().unwrap();
+        f(&applied.state)
+    }
+
+    /// Wait until the local state machine applied at least `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut rx = self.shared.applied_index.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Propose a command on the leader. Only this node; no forwarding.
+    pub async fn write_local(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        match self.raft.client_write(envelope).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader { leader: f.leader_id })
+            }
+            Err(RaftError::APIError(e)) => Err(ProposeError::Unavailable(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(ProposeError::Fatal(f.to_string())),
+        }
+    }
+
+    /// Propose `command` wherever the leader is, retrying through elections
+    /// for up to `deadline`.
+    pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+        let envelope = Envelope { id: uuid::Uuid::new_v4().as_u128(), now_ms: now_ms(), command };
+        self.propose_envelope(envelope, Duration::from_secs(5)).await
+    }
+
+    pub async fn propose_envelope(&self, envelope: Envelope, deadline: Duration) -> Result<Reply, ProposeError> {
+        let start = tokio::time::Instant::now();
+        let mut last_err;
+        loop {
+            let result = match self.write_local(envelope.clone()).await {
+                Err(ProposeError::NotLeader { leader: Some(leader) }) if leader != self.id => {
+                    self.forward(leader, &envelope).await
+                }
+                other => other,
+            };
+            match result {
+                Ok(reply) => {
+                    return Ok(reply);
+                }
+                Err(ProposeError::Fatal(e)) => return Err(ProposeError::Fatal(e)),
+                Err(e) => last_err = e,
+            }
+            if start.elapsed() >= deadline {
+                return Err(match last_err {
+                    ProposeError::NotLeader { .. } => ProposeError::Unavailable("no leader elected".into()),
+                    e => e,
+                });
+            }
+            self.wait_for_leader_change(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait_for_leader_change(&self, max: Duration) {
+        let mut m = self.raft.metrics();
+        let _ = tokio::time::timeout(max, m.changed()).await;
+    }
+
+    async fn forward(&self, leader: u64, envelope: &Envelope) -> Result<Reply, ProposeError> {
+        let addr = self.node_info(leader).map(|n| n.raft_addr).ok_or(ProposeError::NotLeader { leader: None })?;
+        let channel = self.channels.get(&addr).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let mut client = RaftClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+        let req = authorized(
+            &self.secret,
+            ForwardRequest { command: encode(envelope).into() },
+            Some(Duration::from_secs(5)),
+        );
+        let reply = client
+            .forward(req)
+            .await
+            .map_err(|s| ProposeError::Unavailable(format!("forward to node {leader}: {}", s.message())))?
+            .into_inner();
+        match reply.error_kind.as_str() {
+            "" => decode(&reply.reply).map_err(ProposeError::Unavailable),
+            "not_leader" => Err(ProposeError::NotLeader { leader: None }),
+            _ => Err(ProposeError::Unavailable(reply.error)),
+        }
+    }
+
+    pub fn node_info(&self, id: u64) -> Option<NodeInfo> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        let nodes = membership
+            .nodes()
+            .map(|(id, n)| (*id, (n.raft_addr.clone(), n.data.clone())))
+            .collect();
+        let replication = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.as_ref().map(|l| l.index()))).collect())
+            .unwrap_or_default();
+        ClusterStatus {
+            id: self.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            committed: m.cluster_committed.as_ref().map(|l| l.index()),
+            applied: m.last_applied.as_ref().map(|l| l.index()),
+            voters,
+            learners,
+            nodes,
+            replication,
+            millis_since_quorum_ack: m.last_quorum_acked.as_ref().map(|t| t.elapsed().as_millis() as u64),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// Leader-only timers: grace-period expiry and lost members.
+    async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut announced_restart = false;
+        let mut leader_since: Option<tokio::time::Instant> = None;
+        loop {
+            tick.tick().await;
+            if !announced_restart {
+                // Whatever consumers this node held before a restart are gone.
+                let hosted = self.read(|s| s.consumer_nodes().contains(&self.id));
+                if !hosted {
+                    announced_restart = true;
+                } else if self.status().leader.is_some() {
+                    announced_restart =
+                        self.propose(Command::NodeGone { node: self.id }).await.is_ok();
+                }
+            }
+            if !self.is_leader() {
+                leader_since = None;
+                continue;
+            }
+            let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
+            let now = now_ms();
+            if self.read(|s| s.next_expiry()).is_some_and(|t| t <= now)
+                && let Err(e) = self.propose(Command::Tick).await
+            {
+                tracing::debug!(error = %e, "tick not applied");
+            }
+            let limit = Duration::from_millis(self.settings.node_lost_ms);
+            // A new leader first gives every member one full timeout to ack.
+            if since.elapsed() < limit {
+                continue;
+            }
+            for node in self.lost_members(limit) {
+                tracing::warn!(node, "member stopped acknowledging; moving its consumers' items");
+                if let Err(e) = self.propose(Command::NodeGone { node }).await {
+                    tracing::debug!(error = %e, "node-gone not applied");
+                }
+            }
+        }
+    }
+
+    /// Members that host consumers and whose last ack is older than the
+    /// node-lost timeout (measured on the leader's own clock).
+    fn lost_members(&self, limit: Duration) -> BTreeSet<u64> {
+        let hosting = self.read(|s| s.consumer_nodes());
+        let m = self.raft.metrics().borrow_watched().clone();
+        let Some(heartbeat) = &m.heartbeat else { return BTreeSet::new() };
+        hosting
+            .into_iter()
+            .filter(|n| *n != self.id)
+            .filter(|n| match heartbeat.get(n) {
+                Some(Some(t)) => t.elapsed() > limit,
+                // A member the leader never heard from, or not a member.
+                Some(None) | None => true,
+            })
+            .collect()
+    }
+}
