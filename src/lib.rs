@@ -12,3 +12,7 @@
 
 pub mod queue;
 pub mod raft;
+pub mod api;
+pub mod proto;
+pub mod server;
+pub mod client;

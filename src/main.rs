@@ -1,1 +1,462 @@
-fn main(){}
+//! The `eddy` binary: a node (`serve`), and a command-line client for the
+//! queue protocol, services and the cluster.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use eddy::client::QueueClient;
+use eddy::queue::{QueueLimits, ServiceConfig};
+use eddy::raft::Peer;
+use eddy::server::{ServeSettings, start};
+
+#[derive(Parser)]
+#[command(name = "eddy", version, about = "A replicated queue service for asynchronous ML inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Serve(Box<ServeArgs>),
+    /// Put one item on a queue; prints the index and request id.
+    Put(PutArgs),
+    /// Read items from a queue.
+    Get(GetArgs),
+    /// Commit items by index.
+    Commit(CommitArgs),
+    /// Show a queue's attributes.
+    Attrs(QueueArgs),
+    /// Watch a queue and print the frames.
+    Watch(WatchArgs),
+    /// Create, list, show or delete services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Cluster status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Node id (unique in the cluster, > 0).
+    #[arg(long, env = "EDDY_NODE_ID", default_value_t = 1)]
+    id: u64,
+    /// Take the node id from the trailing ordinal of the host name (a
+    /// StatefulSet's `eddy-0` is node 1).
+    #[arg(long, env = "EDDY_ID_FROM_HOSTNAME", default_value_t = false)]
+    id_from_hostname: bool,
+    /// Where the Raft log and snapshots live.
+    #[arg(long, env = "EDDY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP (EAS protocol, admin, metrics) listen address.
+    #[arg(long, env = "EDDY_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Node-to-node gRPC listen address.
+    #[arg(long, env = "EDDY_RAFT_LISTEN", default_value = "0.0.0.0:9090")]
+    raft_listen: SocketAddr,
+    /// How peers reach this node's gRPC port (host:port).
+    #[arg(long, env = "EDDY_ADVERTISE_RAFT")]
+    advertise_raft: Option<String>,
+    /// How clients reach this node's HTTP port (host:port).
+    #[arg(long, env = "EDDY_ADVERTISE_HTTP")]
+    advertise_http: Option<String>,
+    /// Initial members: `ID@HOST:RAFT_PORT[@HOST:HTTP_PORT]`, comma separated
+    /// (this node included). Empty: a single-node cluster.
+    #[arg(long, env = "EDDY_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Shared secret that authenticates node-to-node calls.
+    #[arg(long, env = "EDDY_CLUSTER_SECRET", default_value = "eddy-dev-secret")]
+    cluster_secret: String,
+    /// Token for the admin routes (empty: open).
+    #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
+    admin_token: String,
+    /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
+    #[arg(long = "service", env = "EDDY_SERVICES", value_delimiter = ',', default_value = "demo")]
+    services: Vec<String>,
+    /// Limits of declared services.
+    #[arg(long, env = "EDDY_MAX_LENGTH", default_value_t = 100_000)]
+    max_length: u64,
+    #[arg(long, env = "EDDY_MAX_PAYLOAD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_payload_bytes: u64,
+    #[arg(long, env = "EDDY_EVICT_OLDEST", default_value_t = false)]
+    evict_oldest: bool,
+    #[arg(long, env = "EDDY_MAX_DELIVERY", default_value_t = 5)]
+    max_delivery: u32,
+    #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = 2_000)]
+    consumer_grace_ms: u64,
+    #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = 100)]
+    heartbeat_ms: u64,
+    #[arg(long, env = "EDDY_ELECTION_TIMEOUT_MS", default_value_t = 500)]
+    election_timeout_ms: u64,
+    /// A member silent this long loses its consumers' items to others.
+    #[arg(long, env = "EDDY_NODE_LOST_MS", default_value_t = 1_500)]
+    node_lost_ms: u64,
+    #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = 20_000)]
+    snapshot_every: u64,
+    /// A watcher that pinged and then fell silent this long is dropped.
+    #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
+    watch_idle_ms: u64,
+}
+
+#[derive(Args, Clone)]
+struct Endpoint {
+    /// Node address (any node of the cluster).
+    #[arg(long, short = 'e', env = "EDDY_ENDPOINT", default_value = "127.0.0.1:8080")]
+    endpoint: String,
+    /// Service token.
+    #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
+    token: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct QueueArgs {
+    #[command(flatten)]
+    ep: Endpoint,
+    /// Queue: `SERVICE` (input) or `SERVICE/sink`.
+    queue: String,
+}
+
+#[derive(Args)]
+struct PutArgs {
+    #[command(flatten)]
+    q: QueueArgs,
+    /// Payload (`-` reads standard input).
+    data: String,
+    /// Tags as `key=value`.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    priority: u32,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    #[command(flatten)]
+    q: QueueArgs,
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    index: i64,
+    #[arg(long, default_value_t = 1)]
+    length: u32,
+    #[arg(long, default_value = "0s")]
+    timeout: String,
+    /// Delete what is read.
+    #[arg(long)]
+    delete: bool,
+    #[arg(long)]
+    request_id: Option<String>,
+}
+
+#[derive(Args)]
+struct CommitArgs {
+    #[command(flatten)]
+    q: QueueArgs,
+    indexes: Vec<u64>,
+    /// Consumer group.
+    #[arg(long, default_value = "eas")]
+    group: String,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    q: QueueArgs,
+    #[arg(long, default_value_t = 1)]
+    window: u32,
+    /// Commit each frame after printing it.
+    #[arg(long)]
+    commit: bool,
+    #[arg(long)]
+    auto_commit: bool,
+    /// Stop after this many frames.
+    #[arg(long)]
+    count: Option<u64>,
+    #[arg(long, default_value = "eas")]
+    group: String,
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    Create(ServiceCreate),
+    List(AdminArgs),
+    Show(ServiceName),
+    Delete(ServiceName),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    #[arg(long, short = 'e', env = "EDDY_ENDPOINT", default_value = "127.0.0.1:8080")]
+    endpoint: String,
+    #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
+    admin_token: String,
+}
+
+#[derive(Args)]
+struct ServiceName {
+    #[command(flatten)]
+    admin: AdminArgs,
+    name: String,
+}
+
+#[derive(Args)]
+struct ServiceCreate {
+    #[command(flatten)]
+    admin: AdminArgs,
+    name: String,
+    #[arg(long, default_value = "")]
+    token: String,
+    #[arg(long)]
+    max_length: Option<u64>,
+    #[arg(long)]
+    max_payload_bytes: Option<u64>,
+    #[arg(long)]
+    evict_oldest: bool,
+    #[arg(long)]
+    sink_max_length: Option<u64>,
+    #[arg(long)]
+    max_delivery: Option<u32>,
+    #[arg(long)]
+    consumer_grace_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    Status(AdminArgs),
+}
+
+fn http_base(endpoint: &str) -> String {
+    if endpoint.contains("://") { endpoint.trim_end_matches('/').to_string() } else { format!("http://{endpoint}") }
+}
+
+fn parse_peer(s: &str) -> anyhow::Result<Peer> {
+    let mut parts = s.split('@');
+    let id: u64 = parts.next().unwrap_or("").parse().with_context(|| format!("peer {s:?}: id"))?;
+    let raft_addr = parts.next().with_context(|| format!("peer {s:?}: expected ID@HOST:PORT"))?.to_string();
+    let api_addr = match parts.next() {
+        Some(a) => a.to_string(),
+        None => {
+            let host = raft_addr.rsplit_once(':').map_or(raft_addr.as_str(), |(h, _)| h);
+            format!("{host}:8080")
+        }
+    };
+    Ok(Peer { id, raft_addr, api_addr })
+}
+
+fn ordinal_from_hostname() -> anyhow::Result<u64> {
+    let host = std::env::var("HOSTNAME").context("HOSTNAME is not set")?;
+    let ordinal: u64 = host
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .with_context(|| format!("host name {host:?} has no trailing -N ordinal"))?;
+    Ok(ordinal + 1)
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let id = if a.id_from_hostname { ordinal_from_hostname()? } else { a.id };
+    if id == 0 {
+        bail!("node id must be greater than 0");
+    }
+    let peers = a.peers.iter().filter(|p| !p.is_empty()).map(|p| parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
+        (Some(adv), _) => adv.clone(),
+        (None, Some(p)) => p.raft_addr.clone(),
+        (None, None) => format!("127.0.0.1:{}", a.raft_listen.port()),
+    };
+    let config = ServiceConfig {
+        token: String::new(),
+        input: QueueLimits { max_length: a.max_length, max_payload_bytes: a.max_payload_bytes, evict_oldest: a.evict_oldest },
+        sink: QueueLimits { max_length: a.max_length, max_payload_bytes: a.max_payload_bytes, evict_oldest: a.evict_oldest },
+        max_delivery: a.max_delivery,
+        consumer_grace_ms: a.consumer_grace_ms,
+    };
+    let services: Vec<(String, ServiceConfig)> = a
+        .services
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (name, token) = s.split_once(':').unwrap_or((s, ""));
+            (name.to_string(), ServiceConfig { token: token.to_string(), ..config.clone() })
+        })
+        .collect();
+    let settings = ServeSettings {
+        id,
+        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("data/eddy-{id}"))),
+        http_listen: a.listen,
+        raft_listen: a.raft_listen,
+        advertise_http: a.advertise_http.clone().unwrap_or_default(),
+        advertise_raft,
+        peers,
+        cluster_secret: a.cluster_secret,
+        admin_token: a.admin_token,
+        heartbeat_ms: a.heartbeat_ms,
+        election_timeout_ms: a.election_timeout_ms,
+        node_lost_ms: a.node_lost_ms,
+        snapshot_every: a.snapshot_every,
+        watch_idle_ms: a.watch_idle_ms,
+        default_service: services.first().map(|(n, _)| n.clone()),
+        services,
+    };
+    let running = start(settings.clone()).await?;
+    tracing::info!(
+        id,
+        http = %running.http_addr,
+        raft = %settings.raft_listen,
+        data = %settings.data_dir.display(),
+        services = ?settings.services.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        "eddy node serving"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+fn client(q: &QueueArgs) -> QueueClient {
+    QueueClient::new(&q.ep.endpoint, &q.queue, &q.ep.token)
+}
+
+fn parse_tags(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    tags.iter()
+        .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("tag {t:?}: expected key=value")))
+        .collect()
+}
+
+fn print_frame(f: &eddy::proto::DataFrameProto, json: bool) {
+    let tags: BTreeMap<_, _> = f.tags.iter().collect();
+    if json {
+        use base64::Engine as _;
+        println!(
+            "{}",
+            serde_json::json!({"index": f.index, "tags": tags, "data": base64::engine::general_purpose::STANDARD.encode(&f.data)})
+        );
+    } else {
+        println!("{}\t{:?}\t{}", f.index, tags, String::from_utf8_lossy(&f.data));
+    }
+}
+
+async fn admin_request(admin: &AdminArgs, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+    let http = reqwest::Client::new();
+    let mut rb = http.request(method, format!("{}{path}", http_base(&admin.endpoint))).header("Authorization", &admin.admin_token);
+    if let Some(b) = body {
+        rb = rb.header("content-type", "application/json").body(b.to_string());
+    }
+    let resp = rb.send().await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {}", text.trim());
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.trim().to_string())))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve(a) => serve(*a).await?,
+        Cmd::Put(a) => {
+            let data = if a.data == "-" {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                Bytes::from(buf)
+            } else {
+                Bytes::from(a.data.clone())
+            };
+            let (index, rid) = client(&a.q).put(data, &parse_tags(&a.tags)?, a.priority).await?;
+            if a.q.ep.json {
+                println!("{}", serde_json::json!({"index": index, "request_id": rid}));
+            } else {
+                println!("index {index}\nrequest id {rid}");
+            }
+        }
+        Cmd::Get(a) => {
+            let mut tags = BTreeMap::new();
+            if let Some(r) = &a.request_id {
+                tags.insert("requestId".to_string(), r.clone());
+            }
+            let frames = client(&a.q).get(a.index, a.length, &a.timeout, a.delete, &tags).await?;
+            if frames.is_empty() && !a.q.ep.json {
+                eprintln!("(nothing)");
+            }
+            for f in &frames {
+                print_frame(f, a.q.ep.json);
+            }
+        }
+        Cmd::Commit(a) => {
+            let mut c = client(&a.q);
+            c.group = a.group;
+            c.commit(&a.indexes).await?;
+            println!("OK");
+        }
+        Cmd::Attrs(a) => {
+            let attrs = client(&a).attributes().await?;
+            if a.ep.json {
+                println!("{}", serde_json::to_string_pretty(&attrs)?);
+            } else {
+                for (k, v) in attrs {
+                    println!("{k:32} {v}");
+                }
+            }
+        }
+        Cmd::Watch(a) => {
+            let mut c = client(&a.q);
+            c.group = a.group.clone();
+            let committer = c.clone();
+            let json = a.q.ep.json;
+            let mut seen = 0u64;
+            let limit = a.count;
+            let commit = a.commit;
+            c.watch(a.window, a.auto_commit, |f| {
+                let committer = committer.clone();
+                seen += 1;
+                let more = limit.is_none_or(|l| seen < l);
+                async move {
+                    print_frame(&f, json);
+                    if commit && let Err(e) = committer.commit(&[f.index]).await {
+                        eprintln!("commit {}: {e}", f.index);
+                    }
+                    more
+                }
+            })
+            .await?;
+        }
+        Cmd::Service(cmd) => {
+            let out = match cmd {
+                ServiceCmd::Create(s) => {
+                    let body = serde_json::json!({
+                        "name": s.name, "token": s.token, "max_length": s.max_length,
+                        "max_payload_bytes": s.max_payload_bytes, "evict_oldest": s.evict_oldest,
+                        "sink_max_length": s.sink_max_length, "max_delivery": s.max_delivery,
+                        "consumer_grace_ms": s.consumer_grace_ms,
+                    });
+                    admin_request(&s.admin, reqwest::Method::POST, "/admin/services", Some(body)).await?
+                }
+                ServiceCmd::List(a) => admin_request(&a, reqwest::Method::GET, "/admin/services", None).await?,
+                ServiceCmd::Show(s) => admin_request(&s.admin, reqwest::Method::GET, &format!("/admin/services/{}", s.name), None).await?,
+                ServiceCmd::Delete(s) => admin_request(&s.admin, reqwest::Method::DELETE, &format!("/admin/services/{}", s.name), None).await?,
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Cluster(ClusterCmd::Status(a)) => {
+            let out = admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
+}

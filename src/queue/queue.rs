@@ -265,6 +265,17 @@ impl Queue {
     /// Items matching `selector`, oldest first (a read; nothing changes).
     pub fn select(&self, selector: &Selector) -> Vec<&Item> {
         let limit = selector.length.max(1) as usize;
+        // A request-id lookup is the common case for results: use the index.
+        if let Some(rid) = selector.tags.get(REQUEST_ID_TAG) {
+            let from = selector.from_index.unwrap_or(0);
+            return self
+                .by_request_id
+                .get(rid)
+                .and_then(|i| self.items.get(i))
+                .filter(|it| it.index >= from && tags_match(&it.tags, &selector.tags))
+                .into_iter()
+                .collect();
+        }
         match selector.from_index {
             None => self
                 .items

@@ -282,7 +282,7 @@ impl Flusher {
 pub struct LogStore {
     contents: Arc<Mutex<LogContents>>,
     jobs: mpsc::Sender<Job>,
-    pub(crate) fsync_stats: Arc<Mutex<FsyncStats>>,
+    pub fsync_stats: Arc<Mutex<FsyncStats>>,
 }
 
 impl LogStore {

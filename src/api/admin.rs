@@ -1,0 +1,217 @@
+//! Operations routes: services (create, list, show, delete), cluster status,
+//! `/healthz`, `/readyz` and Prometheus `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
+use crate::queue::{Command, QueueKind, QueueLimits, Reply, ServiceConfig};
+use crate::raft::{FSYNC_BUCKETS_MICROS, now_ms};
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/cluster", get(cluster))
+        .route("/admin/services", get(list_services).post(create_service))
+        .route("/admin/services/{name}", get(show_service).delete(delete_service))
+}
+
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if state.admin_token.is_empty() {
+        return Ok(());
+    }
+    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+    if bool::from(given.ct_eq(state.admin_token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized("admin token required in Authorization".into()))
+    }
+}
+
+/// The service settings an operator sends; omitted fields take defaults.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRequest {
+    pub name: String,
+    #[serde(default)]
+    pub token: String,
+    pub max_length: Option<u64>,
+    pub max_payload_bytes: Option<u64>,
+    pub evict_oldest: Option<bool>,
+    pub sink_max_length: Option<u64>,
+    pub sink_max_payload_bytes: Option<u64>,
+    pub sink_evict_oldest: Option<bool>,
+    pub max_delivery: Option<u32>,
+    pub consumer_grace_ms: Option<u64>,
+}
+
+impl ServiceRequest {
+    pub fn to_config(&self) -> ServiceConfig {
+        let d = ServiceConfig::default();
+        let input = QueueLimits {
+            max_length: self.max_length.unwrap_or(d.input.max_length),
+            max_payload_bytes: self.max_payload_bytes.unwrap_or(d.input.max_payload_bytes),
+            evict_oldest: self.evict_oldest.unwrap_or(d.input.evict_oldest),
+        };
+        let sink = QueueLimits {
+            max_length: self.sink_max_length.unwrap_or(input.max_length),
+            max_payload_bytes: self.sink_max_payload_bytes.unwrap_or(input.max_payload_bytes),
+            evict_oldest: self.sink_evict_oldest.unwrap_or(d.sink.evict_oldest),
+        };
+        ServiceConfig {
+            token: self.token.clone(),
+            input,
+            sink,
+            max_delivery: self.max_delivery.unwrap_or(d.max_delivery),
+            consumer_grace_ms: self.consumer_grace_ms.unwrap_or(d.consumer_grace_ms),
+        }
+    }
+}
+
+async fn create_service(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let req: ServiceRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("service JSON: {e}")))?;
+    let config = req.to_config();
+    match state.node.propose(Command::CreateService { name: req.name.clone(), config }).await? {
+        Reply::Rejected(r) => Err(r.into()),
+        _ => Ok((StatusCode::CREATED, axum::Json(service_json(&state, &req.name))).into_response()),
+    }
+}
+
+fn service_json(state: &AppState, name: &str) -> serde_json::Value {
+    state.node.read(|s| {
+        s.service(name).map_or(serde_json::Value::Null, |svc| {
+            let c = &svc.config;
+            serde_json::json!({
+                "name": name,
+                "max_length": c.input.max_length,
+                "max_payload_bytes": c.input.max_payload_bytes,
+                "evict_oldest": c.input.evict_oldest,
+                "sink_max_length": c.sink.max_length,
+                "sink_max_payload_bytes": c.sink.max_payload_bytes,
+                "sink_evict_oldest": c.sink.evict_oldest,
+                "max_delivery": c.max_delivery,
+                "consumer_grace_ms": c.consumer_grace_ms,
+                "token_set": !c.token.is_empty(),
+                "input_length": svc.input.len(),
+                "sink_length": svc.sink.len(),
+            })
+        })
+    })
+}
+
+async fn list_services(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let names: Vec<String> = state.node.read(|s| s.services.keys().cloned().collect());
+    let list: Vec<serde_json::Value> = names.iter().map(|n| service_json(&state, n)).collect();
+    Ok(axum::Json(list).into_response())
+}
+
+async fn show_service(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    match service_json(&state, &name) {
+        serde_json::Value::Null => Err(ApiError::NotFound(format!("no such service: {name}"))),
+        v => Ok(axum::Json(v).into_response()),
+    }
+}
+
+async fn delete_service(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    match state.node.propose(Command::DeleteService { name }).await? {
+        Reply::Rejected(r) => Err(r.into()),
+        _ => Ok("OK".into_response()),
+    }
+}
+
+async fn cluster(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.node.status()).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let s = state.node.status();
+    let caught_up = match (s.committed, s.applied) {
+        (Some(c), Some(a)) => a + 10 >= c,
+        (None, _) => true,
+        _ => false,
+    };
+    if s.leader.is_some() && s.voters.contains(&s.id) && caught_up {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no leader, not a voter, or catching up\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    let now = now_ms();
+    let s = state.node.status();
+    let _ = writeln!(out, "# TYPE eddy_raft_term gauge\neddy_raft_term {}", s.term);
+    let _ = writeln!(out, "# TYPE eddy_raft_is_leader gauge\neddy_raft_is_leader {}", u8::from(s.leader == Some(s.id)));
+    let _ = writeln!(out, "# TYPE eddy_raft_leader_id gauge\neddy_raft_leader_id {}", s.leader.unwrap_or(0));
+    let _ = writeln!(out, "# TYPE eddy_raft_commit_index gauge\neddy_raft_commit_index {}", s.committed.unwrap_or(0));
+    let _ = writeln!(out, "# TYPE eddy_raft_applied_index gauge\neddy_raft_applied_index {}", s.applied.unwrap_or(0));
+    let _ = writeln!(out, "# TYPE eddy_raft_replication_lag gauge");
+    let last = s.last_log_index.unwrap_or(0);
+    for (peer, matched) in &s.replication {
+        let _ = writeln!(out, "eddy_raft_replication_lag{{peer=\"{peer}\"}} {}", last.saturating_sub(matched.unwrap_or(0)));
+    }
+    let _ = writeln!(out, "# TYPE eddy_watch_connections gauge\neddy_watch_connections {}", state.hub.connection_count());
+    {
+        let f = state.node.log.fsync_stats.lock().unwrap();
+        let _ = writeln!(out, "# TYPE eddy_fsync_seconds histogram");
+        for (i, b) in FSYNC_BUCKETS_MICROS.iter().enumerate() {
+            let _ = writeln!(out, "eddy_fsync_seconds_bucket{{le=\"{}\"}} {}", *b as f64 / 1e6, f.buckets[i]);
+        }
+        let _ = writeln!(out, "eddy_fsync_seconds_bucket{{le=\"+Inf\"}} {}", f.count);
+        let _ = writeln!(out, "eddy_fsync_seconds_sum {}", f.total_micros as f64 / 1e6);
+        let _ = writeln!(out, "eddy_fsync_seconds_count {}", f.count);
+    }
+    state.node.read(|st| {
+        let _ = writeln!(out, "# TYPE eddy_queue_length gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_in_flight gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_consumers gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_dead_letters gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_puts_total counter");
+        let _ = writeln!(out, "# TYPE eddy_queue_commits_total counter");
+        let _ = writeln!(out, "# TYPE eddy_queue_oldest_item_age_seconds gauge");
+        for (name, svc) in &st.services {
+            for kind in [QueueKind::Input, QueueKind::Sink] {
+                let q = svc.queue(kind);
+                let l = format!("service=\"{name}\",queue=\"{}\"", kind.as_str());
+                let consumers: usize = q.groups.values().map(|g| g.consumers.len()).sum();
+                let oldest = q.items.values().next().map_or(0, |it| now.saturating_sub(it.enqueued_ms));
+                let _ = writeln!(out, "eddy_queue_length{{{l}}} {}", q.len());
+                let _ = writeln!(out, "eddy_queue_in_flight{{{l}}} {}", q.in_flight_count());
+                let _ = writeln!(out, "eddy_queue_consumers{{{l}}} {consumers}");
+                let _ = writeln!(out, "eddy_queue_dead_letters{{{l}}} {}", q.dead.len());
+                let _ = writeln!(out, "eddy_queue_puts_total{{{l}}} {}", q.puts_total);
+                let _ = writeln!(out, "eddy_queue_commits_total{{{l}}} {}", q.commits_total);
+                let _ = writeln!(out, "eddy_queue_oldest_item_age_seconds{{{l}}} {}", oldest as f64 / 1000.0);
+            }
+        }
+    });
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,347 @@
+//! The EAS queue-service endpoints (§3 of the protocol): one handler per
+//! queue URL that dispatches on method and control parameters.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use base64::Engine as _;
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use subtle::ConstantTimeEq;
+
+use super::params::{Query, identity, priority};
+use super::{ApiError, AppState};
+use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
+use crate::queue::{Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes};
+use crate::raft::now_ms;
+
+pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/predict/{*rest}", any(predict))
+        .route("/", any(bare_input))
+        .route("/sink", any(bare_sink))
+}
+
+/// A resolved queue URL.
+pub struct Target {
+    pub queue: QueueRef,
+    /// Sub-path of the input queue (`/api/predict/svc/a/b` → `a/b`).
+    pub path: String,
+}
+
+fn resolve(rest: &str) -> Result<Target, ApiError> {
+    let rest = rest.trim_matches('/');
+    let (service, sub) = rest.split_once('/').unwrap_or((rest, ""));
+    if service.is_empty() {
+        return Err(ApiError::NotFound("no service in path".into()));
+    }
+    let sub = sub.trim_matches('/');
+    Ok(if sub == "sink" {
+        Target { queue: QueueRef::new(service, QueueKind::Sink), path: String::new() }
+    } else {
+        Target { queue: QueueRef::new(service, QueueKind::Input), path: sub.to_string() }
+    })
+}
+
+pub struct Request {
+    pub method: Method,
+    pub query: Query,
+    pub headers: HeaderMap,
+    pub body: Body,
+    pub ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+}
+
+async fn predict(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    Path(rest): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    body: Body,
+) -> Response {
+    let req = Request { method, query: Query::parse(query.as_deref()), headers, body, ws };
+    match resolve(&rest) {
+        Ok(target) => handle(state, target, req).await.unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn bare(state: Arc<AppState>, kind: QueueKind, method: Method, query: Option<String>, headers: HeaderMap, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>, body: Body) -> Response {
+    let Some(service) = state.default_service.clone() else {
+        return ApiError::NotFound("no default service is configured; use /api/predict/{service}".into())
+            .into_response();
+    };
+    let req = Request { method, query: Query::parse(query.as_deref()), headers, body, ws };
+    let target = Target { queue: QueueRef::new(service, kind), path: String::new() };
+    handle(state, target, req).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn bare_input(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    body: Body,
+) -> Response {
+    bare(state, QueueKind::Input, method, query, headers, ws, body).await
+}
+
+async fn bare_sink(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    body: Body,
+) -> Response {
+    bare(state, QueueKind::Sink, method, query, headers, ws, body).await
+}
+
+/// Check the service exists and the token matches (constant time).
+/// Returns the service's payload limit for the addressed queue.
+fn authorize(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<u64, ApiError> {
+    let (token, limit) = state
+        .node
+        .read(|s| s.service(&queue.service).map(|svc| (svc.config.token.clone(), svc.config.limits(queue.kind).max_payload_bytes)))
+        .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
+    if !token.is_empty() {
+        let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        if !bool::from(given.ct_eq(token.as_bytes())) {
+            return Err(ApiError::Unauthorized("invalid or missing token in Authorization".into()));
+        }
+    }
+    Ok(limit)
+}
+
+fn wants_protobuf(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(PROTOBUF_MEDIA_TYPE))
+}
+
+async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Response, ApiError> {
+    let limit = authorize(&state, &target.queue, &req.headers)?;
+    let q = &req.query;
+    match req.method {
+        Method::POST if q.flag("_eos_")? => {
+            let force = q.flag("_force_")?;
+            expect_done(state.node.propose(Command::End { queue: target.queue, force }).await?)?;
+            Ok("OK".into_response())
+        }
+        Method::POST => put(&state, target, req, limit).await,
+        Method::GET if q.flag("_watch_")? || req.ws.is_ok() => {
+            super::watch::watch(state, target.queue, req).await
+        }
+        Method::GET if q.flag("_attrs_")? => attrs(&state, &target.queue, &req.headers),
+        Method::GET if q.flag("_search_")? => search(&state, &target.queue, q),
+        Method::GET if q.flag("_count_")? => count(&state, &target.queue, q, &req.headers),
+        Method::GET if q.flag("_dead_")? => dead(&state, &target.queue, q, &req.headers),
+        Method::GET => get(&state, &target.queue, &req.query, &req.headers).await,
+        Method::DELETE if q.flag("_trunc_")? => {
+            let before = match q.start_index()? {
+                Some(i) => i,
+                None => return Err(ApiError::BadRequest("_index_ must be an index for truncate".into())),
+            };
+            expect_done(state.node.propose(Command::Truncate { queue: target.queue, before }).await?)?;
+            Ok("OK".into_response())
+        }
+        Method::DELETE => {
+            let indexes = q.indexes()?;
+            expect_done(state.node.propose(Command::Delete { queue: target.queue, indexes }).await?)?;
+            Ok("OK".into_response())
+        }
+        Method::PUT => commit(&state, target.queue, req).await,
+        _ => Err(ApiError::BadRequest(format!("method {} is not supported on a queue", req.method))),
+    }
+}
+
+fn expect_done(reply: Reply) -> Result<(), ApiError> {
+    match reply {
+        Reply::Rejected(r) => Err(r.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Read a body, refusing more than `limit` bytes without buffering them.
+pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, limit as usize + 1);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::TooLarge(format!("payload exceeds the limit of {limit} bytes"))
+            } else {
+                ApiError::BadRequest(format!("reading body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if bytes.len() as u64 > limit {
+        return Err(ApiError::TooLarge(format!("payload of {} bytes exceeds the limit of {limit} bytes", bytes.len())));
+    }
+    Ok(bytes)
+}
+
+async fn put(state: &AppState, target: Target, req: Request, limit: u64) -> Result<Response, ApiError> {
+    let priority = priority(&req.query, &req.headers)?;
+    let data = read_body(req.body, limit).await?;
+    let mut tags = req.query.tags;
+    // The server's request id is authoritative.
+    tags.remove(crate::queue::REQUEST_ID_TAG);
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let item = NewItem { request_id, tags, data, priority, path: target.path };
+    match state.node.propose(Command::Put { queue: target.queue, item }).await? {
+        Reply::Put { index, request_id } => {
+            let mut resp = index.to_string().into_response();
+            resp.headers_mut().insert(
+                REQUEST_ID_HEADER,
+                HeaderValue::from_str(&request_id).map_err(|e| ApiError::Internal(e.to_string()))?,
+            );
+            Ok(resp)
+        }
+        Reply::Rejected(r) => Err(r.into()),
+        other => Err(ApiError::Internal(format!("unexpected reply to put: {other:?}"))),
+    }
+}
+
+pub fn frame_proto(f: Frame) -> DataFrameProto {
+    DataFrameProto { index: f.index, tags: f.tags.into_iter().collect(), data: f.data, message: f.message }
+}
+
+fn frames_response(frames: Vec<Frame>, headers: &HeaderMap, raw: bool) -> Response {
+    if frames.is_empty() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if raw {
+        let first = frames.into_iter().next().expect("non-empty");
+        return first.data.into_response();
+    }
+    if wants_protobuf(headers) {
+        let list = DataFrameListProto { index: frames.into_iter().map(frame_proto).collect() };
+        ([(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)], list.encode_to_vec()).into_response()
+    } else {
+        let list: Vec<serde_json::Value> = frames
+            .into_iter()
+            .map(|f| {
+                let mut v = serde_json::json!({
+                    "index": f.index,
+                    "tags": f.tags,
+                    "data": base64::engine::general_purpose::STANDARD.encode(&f.data),
+                });
+                if !f.message.is_empty() {
+                    v["message"] = f.message.into();
+                }
+                v
+            })
+            .collect();
+        axum::Json(list).into_response()
+    }
+}
+
+async fn get(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let selector = Selector {
+        from_index: q.start_index()?,
+        length: q.u64_or("_length_", 1)?.clamp(1, 10_000) as u32,
+        tags: q.tags.clone(),
+    };
+    let auto_delete = q.flag_or("_auto_delete_", false)?;
+    let raw = q.flag_or("_raw_", false)?;
+    let deadline = tokio::time::Instant::now() + q.timeout()?;
+    loop {
+        // Subscribe before looking, so a put between look and wait wakes us.
+        let changed = state.hub.changed.notified();
+        let frames = if auto_delete {
+            match state.node.propose(Command::Take { queue: queue.clone(), selector: selector.clone() }).await? {
+                Reply::Items(frames) => frames,
+                Reply::Rejected(r) => return Err(r.into()),
+                other => return Err(ApiError::Internal(format!("unexpected reply to take: {other:?}"))),
+            }
+        } else {
+            state
+                .node
+                .read(|s| s.queue(queue).map(|q| q.peek(&selector)))
+                .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?
+        };
+        if !frames.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(frames_response(frames, headers, raw));
+        }
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+    }
+}
+
+fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let map = state
+        .node
+        .read(|s| s.service(&queue.service).map(|svc| attributes(&queue.service, &svc.config, queue.kind, svc.queue(queue.kind), now_ms())))
+        .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
+    if wants_protobuf(headers) {
+        let proto = AttributesProto { attributes: map.into_iter().collect() };
+        Ok(([(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)], proto.encode_to_vec()).into_response())
+    } else {
+        Ok(axum::Json(map).into_response())
+    }
+}
+
+fn search(state: &AppState, queue: &QueueRef, q: &Query) -> Result<Response, ApiError> {
+    let index = match q.start_index()? {
+        Some(i) if i > 0 => i,
+        _ => return Err(ApiError::BadRequest("_index_ must be a positive index for search".into())),
+    };
+    let found = state.node.read(|s| s.queue(queue).map(|q| q.search(index)));
+    match found {
+        None => Err(ApiError::NotFound(format!("no such service: {}", queue.service))),
+        Some(None) => Ok(axum::Json(serde_json::json!({})).into_response()),
+        Some(Some((pending, wait))) => {
+            Ok(axum::Json(serde_json::json!({"IsPending": pending, "WaitCount": wait})).into_response())
+        }
+    }
+}
+
+fn count(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let prio = if q.get("_priority_").is_some() { Some(priority(q, headers)?) } else { None };
+    let n = state
+        .node
+        .read(|s| s.queue(queue).map(|qu| qu.count(prio, &q.tags)))
+        .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
+    Ok(n.to_string().into_response())
+}
+
+fn dead(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let limit = q.u64_or("_length_", 100)?.clamp(1, 10_000) as usize;
+    let frames = state
+        .node
+        .read(|s| s.queue(queue).map(|qu| qu.dead_letters(limit)))
+        .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
+    Ok(frames_response(frames, headers, false))
+}
+
+async fn commit(state: &AppState, queue: QueueRef, req: Request) -> Result<Response, ApiError> {
+    let indexes = req.query.indexes()?;
+    let (group, _) = identity(&req.headers);
+    let command = if req.query.flag("_negative_")? {
+        let body = read_body(req.body, 64 * 1024).await?;
+        let form = Query::parse(Some(&String::from_utf8_lossy(&body)));
+        let code = form.get("_code_").or(req.query.get("_code_")).unwrap_or("").to_string();
+        let reason = form.get("_reason_").or(req.query.get("_reason_")).unwrap_or("").to_string();
+        if code.len() > 64 || reason.len() > 1024 {
+            return Err(ApiError::BadRequest("_code_ or _reason_ too long".into()));
+        }
+        Command::Negative { queue, group, indexes, code, reason }
+    } else {
+        Command::Commit { queue, group, indexes }
+    };
+    expect_done(state.node.propose(command).await?)?;
+    Ok("OK".into_response())
+}

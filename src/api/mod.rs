@@ -1,0 +1,116 @@
+//! The HTTP face of a node: the only module that knows axum.
+//!
+//! - `eas`: the PAI-EAS queue-service protocol (put, get, commit, ...).
+//! - `watch`: WebSocket and HTTP-streaming watches, and the hub that routes
+//!   state-machine delivery events to this node's connections.
+//! - `admin`: services, cluster status, health, readiness and metrics.
+//!
+//! Errors map to status codes in one place ([`ApiError`]); every refusal has
+//! a short text body and changes nothing.
+
+mod admin;
+mod eas;
+mod params;
+mod watch;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::queue::Rejection;
+use crate::raft::{ProposeError, RaftNode};
+
+pub use watch::Hub;
+
+/// Shared by every handler.
+pub struct AppState {
+    pub node: Arc<RaftNode>,
+    pub hub: Arc<Hub>,
+    /// Service served at the bare `/` and `/sink` paths.
+    pub default_service: Option<String>,
+    /// Token required by the admin routes (empty: none).
+    pub admin_token: String,
+    /// How long a watch may stay silent after pinging before it is dropped.
+    pub watch_idle_ms: u64,
+}
+
+/// A refusal with its status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Full(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (status, format!("{self}\n")).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        let text = r.to_string();
+        match r {
+            Rejection::NoSuchService(_) => ApiError::NotFound(text),
+            Rejection::ServiceExists(_) => ApiError::Conflict(text),
+            Rejection::Full(_) | Rejection::SinkFull(_) => ApiError::Full(text),
+            Rejection::TooLarge { .. } => ApiError::TooLarge(text),
+            Rejection::Invalid(_) => ApiError::BadRequest(text),
+        }
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::Fatal(m) => ApiError::Internal(m),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .merge(admin::routes())
+        .merge(eas::routes())
+        // Payload limits are per service and checked by the put handler.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}

@@ -1,0 +1,183 @@
+//! Query-string and header parsing for the EAS protocol: control
+//! parameters are `_name_`, everything else is a tag (on put) or a tag
+//! filter (on reads and watches). The query is form-decoded.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+
+use super::ApiError;
+use crate::queue::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, Tags};
+
+/// Longest long poll a get may ask for.
+pub const MAX_POLL: Duration = Duration::from_secs(300);
+
+pub struct Query {
+    control: BTreeMap<String, String>,
+    pub tags: Tags,
+}
+
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Self {
+        let mut control = BTreeMap::new();
+        let mut tags = Tags::new();
+        for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            if k.len() >= 2 && k.starts_with('_') && k.ends_with('_') {
+                control.insert(k.into_owned(), v.into_owned());
+            } else if !k.is_empty() && !k.starts_with('_') {
+                tags.insert(k.into_owned(), v.into_owned());
+            }
+        }
+        Self { control, tags }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.control.get(key).map(String::as_str)
+    }
+
+    pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None | Some("") => Ok(false),
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
+            Some(v) => Err(ApiError::BadRequest(format!("{key}: expected true or false, got {v:?}"))),
+        }
+    }
+
+    pub fn flag_or(&self, key: &str, default: bool) -> Result<bool, ApiError> {
+        if self.get(key).is_none() { Ok(default) } else { self.flag(key) }
+    }
+
+    pub fn u64_or(&self, key: &str, default: u64) -> Result<u64, ApiError> {
+        match self.get(key) {
+            None | Some("") => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| ApiError::BadRequest(format!("{key}: expected a non-negative integer, got {v:?}"))),
+        }
+    }
+
+    /// `_index_`: `None` for -1 (the newest), else the start index.
+    pub fn start_index(&self) -> Result<Option<u64>, ApiError> {
+        match self.get("_index_").map(str::trim) {
+            None | Some("") => Ok(Some(0)),
+            Some("-1") => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::BadRequest(format!("_index_: expected an index or -1, got {v:?}"))),
+        }
+    }
+
+    pub fn indexes(&self) -> Result<Vec<u64>, ApiError> {
+        let raw = self.get("_indexes_").ok_or_else(|| ApiError::BadRequest("_indexes_ is required".into()))?;
+        parse_index_list(raw)
+    }
+
+    pub fn timeout(&self) -> Result<Duration, ApiError> {
+        match self.get("_timeout_") {
+            None | Some("") => Ok(Duration::ZERO),
+            Some(v) => parse_duration(v)
+                .map(|d| d.min(MAX_POLL))
+                .ok_or_else(|| ApiError::BadRequest(format!("_timeout_: expected a duration like 5s or 500ms, got {v:?}"))),
+        }
+    }
+}
+
+pub fn parse_index_list(raw: &str) -> Result<Vec<u64>, ApiError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| ApiError::BadRequest(format!("bad index {s:?} in _indexes_"))))
+        .collect()
+}
+
+/// Go duration syntax (`1m30s`, `500ms`, `0s`, `1.5h`) or a bare number of
+/// seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)));
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * factor;
+        rest = &rest[unit_len..];
+    }
+    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total.min(1e9)))
+}
+
+/// Consumer identity from the SDK headers: (group, user).
+pub fn identity(headers: &HeaderMap) -> (String, Option<String>) {
+    let get = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(String::from)
+    };
+    (get(HEADER_GROUP).unwrap_or_else(|| "eas".to_string()), get(HEADER_USER))
+}
+
+pub fn priority(query: &Query, headers: &HeaderMap) -> Result<u32, ApiError> {
+    let raw = query
+        .get("_priority_")
+        .map(String::from)
+        .or_else(|| headers.get(HEADER_PRIORITY).and_then(|v| v.to_str().ok()).map(String::from));
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(v) => match v.parse::<i64>() {
+            Ok(p) if p <= 0 => Ok(0),
+            Ok(p) => Ok(p.min(u32::MAX as i64) as u32),
+            Err(_) => Err(ApiError::BadRequest(format!("priority: expected an integer, got {v:?}"))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_every_sdk_format() {
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m0s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn control_params_and_tags_are_split() {
+        let q = Query::parse(Some("_index_=3&foo=bar+baz&_unknown_=1&requestId=abc"));
+        assert_eq!(q.get("_index_"), Some("3"));
+        assert_eq!(q.tags.get("foo").map(String::as_str), Some("bar baz"));
+        assert_eq!(q.tags.len(), 2);
+        assert!(Query::parse(Some("_index_=x")).start_index().is_err());
+        assert_eq!(Query::parse(Some("_index_=-1")).start_index().unwrap(), None);
+        assert!(parse_index_list("1,2,x").is_err());
+        assert_eq!(parse_index_list("1, 2,").unwrap(), vec![1, 2]);
+    }
+}

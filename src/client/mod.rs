@@ -1,0 +1,148 @@
+//! A small Rust client of the EAS queue protocol, used by the CLI (and
+//! usable by programs): put, get, commit, attributes, watch.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
+use crate::queue::{HEADER_GROUP, HEADER_USER};
+
+pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("server said {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("bad response: {0}")]
+    Protocol(String),
+}
+
+#[derive(Clone)]
+pub struct QueueClient {
+    http: reqwest::Client,
+    /// `http://host:port/api/predict/{service}` or `.../sink`.
+    pub url: String,
+    pub token: String,
+    pub group: String,
+    pub user: String,
+}
+
+impl QueueClient {
+    pub fn new(endpoint: &str, queue: &str, token: &str) -> Self {
+        let base = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+        Self {
+            http: reqwest::Client::new(),
+            url: format!("{}/api/predict/{}", base.trim_end_matches('/'), queue),
+            token: token.to_string(),
+            group: "eas".into(),
+            user: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    fn with_identity(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb.header("Authorization", &self.token).header(HEADER_USER, &self.user).header(HEADER_GROUP, &self.group)
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default().trim().to_string();
+            Err(ClientError::Status { status, body })
+        }
+    }
+
+    pub async fn put(&self, data: Bytes, tags: &BTreeMap<String, String>, priority: u32) -> Result<(u64, String), ClientError> {
+        let mut query: Vec<(String, String)> = tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if priority > 0 {
+            query.push(("_priority_".into(), priority.to_string()));
+        }
+        let resp = self.with_identity(self.http.post(&self.url).query(&query).body(data)).send().await?;
+        let resp = Self::check(resp).await?;
+        let rid = resp
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = resp.text().await?;
+        let index = body.trim().parse().map_err(|_| ClientError::Protocol(format!("index {body:?}")))?;
+        Ok((index, rid))
+    }
+
+    pub async fn get(&self, index: i64, length: u32, timeout: &str, auto_delete: bool, tags: &BTreeMap<String, String>) -> Result<Vec<DataFrameProto>, ClientError> {
+        let mut query: Vec<(String, String)> = vec![
+            ("_index_".into(), index.to_string()),
+            ("_length_".into(), length.to_string()),
+            ("_timeout_".into(), timeout.to_string()),
+            ("_raw_".into(), "false".into()),
+            ("_auto_delete_".into(), auto_delete.to_string()),
+        ];
+        query.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let resp = self
+            .with_identity(self.http.get(&self.url).query(&query).header("Accept", PROTOBUF_MEDIA_TYPE))
+            .send()
+            .await?;
+        let resp = Self::check(resp).await?;
+        let bytes = resp.bytes().await?;
+        let list = DataFrameListProto::decode(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(list.index)
+    }
+
+    pub async fn commit(&self, indexes: &[u64]) -> Result<(), ClientError> {
+        let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
+        let resp = self.with_identity(self.http.put(&self.url).query(&[("_indexes_", list.join(","))])).send().await?;
+        Self::check(resp).await.map(|_| ())
+    }
+
+    pub async fn attributes(&self) -> Result<BTreeMap<String, String>, ClientError> {
+        let resp = self.with_identity(self.http.get(&self.url).query(&[("_attrs_", "true")])).send().await?;
+        let text = Self::check(resp).await?.text().await?;
+        serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Watch the queue; `on_frame` is called for every frame until it
+    /// returns false or the connection ends.
+    pub async fn watch<F, Fut>(&self, window: u32, auto_commit: bool, mut on_frame: F) -> Result<(), ClientError>
+    where
+        F: FnMut(DataFrameProto) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let ws_url = self.url.replacen("http", "ws", 1);
+        let url = format!("{ws_url}?_watch_=true&_index_=0&_window_={window}&_index_only_=false&_auto_commit_={auto_commit}");
+        let mut req = url.as_str().into_client_request()?;
+        let h = req.headers_mut();
+        h.insert("Authorization", self.token.parse().map_err(|_| ClientError::Protocol("token".into()))?);
+        h.insert(HEADER_USER, self.user.parse().map_err(|_| ClientError::Protocol("user".into()))?);
+        h.insert(HEADER_GROUP, self.group.parse().map_err(|_| ClientError::Protocol("group".into()))?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let mut ping = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        let frame = DataFrameProto::decode(b).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        if !on_frame(frame).await {
+                            let _ = ws.close(None).await;
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                },
+                _ = ping.tick() => { ws.send(Message::Ping(Bytes::from_static(b"ping"))).await?; }
+            }
+        }
+    }
+}

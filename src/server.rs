@@ -1,0 +1,136 @@
+//! Wiring of one node: Raft member, watch hub, HTTP API, and the services
+//! declared at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{AppState, Hub, router};
+use crate::queue::{Command, Reply, ServiceConfig};
+use crate::raft::{Peer, RaftNode, RaftSettings};
+
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub http_listen: SocketAddr,
+    pub raft_listen: SocketAddr,
+    /// Addresses peers and clients use to reach this node (defaults to the
+    /// listen addresses).
+    pub advertise_http: String,
+    pub advertise_raft: String,
+    pub peers: Vec<Peer>,
+    pub cluster_secret: String,
+    pub admin_token: String,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    pub node_lost_ms: u64,
+    pub snapshot_every: u64,
+    pub watch_idle_ms: u64,
+    /// Services to create (or update) once the cluster has a leader.
+    pub services: Vec<(String, ServiceConfig)>,
+    /// Served at the bare `/` and `/sink` paths.
+    pub default_service: Option<String>,
+}
+
+pub struct RunningNode {
+    pub node: Arc<RaftNode>,
+    pub http_addr: SocketAddr,
+    pub hub: Arc<Hub>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Stop serving and shut Raft down (as a crash would, minus the kill).
+    pub async fn shutdown(self) {
+        self.server.abort();
+        let _ = self.node.raft.shutdown().await;
+    }
+}
+
+pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
+    let http = tokio::net::TcpListener::bind(settings.http_listen).await?;
+    let http_addr = http.local_addr()?;
+    let raft_settings = RaftSettings {
+        id: settings.id,
+        data_dir: settings.data_dir.clone(),
+        raft_listen: settings.raft_listen,
+        advertise: Peer {
+            id: settings.id,
+            raft_addr: settings.advertise_raft.clone(),
+            api_addr: if settings.advertise_http.is_empty() { http_addr.to_string() } else { settings.advertise_http.clone() },
+        },
+        peers: settings.peers.clone(),
+        secret: settings.cluster_secret.clone(),
+        heartbeat_ms: settings.heartbeat_ms,
+        election_timeout_ms: settings.election_timeout_ms,
+        node_lost_ms: settings.node_lost_ms,
+        snapshot_every: settings.snapshot_every,
+    };
+    let (node, events) = RaftNode::start(raft_settings).await?;
+    let hub = Hub::new(settings.id);
+    tokio::spawn(hub.clone().run(events));
+    tokio::spawn(close_watchers_without_leader(node.clone(), hub.clone()));
+    if !settings.services.is_empty() {
+        let node = node.clone();
+        let services = settings.services.clone();
+        tokio::spawn(async move {
+            for (name, config) in services {
+                loop {
+                    let cmd = Command::CreateService { name: name.clone(), config: config.clone() };
+                    match node.propose(cmd).await {
+                        Ok(Reply::Rejected(r)) => {
+                            tracing::error!(service = %name, error = %r, "service declaration refused");
+                            break;
+                        }
+                        Ok(_) => {
+                            tracing::info!(service = %name, "service ready");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::info!(error = %e, "waiting for a leader to declare services");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let state = Arc::new(AppState {
+        node: node.clone(),
+        hub: hub.clone(),
+        default_service: settings.default_service.clone(),
+        admin_token: settings.admin_token.clone(),
+        watch_idle_ms: settings.watch_idle_ms,
+    });
+    let app = router(state);
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok(RunningNode { node, http_addr, hub, server })
+}
+
+/// A node cut off from the leader closes its watchers so that clients
+/// reconnect to a node that can still serve them.
+async fn close_watchers_without_leader(node: Arc<RaftNode>, hub: Arc<Hub>) {
+    let mut leaderless_since: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let s = node.status();
+        let cut_off = s.leader.is_none()
+            || (s.leader == Some(s.id) && s.voters.len() > 1 && s.millis_since_quorum_ack.is_none_or(|ms| ms > 3_000));
+        if cut_off {
+            let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(2) && hub.connection_count() > 0 {
+                tracing::warn!("no leader reachable; closing local watchers");
+                hub.close_all();
+            }
+        } else {
+            leaderless_since = None;
+        }
+    }
+}
