@@ -10,9 +10,9 @@
 //! - `engine`: the asynchronous inference worker.
 //! - `config`: node settings from flags and `EDDY_*` variables.
 
+pub mod api;
+pub mod client;
+pub mod proto;
 pub mod queue;
 pub mod raft;
-pub mod api;
-pub mod proto;
 pub mod server;
-pub mod client;

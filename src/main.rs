@@ -14,7 +14,11 @@ use eddy::raft::Peer;
 use eddy::server::{ServeSettings, start};
 
 #[derive(Parser)]
-#[command(name = "eddy", version, about = "A replicated queue service for asynchronous ML inference")]
+#[command(
+    name = "eddy",
+    version,
+    about = "A replicated queue service for asynchronous ML inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -40,6 +44,26 @@ enum Cmd {
     /// Cluster status.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Measure put throughput and latency against a running node.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    q: QueueArgs,
+    /// Concurrent producers, each with one put in flight.
+    #[arg(long, short = 'p', default_value_t = 4)]
+    producers: usize,
+    /// Total puts.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    count: usize,
+    /// Payload bytes.
+    #[arg(long, short = 's', default_value_t = 256)]
+    size: usize,
+    /// Truncate the queue afterwards.
+    #[arg(long, default_value_t = true)]
+    cleanup: bool,
 }
 
 #[derive(Args)]
@@ -77,7 +101,12 @@ struct ServeArgs {
     #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
     admin_token: String,
     /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
-    #[arg(long = "service", env = "EDDY_SERVICES", value_delimiter = ',', default_value = "demo")]
+    #[arg(
+        long = "service",
+        env = "EDDY_SERVICES",
+        value_delimiter = ',',
+        default_value = "demo"
+    )]
     services: Vec<String>,
     /// Limits of declared services.
     #[arg(long, env = "EDDY_MAX_LENGTH", default_value_t = 100_000)]
@@ -107,7 +136,12 @@ struct ServeArgs {
 #[derive(Args, Clone)]
 struct Endpoint {
     /// Node address (any node of the cluster).
-    #[arg(long, short = 'e', env = "EDDY_ENDPOINT", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        short = 'e',
+        env = "EDDY_ENDPOINT",
+        default_value = "127.0.0.1:8080"
+    )]
     endpoint: String,
     /// Service token.
     #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
@@ -193,7 +227,12 @@ enum ServiceCmd {
 
 #[derive(Args)]
 struct AdminArgs {
-    #[arg(long, short = 'e', env = "EDDY_ENDPOINT", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        short = 'e',
+        env = "EDDY_ENDPOINT",
+        default_value = "127.0.0.1:8080"
+    )]
     endpoint: String,
     #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
     admin_token: String,
@@ -233,21 +272,38 @@ enum ClusterCmd {
 }
 
 fn http_base(endpoint: &str) -> String {
-    if endpoint.contains("://") { endpoint.trim_end_matches('/').to_string() } else { format!("http://{endpoint}") }
+    if endpoint.contains("://") {
+        endpoint.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<Peer> {
     let mut parts = s.split('@');
-    let id: u64 = parts.next().unwrap_or("").parse().with_context(|| format!("peer {s:?}: id"))?;
-    let raft_addr = parts.next().with_context(|| format!("peer {s:?}: expected ID@HOST:PORT"))?.to_string();
+    let id: u64 = parts
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("peer {s:?}: id"))?;
+    let raft_addr = parts
+        .next()
+        .with_context(|| format!("peer {s:?}: expected ID@HOST:PORT"))?
+        .to_string();
     let api_addr = match parts.next() {
         Some(a) => a.to_string(),
         None => {
-            let host = raft_addr.rsplit_once(':').map_or(raft_addr.as_str(), |(h, _)| h);
+            let host = raft_addr
+                .rsplit_once(':')
+                .map_or(raft_addr.as_str(), |(h, _)| h);
             format!("{host}:8080")
         }
     };
-    Ok(Peer { id, raft_addr, api_addr })
+    Ok(Peer {
+        id,
+        raft_addr,
+        api_addr,
+    })
 }
 
 fn ordinal_from_hostname() -> anyhow::Result<u64> {
@@ -260,11 +316,20 @@ fn ordinal_from_hostname() -> anyhow::Result<u64> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let id = if a.id_from_hostname { ordinal_from_hostname()? } else { a.id };
+    let id = if a.id_from_hostname {
+        ordinal_from_hostname()?
+    } else {
+        a.id
+    };
     if id == 0 {
         bail!("node id must be greater than 0");
     }
-    let peers = a.peers.iter().filter(|p| !p.is_empty()).map(|p| parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let peers = a
+        .peers
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| parse_peer(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
         (Some(adv), _) => adv.clone(),
         (None, Some(p)) => p.raft_addr.clone(),
@@ -272,8 +337,16 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ServiceConfig {
         token: String::new(),
-        input: QueueLimits { max_length: a.max_length, max_payload_bytes: a.max_payload_bytes, evict_oldest: a.evict_oldest },
-        sink: QueueLimits { max_length: a.max_length, max_payload_bytes: a.max_payload_bytes, evict_oldest: a.evict_oldest },
+        input: QueueLimits {
+            max_length: a.max_length,
+            max_payload_bytes: a.max_payload_bytes,
+            evict_oldest: a.evict_oldest,
+        },
+        sink: QueueLimits {
+            max_length: a.max_length,
+            max_payload_bytes: a.max_payload_bytes,
+            evict_oldest: a.evict_oldest,
+        },
         max_delivery: a.max_delivery,
         consumer_grace_ms: a.consumer_grace_ms,
     };
@@ -283,12 +356,20 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let (name, token) = s.split_once(':').unwrap_or((s, ""));
-            (name.to_string(), ServiceConfig { token: token.to_string(), ..config.clone() })
+            (
+                name.to_string(),
+                ServiceConfig {
+                    token: token.to_string(),
+                    ..config.clone()
+                },
+            )
         })
         .collect();
     let settings = ServeSettings {
         id,
-        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("data/eddy-{id}"))),
+        data_dir: a
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(format!("data/eddy-{id}"))),
         http_listen: a.listen,
         raft_listen: a.raft_listen,
         advertise_http: a.advertise_http.clone().unwrap_or_default(),
@@ -329,7 +410,11 @@ fn client(q: &QueueArgs) -> QueueClient {
 
 fn parse_tags(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     tags.iter()
-        .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("tag {t:?}: expected key=value")))
+        .map(|t| {
+            t.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("tag {t:?}: expected key=value"))
+        })
         .collect()
 }
 
@@ -342,15 +427,29 @@ fn print_frame(f: &eddy::proto::DataFrameProto, json: bool) {
             serde_json::json!({"index": f.index, "tags": tags, "data": base64::engine::general_purpose::STANDARD.encode(&f.data)})
         );
     } else {
-        println!("{}\t{:?}\t{}", f.index, tags, String::from_utf8_lossy(&f.data));
+        println!(
+            "{}\t{:?}\t{}",
+            f.index,
+            tags,
+            String::from_utf8_lossy(&f.data)
+        );
     }
 }
 
-async fn admin_request(admin: &AdminArgs, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+async fn admin_request(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
     let http = reqwest::Client::new();
-    let mut rb = http.request(method, format!("{}{path}", http_base(&admin.endpoint))).header("Authorization", &admin.admin_token);
+    let mut rb = http
+        .request(method, format!("{}{path}", http_base(&admin.endpoint)))
+        .header("Authorization", &admin.admin_token);
     if let Some(b) = body {
-        rb = rb.header("content-type", "application/json").body(b.to_string());
+        rb = rb
+            .header("content-type", "application/json")
+            .body(b.to_string());
     }
     let resp = rb.send().await?;
     let status = resp.status();
@@ -361,10 +460,86 @@ async fn admin_request(admin: &AdminArgs, method: reqwest::Method, path: &str, b
     Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.trim().to_string())))
 }
 
+async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let c = client(&a.q);
+    let payload = Bytes::from(vec![b'x'; a.size]);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tags = BTreeMap::new();
+    // Warm up connections and the leader's caches.
+    for _ in 0..100 {
+        c.put(payload.clone(), &tags, 0).await?;
+    }
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.producers {
+        let (c, payload, next, tags, total) = (
+            c.clone(),
+            payload.clone(),
+            next.clone(),
+            tags.clone(),
+            a.count,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let t = std::time::Instant::now();
+                c.put(payload.clone(), &tags, 0).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
+    let result = serde_json::json!({
+        "producers": a.producers, "puts": lat.len(), "payload_bytes": a.size,
+        "wall_s": (wall * 1000.0).round() / 1000.0,
+        "puts_per_s": (lat.len() as f64 / wall).round(),
+        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+    });
+    if a.q.ep.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{} puts of {} B by {} producers in {:.2} s: {:.0} puts/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lat.len(),
+            a.size,
+            a.producers,
+            wall,
+            lat.len() as f64 / wall,
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    }
+    if a.cleanup
+        && let Some(last) = c
+            .attributes()
+            .await?
+            .get("stream.lastEntry")
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        let http = reqwest::Client::new();
+        http.delete(format!("{}?_index_={}&_trunc_=true", c.url, last + 1))
+            .header("Authorization", &c.token)
+            .send()
+            .await?;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -378,7 +553,9 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 Bytes::from(a.data.clone())
             };
-            let (index, rid) = client(&a.q).put(data, &parse_tags(&a.tags)?, a.priority).await?;
+            let (index, rid) = client(&a.q)
+                .put(data, &parse_tags(&a.tags)?, a.priority)
+                .await?;
             if a.q.ep.json {
                 println!("{}", serde_json::json!({"index": index, "request_id": rid}));
             } else {
@@ -390,7 +567,9 @@ async fn main() -> anyhow::Result<()> {
             if let Some(r) = &a.request_id {
                 tags.insert("requestId".to_string(), r.clone());
             }
-            let frames = client(&a.q).get(a.index, a.length, &a.timeout, a.delete, &tags).await?;
+            let frames = client(&a.q)
+                .get(a.index, a.length, &a.timeout, a.delete, &tags)
+                .await?;
             if frames.is_empty() && !a.q.ep.json {
                 eprintln!("(nothing)");
             }
@@ -445,14 +624,39 @@ async fn main() -> anyhow::Result<()> {
                         "sink_max_length": s.sink_max_length, "max_delivery": s.max_delivery,
                         "consumer_grace_ms": s.consumer_grace_ms,
                     });
-                    admin_request(&s.admin, reqwest::Method::POST, "/admin/services", Some(body)).await?
+                    admin_request(
+                        &s.admin,
+                        reqwest::Method::POST,
+                        "/admin/services",
+                        Some(body),
+                    )
+                    .await?
                 }
-                ServiceCmd::List(a) => admin_request(&a, reqwest::Method::GET, "/admin/services", None).await?,
-                ServiceCmd::Show(s) => admin_request(&s.admin, reqwest::Method::GET, &format!("/admin/services/{}", s.name), None).await?,
-                ServiceCmd::Delete(s) => admin_request(&s.admin, reqwest::Method::DELETE, &format!("/admin/services/{}", s.name), None).await?,
+                ServiceCmd::List(a) => {
+                    admin_request(&a, reqwest::Method::GET, "/admin/services", None).await?
+                }
+                ServiceCmd::Show(s) => {
+                    admin_request(
+                        &s.admin,
+                        reqwest::Method::GET,
+                        &format!("/admin/services/{}", s.name),
+                        None,
+                    )
+                    .await?
+                }
+                ServiceCmd::Delete(s) => {
+                    admin_request(
+                        &s.admin,
+                        reqwest::Method::DELETE,
+                        &format!("/admin/services/{}", s.name),
+                        None,
+                    )
+                    .await?
+                }
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Cmd::Bench(a) => bench(a).await?,
         Cmd::Cluster(ClusterCmd::Status(a)) => {
             let out = admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?;
             println!("{}", serde_json::to_string_pretty(&out)?);

@@ -45,7 +45,7 @@ impl RunningNode {
     /// Stop serving and shut Raft down (as a crash would, minus the kill).
     pub async fn shutdown(self) {
         self.server.abort();
-        let _ = self.node.raft.shutdown().await;
+        self.node.shutdown().await;
     }
 }
 
@@ -59,7 +59,11 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         advertise: Peer {
             id: settings.id,
             raft_addr: settings.advertise_raft.clone(),
-            api_addr: if settings.advertise_http.is_empty() { http_addr.to_string() } else { settings.advertise_http.clone() },
+            api_addr: if settings.advertise_http.is_empty() {
+                http_addr.to_string()
+            } else {
+                settings.advertise_http.clone()
+            },
         },
         peers: settings.peers.clone(),
         secret: settings.cluster_secret.clone(),
@@ -78,7 +82,10 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         tokio::spawn(async move {
             for (name, config) in services {
                 loop {
-                    let cmd = Command::CreateService { name: name.clone(), config: config.clone() };
+                    let cmd = Command::CreateService {
+                        name: name.clone(),
+                        config: config.clone(),
+                    };
                     match node.propose(cmd).await {
                         Ok(Reply::Rejected(r)) => {
                             tracing::error!(service = %name, error = %r, "service declaration refused");
@@ -110,7 +117,12 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    Ok(RunningNode { node, http_addr, hub, server })
+    Ok(RunningNode {
+        node,
+        http_addr,
+        hub,
+        server,
+    })
 }
 
 /// A node cut off from the leader closes its watchers so that clients
@@ -118,11 +130,18 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
 async fn close_watchers_without_leader(node: Arc<RaftNode>, hub: Arc<Hub>) {
     let mut leaderless_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let stopped = node.stopped();
+    tokio::pin!(stopped);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stopped => return,
+        }
         let s = node.status();
         let cut_off = s.leader.is_none()
-            || (s.leader == Some(s.id) && s.voters.len() > 1 && s.millis_since_quorum_ack.is_none_or(|ms| ms > 3_000));
+            || (s.leader == Some(s.id)
+                && s.voters.len() > 1
+                && s.millis_since_quorum_ack.is_none_or(|ms| ms > 3_000));
         if cut_off {
             let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
             if since.elapsed() > Duration::from_secs(2) && hub.connection_count() > 0 {

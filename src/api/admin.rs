@@ -23,18 +23,26 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/metrics", get(metrics))
         .route("/admin/cluster", get(cluster))
         .route("/admin/services", get(list_services).post(create_service))
-        .route("/admin/services/{name}", get(show_service).delete(delete_service))
+        .route(
+            "/admin/services/{name}",
+            get(show_service).delete(delete_service),
+        )
 }
 
 fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if state.admin_token.is_empty() {
         return Ok(());
     }
-    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if bool::from(given.ct_eq(state.admin_token.as_bytes())) {
         Ok(())
     } else {
-        Err(ApiError::Unauthorized("admin token required in Authorization".into()))
+        Err(ApiError::Unauthorized(
+            "admin token required in Authorization".into(),
+        ))
     }
 }
 
@@ -65,7 +73,9 @@ impl ServiceRequest {
         };
         let sink = QueueLimits {
             max_length: self.sink_max_length.unwrap_or(input.max_length),
-            max_payload_bytes: self.sink_max_payload_bytes.unwrap_or(input.max_payload_bytes),
+            max_payload_bytes: self
+                .sink_max_payload_bytes
+                .unwrap_or(input.max_payload_bytes),
             evict_oldest: self.sink_evict_oldest.unwrap_or(d.sink.evict_oldest),
         };
         ServiceConfig {
@@ -87,9 +97,20 @@ async fn create_service(
     let req: ServiceRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("service JSON: {e}")))?;
     let config = req.to_config();
-    match state.node.propose(Command::CreateService { name: req.name.clone(), config }).await? {
+    match state
+        .node
+        .propose(Command::CreateService {
+            name: req.name.clone(),
+            config,
+        })
+        .await?
+    {
         Reply::Rejected(r) => Err(r.into()),
-        _ => Ok((StatusCode::CREATED, axum::Json(service_json(&state, &req.name))).into_response()),
+        _ => Ok((
+            StatusCode::CREATED,
+            axum::Json(service_json(&state, &req.name)),
+        )
+            .into_response()),
     }
 }
 
@@ -115,7 +136,10 @@ fn service_json(state: &AppState, name: &str) -> serde_json::Value {
     })
 }
 
-async fn list_services(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn list_services(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
     let names: Vec<String> = state.node.read(|s| s.services.keys().cloned().collect());
     let list: Vec<serde_json::Value> = names.iter().map(|n| service_json(&state, n)).collect();
@@ -160,7 +184,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if s.leader.is_some() && s.voters.contains(&s.id) && caught_up {
         "ready".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no leader, not a voter, or catching up\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no leader, not a voter, or catching up\n",
+        )
+            .into_response()
     }
 }
 
@@ -168,25 +196,62 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut out = String::new();
     let now = now_ms();
     let s = state.node.status();
-    let _ = writeln!(out, "# TYPE eddy_raft_term gauge\neddy_raft_term {}", s.term);
-    let _ = writeln!(out, "# TYPE eddy_raft_is_leader gauge\neddy_raft_is_leader {}", u8::from(s.leader == Some(s.id)));
-    let _ = writeln!(out, "# TYPE eddy_raft_leader_id gauge\neddy_raft_leader_id {}", s.leader.unwrap_or(0));
-    let _ = writeln!(out, "# TYPE eddy_raft_commit_index gauge\neddy_raft_commit_index {}", s.committed.unwrap_or(0));
-    let _ = writeln!(out, "# TYPE eddy_raft_applied_index gauge\neddy_raft_applied_index {}", s.applied.unwrap_or(0));
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_raft_term gauge\neddy_raft_term {}",
+        s.term
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_raft_is_leader gauge\neddy_raft_is_leader {}",
+        u8::from(s.leader == Some(s.id))
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_raft_leader_id gauge\neddy_raft_leader_id {}",
+        s.leader.unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_raft_commit_index gauge\neddy_raft_commit_index {}",
+        s.committed.unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_raft_applied_index gauge\neddy_raft_applied_index {}",
+        s.applied.unwrap_or(0)
+    );
     let _ = writeln!(out, "# TYPE eddy_raft_replication_lag gauge");
     let last = s.last_log_index.unwrap_or(0);
     for (peer, matched) in &s.replication {
-        let _ = writeln!(out, "eddy_raft_replication_lag{{peer=\"{peer}\"}} {}", last.saturating_sub(matched.unwrap_or(0)));
+        let _ = writeln!(
+            out,
+            "eddy_raft_replication_lag{{peer=\"{peer}\"}} {}",
+            last.saturating_sub(matched.unwrap_or(0))
+        );
     }
-    let _ = writeln!(out, "# TYPE eddy_watch_connections gauge\neddy_watch_connections {}", state.hub.connection_count());
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_watch_connections gauge\neddy_watch_connections {}",
+        state.hub.connection_count()
+    );
     {
         let f = state.node.log.fsync_stats.lock().unwrap();
         let _ = writeln!(out, "# TYPE eddy_fsync_seconds histogram");
         for (i, b) in FSYNC_BUCKETS_MICROS.iter().enumerate() {
-            let _ = writeln!(out, "eddy_fsync_seconds_bucket{{le=\"{}\"}} {}", *b as f64 / 1e6, f.buckets[i]);
+            let _ = writeln!(
+                out,
+                "eddy_fsync_seconds_bucket{{le=\"{}\"}} {}",
+                *b as f64 / 1e6,
+                f.buckets[i]
+            );
         }
         let _ = writeln!(out, "eddy_fsync_seconds_bucket{{le=\"+Inf\"}} {}", f.count);
-        let _ = writeln!(out, "eddy_fsync_seconds_sum {}", f.total_micros as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "eddy_fsync_seconds_sum {}",
+            f.total_micros as f64 / 1e6
+        );
         let _ = writeln!(out, "eddy_fsync_seconds_count {}", f.count);
     }
     state.node.read(|st| {
@@ -202,14 +267,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 let q = svc.queue(kind);
                 let l = format!("service=\"{name}\",queue=\"{}\"", kind.as_str());
                 let consumers: usize = q.groups.values().map(|g| g.consumers.len()).sum();
-                let oldest = q.items.values().next().map_or(0, |it| now.saturating_sub(it.enqueued_ms));
+                let oldest = q
+                    .items
+                    .values()
+                    .next()
+                    .map_or(0, |it| now.saturating_sub(it.enqueued_ms));
                 let _ = writeln!(out, "eddy_queue_length{{{l}}} {}", q.len());
                 let _ = writeln!(out, "eddy_queue_in_flight{{{l}}} {}", q.in_flight_count());
                 let _ = writeln!(out, "eddy_queue_consumers{{{l}}} {consumers}");
                 let _ = writeln!(out, "eddy_queue_dead_letters{{{l}}} {}", q.dead.len());
                 let _ = writeln!(out, "eddy_queue_puts_total{{{l}}} {}", q.puts_total);
                 let _ = writeln!(out, "eddy_queue_commits_total{{{l}}} {}", q.commits_total);
-                let _ = writeln!(out, "eddy_queue_oldest_item_age_seconds{{{l}}} {}", oldest as f64 / 1000.0);
+                let _ = writeln!(
+                    out,
+                    "eddy_queue_oldest_item_age_seconds{{{l}}} {}",
+                    oldest as f64 / 1000.0
+                );
             }
         }
     });

@@ -46,9 +46,15 @@ fn resolve(rest: &str) -> Result<Target, ApiError> {
     }
     let sub = sub.trim_matches('/');
     Ok(if sub == "sink" {
-        Target { queue: QueueRef::new(service, QueueKind::Sink), path: String::new() }
+        Target {
+            queue: QueueRef::new(service, QueueKind::Sink),
+            path: String::new(),
+        }
     } else {
-        Target { queue: QueueRef::new(service, QueueKind::Input), path: sub.to_string() }
+        Target {
+            queue: QueueRef::new(service, QueueKind::Input),
+            path: sub.to_string(),
+        }
     })
 }
 
@@ -69,21 +75,50 @@ async fn predict(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     body: Body,
 ) -> Response {
-    let req = Request { method, query: Query::parse(query.as_deref()), headers, body, ws };
+    let req = Request {
+        method,
+        query: Query::parse(query.as_deref()),
+        headers,
+        body,
+        ws,
+    };
     match resolve(&rest) {
-        Ok(target) => handle(state, target, req).await.unwrap_or_else(IntoResponse::into_response),
+        Ok(target) => handle(state, target, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
     }
 }
 
-async fn bare(state: Arc<AppState>, kind: QueueKind, method: Method, query: Option<String>, headers: HeaderMap, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>, body: Body) -> Response {
+async fn bare(
+    state: Arc<AppState>,
+    kind: QueueKind,
+    method: Method,
+    query: Option<String>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    body: Body,
+) -> Response {
     let Some(service) = state.default_service.clone() else {
-        return ApiError::NotFound("no default service is configured; use /api/predict/{service}".into())
-            .into_response();
+        return ApiError::NotFound(
+            "no default service is configured; use /api/predict/{service}".into(),
+        )
+        .into_response();
     };
-    let req = Request { method, query: Query::parse(query.as_deref()), headers, body, ws };
-    let target = Target { queue: QueueRef::new(service, kind), path: String::new() };
-    handle(state, target, req).await.unwrap_or_else(IntoResponse::into_response)
+    let req = Request {
+        method,
+        query: Query::parse(query.as_deref()),
+        headers,
+        body,
+        ws,
+    };
+    let target = Target {
+        queue: QueueRef::new(service, kind),
+        path: String::new(),
+    };
+    handle(state, target, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn bare_input(
@@ -113,12 +148,24 @@ async fn bare_sink(
 fn authorize(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<u64, ApiError> {
     let (token, limit) = state
         .node
-        .read(|s| s.service(&queue.service).map(|svc| (svc.config.token.clone(), svc.config.limits(queue.kind).max_payload_bytes)))
+        .read(|s| {
+            s.service(&queue.service).map(|svc| {
+                (
+                    svc.config.token.clone(),
+                    svc.config.limits(queue.kind).max_payload_bytes,
+                )
+            })
+        })
         .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
     if !token.is_empty() {
-        let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if !bool::from(given.ct_eq(token.as_bytes())) {
-            return Err(ApiError::Unauthorized("invalid or missing token in Authorization".into()));
+            return Err(ApiError::Unauthorized(
+                "invalid or missing token in Authorization".into(),
+            ));
         }
     }
     Ok(limit)
@@ -137,7 +184,15 @@ async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Re
     match req.method {
         Method::POST if q.flag("_eos_")? => {
             let force = q.flag("_force_")?;
-            expect_done(state.node.propose(Command::End { queue: target.queue, force }).await?)?;
+            expect_done(
+                state
+                    .node
+                    .propose(Command::End {
+                        queue: target.queue,
+                        force,
+                    })
+                    .await?,
+            )?;
             Ok("OK".into_response())
         }
         Method::POST => put(&state, target, req, limit).await,
@@ -152,18 +207,41 @@ async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Re
         Method::DELETE if q.flag("_trunc_")? => {
             let before = match q.start_index()? {
                 Some(i) => i,
-                None => return Err(ApiError::BadRequest("_index_ must be an index for truncate".into())),
+                None => {
+                    return Err(ApiError::BadRequest(
+                        "_index_ must be an index for truncate".into(),
+                    ));
+                }
             };
-            expect_done(state.node.propose(Command::Truncate { queue: target.queue, before }).await?)?;
+            expect_done(
+                state
+                    .node
+                    .propose(Command::Truncate {
+                        queue: target.queue,
+                        before,
+                    })
+                    .await?,
+            )?;
             Ok("OK".into_response())
         }
         Method::DELETE => {
             let indexes = q.indexes()?;
-            expect_done(state.node.propose(Command::Delete { queue: target.queue, indexes }).await?)?;
+            expect_done(
+                state
+                    .node
+                    .propose(Command::Delete {
+                        queue: target.queue,
+                        indexes,
+                    })
+                    .await?,
+            )?;
             Ok("OK".into_response())
         }
         Method::PUT => commit(&state, target.queue, req).await,
-        _ => Err(ApiError::BadRequest(format!("method {} is not supported on a queue", req.method))),
+        _ => Err(ApiError::BadRequest(format!(
+            "method {} is not supported on a queue",
+            req.method
+        ))),
     }
 }
 
@@ -181,7 +259,9 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 ApiError::TooLarge(format!("payload exceeds the limit of {limit} bytes"))
             } else {
                 ApiError::BadRequest(format!("reading body: {e}"))
@@ -189,35 +269,64 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
         })?
         .to_bytes();
     if bytes.len() as u64 > limit {
-        return Err(ApiError::TooLarge(format!("payload of {} bytes exceeds the limit of {limit} bytes", bytes.len())));
+        return Err(ApiError::TooLarge(format!(
+            "payload of {} bytes exceeds the limit of {limit} bytes",
+            bytes.len()
+        )));
     }
     Ok(bytes)
 }
 
-async fn put(state: &AppState, target: Target, req: Request, limit: u64) -> Result<Response, ApiError> {
+async fn put(
+    state: &AppState,
+    target: Target,
+    req: Request,
+    limit: u64,
+) -> Result<Response, ApiError> {
     let priority = priority(&req.query, &req.headers)?;
     let data = read_body(req.body, limit).await?;
     let mut tags = req.query.tags;
     // The server's request id is authoritative.
     tags.remove(crate::queue::REQUEST_ID_TAG);
     let request_id = uuid::Uuid::new_v4().to_string();
-    let item = NewItem { request_id, tags, data, priority, path: target.path };
-    match state.node.propose(Command::Put { queue: target.queue, item }).await? {
+    let item = NewItem {
+        request_id,
+        tags,
+        data,
+        priority,
+        path: target.path,
+    };
+    match state
+        .node
+        .propose(Command::Put {
+            queue: target.queue,
+            item,
+        })
+        .await?
+    {
         Reply::Put { index, request_id } => {
             let mut resp = index.to_string().into_response();
             resp.headers_mut().insert(
                 REQUEST_ID_HEADER,
-                HeaderValue::from_str(&request_id).map_err(|e| ApiError::Internal(e.to_string()))?,
+                HeaderValue::from_str(&request_id)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
             );
             Ok(resp)
         }
         Reply::Rejected(r) => Err(r.into()),
-        other => Err(ApiError::Internal(format!("unexpected reply to put: {other:?}"))),
+        other => Err(ApiError::Internal(format!(
+            "unexpected reply to put: {other:?}"
+        ))),
     }
 }
 
 pub fn frame_proto(f: Frame) -> DataFrameProto {
-    DataFrameProto { index: f.index, tags: f.tags.into_iter().collect(), data: f.data, message: f.message }
+    DataFrameProto {
+        index: f.index,
+        tags: f.tags.into_iter().collect(),
+        data: f.data,
+        message: f.message,
+    }
 }
 
 fn frames_response(frames: Vec<Frame>, headers: &HeaderMap, raw: bool) -> Response {
@@ -229,8 +338,14 @@ fn frames_response(frames: Vec<Frame>, headers: &HeaderMap, raw: bool) -> Respon
         return first.data.into_response();
     }
     if wants_protobuf(headers) {
-        let list = DataFrameListProto { index: frames.into_iter().map(frame_proto).collect() };
-        ([(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)], list.encode_to_vec()).into_response()
+        let list = DataFrameListProto {
+            index: frames.into_iter().map(frame_proto).collect(),
+        };
+        (
+            [(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)],
+            list.encode_to_vec(),
+        )
+            .into_response()
     } else {
         let list: Vec<serde_json::Value> = frames
             .into_iter()
@@ -250,7 +365,12 @@ fn frames_response(frames: Vec<Frame>, headers: &HeaderMap, raw: bool) -> Respon
     }
 }
 
-async fn get(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn get(
+    state: &AppState,
+    queue: &QueueRef,
+    q: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let selector = Selector {
         from_index: q.start_index()?,
         length: q.u64_or("_length_", 1)?.clamp(1, 10_000) as u32,
@@ -263,10 +383,21 @@ async fn get(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap)
         // Subscribe before looking, so a put between look and wait wakes us.
         let changed = state.hub.changed.notified();
         let frames = if auto_delete {
-            match state.node.propose(Command::Take { queue: queue.clone(), selector: selector.clone() }).await? {
+            match state
+                .node
+                .propose(Command::Take {
+                    queue: queue.clone(),
+                    selector: selector.clone(),
+                })
+                .await?
+            {
                 Reply::Items(frames) => frames,
                 Reply::Rejected(r) => return Err(r.into()),
-                other => return Err(ApiError::Internal(format!("unexpected reply to take: {other:?}"))),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "unexpected reply to take: {other:?}"
+                    )));
+                }
             }
         } else {
             state
@@ -284,11 +415,27 @@ async fn get(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap)
 fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Response, ApiError> {
     let map = state
         .node
-        .read(|s| s.service(&queue.service).map(|svc| attributes(&queue.service, &svc.config, queue.kind, svc.queue(queue.kind), now_ms())))
+        .read(|s| {
+            s.service(&queue.service).map(|svc| {
+                attributes(
+                    &queue.service,
+                    &svc.config,
+                    queue.kind,
+                    svc.queue(queue.kind),
+                    now_ms(),
+                )
+            })
+        })
         .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
     if wants_protobuf(headers) {
-        let proto = AttributesProto { attributes: map.into_iter().collect() };
-        Ok(([(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)], proto.encode_to_vec()).into_response())
+        let proto = AttributesProto {
+            attributes: map.into_iter().collect(),
+        };
+        Ok((
+            [(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)],
+            proto.encode_to_vec(),
+        )
+            .into_response())
     } else {
         Ok(axum::Json(map).into_response())
     }
@@ -297,20 +444,37 @@ fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Resp
 fn search(state: &AppState, queue: &QueueRef, q: &Query) -> Result<Response, ApiError> {
     let index = match q.start_index()? {
         Some(i) if i > 0 => i,
-        _ => return Err(ApiError::BadRequest("_index_ must be a positive index for search".into())),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "_index_ must be a positive index for search".into(),
+            ));
+        }
     };
     let found = state.node.read(|s| s.queue(queue).map(|q| q.search(index)));
     match found {
-        None => Err(ApiError::NotFound(format!("no such service: {}", queue.service))),
+        None => Err(ApiError::NotFound(format!(
+            "no such service: {}",
+            queue.service
+        ))),
         Some(None) => Ok(axum::Json(serde_json::json!({})).into_response()),
-        Some(Some((pending, wait))) => {
-            Ok(axum::Json(serde_json::json!({"IsPending": pending, "WaitCount": wait})).into_response())
-        }
+        Some(Some((pending, wait))) => Ok(axum::Json(
+            serde_json::json!({"IsPending": pending, "WaitCount": wait}),
+        )
+        .into_response()),
     }
 }
 
-fn count(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let prio = if q.get("_priority_").is_some() { Some(priority(q, headers)?) } else { None };
+fn count(
+    state: &AppState,
+    queue: &QueueRef,
+    q: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let prio = if q.get("_priority_").is_some() {
+        Some(priority(q, headers)?)
+    } else {
+        None
+    };
     let n = state
         .node
         .read(|s| s.queue(queue).map(|qu| qu.count(prio, &q.tags)))
@@ -318,7 +482,12 @@ fn count(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> 
     Ok(n.to_string().into_response())
 }
 
-fn dead(state: &AppState, queue: &QueueRef, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+fn dead(
+    state: &AppState,
+    queue: &QueueRef,
+    q: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let limit = q.u64_or("_length_", 100)?.clamp(1, 10_000) as usize;
     let frames = state
         .node
@@ -333,14 +502,32 @@ async fn commit(state: &AppState, queue: QueueRef, req: Request) -> Result<Respo
     let command = if req.query.flag("_negative_")? {
         let body = read_body(req.body, 64 * 1024).await?;
         let form = Query::parse(Some(&String::from_utf8_lossy(&body)));
-        let code = form.get("_code_").or(req.query.get("_code_")).unwrap_or("").to_string();
-        let reason = form.get("_reason_").or(req.query.get("_reason_")).unwrap_or("").to_string();
+        let code = form
+            .get("_code_")
+            .or(req.query.get("_code_"))
+            .unwrap_or("")
+            .to_string();
+        let reason = form
+            .get("_reason_")
+            .or(req.query.get("_reason_"))
+            .unwrap_or("")
+            .to_string();
         if code.len() > 64 || reason.len() > 1024 {
             return Err(ApiError::BadRequest("_code_ or _reason_ too long".into()));
         }
-        Command::Negative { queue, group, indexes, code, reason }
+        Command::Negative {
+            queue,
+            group,
+            indexes,
+            code,
+            reason,
+        }
     } else {
-        Command::Commit { queue, group, indexes }
+        Command::Commit {
+            queue,
+            group,
+            indexes,
+        }
     };
     expect_done(state.node.propose(command).await?)?;
     Ok("OK".into_response())

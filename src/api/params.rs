@@ -41,21 +41,26 @@ impl Query {
             None | Some("") => Ok(false),
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
             Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
-            Some(v) => Err(ApiError::BadRequest(format!("{key}: expected true or false, got {v:?}"))),
+            Some(v) => Err(ApiError::BadRequest(format!(
+                "{key}: expected true or false, got {v:?}"
+            ))),
         }
     }
 
     pub fn flag_or(&self, key: &str, default: bool) -> Result<bool, ApiError> {
-        if self.get(key).is_none() { Ok(default) } else { self.flag(key) }
+        if self.get(key).is_none() {
+            Ok(default)
+        } else {
+            self.flag(key)
+        }
     }
 
     pub fn u64_or(&self, key: &str, default: u64) -> Result<u64, ApiError> {
         match self.get(key) {
             None | Some("") => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| ApiError::BadRequest(format!("{key}: expected a non-negative integer, got {v:?}"))),
+            Some(v) => v.trim().parse().map_err(|_| {
+                ApiError::BadRequest(format!("{key}: expected a non-negative integer, got {v:?}"))
+            }),
         }
     }
 
@@ -64,24 +69,27 @@ impl Query {
         match self.get("_index_").map(str::trim) {
             None | Some("") => Ok(Some(0)),
             Some("-1") => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| ApiError::BadRequest(format!("_index_: expected an index or -1, got {v:?}"))),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                ApiError::BadRequest(format!("_index_: expected an index or -1, got {v:?}"))
+            }),
         }
     }
 
     pub fn indexes(&self) -> Result<Vec<u64>, ApiError> {
-        let raw = self.get("_indexes_").ok_or_else(|| ApiError::BadRequest("_indexes_ is required".into()))?;
+        let raw = self
+            .get("_indexes_")
+            .ok_or_else(|| ApiError::BadRequest("_indexes_ is required".into()))?;
         parse_index_list(raw)
     }
 
     pub fn timeout(&self) -> Result<Duration, ApiError> {
         match self.get("_timeout_") {
             None | Some("") => Ok(Duration::ZERO),
-            Some(v) => parse_duration(v)
-                .map(|d| d.min(MAX_POLL))
-                .ok_or_else(|| ApiError::BadRequest(format!("_timeout_: expected a duration like 5s or 500ms, got {v:?}"))),
+            Some(v) => parse_duration(v).map(|d| d.min(MAX_POLL)).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "_timeout_: expected a duration like 5s or 500ms, got {v:?}"
+                ))
+            }),
         }
     }
 }
@@ -90,7 +98,10 @@ pub fn parse_index_list(raw: &str) -> Result<Vec<u64>, ApiError> {
     raw.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| ApiError::BadRequest(format!("bad index {s:?} in _indexes_"))))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ApiError::BadRequest(format!("bad index {s:?} in _indexes_")))
+        })
         .collect()
 }
 
@@ -107,13 +118,17 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     let mut total = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
             return None;
         }
         let value: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let factor = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -132,22 +147,34 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 /// Consumer identity from the SDK headers: (group, user).
 pub fn identity(headers: &HeaderMap) -> (String, Option<String>) {
     let get = |name: &str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(String::from)
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
     };
-    (get(HEADER_GROUP).unwrap_or_else(|| "eas".to_string()), get(HEADER_USER))
+    (
+        get(HEADER_GROUP).unwrap_or_else(|| "eas".to_string()),
+        get(HEADER_USER),
+    )
 }
 
 pub fn priority(query: &Query, headers: &HeaderMap) -> Result<u32, ApiError> {
-    let raw = query
-        .get("_priority_")
-        .map(String::from)
-        .or_else(|| headers.get(HEADER_PRIORITY).and_then(|v| v.to_str().ok()).map(String::from));
+    let raw = query.get("_priority_").map(String::from).or_else(|| {
+        headers
+            .get(HEADER_PRIORITY)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    });
     match raw.as_deref().map(str::trim) {
         None | Some("") => Ok(0),
         Some(v) => match v.parse::<i64>() {
             Ok(p) if p <= 0 => Ok(0),
             Ok(p) => Ok(p.min(u32::MAX as i64) as u32),
-            Err(_) => Err(ApiError::BadRequest(format!("priority: expected an integer, got {v:?}"))),
+            Err(_) => Err(ApiError::BadRequest(format!(
+                "priority: expected an integer, got {v:?}"
+            ))),
         },
     }
 }
@@ -176,7 +203,10 @@ mod tests {
         assert_eq!(q.tags.get("foo").map(String::as_str), Some("bar baz"));
         assert_eq!(q.tags.len(), 2);
         assert!(Query::parse(Some("_index_=x")).start_index().is_err());
-        assert_eq!(Query::parse(Some("_index_=-1")).start_index().unwrap(), None);
+        assert_eq!(
+            Query::parse(Some("_index_=-1")).start_index().unwrap(),
+            None
+        );
         assert!(parse_index_list("1,2,x").is_err());
         assert_eq!(parse_index_list("1, 2,").unwrap(), vec![1, 2]);
     }

@@ -40,7 +40,11 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(node_id: u64) -> Arc<Self> {
-        Arc::new(Self { node_id, connections: Mutex::new(HashMap::new()), changed: Notify::new() })
+        Arc::new(Self {
+            node_id,
+            connections: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        })
     }
 
     /// Consume the state machine's events for the lifetime of the node.
@@ -49,7 +53,12 @@ impl Hub {
             let mut changed = false;
             for event in batch {
                 match event {
-                    Event::Deliver { node, connection, frame, .. } if node == self.node_id => {
+                    Event::Deliver {
+                        node,
+                        connection,
+                        frame,
+                        ..
+                    } if node == self.node_id => {
                         self.push(connection, Push::Frame(frame));
                     }
                     Event::Close { node, connection } if node == self.node_id => {
@@ -57,7 +66,8 @@ impl Hub {
                     }
                     Event::Changed { .. } => changed = true,
                     Event::Resync => {
-                        let all: Vec<u64> = self.connections.lock().unwrap().keys().copied().collect();
+                        let all: Vec<u64> =
+                            self.connections.lock().unwrap().keys().copied().collect();
                         for c in all {
                             self.push(c, Push::Close);
                         }
@@ -117,10 +127,21 @@ struct Session {
 impl Session {
     /// Propose the detach; runs even when the handler future is dropped.
     fn end(self) {
-        let Session { state, queue, group, user, connection } = self;
+        let Session {
+            state,
+            queue,
+            group,
+            user,
+            connection,
+        } = self;
         state.hub.unregister(connection);
         tokio::spawn(async move {
-            let cmd = Command::Detach { queue, group, user, connection };
+            let cmd = Command::Detach {
+                queue,
+                group,
+                user,
+                connection,
+            };
             if let Err(e) = state.node.propose(cmd).await {
                 tracing::warn!(error = %e, connection, "detach not applied");
             }
@@ -138,12 +159,18 @@ impl Drop for SessionGuard {
     }
 }
 
-pub async fn watch(state: Arc<AppState>, queue: QueueRef, req: Request) -> Result<Response, ApiError> {
+pub async fn watch(
+    state: Arc<AppState>,
+    queue: QueueRef,
+    req: Request,
+) -> Result<Response, ApiError> {
     let q = &req.query;
     let auto_commit = q.flag("_auto_commit_")?;
     let window = q.u64_or("_window_", 1)?;
     if !auto_commit && window == 0 {
-        return Err(ApiError::BadRequest("_window_ must be at least 1 without _auto_commit_".into()));
+        return Err(ApiError::BadRequest(
+            "_window_ must be at least 1 without _auto_commit_".into(),
+        ));
     }
     let window = window.min(u32::MAX as u64) as u32;
     let index_only = q.flag("_index_only_")?;
@@ -165,8 +192,7 @@ pub async fn watch(state: Arc<AppState>, queue: QueueRef, req: Request) -> Resul
     match req.ws {
         Ok(upgrade) => Ok(upgrade
             .max_message_size(64 * 1024)
-            .on_upgrade(move |socket| serve_socket(state, queue, socket, spec)),
-        ),
+            .on_upgrade(move |socket| serve_socket(state, queue, socket, spec))),
         Err(_) => serve_stream(state, queue, spec).await,
     }
 }
@@ -186,7 +212,14 @@ async fn attach(
         user: consumer.user.clone(),
         connection,
     };
-    match state.node.propose(Command::Attach { queue: queue.clone(), consumer }).await {
+    match state
+        .node
+        .propose(Command::Attach {
+            queue: queue.clone(),
+            consumer,
+        })
+        .await
+    {
         Ok(Reply::Rejected(r)) => {
             state.hub.unregister(connection);
             Err(r.into())

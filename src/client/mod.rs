@@ -38,7 +38,11 @@ pub struct QueueClient {
 
 impl QueueClient {
     pub fn new(endpoint: &str, queue: &str, token: &str) -> Self {
-        let base = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+        let base = if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("http://{endpoint}")
+        };
         Self {
             http: reqwest::Client::new(),
             url: format!("{}/api/predict/{}", base.trim_end_matches('/'), queue),
@@ -49,7 +53,9 @@ impl QueueClient {
     }
 
     fn with_identity(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        rb.header("Authorization", &self.token).header(HEADER_USER, &self.user).header(HEADER_GROUP, &self.group)
+        rb.header("Authorization", &self.token)
+            .header(HEADER_USER, &self.user)
+            .header(HEADER_GROUP, &self.group)
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
@@ -62,12 +68,21 @@ impl QueueClient {
         }
     }
 
-    pub async fn put(&self, data: Bytes, tags: &BTreeMap<String, String>, priority: u32) -> Result<(u64, String), ClientError> {
-        let mut query: Vec<(String, String)> = tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    pub async fn put(
+        &self,
+        data: Bytes,
+        tags: &BTreeMap<String, String>,
+        priority: u32,
+    ) -> Result<(u64, String), ClientError> {
+        let mut query: Vec<(String, String)> =
+            tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if priority > 0 {
             query.push(("_priority_".into(), priority.to_string()));
         }
-        let resp = self.with_identity(self.http.post(&self.url).query(&query).body(data)).send().await?;
+        let resp = self
+            .with_identity(self.http.post(&self.url).query(&query).body(data))
+            .send()
+            .await?;
         let resp = Self::check(resp).await?;
         let rid = resp
             .headers()
@@ -76,11 +91,21 @@ impl QueueClient {
             .unwrap_or_default()
             .to_string();
         let body = resp.text().await?;
-        let index = body.trim().parse().map_err(|_| ClientError::Protocol(format!("index {body:?}")))?;
+        let index = body
+            .trim()
+            .parse()
+            .map_err(|_| ClientError::Protocol(format!("index {body:?}")))?;
         Ok((index, rid))
     }
 
-    pub async fn get(&self, index: i64, length: u32, timeout: &str, auto_delete: bool, tags: &BTreeMap<String, String>) -> Result<Vec<DataFrameProto>, ClientError> {
+    pub async fn get(
+        &self,
+        index: i64,
+        length: u32,
+        timeout: &str,
+        auto_delete: bool,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<DataFrameProto>, ClientError> {
         let mut query: Vec<(String, String)> = vec![
             ("_index_".into(), index.to_string()),
             ("_length_".into(), length.to_string()),
@@ -90,41 +115,79 @@ impl QueueClient {
         ];
         query.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
         let resp = self
-            .with_identity(self.http.get(&self.url).query(&query).header("Accept", PROTOBUF_MEDIA_TYPE))
+            .with_identity(
+                self.http
+                    .get(&self.url)
+                    .query(&query)
+                    .header("Accept", PROTOBUF_MEDIA_TYPE),
+            )
             .send()
             .await?;
         let resp = Self::check(resp).await?;
         let bytes = resp.bytes().await?;
-        let list = DataFrameListProto::decode(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let list =
+            DataFrameListProto::decode(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(list.index)
     }
 
     pub async fn commit(&self, indexes: &[u64]) -> Result<(), ClientError> {
         let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
-        let resp = self.with_identity(self.http.put(&self.url).query(&[("_indexes_", list.join(","))])).send().await?;
+        let resp = self
+            .with_identity(
+                self.http
+                    .put(&self.url)
+                    .query(&[("_indexes_", list.join(","))]),
+            )
+            .send()
+            .await?;
         Self::check(resp).await.map(|_| ())
     }
 
     pub async fn attributes(&self) -> Result<BTreeMap<String, String>, ClientError> {
-        let resp = self.with_identity(self.http.get(&self.url).query(&[("_attrs_", "true")])).send().await?;
+        let resp = self
+            .with_identity(self.http.get(&self.url).query(&[("_attrs_", "true")]))
+            .send()
+            .await?;
         let text = Self::check(resp).await?.text().await?;
         serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Watch the queue; `on_frame` is called for every frame until it
     /// returns false or the connection ends.
-    pub async fn watch<F, Fut>(&self, window: u32, auto_commit: bool, mut on_frame: F) -> Result<(), ClientError>
+    pub async fn watch<F, Fut>(
+        &self,
+        window: u32,
+        auto_commit: bool,
+        mut on_frame: F,
+    ) -> Result<(), ClientError>
     where
         F: FnMut(DataFrameProto) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
         let ws_url = self.url.replacen("http", "ws", 1);
-        let url = format!("{ws_url}?_watch_=true&_index_=0&_window_={window}&_index_only_=false&_auto_commit_={auto_commit}");
+        let url = format!(
+            "{ws_url}?_watch_=true&_index_=0&_window_={window}&_index_only_=false&_auto_commit_={auto_commit}"
+        );
         let mut req = url.as_str().into_client_request()?;
         let h = req.headers_mut();
-        h.insert("Authorization", self.token.parse().map_err(|_| ClientError::Protocol("token".into()))?);
-        h.insert(HEADER_USER, self.user.parse().map_err(|_| ClientError::Protocol("user".into()))?);
-        h.insert(HEADER_GROUP, self.group.parse().map_err(|_| ClientError::Protocol("group".into()))?);
+        h.insert(
+            "Authorization",
+            self.token
+                .parse()
+                .map_err(|_| ClientError::Protocol("token".into()))?,
+        );
+        h.insert(
+            HEADER_USER,
+            self.user
+                .parse()
+                .map_err(|_| ClientError::Protocol("user".into()))?,
+        );
+        h.insert(
+            HEADER_GROUP,
+            self.group
+                .parse()
+                .map_err(|_| ClientError::Protocol("group".into()))?,
+        );
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
         let mut ping = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {

@@ -34,7 +34,10 @@ pub fn attributes(
     };
     set("meta.name", name);
     set("meta.backend", "eddy".into());
-    set("meta.state", if queue.ended { "End" } else { "Running" }.into());
+    set(
+        "meta.state",
+        if queue.ended { "End" } else { "Running" }.into(),
+    );
     set("meta.maxPayloadBytes", limits.max_payload_bytes.to_string());
     set("meta.maxDelivery", config.max_delivery.to_string());
     set("meta.header.user", HEADER_USER.into());

@@ -40,7 +40,10 @@ pub struct QueueRef {
 
 impl QueueRef {
     pub fn new(service: impl Into<String>, kind: QueueKind) -> Self {
-        Self { service: service.into(), kind }
+        Self {
+            service: service.into(),
+            kind,
+        }
     }
 }
 
@@ -66,7 +69,11 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_length: 100_000, max_payload_bytes: 8 * 1024 * 1024, evict_oldest: false }
+        Self {
+            max_length: 100_000,
+            max_payload_bytes: 8 * 1024 * 1024,
+            evict_oldest: false,
+        }
     }
 }
 
@@ -151,29 +158,74 @@ pub struct Selector {
 /// in log order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    CreateService { name: String, config: ServiceConfig },
-    DeleteService { name: String },
-    Put { queue: QueueRef, item: NewItem },
+    CreateService {
+        name: String,
+        config: ServiceConfig,
+    },
+    DeleteService {
+        name: String,
+    },
+    Put {
+        queue: QueueRef,
+        item: NewItem,
+    },
     /// Read and delete in one step (get with `_auto_delete_=true`).
-    Take { queue: QueueRef, selector: Selector },
-    Commit { queue: QueueRef, group: String, indexes: Vec<u64> },
-    Negative { queue: QueueRef, group: String, indexes: Vec<u64>, code: String, reason: String },
-    Delete { queue: QueueRef, indexes: Vec<u64> },
+    Take {
+        queue: QueueRef,
+        selector: Selector,
+    },
+    Commit {
+        queue: QueueRef,
+        group: String,
+        indexes: Vec<u64>,
+    },
+    Negative {
+        queue: QueueRef,
+        group: String,
+        indexes: Vec<u64>,
+        code: String,
+        reason: String,
+    },
+    Delete {
+        queue: QueueRef,
+        indexes: Vec<u64>,
+    },
     /// Remove every item whose index is below `before`.
-    Truncate { queue: QueueRef, before: u64 },
-    End { queue: QueueRef, force: bool },
-    Attach { queue: QueueRef, consumer: ConsumerSpec },
+    Truncate {
+        queue: QueueRef,
+        before: u64,
+    },
+    End {
+        queue: QueueRef,
+        force: bool,
+    },
+    Attach {
+        queue: QueueRef,
+        consumer: ConsumerSpec,
+    },
     /// The connection closed; the consumer starts its grace period.
-    Detach { queue: QueueRef, group: String, user: String, connection: u64 },
+    Detach {
+        queue: QueueRef,
+        group: String,
+        user: String,
+        connection: u64,
+    },
     /// Every consumer attached through `node` is gone at once (node lost or
     /// restarted): their items go back to their groups now.
-    NodeGone { node: NodeId },
+    NodeGone {
+        node: NodeId,
+    },
     /// The leader's clock: consumers whose grace ran out are removed.
     Tick,
     /// The engine's result: put `result` on the sink and commit `input_index`
     /// on the input queue, as one step. Skipped (but the commit still done)
     /// when the sink already holds a result for the same request id.
-    Complete { service: String, group: String, input_index: u64, result: Option<NewItem> },
+    Complete {
+        service: String,
+        group: String,
+        input_index: u64,
+        result: Option<NewItem>,
+    },
     /// Several commands in one log entry; replies come back in order.
     Batch(Vec<Command>),
 }
@@ -218,11 +270,17 @@ pub enum Rejection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Done,
-    Put { index: u64, request_id: String },
+    Put {
+        index: u64,
+        request_id: String,
+    },
     Items(Vec<Frame>),
     /// Completing an item: the sink index of the result (if one was written)
     /// and whether an existing result was found instead.
-    Completed { sink_index: Option<u64>, duplicate: bool },
+    Completed {
+        sink_index: Option<u64>,
+        duplicate: bool,
+    },
     Rejected(Rejection),
     Batch(Vec<Reply>),
 }
@@ -233,7 +291,12 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Push this frame over `connection`.
-    Deliver { node: NodeId, connection: u64, queue: QueueRef, frame: Frame },
+    Deliver {
+        node: NodeId,
+        connection: u64,
+        queue: QueueRef,
+        frame: Frame,
+    },
     /// Close this connection (it was taken over or its consumer removed).
     Close { node: NodeId, connection: u64 },
     /// Items were added to or removed from this queue (wakes long polls).

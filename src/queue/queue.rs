@@ -46,7 +46,11 @@ impl Item {
         Frame {
             index: self.index,
             tags: self.tags.clone(),
-            data: if with_data { self.data.clone() } else { Bytes::new() },
+            data: if with_data {
+                self.data.clone()
+            } else {
+                Bytes::new()
+            },
             path: self.path.clone(),
             message: self.message.clone(),
         }
@@ -70,7 +74,9 @@ pub enum ConsumerStatus {
     Running,
     /// The connection dropped at `since_ms`; items are kept until the grace
     /// period ends or the consumer reconnects.
-    Leaving { since_ms: u64 },
+    Leaving {
+        since_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,13 +161,19 @@ pub struct Queue {
 
 impl Queue {
     pub fn new() -> Self {
-        Self { next_index: 1, ..Default::default() }
+        Self {
+            next_index: 1,
+            ..Default::default()
+        }
     }
 
     /// Rebuild derived indexes after deserialization.
     pub fn rebuild_derived(&mut self) {
-        self.by_request_id =
-            self.items.values().map(|it| (it.request_id.clone(), it.index)).collect();
+        self.by_request_id = self
+            .items
+            .values()
+            .map(|it| (it.request_id.clone(), it.index))
+            .collect();
         for group in self.groups.values_mut() {
             group.ready = self
                 .items
@@ -204,7 +216,10 @@ impl Queue {
     ) -> Result<u64, Rejection> {
         let size = item.data.len() as u64;
         if size > limits.max_payload_bytes {
-            return Err(Rejection::TooLarge { size, limit: limits.max_payload_bytes });
+            return Err(Rejection::TooLarge {
+                size,
+                limit: limits.max_payload_bytes,
+            });
         }
         if self.items.len() as u64 >= limits.max_length {
             if !limits.evict_oldest || limits.max_length == 0 {
@@ -238,7 +253,9 @@ impl Queue {
         self.by_request_id.insert(stored.request_id.clone(), index);
         self.items.insert(index, stored);
         self.puts_total += 1;
-        events.push(Event::Changed { queue: qref.clone() });
+        events.push(Event::Changed {
+            queue: qref.clone(),
+        });
         self.dispatch_all(qref, now_ms, events);
         Ok(index)
     }
@@ -295,7 +312,10 @@ impl Queue {
     }
 
     pub fn peek(&self, selector: &Selector) -> Vec<Frame> {
-        self.select(selector).into_iter().map(|it| it.frame(true)).collect()
+        self.select(selector)
+            .into_iter()
+            .map(|it| it.frame(true))
+            .collect()
     }
 
     pub fn take(
@@ -312,19 +332,29 @@ impl Queue {
             .map(|it| it.frame(true))
             .collect();
         if !frames.is_empty() {
-            events.push(Event::Changed { queue: qref.clone() });
+            events.push(Event::Changed {
+                queue: qref.clone(),
+            });
             self.dispatch_all(qref, now_ms, events);
         }
         frames
     }
 
-    pub fn delete(&mut self, qref: &QueueRef, indexes: &[u64], now_ms: u64, events: &mut Vec<Event>) {
+    pub fn delete(
+        &mut self,
+        qref: &QueueRef,
+        indexes: &[u64],
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
         let mut any = false;
         for i in indexes {
             any |= self.remove_item(*i).is_some();
         }
         if any {
-            events.push(Event::Changed { queue: qref.clone() });
+            events.push(Event::Changed {
+                queue: qref.clone(),
+            });
             self.dispatch_all(qref, now_ms, events);
         }
     }
@@ -345,7 +375,9 @@ impl Queue {
                 .collect();
             self.delete(qref, &undelivered, now_ms, events);
         }
-        events.push(Event::Changed { queue: qref.clone() });
+        events.push(Event::Changed {
+            queue: qref.clone(),
+        });
     }
 
     /// Commit `indexes` for `group`. Unknown indexes are ignored: a commit
@@ -363,14 +395,18 @@ impl Queue {
             changed |= self.commit_one(group, index);
         }
         if changed {
-            events.push(Event::Changed { queue: qref.clone() });
+            events.push(Event::Changed {
+                queue: qref.clone(),
+            });
             self.dispatch_all(qref, now_ms, events);
         }
     }
 
     /// Returns whether anything changed.
     fn commit_one(&mut self, group_id: &str, index: u64) -> bool {
-        let Some(item) = self.items.get(&index) else { return false };
+        let Some(item) = self.items.get(&index) else {
+            return false;
+        };
         let key = item.order_key();
         match self.groups.get_mut(group_id) {
             Some(group) => {
@@ -397,7 +433,9 @@ impl Queue {
 
     /// Delete the item if no active group still waits for it.
     fn release_if_consumed(&mut self, index: u64) {
-        let Some(item) = self.items.get(&index) else { return };
+        let Some(item) = self.items.get(&index) else {
+            return;
+        };
         if !self.groups.values().any(|g| g.waits_for(item)) {
             self.remove_item(index);
         }
@@ -415,7 +453,10 @@ impl Queue {
     ) {
         let mut changed = false;
         for &index in indexes {
-            let held = self.groups.get(group_id).is_some_and(|g| g.in_flight.contains_key(&index));
+            let held = self
+                .groups
+                .get(group_id)
+                .is_some_and(|g| g.in_flight.contains_key(&index));
             if held {
                 if let Some(item) = self.items.get_mut(&index) {
                     item.message = message.clone();
@@ -425,7 +466,9 @@ impl Queue {
             }
         }
         if changed {
-            events.push(Event::Changed { queue: qref.clone() });
+            events.push(Event::Changed {
+                queue: qref.clone(),
+            });
             self.dispatch_all(qref, now_ms, events);
         }
     }
@@ -433,13 +476,17 @@ impl Queue {
     /// Take `index` back from its consumer in `group_id` and make it ready
     /// again, or dead-letter it once it was delivered `max_delivery` times.
     fn requeue(&mut self, group_id: &str, index: u64, max_delivery: u32) {
-        let Some(group) = self.groups.get_mut(group_id) else { return };
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
         if let Some(user) = group.in_flight.remove(&index)
             && let Some(c) = group.consumers.get_mut(&user)
         {
             c.pending = c.pending.saturating_sub(1);
         }
-        let Some(item) = self.items.get(&index) else { return };
+        let Some(item) = self.items.get(&index) else {
+            return;
+        };
         if max_delivery > 0 && item.deliveries >= max_delivery {
             if let Some(item) = self.remove_item(index) {
                 self.dead.insert(index, item);
@@ -458,9 +505,16 @@ impl Queue {
     ) {
         let start_index = spec.start_index.unwrap_or(self.next_index);
         if !self.groups.contains_key(&spec.group) {
-            let mut group = Group { tags: spec.tags.clone(), ..Default::default() };
-            group.ready =
-                self.items.values().filter(|it| group.sees(it)).map(Item::order_key).collect();
+            let mut group = Group {
+                tags: spec.tags.clone(),
+                ..Default::default()
+            };
+            group.ready = self
+                .items
+                .values()
+                .filter(|it| group.sees(it))
+                .map(Item::order_key)
+                .collect();
             self.groups.insert(spec.group.clone(), group);
         }
         let group = self.groups.get_mut(&spec.group).expect("group exists");
@@ -482,11 +536,18 @@ impl Queue {
                 // Takeover: the new connection replaces the old one and gets
                 // the consumer's uncommitted items again.
                 if existing.connection != fresh.connection {
-                    events.push(Event::Close { node: existing.node, connection: existing.connection });
+                    events.push(Event::Close {
+                        node: existing.node,
+                        connection: existing.connection,
+                    });
                 }
                 let pending = existing.pending;
                 let last_index = existing.last_index;
-                *existing = Consumer { pending, last_index, ..fresh };
+                *existing = Consumer {
+                    pending,
+                    last_index,
+                    ..fresh
+                };
                 let with_data = !existing.index_only;
                 let (node, connection) = (existing.node, existing.connection);
                 for (index, _) in group.in_flight.iter().filter(|(_, u)| **u == spec.user) {
@@ -518,8 +579,12 @@ impl Queue {
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
-        let Some(group) = self.groups.get_mut(group_id) else { return };
-        let Some(c) = group.consumers.get_mut(user) else { return };
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
+        let Some(c) = group.consumers.get_mut(user) else {
+            return;
+        };
         if c.connection != connection {
             return; // an old connection of a consumer that was taken over
         }
@@ -543,14 +608,16 @@ impl Queue {
             .groups
             .iter()
             .flat_map(|(gid, g)| {
-                g.consumers.iter().filter_map(move |(uid, c)| match c.status {
-                    ConsumerStatus::Leaving { since_ms }
-                        if now_ms.saturating_sub(since_ms) >= grace_ms =>
-                    {
-                        Some((gid.clone(), uid.clone()))
-                    }
-                    _ => None,
-                })
+                g.consumers
+                    .iter()
+                    .filter_map(move |(uid, c)| match c.status {
+                        ConsumerStatus::Leaving { since_ms }
+                            if now_ms.saturating_sub(since_ms) >= grace_ms =>
+                        {
+                            Some((gid.clone(), uid.clone()))
+                        }
+                        _ => None,
+                    })
             })
             .collect();
         for (gid, uid) in expired {
@@ -604,27 +671,42 @@ impl Queue {
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
-        let Some(group) = self.groups.get_mut(group_id) else { return };
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return;
+        };
         if group.consumers.remove(user).is_none() {
             return;
         }
-        let held: Vec<u64> =
-            group.in_flight.iter().filter(|(_, u)| u.as_str() == user).map(|(i, _)| *i).collect();
+        let held: Vec<u64> = group
+            .in_flight
+            .iter()
+            .filter(|(_, u)| u.as_str() == user)
+            .map(|(i, _)| *i)
+            .collect();
         for index in held {
             self.requeue(group_id, index, max_delivery);
         }
         let group = self.groups.get(group_id).expect("group exists");
         if !group.is_active() {
             // Items this group was the last to wait for are consumed now.
-            let candidates: BTreeSet<u64> =
-                self.groups.values().flat_map(|g| g.acked.iter().copied()).collect();
+            let candidates: BTreeSet<u64> = self
+                .groups
+                .values()
+                .flat_map(|g| g.acked.iter().copied())
+                .collect();
             for index in candidates {
                 self.release_if_consumed(index);
             }
-            if self.groups.get(group_id).is_some_and(|g| g.acked.is_empty()) {
+            if self
+                .groups
+                .get(group_id)
+                .is_some_and(|g| g.acked.is_empty())
+            {
                 self.groups.remove(group_id);
             }
-            events.push(Event::Changed { queue: qref.clone() });
+            events.push(Event::Changed {
+                queue: qref.clone(),
+            });
         } else {
             self.dispatch_group(qref, group_id, now_ms, events);
         }
@@ -642,11 +724,22 @@ impl Queue {
     /// Hand ready items to consumers with free slots: the least loaded
     /// consumer first (ties by user id), each getting its first eligible item
     /// in priority-then-index order.
-    fn dispatch_group(&mut self, qref: &QueueRef, group_id: &str, now_ms: u64, events: &mut Vec<Event>) {
-        let mut target = Target { queue: qref, events };
+    fn dispatch_group(
+        &mut self,
+        qref: &QueueRef,
+        group_id: &str,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let mut target = Target {
+            queue: qref,
+            events,
+        };
         let mut exhausted: BTreeSet<String> = BTreeSet::new();
         loop {
-            let Some(group) = self.groups.get(group_id) else { return };
+            let Some(group) = self.groups.get(group_id) else {
+                return;
+            };
             if group.ready.is_empty() {
                 return;
             }
@@ -673,7 +766,14 @@ impl Queue {
         }
     }
 
-    fn assign(&mut self, target: &mut Target<'_>, group_id: &str, user: &str, index: u64, now_ms: u64) {
+    fn assign(
+        &mut self,
+        target: &mut Target<'_>,
+        group_id: &str,
+        user: &str,
+        index: u64,
+        now_ms: u64,
+    ) {
         let item = self.items.get_mut(&index).expect("ready items exist");
         item.deliveries += 1;
         let key = item.order_key();
@@ -704,7 +804,11 @@ impl Queue {
     /// items are ahead of it.
     pub fn search(&self, index: u64) -> Option<(bool, u64)> {
         let item = self.items.get(&index)?;
-        if self.groups.values().any(|g| g.in_flight.contains_key(&index)) {
+        if self
+            .groups
+            .values()
+            .any(|g| g.in_flight.contains_key(&index))
+        {
             return Some((true, 0));
         }
         let key = item.order_key();
@@ -712,7 +816,11 @@ impl Queue {
             .items
             .values()
             .filter(|it| {
-                it.order_key() < key && !self.groups.values().any(|g| g.in_flight.contains_key(&it.index))
+                it.order_key() < key
+                    && !self
+                        .groups
+                        .values()
+                        .any(|g| g.in_flight.contains_key(&it.index))
             })
             .count() as u64;
         Some((false, ahead))
@@ -727,6 +835,10 @@ impl Queue {
     }
 
     pub fn dead_letters(&self, limit: usize) -> Vec<Frame> {
-        self.dead.values().take(limit).map(|it| it.frame(true)).collect()
+        self.dead
+            .values()
+            .take(limit)
+            .map(|it| it.frame(true))
+            .collect()
     }
 }

@@ -23,7 +23,11 @@ pub struct Service {
 
 impl Service {
     pub fn new(config: ServiceConfig) -> Self {
-        Self { config, input: Queue::new(), sink: Queue::new() }
+        Self {
+            config,
+            input: Queue::new(),
+            sink: Queue::new(),
+        }
     }
 
     pub fn queue(&self, kind: QueueKind) -> &Queue {
@@ -46,7 +50,9 @@ pub fn validate_service_name(name: &str) -> Result<(), Rejection> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name != "sink"
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if ok {
         Ok(())
     } else {
@@ -120,7 +126,9 @@ impl QueueState {
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut Service, Rejection> {
-        self.services.get_mut(name).ok_or_else(|| Rejection::NoSuchService(name.to_string()))
+        self.services
+            .get_mut(name)
+            .ok_or_else(|| Rejection::NoSuchService(name.to_string()))
     }
 
     fn try_apply(
@@ -135,7 +143,8 @@ impl QueueState {
                 match self.services.get_mut(name) {
                     Some(svc) => svc.config = config.clone(),
                     None => {
-                        self.services.insert(name.clone(), Service::new(config.clone()));
+                        self.services
+                            .insert(name.clone(), Service::new(config.clone()));
                     }
                 }
                 Ok(Reply::Done)
@@ -148,7 +157,10 @@ impl QueueState {
                 for queue in [&svc.input, &svc.sink] {
                     for group in queue.groups.values() {
                         for c in group.consumers.values() {
-                            events.push(Event::Close { node: c.node, connection: c.connection });
+                            events.push(Event::Close {
+                                node: c.node,
+                                connection: c.connection,
+                            });
                         }
                     }
                 }
@@ -158,19 +170,35 @@ impl QueueState {
                 let svc = self.service_mut(&queue.service)?;
                 let limits = svc.config.limits(queue.kind).clone();
                 let request_id = item.request_id.clone();
-                let index = svc.queue_mut(queue.kind).put(queue, &limits, item.clone(), now_ms, events)?;
+                let index =
+                    svc.queue_mut(queue.kind)
+                        .put(queue, &limits, item.clone(), now_ms, events)?;
                 Ok(Reply::Put { index, request_id })
             }
             Command::Take { queue, selector } => {
                 let svc = self.service_mut(&queue.service)?;
-                Ok(Reply::Items(svc.queue_mut(queue.kind).take(queue, selector, now_ms, events)))
+                Ok(Reply::Items(
+                    svc.queue_mut(queue.kind)
+                        .take(queue, selector, now_ms, events),
+                ))
             }
-            Command::Commit { queue, group, indexes } => {
+            Command::Commit {
+                queue,
+                group,
+                indexes,
+            } => {
                 let svc = self.service_mut(&queue.service)?;
-                svc.queue_mut(queue.kind).commit(queue, group, indexes, now_ms, events);
+                svc.queue_mut(queue.kind)
+                    .commit(queue, group, indexes, now_ms, events);
                 Ok(Reply::Done)
             }
-            Command::Negative { queue, group, indexes, code, reason } => {
+            Command::Negative {
+                queue,
+                group,
+                indexes,
+                code,
+                reason,
+            } => {
                 let svc = self.service_mut(&queue.service)?;
                 let max_delivery = svc.config.max_delivery;
                 let message = match (code.is_empty(), reason.is_empty()) {
@@ -179,18 +207,27 @@ impl QueueState {
                     (true, false) => reason.clone(),
                     (false, false) => format!("{code}: {reason}"),
                 };
-                svc.queue_mut(queue.kind)
-                    .negative(queue, group, indexes, message, max_delivery, now_ms, events);
+                svc.queue_mut(queue.kind).negative(
+                    queue,
+                    group,
+                    indexes,
+                    message,
+                    max_delivery,
+                    now_ms,
+                    events,
+                );
                 Ok(Reply::Done)
             }
             Command::Delete { queue, indexes } => {
                 let svc = self.service_mut(&queue.service)?;
-                svc.queue_mut(queue.kind).delete(queue, indexes, now_ms, events);
+                svc.queue_mut(queue.kind)
+                    .delete(queue, indexes, now_ms, events);
                 Ok(Reply::Done)
             }
             Command::Truncate { queue, before } => {
                 let svc = self.service_mut(&queue.service)?;
-                svc.queue_mut(queue.kind).truncate(queue, *before, now_ms, events);
+                svc.queue_mut(queue.kind)
+                    .truncate(queue, *before, now_ms, events);
                 Ok(Reply::Done)
             }
             Command::End { queue, force } => {
@@ -200,17 +237,33 @@ impl QueueState {
             }
             Command::Attach { queue, consumer } => {
                 if consumer.group.is_empty() || consumer.user.is_empty() {
-                    return Err(Rejection::Invalid("consumer group and user must be set".into()));
+                    return Err(Rejection::Invalid(
+                        "consumer group and user must be set".into(),
+                    ));
                 }
                 let svc = self.service_mut(&queue.service)?;
-                svc.queue_mut(queue.kind).attach(queue, consumer.clone(), now_ms, events);
+                svc.queue_mut(queue.kind)
+                    .attach(queue, consumer.clone(), now_ms, events);
                 Ok(Reply::Done)
             }
-            Command::Detach { queue, group, user, connection } => {
+            Command::Detach {
+                queue,
+                group,
+                user,
+                connection,
+            } => {
                 let svc = self.service_mut(&queue.service)?;
                 let (grace, max_delivery) = (svc.config.consumer_grace_ms, svc.config.max_delivery);
-                svc.queue_mut(queue.kind)
-                    .detach(queue, group, user, *connection, grace, max_delivery, now_ms, events);
+                svc.queue_mut(queue.kind).detach(
+                    queue,
+                    group,
+                    user,
+                    *connection,
+                    grace,
+                    max_delivery,
+                    now_ms,
+                    events,
+                );
                 Ok(Reply::Done)
             }
             Command::NodeGone { node } => {
@@ -218,22 +271,30 @@ impl QueueState {
                     let max_delivery = svc.config.max_delivery;
                     for kind in [QueueKind::Input, QueueKind::Sink] {
                         let qref = QueueRef::new(name.clone(), kind);
-                        svc.queue_mut(kind).node_gone(&qref, *node, max_delivery, now_ms, events);
+                        svc.queue_mut(kind)
+                            .node_gone(&qref, *node, max_delivery, now_ms, events);
                     }
                 }
                 Ok(Reply::Done)
             }
             Command::Tick => {
                 for (name, svc) in self.services.iter_mut() {
-                    let (grace, max_delivery) = (svc.config.consumer_grace_ms, svc.config.max_delivery);
+                    let (grace, max_delivery) =
+                        (svc.config.consumer_grace_ms, svc.config.max_delivery);
                     for kind in [QueueKind::Input, QueueKind::Sink] {
                         let qref = QueueRef::new(name.clone(), kind);
-                        svc.queue_mut(kind).expire(&qref, grace, max_delivery, now_ms, events);
+                        svc.queue_mut(kind)
+                            .expire(&qref, grace, max_delivery, now_ms, events);
                     }
                 }
                 Ok(Reply::Done)
             }
-            Command::Complete { service, group, input_index, result } => {
+            Command::Complete {
+                service,
+                group,
+                input_index,
+                result,
+            } => {
                 let svc = self.service_mut(service)?;
                 let input_ref = QueueRef::new(service.clone(), QueueKind::Input);
                 let sink_ref = QueueRef::new(service.clone(), QueueKind::Sink);
@@ -249,15 +310,27 @@ impl QueueState {
                         if svc.sink.len() as u64 >= limits.max_length && !limits.evict_oldest {
                             return Err(Rejection::SinkFull(service.clone()));
                         }
-                        sink_index =
-                            Some(svc.sink.put(&sink_ref, &limits, result.clone(), now_ms, events)?);
+                        sink_index = Some(svc.sink.put(
+                            &sink_ref,
+                            &limits,
+                            result.clone(),
+                            now_ms,
+                            events,
+                        )?);
                     }
                 }
-                svc.input.commit(&input_ref, group, &[*input_index], now_ms, events);
-                Ok(Reply::Completed { sink_index, duplicate })
+                svc.input
+                    .commit(&input_ref, group, &[*input_index], now_ms, events);
+                Ok(Reply::Completed {
+                    sink_index,
+                    duplicate,
+                })
             }
             Command::Batch(commands) => Ok(Reply::Batch(
-                commands.iter().map(|c| self.apply_command(c, now_ms, events)).collect(),
+                commands
+                    .iter()
+                    .map(|c| self.apply_command(c, now_ms, events))
+                    .collect(),
             )),
         }
     }

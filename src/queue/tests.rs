@@ -21,15 +21,29 @@ struct Harness {
 
 impl Harness {
     fn new(config: ServiceConfig) -> Self {
-        let mut h = Harness { state: QueueState::new(), next_id: 1, now: 1_000, events: Vec::new() };
-        assert_eq!(h.run(Command::CreateService { name: "svc".into(), config }), Reply::Done);
+        let mut h = Harness {
+            state: QueueState::new(),
+            next_id: 1,
+            now: 1_000,
+            events: Vec::new(),
+        };
+        assert_eq!(
+            h.run(Command::CreateService {
+                name: "svc".into(),
+                config
+            }),
+            Reply::Done
+        );
         h
     }
 
     fn run(&mut self, command: Command) -> Reply {
         self.next_id += 1;
-        let (reply, events) =
-            self.state.apply(&Envelope { id: self.next_id, now_ms: self.now, command });
+        let (reply, events) = self.state.apply(&Envelope {
+            id: self.next_id,
+            now_ms: self.now,
+            command,
+        });
         self.events.extend(events);
         reply
     }
@@ -42,7 +56,10 @@ impl Harness {
             priority,
             path: String::new(),
         };
-        match self.run(Command::Put { queue: input(), item }) {
+        match self.run(Command::Put {
+            queue: input(),
+            item,
+        }) {
             Reply::Put { index, .. } => index,
             other => panic!("put failed: {other:?}"),
         }
@@ -60,14 +77,24 @@ impl Harness {
             tags: Tags::new(),
             start_index: Some(0),
         };
-        assert_eq!(self.run(Command::Attach { queue: input(), consumer }), Reply::Done);
+        assert_eq!(
+            self.run(Command::Attach {
+                queue: input(),
+                consumer
+            }),
+            Reply::Done
+        );
     }
 
     /// Indexes delivered to `connection` since the last call.
     fn delivered(&mut self, connection: u64) -> Vec<u64> {
         let mut out = Vec::new();
         self.events.retain(|e| match e {
-            Event::Deliver { connection: c, frame, .. } if *c == connection => {
+            Event::Deliver {
+                connection: c,
+                frame,
+                ..
+            } if *c == connection => {
                 out.push(frame.index);
                 false
             }
@@ -81,7 +108,11 @@ impl Harness {
     }
 
     fn commit(&mut self, group: &str, indexes: Vec<u64>) {
-        self.run(Command::Commit { queue: input(), group: group.into(), indexes });
+        self.run(Command::Commit {
+            queue: input(),
+            group: group.into(),
+            indexes,
+        });
     }
 }
 
@@ -93,7 +124,10 @@ fn indexes_start_at_one_and_increase() {
     assert_eq!(a, 1);
     assert!(b > a);
     let item = &h.queue().items[&a];
-    assert_eq!(item.tags.get(REQUEST_ID_TAG).map(String::as_str), Some("r-a"));
+    assert_eq!(
+        item.tags.get(REQUEST_ID_TAG).map(String::as_str),
+        Some("r-a")
+    );
 }
 
 #[test]
@@ -130,7 +164,10 @@ fn takeover_redelivers_uncommitted_items() {
     h.attach("eas", "u1", 7, 3, false);
     assert_eq!(h.delivered(7), vec![1, 2, 3]);
     h.attach("eas", "u1", 8, 3, false);
-    assert!(h.events.contains(&Event::Close { node: 1, connection: 7 }));
+    assert!(h.events.contains(&Event::Close {
+        node: 1,
+        connection: 7
+    }));
     assert_eq!(h.delivered(8), vec![1, 2, 3]);
     h.commit("eas", vec![1, 2, 3]);
     assert_eq!(h.delivered(8), vec![4, 5]);
@@ -138,14 +175,22 @@ fn takeover_redelivers_uncommitted_items() {
 
 #[test]
 fn detached_consumer_items_move_after_grace() {
-    let mut h = Harness::new(ServiceConfig { consumer_grace_ms: 500, ..Default::default() });
+    let mut h = Harness::new(ServiceConfig {
+        consumer_grace_ms: 500,
+        ..Default::default()
+    });
     h.put("a", 0);
     h.put("b", 0);
     h.attach("eas", "u1", 7, 1, false);
     h.attach("eas", "u2", 8, 1, false);
     assert_eq!(h.delivered(7), vec![1]);
     assert_eq!(h.delivered(8), vec![2]);
-    h.run(Command::Detach { queue: input(), group: "eas".into(), user: "u1".into(), connection: 7 });
+    h.run(Command::Detach {
+        queue: input(),
+        group: "eas".into(),
+        user: "u1".into(),
+        connection: 7,
+    });
     h.now += 100;
     h.run(Command::Tick);
     assert!(h.delivered(8).is_empty(), "still within the grace period");
@@ -173,11 +218,17 @@ fn node_gone_requeues_at_once() {
         tags: Tags::new(),
         start_index: Some(0),
     };
-    h.run(Command::Attach { queue: input(), consumer: other.clone() });
+    h.run(Command::Attach {
+        queue: input(),
+        consumer: other.clone(),
+    });
     h.run(Command::NodeGone { node: 1 });
     assert_eq!(h.delivered(9), vec![1]);
     other.connection = 10;
-    assert!(h.events.contains(&Event::Close { node: 1, connection: 7 }));
+    assert!(h.events.contains(&Event::Close {
+        node: 1,
+        connection: 7
+    }));
 }
 
 #[test]
@@ -196,7 +247,10 @@ fn groups_each_see_every_item_and_release_it_together() {
 
 #[test]
 fn negative_commit_redelivers_then_dead_letters() {
-    let mut h = Harness::new(ServiceConfig { max_delivery: 2, ..Default::default() });
+    let mut h = Harness::new(ServiceConfig {
+        max_delivery: 2,
+        ..Default::default()
+    });
     let i = h.put("x", 0);
     h.attach("eas", "u", 1, 1, false);
     assert_eq!(h.delivered(1), vec![i]);
@@ -231,8 +285,15 @@ fn auto_commit_ignores_window_and_consumes() {
 
 #[test]
 fn full_queue_refuses_or_evicts() {
-    let limits = QueueLimits { max_length: 2, max_payload_bytes: 4, evict_oldest: false };
-    let mut h = Harness::new(ServiceConfig { input: limits.clone(), ..Default::default() });
+    let limits = QueueLimits {
+        max_length: 2,
+        max_payload_bytes: 4,
+        evict_oldest: false,
+    };
+    let mut h = Harness::new(ServiceConfig {
+        input: limits.clone(),
+        ..Default::default()
+    });
     h.put("a", 0);
     h.put("b", 0);
     let item = NewItem {
@@ -243,21 +304,45 @@ fn full_queue_refuses_or_evicts() {
         path: String::new(),
     };
     assert_eq!(
-        h.run(Command::Put { queue: input(), item: item.clone() }),
+        h.run(Command::Put {
+            queue: input(),
+            item: item.clone()
+        }),
         Reply::Rejected(Rejection::Full(2))
     );
-    let big = NewItem { data: Bytes::from_static(b"12345"), ..item.clone() };
+    let big = NewItem {
+        data: Bytes::from_static(b"12345"),
+        ..item.clone()
+    };
     assert!(matches!(
-        h.run(Command::Put { queue: input(), item: big }),
+        h.run(Command::Put {
+            queue: input(),
+            item: big
+        }),
         Reply::Rejected(Rejection::TooLarge { size: 5, limit: 4 })
     ));
     let evicting = ServiceConfig {
-        input: QueueLimits { evict_oldest: true, ..limits },
+        input: QueueLimits {
+            evict_oldest: true,
+            ..limits
+        },
         ..Default::default()
     };
-    h.run(Command::CreateService { name: "svc".into(), config: evicting });
-    assert!(matches!(h.run(Command::Put { queue: input(), item }), Reply::Put { index: 3, .. }));
-    assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    h.run(Command::CreateService {
+        name: "svc".into(),
+        config: evicting,
+    });
+    assert!(matches!(
+        h.run(Command::Put {
+            queue: input(),
+            item
+        }),
+        Reply::Put { index: 3, .. }
+    ));
+    assert_eq!(
+        h.queue().items.keys().copied().collect::<Vec<_>>(),
+        vec![2, 3]
+    );
 }
 
 #[test]
@@ -267,8 +352,14 @@ fn truncate_is_exclusive_and_search_counts_waiting_items() {
     let b = h.put("b", 0);
     let c = h.put("c", 0);
     assert_eq!(h.queue().search(c), Some((false, 2)));
-    h.run(Command::Truncate { queue: input(), before: b });
-    assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), vec![b, c]);
+    h.run(Command::Truncate {
+        queue: input(),
+        before: b,
+    });
+    assert_eq!(
+        h.queue().items.keys().copied().collect::<Vec<_>>(),
+        vec![b, c]
+    );
     assert!(!h.queue().items.contains_key(&a));
     h.attach("eas", "u", 1, 1, false);
     assert_eq!(h.queue().search(b), Some((true, 0)));
@@ -295,8 +386,20 @@ fn complete_writes_result_once_and_commits_input() {
             result: Some(result.clone()),
         })
     };
-    assert_eq!(complete(&mut h), Reply::Completed { sink_index: Some(1), duplicate: false });
-    assert_eq!(complete(&mut h), Reply::Completed { sink_index: None, duplicate: true });
+    assert_eq!(
+        complete(&mut h),
+        Reply::Completed {
+            sink_index: Some(1),
+            duplicate: false
+        }
+    );
+    assert_eq!(
+        complete(&mut h),
+        Reply::Completed {
+            sink_index: None,
+            duplicate: true
+        }
+    );
     let svc = h.state.service("svc").unwrap();
     assert!(svc.input.is_empty());
     assert_eq!(svc.sink.len(), 1);

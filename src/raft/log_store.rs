@@ -156,9 +156,14 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 enum Job {
-    Write { bytes: Vec<u8>, done: Done },
+    Write {
+        bytes: Vec<u8>,
+        done: Done,
+    },
     /// Rewrite the file from this state if it is worth it.
-    MaybeCompact { records: Vec<Record> },
+    MaybeCompact {
+        records: Vec<Record>,
+    },
 }
 
 enum Done {
@@ -192,8 +197,9 @@ pub struct FsyncStats {
     pub buckets: [u64; FSYNC_BUCKETS_MICROS.len()],
 }
 
-pub const FSYNC_BUCKETS_MICROS: [u64; 10] =
-    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000];
+pub const FSYNC_BUCKETS_MICROS: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+];
 
 struct Flusher {
     file: File,
@@ -290,11 +296,20 @@ impl LogStore {
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(WAL_FILE);
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
         let (records, good) = read_records(&mut file)?;
         let on_disk = file.metadata()?.len();
         if good < on_disk {
-            tracing::warn!(kept = good, dropped = on_disk - good, "raft log: cutting a torn tail");
+            tracing::warn!(
+                kept = good,
+                dropped = on_disk - good,
+                "raft log: cutting a torn tail"
+            );
             file.set_len(good)?;
             file.sync_all()?;
         }
@@ -305,9 +320,21 @@ impl LogStore {
         }
         let stats = Arc::new(Mutex::new(FsyncStats::default()));
         let (tx, rx) = mpsc::channel();
-        let flusher = Flusher { file, path, dir: dir.to_path_buf(), size: good, stats: stats.clone() };
-        std::thread::Builder::new().name("raft-log-flusher".into()).spawn(move || flusher.run(rx))?;
-        Ok(Self { contents: Arc::new(Mutex::new(contents)), jobs: tx, fsync_stats: stats })
+        let flusher = Flusher {
+            file,
+            path,
+            dir: dir.to_path_buf(),
+            size: good,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("raft-log-flusher".into())
+            .spawn(move || flusher.run(rx))?;
+        Ok(Self {
+            contents: Arc::new(Mutex::new(contents)),
+            jobs: tx,
+            fsync_stats: stats,
+        })
     }
 
     fn submit(&self, record: &Record, done: Done) -> io::Result<()> {
@@ -320,12 +347,17 @@ impl LogStore {
     async fn submit_and_wait(&self, record: &Record) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(record, Done::Reply(tx))?;
-        rx.await.map_err(|_| io::Error::other("raft log flusher stopped"))?
+        rx.await
+            .map_err(|_| io::Error::other("raft log flusher stopped"))?
     }
 
     pub fn last_index(&self) -> Option<u64> {
         let c = self.contents.lock().unwrap();
-        c.entries.keys().next_back().copied().or(c.last_purged.as_ref().map(|l| l.index()))
+        c.entries
+            .keys()
+            .next_back()
+            .copied()
+            .or(c.last_purged.as_ref().map(|l| l.index()))
     }
 }
 
@@ -348,8 +380,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let c = self.contents.lock().unwrap();
-        let last = c.entries.values().next_back().map(|e| e.log_id()).or(c.last_purged.clone());
-        Ok(LogState { last_purged_log_id: c.last_purged.clone(), last_log_id: last })
+        let last = c
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id())
+            .or(c.last_purged.clone());
+        Ok(LogState {
+            last_purged_log_id: c.last_purged.clone(),
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -371,7 +411,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.contents.lock().unwrap().committed.clone())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -379,7 +423,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let record = Record::Entries(entries);
         let bytes = encode(&record)?;
-        let Record::Entries(entries) = record else { unreachable!() };
+        let Record::Entries(entries) = record else {
+            unreachable!()
+        };
         {
             let mut c = self.contents.lock().unwrap();
             for e in entries {
@@ -387,13 +433,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         self.jobs
-            .send(Job::Write { bytes, done: Done::Flushed(callback) })
+            .send(Job::Write {
+                bytes,
+                done: Done::Flushed(callback),
+            })
             .map_err(|_| io::Error::other("raft log flusher stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
-        self.contents.lock().unwrap().apply(Record::TruncateAfter(last_log_id.clone()));
-        self.submit_and_wait(&Record::TruncateAfter(last_log_id)).await
+        self.contents
+            .lock()
+            .unwrap()
+            .apply(Record::TruncateAfter(last_log_id.clone()));
+        self.submit_and_wait(&Record::TruncateAfter(last_log_id))
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
@@ -411,18 +464,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::testing::log::{StoreBuilder, Suite};
     use openraft::StorageError;
+    use openraft::testing::log::{StoreBuilder, Suite};
 
     struct Builder;
 
-    impl StoreBuilder<TypeConfig, LogStore, super::super::state_machine::StateMachine, tempfile::TempDir>
-        for Builder
+    impl
+        StoreBuilder<
+            TypeConfig,
+            LogStore,
+            super::super::state_machine::StateMachine,
+            tempfile::TempDir,
+        > for Builder
     {
         async fn build(
             &self,
         ) -> Result<
-            (tempfile::TempDir, LogStore, super::super::state_machine::StateMachine),
+            (
+                tempfile::TempDir,
+                LogStore,
+                super::super::state_machine::StateMachine,
+            ),
             StorageError<TypeConfig>,
         > {
             let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
@@ -98,23 +100,41 @@ fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig,
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             RPCError::Unreachable(Unreachable::from_string(s.message()))
         }
-        _ => RPCError::Network(NetworkError::from_string(format!("{}: {}", s.code(), s.message()))),
+        _ => RPCError::Network(NetworkError::from_string(format!(
+            "{}: {}",
+            s.code(),
+            s.message()
+        ))),
     }
 }
 
 impl PeerConnection {
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
-        let ch = self.channels.get(&self.addr).map_err(|e| Unreachable::new(&e))?;
+        let ch = self
+            .channels
+            .get(&self.addr)
+            .map_err(|e| Unreachable::new(&e))?;
         Ok(RaftClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
     }
 
     fn request(&self, body: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftRequest> {
-        authorized(&self.secret, RaftRequest { target: self.target, body: body.into() }, Some(option.soft_ttl()))
+        authorized(
+            &self.secret,
+            RaftRequest {
+                target: self.target,
+                body: body.into(),
+            },
+            Some(option.soft_ttl()),
+        )
     }
 }
 
 fn reply_body(r: super::pb::RaftReply) -> Result<bytes::Bytes, String> {
-    if r.error.is_empty() { Ok(r.body) } else { Err(r.error) }
+    if r.error.is_empty() {
+        Ok(r.body)
+    } else {
+        Err(r.error)
+    }
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
@@ -126,8 +146,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let reply = client.append_entries(self.request(encode(&rpc), &option)).await.map_err(status_to_rpc)?;
-        let body = reply_body(reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        let reply = client
+            .append_entries(self.request(encode(&rpc), &option))
+            .await
+            .map_err(status_to_rpc)?;
+        let body = reply_body(reply.into_inner())
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
 
@@ -137,8 +161,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let reply = client.vote(self.request(encode(&rpc), &option)).await.map_err(status_to_rpc)?;
-        let body = reply_body(reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        let reply = client
+            .vote(self.request(encode(&rpc), &option))
+            .await
+            .map_err(status_to_rpc)?;
+        let body = reply_body(reply.into_inner())
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
 
@@ -148,8 +176,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let reply = client.pre_vote(self.request(encode(&rpc), &option)).await.map_err(status_to_rpc)?;
-        let body = reply_body(reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        let reply = client
+            .pre_vote(self.request(encode(&rpc), &option))
+            .await
+            .map_err(status_to_rpc)?;
+        let body = reply_body(reply.into_inner())
+            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
 
@@ -164,9 +196,17 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let data = snapshot.snapshot.into_inner();
         let meta = encode(&(vote, snapshot.meta));
         let target = self.target;
-        let mut chunks = vec![SnapshotChunk { target, meta: meta.into(), data: Default::default() }];
+        let mut chunks = vec![SnapshotChunk {
+            target,
+            meta: meta.into(),
+            data: Default::default(),
+        }];
         for c in data.chunks(SNAPSHOT_CHUNK) {
-            chunks.push(SnapshotChunk { target, meta: Default::default(), data: bytes::Bytes::copy_from_slice(c) });
+            chunks.push(SnapshotChunk {
+                target,
+                meta: Default::default(),
+                data: bytes::Bytes::copy_from_slice(c),
+            });
         }
         let timeout = option.hard_ttl().max(Duration::from_secs(30));
         let req = authorized(&self.secret, tokio_stream::iter(chunks), Some(timeout));

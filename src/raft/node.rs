@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::errors::{ClientWriteError, RaftError};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
@@ -81,6 +81,8 @@ pub struct ClusterStatus {
     pub last_log_index: Option<u64>,
     pub committed: Option<u64>,
     pub applied: Option<u64>,
+    /// Log entries up to here were purged after a snapshot.
+    pub purged: Option<u64>,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
     pub nodes: BTreeMap<u64, (String, String)>,
@@ -97,10 +99,13 @@ pub struct RaftNode {
     pub(crate) secret: String,
     channels: Channels,
     settings: RaftSettings,
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl RaftNode {
@@ -120,14 +125,17 @@ impl RaftNode {
             election_timeout_max: settings.election_timeout_ms * 2,
             enable_pre_vote: Some(true),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
             purge_batch_size: 256,
             install_snapshot_timeout: 10_000,
             ..Default::default()
         }
         .validate()?;
         let channels = Channels::default();
-        let network = Network { channels: channels.clone(), secret: Arc::new(settings.secret.clone()) };
+        let network = Network {
+            channels: channels.clone(),
+            secret: Arc::new(settings.secret.clone()),
+        };
         let raft = Raft::new(settings.id, Arc::new(config), network, log.clone(), sm).await?;
         let node = Arc::new(Self {
             id: settings.id,
@@ -137,17 +145,19 @@ impl RaftNode {
             secret: settings.secret.clone(),
             channels,
             settings: settings.clone(),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
 
         let service = super::pb::raft_server::RaftServer::new(Service { node: node.clone() })
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(256 * 1024 * 1024);
         let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
+        let stopped = node.stopped();
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, stopped)
                 .await
             {
                 tracing::error!(error = %e, "raft gRPC server stopped");
@@ -159,12 +169,29 @@ impl RaftNode {
         Ok((node, events))
     }
 
+    /// Resolves once [`RaftNode::shutdown`] was called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Stop Raft, the peer server and the background tasks.
+    pub async fn shutdown(&self) {
+        self.stopping.send_replace(true);
+        let _ = self.raft.shutdown().await;
+    }
+
     fn members(&self) -> BTreeMap<u64, NodeInfo> {
         let mut peers = self.settings.peers.clone();
         if !peers.iter().any(|p| p.id == self.id) {
             peers.push(self.settings.advertise.clone());
         }
-        peers.into_iter().map(|p| (p.id, NodeInfo::new(p.raft_addr, p.api_addr))).collect()
+        peers
+            .into_iter()
+            .map(|p| (p.id, NodeInfo::new(p.raft_addr, p.api_addr)))
+            .collect()
     }
 
     /// Only the lowest configured id forms the cluster, and only from an
@@ -191,7 +218,9 @@ impl RaftNode {
     /// Wait until the local state machine applied at least `index`.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
         let mut rx = self.shared.applied_index.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Propose a command on the leader. Only this node; no forwarding.
@@ -199,7 +228,9 @@ impl RaftNode {
         match self.raft.client_write(envelope).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ProposeError::NotLeader { leader: f.leader_id })
+                Err(ProposeError::NotLeader {
+                    leader: f.leader_id,
+                })
             }
             Err(RaftError::APIError(e)) => Err(ProposeError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(f)) => Err(ProposeError::Fatal(f.to_string())),
@@ -209,18 +240,38 @@ impl RaftNode {
     /// Propose `command` wherever the leader is, retrying through elections
     /// for up to `deadline`.
     pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
-        let envelope = Envelope { id: uuid::Uuid::new_v4().as_u128(), now_ms: now_ms(), command };
-        self.propose_envelope(envelope, Duration::from_secs(5)).await
+        let envelope = Envelope {
+            id: uuid::Uuid::new_v4().as_u128(),
+            now_ms: now_ms(),
+            command,
+        };
+        self.propose_envelope(envelope, Duration::from_secs(5))
+            .await
     }
 
-    pub async fn propose_envelope(&self, envelope: Envelope, deadline: Duration) -> Result<Reply, ProposeError> {
+    pub async fn propose_envelope(
+        &self,
+        envelope: Envelope,
+        deadline: Duration,
+    ) -> Result<Reply, ProposeError> {
         let start = tokio::time::Instant::now();
         let mut last_err;
         loop {
-            let result = match self.write_local(envelope.clone()).await {
-                Err(ProposeError::NotLeader { leader: Some(leader) }) if leader != self.id => {
-                    self.forward(leader, &envelope).await
-                }
+            // A leader without a quorum never commits: bound each attempt.
+            let remaining = deadline
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(remaining, self.write_local(envelope.clone()));
+            let local = match attempt.await {
+                Ok(r) => r,
+                Err(_) => Err(ProposeError::Unavailable(
+                    "no quorum acknowledged the write in time; outcome unknown".into(),
+                )),
+            };
+            let result = match local {
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.id => self.forward(leader, &envelope).await,
                 other => other,
             };
             match result {
@@ -232,11 +283,14 @@ impl RaftNode {
             }
             if start.elapsed() >= deadline {
                 return Err(match last_err {
-                    ProposeError::NotLeader { .. } => ProposeError::Unavailable("no leader elected".into()),
+                    ProposeError::NotLeader { .. } => {
+                        ProposeError::Unavailable("no leader elected".into())
+                    }
                     e => e,
                 });
             }
-            self.wait_for_leader_change(Duration::from_millis(200)).await;
+            self.wait_for_leader_change(Duration::from_millis(200))
+                .await;
         }
     }
 
@@ -246,18 +300,28 @@ impl RaftNode {
     }
 
     async fn forward(&self, leader: u64, envelope: &Envelope) -> Result<Reply, ProposeError> {
-        let addr = self.node_info(leader).map(|n| n.raft_addr).ok_or(ProposeError::NotLeader { leader: None })?;
-        let channel = self.channels.get(&addr).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let addr = self
+            .node_info(leader)
+            .map(|n| n.raft_addr)
+            .ok_or(ProposeError::NotLeader { leader: None })?;
+        let channel = self
+            .channels
+            .get(&addr)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let mut client = RaftClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
         let req = authorized(
             &self.secret,
-            ForwardRequest { command: encode(envelope).into() },
+            ForwardRequest {
+                command: encode(envelope).into(),
+            },
             Some(Duration::from_secs(5)),
         );
         let reply = client
             .forward(req)
             .await
-            .map_err(|s| ProposeError::Unavailable(format!("forward to node {leader}: {}", s.message())))?
+            .map_err(|s| {
+                ProposeError::Unavailable(format!("forward to node {leader}: {}", s.message()))
+            })?
             .into_inner();
         match reply.error_kind.as_str() {
             "" => decode(&reply.reply).map_err(ProposeError::Unavailable),
@@ -283,7 +347,11 @@ impl RaftNode {
         let replication = m
             .replication
             .as_ref()
-            .map(|r| r.iter().map(|(id, l)| (*id, l.as_ref().map(|l| l.index()))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.as_ref().map(|l| l.index())))
+                    .collect()
+            })
             .unwrap_or_default();
         ClusterStatus {
             id: self.id,
@@ -293,11 +361,15 @@ impl RaftNode {
             last_log_index: m.last_log_index,
             committed: m.cluster_committed.as_ref().map(|l| l.index()),
             applied: m.last_applied.as_ref().map(|l| l.index()),
+            purged: m.purged.as_ref().map(|l| l.index()),
             voters,
             learners,
             nodes,
             replication,
-            millis_since_quorum_ack: m.last_quorum_acked.as_ref().map(|t| t.elapsed().as_millis() as u64),
+            millis_since_quorum_ack: m
+                .last_quorum_acked
+                .as_ref()
+                .map(|t| t.elapsed().as_millis() as u64),
         }
     }
 
@@ -310,16 +382,23 @@ impl RaftNode {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut announced_restart = false;
         let mut leader_since: Option<tokio::time::Instant> = None;
+        let stopped = self.stopped();
+        tokio::pin!(stopped);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stopped => return,
+            }
             if !announced_restart {
                 // Whatever consumers this node held before a restart are gone.
                 let hosted = self.read(|s| s.consumer_nodes().contains(&self.id));
                 if !hosted {
                     announced_restart = true;
                 } else if self.status().leader.is_some() {
-                    announced_restart =
-                        self.propose(Command::NodeGone { node: self.id }).await.is_ok();
+                    announced_restart = self
+                        .propose(Command::NodeGone { node: self.id })
+                        .await
+                        .is_ok();
                 }
             }
             if !self.is_leader() {
@@ -339,7 +418,10 @@ impl RaftNode {
                 continue;
             }
             for node in self.lost_members(limit) {
-                tracing::warn!(node, "member stopped acknowledging; moving its consumers' items");
+                tracing::warn!(
+                    node,
+                    "member stopped acknowledging; moving its consumers' items"
+                );
                 if let Err(e) = self.propose(Command::NodeGone { node }).await {
                     tracing::debug!(error = %e, "node-gone not applied");
                 }
@@ -352,7 +434,9 @@ impl RaftNode {
     fn lost_members(&self, limit: Duration) -> BTreeSet<u64> {
         let hosting = self.read(|s| s.consumer_nodes());
         let m = self.raft.metrics().borrow_watched().clone();
-        let Some(heartbeat) = &m.heartbeat else { return BTreeSet::new() };
+        let Some(heartbeat) = &m.heartbeat else {
+            return BTreeSet::new();
+        };
         hosting
             .into_iter()
             .filter(|n| *n != self.id)

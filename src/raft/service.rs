@@ -20,7 +20,11 @@ pub struct Service {
 
 impl Service {
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let given = req.metadata().get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        let given = req
+            .metadata()
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if bool::from(given.ct_eq(self.node.secret.as_bytes())) {
             Ok(())
         } else {
@@ -40,10 +44,18 @@ impl Service {
     }
 }
 
-fn reply<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Result<Response<RaftReply>, Status> {
+fn reply<T: serde::Serialize, E: std::fmt::Display>(
+    r: Result<T, E>,
+) -> Result<Response<RaftReply>, Status> {
     Ok(Response::new(match r {
-        Ok(v) => RaftReply { body: encode(&v).into(), error: String::new() },
-        Err(e) => RaftReply { body: Default::default(), error: e.to_string() },
+        Ok(v) => RaftReply {
+            body: encode(&v).into(),
+            error: String::new(),
+        },
+        Err(e) => RaftReply {
+            body: Default::default(),
+            error: e.to_string(),
+        },
     }))
 }
 
@@ -67,7 +79,10 @@ impl RaftService for Service {
         reply(self.node.raft.pre_vote(rpc).await)
     }
 
-    async fn append_entries(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         self.check(&req)?;
         let req = req.into_inner();
         self.check_target(req.target)?;
@@ -92,8 +107,14 @@ impl RaftService for Service {
         });
         let output = self.node.raft.stream_append(Box::pin(input)).map(|r| {
             Ok(match r {
-                Ok(v) => RaftReply { body: encode(&v).into(), error: String::new() },
-                Err(e) => RaftReply { body: Default::default(), error: e.to_string() },
+                Ok(v) => RaftReply {
+                    body: encode(&v).into(),
+                    error: String::new(),
+                },
+                Err(e) => RaftReply {
+                    body: Default::default(),
+                    error: e.to_string(),
+                },
             })
         });
         Ok(Response::new(Box::pin(output)))
@@ -105,29 +126,46 @@ impl RaftService for Service {
     ) -> Result<Response<RaftReply>, Status> {
         self.check(&req)?;
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_target(first.target)?;
-        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.meta).map_err(Status::invalid_argument)?;
+        let (vote, meta): (Vote, SnapshotMeta) =
+            decode(&first.meta).map_err(Status::invalid_argument)?;
         let mut data = first.data.to_vec();
         while let Some(chunk) = stream.message().await? {
             data.extend_from_slice(&chunk.data);
         }
-        let snapshot = super::types::Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+        let snapshot = super::types::Snapshot {
+            meta,
+            snapshot: std::io::Cursor::new(data),
+        };
         reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
     }
 
-    async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
+    async fn forward(
+        &self,
+        req: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardReply>, Status> {
         self.check(&req)?;
         let envelope = decode(&req.into_inner().command).map_err(Status::invalid_argument)?;
         let out = match self.node.write_local(envelope).await {
-            Ok(r) => ForwardReply { reply: encode(&r).into(), ..Default::default() },
+            Ok(r) => ForwardReply {
+                reply: encode(&r).into(),
+                ..Default::default()
+            },
             Err(ProposeError::NotLeader { leader }) => ForwardReply {
                 error_kind: "not_leader".into(),
                 error: "not the leader".into(),
                 leader_hint: leader.unwrap_or(0),
                 ..Default::default()
             },
-            Err(e) => ForwardReply { error_kind: "unavailable".into(), error: e.to_string(), ..Default::default() },
+            Err(e) => ForwardReply {
+                error_kind: "unavailable".into(),
+                error: e.to_string(),
+                ..Default::default()
+            },
         };
         Ok(Response::new(out))
     }

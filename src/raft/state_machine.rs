@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
+use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
-use openraft::EntryPayload;
 use tokio::sync::{mpsc, watch};
 
 use super::log_store::sync_dir;
@@ -64,17 +64,24 @@ fn encode_state(state: &QueueState) -> io::Result<Vec<u8>> {
 fn decode_state(bytes: &[u8]) -> io::Result<QueueState> {
     match bytes.split_first() {
         Some((&SNAPSHOT_VERSION, rest)) => {
-            let mut state: QueueState = postcard::from_bytes(rest)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {e}")))?;
+            let mut state: QueueState = postcard::from_bytes(rest).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {e}"))
+            })?;
             state.rebuild_derived();
             Ok(state)
         }
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot: unknown version")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot: unknown version",
+        )),
     }
 }
 
 fn write_snapshot_file(dir: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-    let file = SnapshotFile { meta: meta.clone(), data: data.to_vec() };
+    let file = SnapshotFile {
+        meta: meta.clone(),
+        data: data.to_vec(),
+    };
     let bytes = postcard::to_allocvec(&file).map_err(io::Error::other)?;
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut f = File::create(&tmp)?;
@@ -92,7 +99,10 @@ fn read_snapshot_file(dir: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>>
         Err(e) => return Err(e),
     };
     if bytes.len() < 4 || crc32fast::hash(&bytes[4..]).to_le_bytes() != bytes[..4] {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot file is corrupt"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot file is corrupt",
+        ));
     }
     let file: SnapshotFile = postcard::from_bytes(&bytes[4..])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot file: {e}")))?;
@@ -122,7 +132,14 @@ impl StateMachine {
             applied: RwLock::new(applied),
             applied_index: watch::Sender::new(index),
         });
-        Ok((Self { shared, dir: dir.to_path_buf(), events }, rx))
+        Ok((
+            Self {
+                shared,
+                dir: dir.to_path_buf(),
+                events,
+            },
+            rx,
+        ))
     }
 
     pub fn shared(&self) -> Arc<SharedState> {
@@ -157,7 +174,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         })
         .await
         .map_err(io::Error::other)??;
-        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
     }
 }
 
@@ -204,15 +224,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { shared: self.shared.clone(), dir: self.dir.clone() }
+        SnapshotBuilder {
+            shared: self.shared.clone(),
+            dir: self.dir.clone(),
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         let state = decode_state(&data)?;
         let dir = self.dir.clone();
         let meta2 = meta.clone();
-                tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &meta2, &data))
+        tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &meta2, &data))
             .await
             .map_err(io::Error::other)??;
         {
@@ -224,7 +251,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Consumers attached before the snapshot are gone from this node's
         // point of view; the hub re-syncs from state on this signal.
         let _ = self.events.send(vec![Event::Resync]);
-        self.shared.applied_index.send_replace(meta.last_log_id.as_ref().map_or(0, |l| l.index()));
+        self.shared
+            .applied_index
+            .send_replace(meta.last_log_id.as_ref().map_or(0, |l| l.index()));
         Ok(())
     }
 
@@ -233,6 +262,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let found = tokio::task::spawn_blocking(move || read_snapshot_file(&dir))
             .await
             .map_err(io::Error::other)??;
-        Ok(found.map(|(meta, data)| Snapshot { meta, snapshot: Cursor::new(data) }))
+        Ok(found.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        }))
     }
 }

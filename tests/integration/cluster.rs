@@ -1,0 +1,251 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eddy::queue::{Command, NewItem, QueueKind, QueueRef, Reply, Selector, ServiceConfig, Tags};
+use eddy::raft::Peer;
+use eddy::server::{RunningNode, ServeSettings, start};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    peers: Vec<Peer>,
+    nodes: Vec<Option<RunningNode>>,
+    snapshot_every: u64,
+}
+
+impl Cluster {
+    async fn new(n: u64, snapshot_every: u64) -> Self {
+        let peers: Vec<Peer> = (1..=n)
+            .map(|id| Peer {
+                id,
+                raft_addr: format!("127.0.0.1:{}", free_port()),
+                api_addr: String::new(),
+            })
+            .collect();
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            peers,
+            nodes: Vec::new(),
+            snapshot_every,
+        };
+        for id in 1..=n {
+            let node = c.start_node(id).await;
+            c.nodes.push(Some(node));
+        }
+        c
+    }
+
+    async fn start_node(&self, id: u64) -> RunningNode {
+        let me = &self.peers[(id - 1) as usize];
+        let settings = ServeSettings {
+            id,
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            raft_listen: me.raft_addr.parse::<SocketAddr>().unwrap(),
+            advertise_http: String::new(),
+            advertise_raft: me.raft_addr.clone(),
+            peers: self.peers.clone(),
+            cluster_secret: "test-secret".into(),
+            admin_token: String::new(),
+            heartbeat_ms: 50,
+            election_timeout_ms: 300,
+            node_lost_ms: 1_000,
+            snapshot_every: self.snapshot_every,
+            watch_idle_ms: 10_000,
+            services: Vec::new(),
+            default_service: None,
+        };
+        start(settings).await.unwrap()
+    }
+
+    fn node(&self, id: u64) -> &RunningNode {
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .expect("node is running")
+    }
+
+    async fn leader(&self) -> u64 {
+        for _ in 0..200 {
+            for n in self.nodes.iter().flatten() {
+                let s = n.node.status();
+                if s.leader == Some(s.id) {
+                    return s.id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no leader elected");
+    }
+
+    async fn stop(&mut self, id: u64) {
+        if let Some(n) = self.nodes[(id - 1) as usize].take() {
+            n.shutdown().await;
+        }
+    }
+
+    async fn restart(&mut self, id: u64) {
+        let n = self.start_node(id).await;
+        self.nodes[(id - 1) as usize] = Some(n);
+    }
+}
+
+fn queue() -> QueueRef {
+    QueueRef::new("svc", QueueKind::Input)
+}
+
+async fn put(node: &RunningNode, data: &str) -> u64 {
+    let item = NewItem {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        tags: Tags::new(),
+        data: Bytes::from(data.to_string()),
+        priority: 0,
+        path: String::new(),
+    };
+    match node
+        .node
+        .propose(Command::Put {
+            queue: queue(),
+            item,
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Put { index, .. } => index,
+        other => panic!("put: {other:?}"),
+    }
+}
+
+async fn create_service(node: &RunningNode) {
+    let cmd = Command::CreateService {
+        name: "svc".into(),
+        config: ServiceConfig::default(),
+    };
+    assert_eq!(node.node.propose(cmd).await.unwrap(), Reply::Done);
+}
+
+fn length_on(node: &RunningNode) -> usize {
+    node.node.read(|s| s.queue(&queue()).map_or(0, |q| q.len()))
+}
+
+async fn wait_for_length(node: &RunningNode, expected: usize) {
+    for _ in 0..200 {
+        if length_on(node) == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "node {} has {} items, expected {expected}",
+        node.node.id,
+        length_on(node)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_forwarding_failover_and_restart() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    // Writes through a follower are forwarded to the leader.
+    create_service(c.node(follower)).await;
+    let mut last = 0;
+    for i in 0..20 {
+        let idx = put(c.node(follower), &format!("f{i}")).await;
+        assert!(idx > last);
+        last = idx;
+    }
+    for id in 1..=3 {
+        wait_for_length(c.node(id), 20).await;
+    }
+    // The leader goes away: the others elect a new one and keep accepting.
+    c.stop(leader).await;
+    let new_leader = c.leader().await;
+    assert_ne!(new_leader, leader);
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    for i in 0..10 {
+        let idx = put(c.node(survivor), &format!("after{i}")).await;
+        assert!(idx > last, "indexes keep increasing across leaders");
+        last = idx;
+    }
+    // The old leader comes back and catches up.
+    c.restart(leader).await;
+    wait_for_length(c.node(leader), 30).await;
+    let frames = c.node(leader).node.read(|s| {
+        s.queue(&queue()).unwrap().peek(&Selector {
+            from_index: Some(0),
+            length: 100,
+            tags: Tags::new(),
+        })
+    });
+    assert_eq!(frames.len(), 30);
+    assert_eq!(frames[0].data, Bytes::from_static(b"f0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_is_caught_up_by_snapshot() {
+    let mut c = Cluster::new(3, 50).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    let lagging = (1..=3).find(|i| *i != leader).unwrap();
+    let lagging_last = c.node(lagging).node.status().last_log_index.unwrap_or(0);
+    c.stop(lagging).await;
+    for i in 0..400 {
+        put(c.node(leader), &format!("x{i}")).await;
+    }
+    // The leader no longer has the entries the lagging node misses, so only
+    // a snapshot can bring it up to date.
+    for _ in 0..200 {
+        if c.node(leader).node.status().purged.unwrap_or(0) > lagging_last + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        c.node(leader).node.status().purged.unwrap_or(0) > lagging_last + 1,
+        "leader purged its log"
+    );
+    c.restart(lagging).await;
+    wait_for_length(c.node(lagging), 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minority_side_refuses_writes() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    c.stop(others[0]).await;
+    c.stop(others[1]).await;
+    let item = NewItem {
+        request_id: "r".into(),
+        tags: Tags::new(),
+        data: Bytes::from_static(b"x"),
+        priority: 0,
+        path: String::new(),
+    };
+    let env = eddy::queue::Envelope {
+        id: 1,
+        now_ms: 0,
+        command: Command::Put {
+            queue: queue(),
+            item,
+        },
+    };
+    let r = c
+        .node(leader)
+        .node
+        .propose_envelope(env, Duration::from_secs(2))
+        .await;
+    assert!(
+        r.is_err(),
+        "a lone node must not acknowledge a write: {r:?}"
+    );
+}

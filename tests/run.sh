@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds Eddy and runs every test layer: the state machine and storage unit
+# and property tests, the in-process cluster tests, and the official Python
+# SDK against live `eddy serve` processes. Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo build --release"
+cargo build --release --locked
+
+echo "== Rust tests (state machine, storage, in-process clusters)"
+cargo test --release --locked
+
+echo "== Python SDK tests"
+VENV=target/venv
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check \
+  "eas-prediction==0.36" "pytest>=7" "pytest-timeout>=2" "websocket-client>=1"
+EDDY_BIN="$PWD/target/release/eddy" "$VENV/bin/python" -m pytest tests/sdk -q
