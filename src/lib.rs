@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod client;
+pub mod engine;
 pub mod proto;
 pub mod queue;
 pub mod raft;

@@ -46,6 +46,70 @@ enum Cmd {
     Cluster(ClusterCmd),
     /// Measure put throughput and latency against a running node.
     Bench(BenchArgs),
+    /// Run the asynchronous inference engine beside a model server.
+    Engine(EngineArgs),
+    /// Run a small demo model server (for trying Eddy out and for tests).
+    DemoModel(DemoModelArgs),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Eddy nodes, comma separated; the engine moves on when one fails.
+    #[arg(
+        long,
+        short = 'e',
+        env = "EDDY_ENDPOINT",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8080"
+    )]
+    endpoint: Vec<String>,
+    /// Service whose input queue the engine serves.
+    #[arg(long, env = "EDDY_ENGINE_SERVICE", default_value = "demo")]
+    service: String,
+    #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
+    token: String,
+    /// The model server's base URL.
+    #[arg(
+        long,
+        env = "EDDY_ENGINE_MODEL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    model: String,
+    /// Items processed at once (the watch window).
+    #[arg(long, env = "EDDY_ENGINE_CONCURRENCY", default_value_t = 4)]
+    concurrency: u32,
+    /// Consumer group of the engines of this service (default: `engine`).
+    #[arg(long, env = "EDDY_ENGINE_GROUP", default_value = "engine")]
+    group: String,
+    /// This engine's consumer id (default: a random id).
+    #[arg(long, env = "EDDY_ENGINE_INSTANCE")]
+    instance: Option<String>,
+    /// Per-request model timeout in milliseconds.
+    #[arg(long, env = "EDDY_ENGINE_TIMEOUT_MS", default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Serve synchronous `POST /api/predict/{service}` here (optional).
+    #[arg(long, env = "EDDY_ENGINE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// How long shutdown waits for items in progress, in milliseconds.
+    #[arg(long, env = "EDDY_ENGINE_DRAIN_MS", default_value_t = 30_000)]
+    drain_ms: u64,
+}
+
+#[derive(Args)]
+struct DemoModelArgs {
+    #[arg(long, env = "EDDY_DEMO_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Delay per request, emulating long inference.
+    #[arg(long, env = "EDDY_DEMO_DELAY_MS", default_value_t = 0)]
+    delay_ms: u64,
+    /// Every Nth request fails (0: never).
+    #[arg(long, env = "EDDY_DEMO_FAIL_EVERY", default_value_t = 0)]
+    fail_every: u64,
+    #[arg(long, env = "EDDY_DEMO_FAIL_STATUS", default_value_t = 500)]
+    fail_status: u16,
+    /// Answer with empty bodies (results delivered elsewhere).
+    #[arg(long, env = "EDDY_DEMO_EMPTY", default_value_t = false)]
+    empty: bool,
 }
 
 #[derive(Args)]
@@ -128,7 +192,7 @@ struct ServeArgs {
     node_lost_ms: u64,
     #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = 20_000)]
     snapshot_every: u64,
-    /// A watcher that pinged and then fell silent this long is dropped.
+    /// A watcher that answers no ping for this long is dropped.
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
 }
@@ -460,6 +524,60 @@ async fn admin_request(
     Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.trim().to_string())))
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn engine(a: EngineArgs) -> anyhow::Result<()> {
+    let settings = eddy::engine::EngineSettings {
+        endpoints: a.endpoint,
+        service: a.service.clone(),
+        token: a.token,
+        model: a.model,
+        concurrency: a.concurrency.max(1),
+        group: a.group,
+        instance: a
+            .instance
+            .unwrap_or_else(|| format!("engine-{}", uuid::Uuid::new_v4())),
+        request_timeout: std::time::Duration::from_millis(a.timeout_ms),
+        drain_timeout: std::time::Duration::from_millis(a.drain_ms),
+    };
+    tracing::info!(service = %settings.service, instance = %settings.instance, concurrency = settings.concurrency, "engine starting");
+    let engine = eddy::engine::Engine::new(settings)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(listen) = a.listen {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let app = eddy::api::sync_router(engine.clone(), a.service);
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = eddy::api::serve(listener, app, stop).await {
+                tracing::error!(error = %e, "engine HTTP server stopped");
+            }
+        });
+    }
+    engine.clone().run(terminated()).await;
+    let _ = stop_tx.send(true);
+    let s = &engine.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    tracing::info!(
+        completed = s.completed.load(Relaxed),
+        duplicates = s.duplicates.load(Relaxed),
+        failed_calls = s.failed_calls.load(Relaxed),
+        handed_back = s.handed_back.load(Relaxed),
+        "engine stopped"
+    );
+    Ok(())
+}
+
 async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let c = client(&a.q);
     let payload = Bytes::from(vec![b'x'; a.size]);
@@ -657,6 +775,18 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Cmd::Bench(a) => bench(a).await?,
+        Cmd::Engine(a) => engine(a).await?,
+        Cmd::DemoModel(a) => {
+            let model = eddy::api::DemoModel {
+                delay: std::time::Duration::from_millis(a.delay_ms),
+                fail_every: a.fail_every,
+                fail_status: a.fail_status,
+                empty: a.empty,
+            };
+            let listener = tokio::net::TcpListener::bind(a.listen).await?;
+            tracing::info!(listen = %listener.local_addr()?, "demo model serving");
+            eddy::api::serve(listener, eddy::api::demo_model_router(model), terminated()).await?;
+        }
         Cmd::Cluster(ClusterCmd::Status(a)) => {
             let out = admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?;
             println!("{}", serde_json::to_string_pretty(&out)?);

@@ -195,6 +195,7 @@ async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Re
             )?;
             Ok("OK".into_response())
         }
+        Method::POST if q.get("_complete_").is_some() => complete(&state, target, req, limit).await,
         Method::POST => put(&state, target, req, limit).await,
         Method::GET if q.flag("_watch_")? || req.ws.is_ok() => {
             super::watch::watch(state, target.queue, req).await
@@ -316,6 +317,74 @@ async fn put(
         Reply::Rejected(r) => Err(r.into()),
         other => Err(ApiError::Internal(format!(
             "unexpected reply to put: {other:?}"
+        ))),
+    }
+}
+
+/// The engine's atomic "write the result and commit the input":
+/// `POST {service}/sink?_complete_=<input index>&requestId=<id>[&lastCode=..]`
+/// with the result as body (empty: commit only), identity of the input
+/// consumer group. Answers the sink index (empty if nothing was written).
+async fn complete(
+    state: &AppState,
+    target: Target,
+    req: Request,
+    limit: u64,
+) -> Result<Response, ApiError> {
+    if target.queue.kind != QueueKind::Sink {
+        return Err(ApiError::BadRequest(
+            "_complete_ is an operation of the sink queue".into(),
+        ));
+    }
+    let input_index = req.query.u64_or("_complete_", 0)?;
+    if input_index == 0 {
+        return Err(ApiError::BadRequest(
+            "_complete_ needs the input item's index".into(),
+        ));
+    }
+    let (group, _) = identity(&req.headers);
+    let mut tags = req.query.tags;
+    let request_id = tags
+        .remove(crate::queue::REQUEST_ID_TAG)
+        .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
+    let data = read_body(req.body, limit).await?;
+    let result = (!data.is_empty()).then(|| NewItem {
+        request_id: request_id.clone(),
+        tags,
+        data,
+        priority: 0,
+        path: String::new(),
+    });
+    let command = Command::Complete {
+        service: target.queue.service,
+        group,
+        input_index,
+        result,
+    };
+    match state.node.propose(command).await? {
+        Reply::Completed {
+            sink_index,
+            duplicate,
+        } => {
+            let mut resp = sink_index
+                .map(|i| i.to_string())
+                .unwrap_or_default()
+                .into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                REQUEST_ID_HEADER,
+                HeaderValue::from_str(&request_id)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            );
+            h.insert(
+                "x-eddy-duplicate",
+                HeaderValue::from_static(if duplicate { "true" } else { "false" }),
+            );
+            Ok(resp)
+        }
+        Reply::Rejected(r) => Err(r.into()),
+        other => Err(ApiError::Internal(format!(
+            "unexpected reply to complete: {other:?}"
         ))),
     }
 }

@@ -4,12 +4,14 @@
 //! - `watch`: WebSocket and HTTP-streaming watches, and the hub that routes
 //!   state-machine delivery events to this node's connections.
 //! - `admin`: services, cluster status, health, readiness and metrics.
+//! - `engine_http`: the engine's synchronous endpoint and the demo model.
 //!
 //! Errors map to status codes in one place ([`ApiError`]); every refusal has
 //! a short text body and changes nothing.
 
 mod admin;
 mod eas;
+mod engine_http;
 mod params;
 mod watch;
 
@@ -23,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use crate::queue::Rejection;
 use crate::raft::{ProposeError, RaftNode};
 
+pub use engine_http::{DemoModel, demo_model_router, sync_router};
 pub use watch::Hub;
 
 /// Shared by every handler.
@@ -114,4 +117,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Payload limits are per service and checked by the put handler.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

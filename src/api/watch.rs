@@ -250,10 +250,12 @@ async fn serve_socket(
             return;
         }
     };
-    let idle = Duration::from_millis(state.watch_idle_ms);
-    let mut pinged = false;
+    // Every conforming WebSocket client answers pings; one that stops
+    // answering (and sends nothing else) for the idle limit is gone.
+    let idle = Duration::from_millis(state.watch_idle_ms.max(300));
     let mut last_heard = tokio::time::Instant::now();
-    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let mut ping = tokio::time::interval(idle / 3);
+    ping.tick().await;
     loop {
         tokio::select! {
             push = rx.recv() => match push {
@@ -270,14 +272,14 @@ async fn serve_socket(
             },
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(Message::Ping(_))) => { pinged = true; last_heard = tokio::time::Instant::now(); }
                 Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
             },
-            _ = check.tick() => {
-                // Only clients that keep the connection alive with pings can
-                // be judged by silence; others are judged by the TCP state.
-                if pinged && last_heard.elapsed() > idle {
-                    tracing::info!(connection = guard.0.as_ref().map(|s| s.connection), "watch silent; dropping");
+            _ = ping.tick() => {
+                if last_heard.elapsed() > idle {
+                    tracing::info!(connection = guard.0.as_ref().map(|s| s.connection), "watch stopped answering pings; dropping");
+                    break;
+                }
+                if socket.send(Message::Ping(Bytes::from_static(b"eddy"))).await.is_err() {
                     break;
                 }
             }

@@ -152,6 +152,106 @@ impl QueueClient {
         serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Negative commit: hand the items back for redelivery.
+    pub async fn negative(
+        &self,
+        indexes: &[u64],
+        code: &str,
+        reason: &str,
+    ) -> Result<(), ClientError> {
+        let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("_code_", code)
+            .append_pair("_reason_", reason)
+            .finish();
+        let resp = self
+            .with_identity(
+                self.http
+                    .put(&self.url)
+                    .query(&[("_indexes_", list.join(",")), ("_negative_", "true".into())])
+                    .header("Content-Type", "application/x-www-form-urlencoded")
+                    .body(form),
+            )
+            .send()
+            .await?;
+        Self::check(resp).await.map(|_| ())
+    }
+
+    /// On a sink client: write `result` for `request_id` and commit
+    /// `input_index` of the input queue (for this client's group) in one
+    /// replicated step. An empty result only commits. Returns whether a
+    /// result for the request id already existed.
+    pub async fn complete(
+        &self,
+        input_index: u64,
+        request_id: &str,
+        tags: &BTreeMap<String, String>,
+        result: Bytes,
+    ) -> Result<bool, ClientError> {
+        let mut query: Vec<(String, String)> = vec![
+            ("_complete_".into(), input_index.to_string()),
+            ("requestId".into(), request_id.to_string()),
+        ];
+        query.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let resp = self
+            .with_identity(self.http.post(&self.url).query(&query).body(result))
+            .send()
+            .await?;
+        let resp = Self::check(resp).await?;
+        Ok(resp
+            .headers()
+            .get("x-eddy-duplicate")
+            .is_some_and(|v| v == "true"))
+    }
+
+    /// Open a watch and return the raw frame stream (pings are answered as
+    /// long as the stream is read).
+    pub async fn open_watch(
+        &self,
+        window: u32,
+        auto_commit: bool,
+    ) -> Result<
+        impl futures::Stream<Item = Result<DataFrameProto, ClientError>> + Unpin + use<>,
+        ClientError,
+    > {
+        let ws_url = self.url.replacen("http", "ws", 1);
+        let url = format!(
+            "{ws_url}?_watch_=true&_index_=0&_window_={window}&_index_only_=false&_auto_commit_={auto_commit}"
+        );
+        let mut req = url.as_str().into_client_request()?;
+        let h = req.headers_mut();
+        h.insert(
+            "Authorization",
+            self.token
+                .parse()
+                .map_err(|_| ClientError::Protocol("token".into()))?,
+        );
+        h.insert(
+            HEADER_USER,
+            self.user
+                .parse()
+                .map_err(|_| ClientError::Protocol("user".into()))?,
+        );
+        h.insert(
+            HEADER_GROUP,
+            self.group
+                .parse()
+                .map_err(|_| ClientError::Protocol("group".into()))?,
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(ws
+            .filter_map(|m| async move {
+                match m {
+                    Ok(Message::Binary(b)) => Some(
+                        DataFrameProto::decode(b).map_err(|e| ClientError::Protocol(e.to_string())),
+                    ),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e.into())),
+                }
+            })
+            .boxed())
+    }
+
     /// Watch the queue; `on_frame` is called for every frame until it
     /// returns false or the connection ends.
     pub async fn watch<F, Fut>(

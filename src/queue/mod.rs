@@ -20,5 +20,7 @@ mod tests;
 
 pub use attributes::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, attributes};
 pub use command::*;
-pub use queue::{Consumer, ConsumerStatus, Group, Item, Queue, REQUEST_ID_TAG, tags_match};
+pub use queue::{
+    Consumer, ConsumerStatus, Group, Item, PATH_TAG, Queue, REQUEST_ID_TAG, tags_match,
+};
 pub use state::{DEDUP_CAPACITY, QueueState, Service, validate_service_name};

@@ -24,6 +24,10 @@ use super::command::{
 /// Tag key under which every item carries its request id.
 pub const REQUEST_ID_TAG: &str = "requestId";
 
+/// Tag key carrying the sub-path an item was put on, when there is one.
+/// Clients cannot set it: `_x_` query keys are control parameters.
+pub const PATH_TAG: &str = "_path_";
+
 /// A stored item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
@@ -234,6 +238,9 @@ impl Queue {
         self.next_index += 1;
         let mut tags = item.tags;
         tags.insert(REQUEST_ID_TAG.to_string(), item.request_id.clone());
+        if !item.path.is_empty() {
+            tags.insert(PATH_TAG.to_string(), item.path.clone());
+        }
         let stored = Item {
             index,
             request_id: item.request_id,

@@ -1,0 +1,344 @@
+//! The asynchronous inference engine: a worker that sits beside a model
+//! server, watches a service's input queue and turns each item into a
+//! result on the sink.
+//!
+//! - It watches with `window` = its concurrency, in a group shared by every
+//!   engine of the service, so Eddy balances items by the engines' free
+//!   slots.
+//! - Each item is POSTed to the model at the item's sub-path. The response
+//!   body is written to the sink tagged `requestId` (and `lastCode` when the
+//!   status is not 200) **in the same replicated command that commits the
+//!   input item** (`_complete_`), so a crash between the two cannot lose the
+//!   result or write it twice. An item whose result already exists is
+//!   committed without calling the model again.
+//! - An empty body writes nothing (the model delivered elsewhere).
+//! - A model that times out or cannot be reached: the item is negatively
+//!   committed and redelivered, until the service's max-delivery count
+//!   dead-letters it.
+//! - A full sink (429) is retried while the engine keeps the item's slot,
+//!   so the engine stops taking input until there is room.
+//! - On shutdown the engine stops taking items, finishes what it holds and
+//!   hands back (negative commit, code `Shutdown`) what it never started.
+//!
+//! The engine talks to Eddy only through [`crate::client`].
+
+pub mod model;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+use crate::client::{ClientError, QueueClient};
+use crate::proto::DataFrameProto;
+use crate::queue::{PATH_TAG, REQUEST_ID_TAG};
+pub use model::{ModelClient, ModelError, ModelResponse};
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Eddy nodes (`host:port`); the engine moves to the next on failure.
+    pub endpoints: Vec<String>,
+    pub service: String,
+    pub token: String,
+    pub model: String,
+    pub concurrency: u32,
+    /// Consumer group shared by all engines of the service.
+    pub group: String,
+    /// This engine's consumer id (stable across reconnects).
+    pub instance: String,
+    pub request_timeout: Duration,
+    /// How long a shutdown waits for items in progress.
+    pub drain_timeout: Duration,
+}
+
+/// Counters an engine keeps (also printed on exit).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub completed: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub failed_calls: AtomicU64,
+    pub handed_back: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no Eddy endpoint configured")]
+    NoEndpoint,
+}
+
+/// A running engine's shared parts.
+pub struct Engine {
+    settings: EngineSettings,
+    inputs: Vec<QueueClient>,
+    sinks: Vec<QueueClient>,
+    current: AtomicUsize,
+    pub model: ModelClient,
+    /// Concurrency budget shared by queue work and synchronous requests.
+    pub permits: Arc<Semaphore>,
+    pub stats: EngineStats,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(5)).min(2_000))
+}
+
+impl Engine {
+    pub fn new(settings: EngineSettings) -> Result<Arc<Self>, EngineError> {
+        if settings.endpoints.is_empty() {
+            return Err(EngineError::NoEndpoint);
+        }
+        let make = |ep: &String, queue: String| {
+            let mut c = QueueClient::new(ep, &queue, &settings.token);
+            c.group = settings.group.clone();
+            c.user = settings.instance.clone();
+            c
+        };
+        let inputs = settings
+            .endpoints
+            .iter()
+            .map(|e| make(e, settings.service.clone()))
+            .collect();
+        let sinks = settings
+            .endpoints
+            .iter()
+            .map(|e| make(e, format!("{}/sink", settings.service)))
+            .collect();
+        Ok(Arc::new(Self {
+            model: ModelClient::new(&settings.model, settings.request_timeout),
+            permits: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
+            settings,
+            inputs,
+            sinks,
+            current: AtomicUsize::new(0),
+            stats: EngineStats::default(),
+        }))
+    }
+
+    fn input(&self) -> &QueueClient {
+        &self.inputs[self.current.load(Ordering::Relaxed) % self.inputs.len()]
+    }
+
+    fn sink(&self) -> &QueueClient {
+        &self.sinks[self.current.load(Ordering::Relaxed) % self.sinks.len()]
+    }
+
+    fn next_endpoint(&self) {
+        self.current.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Work until `shutdown` resolves, then drain and return.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut attempt = 0u32;
+        'connect: loop {
+            let watch = tokio::select! {
+                w = self.input().open_watch(self.settings.concurrency.max(1), false) => w,
+                _ = &mut shutdown => break 'connect,
+            };
+            let mut frames = match watch {
+                Ok(f) => {
+                    attempt = 0;
+                    tracing::info!(endpoint = %self.input().url, "engine watching");
+                    f
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, endpoint = %self.input().url, "watch failed; trying the next node");
+                    self.next_endpoint();
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(attempt)) => continue 'connect,
+                        _ = &mut shutdown => break 'connect,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    f = frames.next() => f,
+                    _ = &mut shutdown => {
+                        self.drain(frames).await;
+                        return;
+                    }
+                };
+                match next {
+                    Some(Ok(frame)) => {
+                        // Keep reading (and answering pings) while the item
+                        // waits for a slot of the shared budget.
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            let permit = me
+                                .permits
+                                .clone()
+                                .acquire_owned()
+                                .await
+                                .expect("semaphore open");
+                            me.process(frame).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "watch broke; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::info!("watch closed by the node; reconnecting");
+                        self.next_endpoint();
+                        break;
+                    }
+                }
+            }
+        }
+        self.wait_idle().await;
+    }
+
+    /// Hand back frames that arrive while items in progress finish, then
+    /// close the watch.
+    async fn drain(
+        &self,
+        mut frames: impl futures::Stream<Item = Result<DataFrameProto, ClientError>> + Unpin,
+    ) {
+        tracing::info!("engine stopping: finishing items in progress");
+        let total = self.settings.concurrency.max(1);
+        let idle = self.permits.acquire_many(total);
+        tokio::pin!(idle);
+        let deadline = tokio::time::sleep(self.settings.drain_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut idle => break,
+                _ = &mut deadline => {
+                    tracing::warn!("drain timed out with items still in progress");
+                    break;
+                }
+                f = frames.next() => match f {
+                    Some(Ok(frame)) => {
+                        if let Err(e) = self.input().negative(&[frame.index], "Shutdown", "engine stopping").await {
+                            tracing::warn!(error = %e, index = frame.index, "could not hand back item");
+                        }
+                        self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        // The watch ended: wait for the work in progress only.
+                        let _ = tokio::time::timeout(self.settings.drain_timeout, self.permits.acquire_many(total)).await;
+                        break;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn wait_idle(&self) {
+        let total = self.settings.concurrency.max(1);
+        let _ = tokio::time::timeout(
+            self.settings.drain_timeout,
+            self.permits.acquire_many(total),
+        )
+        .await;
+    }
+
+    async fn process(&self, frame: DataFrameProto) {
+        let Some(request_id) = frame.tags.get(REQUEST_ID_TAG).cloned() else {
+            tracing::warn!(
+                index = frame.index,
+                "item without request id; committing it unprocessed"
+            );
+            let _ = self.input().commit(&[frame.index]).await;
+            return;
+        };
+        // A result already on the sink means the work was done: commit only.
+        let mut filter = BTreeMap::new();
+        filter.insert(REQUEST_ID_TAG.to_string(), request_id.clone());
+        if let Ok(existing) = self.sink().get(0, 1, "0s", false, &filter).await
+            && !existing.is_empty()
+        {
+            self.finish(frame.index, &request_id, BTreeMap::new(), Bytes::new())
+                .await;
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let path = frame.tags.get(PATH_TAG).cloned().unwrap_or_default();
+        match self.model.call(&path, frame.data.clone()).await {
+            Ok(resp) => {
+                let mut tags = BTreeMap::new();
+                if resp.status != 200 {
+                    tags.insert("lastCode".to_string(), resp.status.to_string());
+                }
+                self.finish(frame.index, &request_id, tags, resp.body).await;
+            }
+            Err(e) => {
+                self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(index = frame.index, error = %e, "model call failed; handing the item back");
+                let mut attempt = 0;
+                while let Err(err) = self
+                    .input()
+                    .negative(&[frame.index], e.code(), &e.to_string())
+                    .await
+                {
+                    attempt += 1;
+                    if attempt > 20 {
+                        tracing::error!(error = %err, "could not hand the item back; it returns after the grace period");
+                        break;
+                    }
+                    self.next_endpoint();
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Write the result and commit the input, retrying while the sink is
+    /// full or the cluster is between leaders (the slot stays taken).
+    async fn finish(
+        &self,
+        index: u64,
+        request_id: &str,
+        tags: BTreeMap<String, String>,
+        body: Bytes,
+    ) {
+        let mut attempt = 0;
+        loop {
+            match self
+                .sink()
+                .complete(index, request_id, &tags, body.clone())
+                .await
+            {
+                Ok(duplicate) => {
+                    if duplicate {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Err(ClientError::Status { status: 429, .. }) => {
+                    // Sink full: hold the slot (backpressure) and retry.
+                    attempt = (attempt + 1).min(5);
+                }
+                Err(ClientError::Status { status, body: text }) if (400..500).contains(&status) => {
+                    tracing::error!(status, error = %text, index, "result refused; handing the item back");
+                    let _ = self
+                        .input()
+                        .negative(&[index], "ResultRefused", &text)
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, index, "writing the result failed; retrying");
+                    self.next_endpoint();
+                    attempt = (attempt + 1).min(5);
+                }
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Call the model directly for a synchronous request, sharing the
+    /// concurrency budget with queue work.
+    pub async fn predict_sync(&self, path: &str, body: Bytes) -> Result<ModelResponse, ModelError> {
+        let _permit = self.permits.acquire().await.expect("semaphore open");
+        self.model.call(path, body).await
+    }
+}
