@@ -26,7 +26,7 @@ pub mod model;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -80,6 +80,7 @@ pub struct Engine {
     /// Concurrency budget shared by queue work and synchronous requests.
     pub permits: Arc<Semaphore>,
     pub stats: EngineStats,
+    stopping: AtomicBool,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -115,6 +116,7 @@ impl Engine {
             sinks,
             current: AtomicUsize::new(0),
             stats: EngineStats::default(),
+            stopping: AtomicBool::new(false),
         }))
     }
 
@@ -159,8 +161,12 @@ impl Engine {
                 let next = tokio::select! {
                     f = frames.next() => f,
                     _ = &mut shutdown => {
-                        self.drain(frames).await;
-                        return;
+                        // Closing the watch stops deliveries at once; what
+                        // is in progress finishes, what waits is handed back.
+                        tracing::info!("engine stopping: finishing items in progress");
+                        self.stopping.store(true, Ordering::Relaxed);
+                        drop(frames);
+                        break 'connect;
                     }
                 };
                 match next {
@@ -175,7 +181,11 @@ impl Engine {
                                 .acquire_owned()
                                 .await
                                 .expect("semaphore open");
-                            me.process(frame).await;
+                            if me.stopping.load(Ordering::Relaxed) {
+                                me.hand_back(frame.index).await;
+                            } else {
+                                me.process(frame).await;
+                            }
                             drop(permit);
                         });
                     }
@@ -194,40 +204,11 @@ impl Engine {
         self.wait_idle().await;
     }
 
-    /// Hand back frames that arrive while items in progress finish, then
-    /// close the watch.
-    async fn drain(
-        &self,
-        mut frames: impl futures::Stream<Item = Result<DataFrameProto, ClientError>> + Unpin,
-    ) {
-        tracing::info!("engine stopping: finishing items in progress");
-        let total = self.settings.concurrency.max(1);
-        let idle = self.permits.acquire_many(total);
-        tokio::pin!(idle);
-        let deadline = tokio::time::sleep(self.settings.drain_timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut idle => break,
-                _ = &mut deadline => {
-                    tracing::warn!("drain timed out with items still in progress");
-                    break;
-                }
-                f = frames.next() => match f {
-                    Some(Ok(frame)) => {
-                        if let Err(e) = self.input().negative(&[frame.index], "Shutdown", "engine stopping").await {
-                            tracing::warn!(error = %e, index = frame.index, "could not hand back item");
-                        }
-                        self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        // The watch ended: wait for the work in progress only.
-                        let _ = tokio::time::timeout(self.settings.drain_timeout, self.permits.acquire_many(total)).await;
-                        break;
-                    }
-                },
-            }
+    async fn hand_back(&self, index: u64) {
+        if let Err(e) = self.input().negative(&[index], "Shutdown", "engine stopping").await {
+            tracing::warn!(error = %e, index, "could not hand back item; it returns after the grace period");
         }
+        self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn wait_idle(&self) {

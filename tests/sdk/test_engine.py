@@ -1,0 +1,234 @@
+"""The inference engine end to end, driven by the official SDK: puts on the
+input queue, an `eddy engine` beside `eddy demo-model`, results on the sink."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+from eas_prediction import QueueClient
+
+from conftest import eddy_binary, free_port, wait_until
+
+TOKEN = "engine-token"
+
+
+class Proc:
+    def __init__(self, args, log):
+        self.log = open(log, "ab")
+        self.p = subprocess.Popen([eddy_binary()] + args, stdout=self.log, stderr=self.log)
+
+    def signal(self, sig):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+
+    def wait(self, timeout=30):
+        return self.p.wait(timeout=timeout)
+
+    def stop(self):
+        self.signal(signal.SIGKILL)
+        self.p.wait(timeout=30)
+
+
+def model(tmp, *flags):
+    port = free_port()
+    proc = Proc(["demo-model", "--listen", f"127.0.0.1:{port}", *flags], os.path.join(tmp, f"model-{port}.log"))
+    import urllib.request
+    wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200,
+               what="demo model up")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def engine(tmp, node, service, model_url, *flags, concurrency=8):
+    return Proc(["engine", "-e", node.endpoint, "--service", service, "-t", TOKEN, "--model", model_url,
+                 "--concurrency", str(concurrency), *flags],
+                os.path.join(tmp, f"engine-{uuid.uuid4().hex[:6]}.log"))
+
+
+def clients(node, service):
+    inq = QueueClient(node.endpoint, service)
+    inq.set_token(TOKEN)
+    inq.init()
+    sink = QueueClient(node.endpoint, service + "/sink")
+    sink.set_token(TOKEN)
+    sink.init()
+    return inq, sink
+
+
+def put_many(q, n, threads=8):
+    ids = []
+    lock = threading.Lock()
+
+    def work(k):
+        for i in range(k, n, threads):
+            _, rid = q.put(f'[{{"i": {i}}}]')
+            with lock:
+                ids.append(rid)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return ids
+
+
+def drain_sink(sink, expected, timeout=120):
+    """Watch the sink with auto-commit until `expected` results arrived."""
+    seen = []
+    watcher = sink.watch(0, 64, auto_commit=True)
+    deadline = time.monotonic() + timeout
+    for df in watcher.run():
+        seen.append(df)
+        if len(seen) >= expected or time.monotonic() > deadline:
+            break
+    watcher.close()
+    return seen
+
+
+def length(q):
+    return int(q.attributes()["stream.length"])
+
+
+def test_2000_requests_round_trip(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path)
+    e = engine(tmpdir_factory_path, node, svc, url)
+    try:
+        inq, sink = clients(node, svc)
+        ids = put_many(inq, 2000)
+        results = drain_sink(sink, 2000)
+        got = [df.tags["requestId"] for df in results]
+        assert len(got) == len(set(got)), "a request id appeared twice in the sink"
+        assert set(got) == set(ids)
+        assert all(b"p_0" in df.data and "lastCode" not in df.tags for df in results)
+        wait_until(lambda: length(inq) == 0, what="input queue empty")
+    finally:
+        e.stop()
+        m.stop()
+
+
+def test_engine_killed_mid_way_loses_nothing_and_writes_nothing_twice(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN, consumer_grace_ms=500)
+    m, url = model(tmpdir_factory_path, "--delay-ms", "5")
+    e1 = engine(tmpdir_factory_path, node, svc, url)
+    e2 = engine(tmpdir_factory_path, node, svc, url)
+    try:
+        inq, sink = clients(node, svc)
+        ids = put_many(inq, 2000)
+        wait_until(lambda: length(sink) >= 300, what="results flowing")
+        e1.stop()  # kill -9 with items in flight
+        results = drain_sink(sink, 2000)
+        got = [df.tags["requestId"] for df in results]
+        assert len(got) == len(set(got)), "a request id appeared twice in the sink"
+        assert set(got) == set(ids)
+        wait_until(lambda: length(inq) == 0, what="input queue empty")
+    finally:
+        e1.stop()
+        e2.stop()
+        m.stop()
+
+
+def test_failing_model_sets_last_code(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path, "--fail-every", "1", "--fail-status", "500")
+    e = engine(tmpdir_factory_path, node, svc, url)
+    try:
+        inq, sink = clients(node, svc)
+        _, rid = inq.put('[{"a": 1}]')
+        [df] = sink.get(request_id=rid, timeout="20s")
+        assert df.tags["lastCode"] == "500"
+    finally:
+        e.stop()
+        m.stop()
+
+
+def test_empty_body_writes_nothing(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path, "--empty")
+    e = engine(tmpdir_factory_path, node, svc, url)
+    try:
+        inq, sink = clients(node, svc)
+        for _ in range(5):
+            inq.put('[{"a": 1}]')
+        wait_until(lambda: length(inq) == 0, what="inputs consumed")
+        assert length(sink) == 0
+    finally:
+        e.stop()
+        m.stop()
+
+
+def test_full_sink_holds_the_engine_back(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN, sink_max_length=2)
+    m, url = model(tmpdir_factory_path)
+    e = engine(tmpdir_factory_path, node, svc, url, concurrency=2)
+    try:
+        inq, sink = clients(node, svc)
+        for i in range(10):
+            inq.put(f'[{{"i": {i}}}]')
+        wait_until(lambda: length(sink) == 2, what="sink full")
+        # The engine holds its two slots: two items in flight, the rest waits.
+        wait_until(lambda: int(inq.attributes()["stream.inFlight"]) == 2, what="engine holding its window")
+        assert length(inq) == 8
+        # Reading the sink makes room and the work resumes.
+        results = drain_sink(sink, 10)
+        assert len({df.tags["requestId"] for df in results}) == 10
+        wait_until(lambda: length(inq) == 0, what="inputs consumed")
+    finally:
+        e.stop()
+        m.stop()
+
+
+def test_unreachable_model_dead_letters_after_max_deliveries(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN, max_delivery=3)
+    dead_port = free_port()  # nothing listens here
+    e = engine(tmpdir_factory_path, node, svc, f"http://127.0.0.1:{dead_port}")
+    try:
+        inq, sink = clients(node, svc)
+        inq.put('[{"a": 1}]')
+        wait_until(lambda: inq.attributes()["stream.deadLetters"] == "1", timeout=30, what="dead letter")
+        assert length(inq) == 0 and length(sink) == 0
+    finally:
+        e.stop()
+
+
+def test_graceful_shutdown_finishes_work_in_progress(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path, "--delay-ms", "1500")
+    e = engine(tmpdir_factory_path, node, svc, url, concurrency=2)
+    try:
+        inq, sink = clients(node, svc)
+        ids = [inq.put(f'[{{"i": {i}}}]')[1] for i in range(4)]
+        wait_until(lambda: int(inq.attributes()["stream.inFlight"]) == 2, what="two items in progress")
+        e.signal(signal.SIGTERM)
+        assert e.wait(timeout=30) == 0
+        # The two in progress were finished; the others are still queued.
+        assert length(sink) == 2
+        assert length(inq) == 2
+        assert int(inq.attributes()["stream.inFlight"]) == 0
+    finally:
+        e.stop()
+        m.stop()
+
+
+def test_sync_endpoint_calls_the_model(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path)
+    port = free_port()
+    e = engine(tmpdir_factory_path, node, svc, url, "--listen", f"127.0.0.1:{port}")
+    try:
+        import json
+        import urllib.request
+        def call():
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict/{svc}", data=b'[{"a": 1}, {"b": 2}]', method="POST")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return json.loads(r.read())
+        wait_until(lambda: len(call()) == 2, what="sync endpoint")
+        out = call()
+        assert all(abs(o["p_0"] + o["p_1"] - 1) < 1e-9 for o in out)
+    finally:
+        e.stop()
+        m.stop()
