@@ -205,7 +205,11 @@ impl Engine {
     }
 
     async fn hand_back(&self, index: u64) {
-        if let Err(e) = self.input().negative(&[index], "Shutdown", "engine stopping").await {
+        if let Err(e) = self
+            .input()
+            .negative(&[index], "Shutdown", "engine stopping")
+            .await
+        {
             tracing::warn!(error = %e, index, "could not hand back item; it returns after the grace period");
         }
         self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
