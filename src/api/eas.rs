@@ -200,11 +200,13 @@ async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Re
         Method::GET if q.flag("_watch_")? || req.ws.is_ok() => {
             super::watch::watch(state, target.queue, req).await
         }
-        Method::GET if q.flag("_attrs_")? => attrs(&state, &target.queue, &req.headers),
-        Method::GET if q.flag("_search_")? => search(&state, &target.queue, q),
-        Method::GET if q.flag("_count_")? => count(&state, &target.queue, q, &req.headers),
-        Method::GET if q.flag("_dead_")? => dead(&state, &target.queue, q, &req.headers),
-        Method::GET => get(&state, &target.queue, &req.query, &req.headers).await,
+        // Reads observe every write acknowledged before them (read index
+        // through the leader), unless the caller asks for a local read.
+        Method::GET if !q.flag("_local_")? && !q.flag_or("_auto_delete_", false)? => {
+            state.node.linearize().await?;
+            read(&state, target, req).await
+        }
+        Method::GET => read(&state, target, req).await,
         Method::DELETE if q.flag("_trunc_")? => {
             let before = match q.start_index()? {
                 Some(i) => i,
@@ -243,6 +245,21 @@ async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Re
             "method {} is not supported on a queue",
             req.method
         ))),
+    }
+}
+
+async fn read(state: &AppState, target: Target, req: Request) -> Result<Response, ApiError> {
+    let q = &req.query;
+    if q.flag("_attrs_")? {
+        attrs(state, &target.queue, &req.headers)
+    } else if q.flag("_search_")? {
+        search(state, &target.queue, q)
+    } else if q.flag("_count_")? {
+        count(state, &target.queue, q, &req.headers)
+    } else if q.flag("_dead_")? {
+        dead(state, &target.queue, q, &req.headers)
+    } else {
+        get(state, &target.queue, &req.query, &req.headers).await
     }
 }
 

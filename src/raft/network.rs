@@ -11,10 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,7 +53,9 @@ impl Channels {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
@@ -153,6 +158,51 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let body = reply_body(reply.into_inner())
             .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
         decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+
+    /// Pipelined replication over one bidirectional gRPC stream: openraft
+    /// keeps feeding requests while responses come back in order.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let target = self.target;
+        let secret = self.secret.clone();
+        let client = self.client();
+        Box::pin(async move {
+            let mut client = client?;
+            let requests = input.map(move |r| RaftRequest {
+                target,
+                body: encode(&r).into(),
+            });
+            let call = client.stream_append(authorized(&secret, requests, None));
+            let response = tokio::time::timeout(option.soft_ttl(), call)
+                .await
+                .map_err(|_| {
+                    RPCError::Unreachable(Unreachable::from_string("stream append: no answer"))
+                })?
+                .map_err(status_to_rpc)?;
+            let replies = response.into_inner().map(|r| match r {
+                Ok(reply) => {
+                    let body = reply_body(reply)
+                        .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+                    decode::<StreamAppendResult<TypeConfig>>(&body)
+                        .map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+                }
+                Err(status) => Err(status_to_rpc(status)),
+            });
+            Ok(Box::pin(replies) as BoxStream<'s, _>)
+        })
     }
 
     async fn vote(

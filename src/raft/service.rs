@@ -144,6 +144,11 @@ impl RaftService for Service {
         reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
     }
 
+    async fn read_index(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.check(&req)?;
+        reply(self.node.leader_read_index().await)
+    }
+
     async fn forward(
         &self,
         req: Request<ForwardRequest>,
