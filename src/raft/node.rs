@@ -479,6 +479,9 @@ impl RaftNode {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut announced_restart = false;
         let mut leader_since: Option<tokio::time::Instant> = None;
+        // The leader before this node took over: it went silent long enough
+        // for an election, so it needs less benefit of the doubt.
+        let mut previous_leader: Option<u64> = None;
         let stopped = self.stopped();
         tokio::pin!(stopped);
         loop {
@@ -500,6 +503,9 @@ impl RaftNode {
             }
             if !self.is_leader() {
                 leader_since = None;
+                if let Some(l) = self.status().leader.filter(|l| *l != self.id) {
+                    previous_leader = Some(l);
+                }
                 continue;
             }
             let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
@@ -510,11 +516,19 @@ impl RaftNode {
                 tracing::debug!(error = %e, "tick not applied");
             }
             let limit = Duration::from_millis(self.settings.node_lost_ms);
-            // A new leader first gives every member one full timeout to ack.
-            if since.elapsed() < limit {
-                continue;
-            }
-            for node in self.lost_members(limit) {
+            let old_leader_limit = limit.min(Duration::from_millis(self.settings.election_timeout_ms));
+            // A new leader gives every member a full timeout to ack, except
+            // the old leader, whose silence already caused the election.
+            let lost: BTreeSet<u64> = if since.elapsed() >= limit {
+                self.lost_members(limit)
+            } else if since.elapsed() >= old_leader_limit
+                && let Some(old) = previous_leader
+            {
+                self.lost_members(old_leader_limit).into_iter().filter(|n| *n == old).collect()
+            } else {
+                BTreeSet::new()
+            };
+            for node in lost {
                 tracing::warn!(
                     node,
                     "member stopped acknowledging; moving its consumers' items"

@@ -71,6 +71,11 @@ class Node:
         return f"http://{self.endpoint}"
 
     def start(self):
+        self.start_background()
+        wait_until(self.ready, what=f"node {self.node_id} ready")
+        return self
+
+    def start_background(self):
         cmd = [
             eddy_binary(), "serve",
             "--id", str(self.node_id),
@@ -81,8 +86,6 @@ class Node:
         ] + (["--peers", ",".join(self.peers)] if self.peers else []) + self.extra
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        wait_until(self.ready, what=f"node {self.node_id} ready")
-        return self
 
     def ready(self):
         with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
@@ -119,3 +122,51 @@ def node():
 def tmpdir_factory_path():
     with tempfile.TemporaryDirectory(prefix="eddy-test-") as d:
         yield d
+
+
+class Cluster:
+    """Three `eddy serve` processes on loopback forming one cluster."""
+
+    def __init__(self, data_dir, size=3, extra=None):
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        peers = [f"{i + 1}@127.0.0.1:{r}@127.0.0.1:{h}" for i, (h, r) in enumerate(ports)]
+        self.nodes = [Node(data_dir, node_id=i + 1, peers=peers, extra=extra, http_port=h, raft_port=r)
+                      for i, (h, r) in enumerate(ports)]
+
+    def start(self):
+        procs = []
+        for n in self.nodes:
+            cmd_node = n
+            procs.append(cmd_node)
+        # Start all before waiting: a node is ready only once there is a leader.
+        for n in self.nodes:
+            n.start_background()
+        for n in self.nodes:
+            wait_until(n.ready, timeout=30, what=f"node {n.node_id} ready")
+        return self
+
+    def status(self, node):
+        return node.admin("GET", "/admin/cluster")
+
+    def leader(self):
+        for n in self.nodes:
+            if n.proc and n.proc.poll() is None:
+                try:
+                    s = self.status(n)
+                except Exception:
+                    continue
+                if s["leader"] is not None:
+                    return next(x for x in self.nodes if x.node_id == s["leader"])
+        return None
+
+    def kill_all(self):
+        for n in self.nodes:
+            n.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with tempfile.TemporaryDirectory(prefix="eddy-cluster-") as d:
+        c = Cluster(d).start()
+        yield c
+        c.kill_all()
