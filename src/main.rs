@@ -199,6 +199,9 @@ struct ServeArgs {
     node_lost_ms: u64,
     #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = 20_000)]
     snapshot_every: u64,
+    /// Do not form a cluster: wait to be added (`eddy cluster add`).
+    #[arg(long, env = "EDDY_JOIN", default_value_t = false)]
+    join: bool,
     /// A watcher that answers no ping for this long is dropped.
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
@@ -339,7 +342,31 @@ struct ServiceCreate {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
+    /// Members, leader, term, commit and apply indexes.
     Status(AdminArgs),
+    /// Add a node (started with --join): learner catch-up, then voter.
+    Add(MemberAdd),
+    /// Remove a node from the voters.
+    Remove(MemberRemove),
+}
+
+#[derive(Args)]
+struct MemberAdd {
+    #[command(flatten)]
+    admin: AdminArgs,
+    id: u64,
+    /// The new node's gRPC address (host:port).
+    raft_addr: String,
+    /// The new node's HTTP address (host:port).
+    #[arg(default_value = "")]
+    api_addr: String,
+}
+
+#[derive(Args)]
+struct MemberRemove {
+    #[command(flatten)]
+    admin: AdminArgs,
+    id: u64,
 }
 
 fn http_base(endpoint: &str) -> String {
@@ -452,6 +479,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         election_timeout_ms: a.election_timeout_ms,
         node_lost_ms: a.node_lost_ms,
         snapshot_every: a.snapshot_every,
+        join: a.join,
         watch_idle_ms: a.watch_idle_ms,
         default_service: services.first().map(|(n, _)| n.clone()),
         services,
@@ -899,6 +927,23 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(a.listen).await?;
             tracing::info!(listen = %listener.local_addr()?, "demo model serving");
             eddy::api::serve(listener, eddy::api::demo_model_router(model), terminated()).await?;
+        }
+        Cmd::Cluster(ClusterCmd::Add(m)) => {
+            let body =
+                serde_json::json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr});
+            let out = admin_request(
+                &m.admin,
+                reqwest::Method::POST,
+                "/admin/cluster/members",
+                Some(body),
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Cluster(ClusterCmd::Remove(m)) => {
+            let path = format!("/admin/cluster/members/{}", m.id);
+            let out = admin_request(&m.admin, reqwest::Method::DELETE, &path, None).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Cmd::Cluster(ClusterCmd::Status(a)) => {
             let out = admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?;

@@ -27,6 +27,8 @@ pub struct ServeSettings {
     pub election_timeout_ms: u64,
     pub node_lost_ms: u64,
     pub snapshot_every: u64,
+    /// Wait to be added to an existing cluster instead of forming one.
+    pub join: bool,
     pub watch_idle_ms: u64,
     /// Services to create (or update) once the cluster has a leader.
     pub services: Vec<(String, ServiceConfig)>,
@@ -71,6 +73,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         election_timeout_ms: settings.election_timeout_ms,
         node_lost_ms: settings.node_lost_ms,
         snapshot_every: settings.snapshot_every,
+        join: settings.join,
     };
     let (node, events) = RaftNode::start(raft_settings).await?;
     let hub = Hub::new(settings.id);

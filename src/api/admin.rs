@@ -22,6 +22,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/cluster", get(cluster))
+        .route("/admin/cluster/members", axum::routing::post(add_member))
+        .route(
+            "/admin/cluster/members/{id}",
+            axum::routing::delete(remove_member),
+        )
         .route("/admin/services", get(list_services).post(create_service))
         .route(
             "/admin/services/{name}",
@@ -168,6 +173,111 @@ async fn delete_service(
         Reply::Rejected(r) => Err(r.into()),
         _ => Ok("OK".into_response()),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberRequest {
+    id: u64,
+    raft_addr: String,
+    #[serde(default)]
+    api_addr: String,
+}
+
+/// Membership changes run on the leader; other nodes pass the request on.
+async fn on_leader<F, Fut>(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    path: String,
+    body: Option<serde_json::Value>,
+    local: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::raft::ProposeError>>,
+{
+    match local().await {
+        Ok(()) => Ok("OK".into_response()),
+        Err(crate::raft::ProposeError::NotLeader { leader: Some(l) }) if l != state.node.id => {
+            let api = state
+                .node
+                .node_info(l)
+                .map(|n| n.data)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| {
+                    ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
+                })?;
+            let mut rb = reqwest::Client::new()
+                .request(method, format!("http://{api}{path}"))
+                .header(
+                    "Authorization",
+                    headers
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                );
+            if let Some(b) = body {
+                rb = rb
+                    .header("content-type", "application/json")
+                    .body(b.to_string());
+            }
+            let resp = rb
+                .send()
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("leader {l}: {e}")))?;
+            let status =
+                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let text = resp.text().await.unwrap_or_default();
+            Ok((status, text).into_response())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn add_member(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let req: MemberRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("member JSON: {e}")))?;
+    if req.id == 0 || req.raft_addr.is_empty() {
+        return Err(ApiError::BadRequest(
+            "id (> 0) and raft_addr are required".into(),
+        ));
+    }
+    let json =
+        serde_json::json!({"id": req.id, "raft_addr": req.raft_addr, "api_addr": req.api_addr});
+    let node = state.node.clone();
+    on_leader(
+        &state,
+        &headers,
+        reqwest::Method::POST,
+        "/admin/cluster/members".into(),
+        Some(json),
+        || async move { node.add_member(req.id, req.raft_addr, req.api_addr).await },
+    )
+    .await
+}
+
+async fn remove_member(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let node = state.node.clone();
+    on_leader(
+        &state,
+        &headers,
+        reqwest::Method::DELETE,
+        format!("/admin/cluster/members/{id}"),
+        None,
+        || async move { node.remove_member(id).await },
+    )
+    .await
 }
 
 async fn cluster(State(state): State<Arc<AppState>>) -> Response {

@@ -59,6 +59,8 @@ pub struct RaftSettings {
     /// A member silent this long is declared gone (its consumers' items move).
     pub node_lost_ms: u64,
     pub snapshot_every: u64,
+    /// Never form a cluster: wait to be added to an existing one.
+    pub join: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +201,7 @@ impl RaftNode {
     async fn initialize_if_pristine(&self) -> anyhow::Result<()> {
         let members = self.members();
         let lowest = *members.keys().next().expect("at least this node");
-        if lowest != self.id || self.raft.is_initialized().await? {
+        if self.settings.join || lowest != self.id || self.raft.is_initialized().await? {
             return Ok(());
         }
         match self.raft.initialize(members).await {
@@ -427,6 +429,59 @@ impl RaftNode {
         }
     }
 
+    fn write_error(
+        e: RaftError<super::types::TypeConfig, ClientWriteError<super::types::TypeConfig>>,
+    ) -> ProposeError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
+                leader: f.leader_id,
+            },
+            RaftError::APIError(e) => ProposeError::Unavailable(e.to_string()),
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+        }
+    }
+
+    /// On the leader: add a node as a learner, wait until it caught up, then
+    /// make it a voter.
+    pub async fn add_member(
+        &self,
+        id: u64,
+        raft_addr: String,
+        api_addr: String,
+    ) -> Result<(), ProposeError> {
+        self.raft
+            .add_learner(id, NodeInfo::new(raft_addr, api_addr), true)
+            .await
+            .map_err(Self::write_error)?;
+        let mut voters: BTreeSet<u64> = self.status().voters.into_iter().collect();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(Self::write_error)?;
+        Ok(())
+    }
+
+    /// On the leader: remove a node from the voters (and the cluster).
+    pub async fn remove_member(&self, id: u64) -> Result<(), ProposeError> {
+        let mut voters: BTreeSet<u64> = self.status().voters.into_iter().collect();
+        if !voters.remove(&id) {
+            return Err(ProposeError::Unavailable(format!(
+                "node {id} is not a voter"
+            )));
+        }
+        if voters.is_empty() {
+            return Err(ProposeError::Unavailable(
+                "cannot remove the last voter".into(),
+            ));
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(Self::write_error)?;
+        Ok(())
+    }
+
     pub fn node_info(&self, id: u64) -> Option<NodeInfo> {
         let m = self.raft.metrics().borrow_watched().clone();
         m.membership_config.membership().get_node(&id).cloned()
@@ -516,7 +571,8 @@ impl RaftNode {
                 tracing::debug!(error = %e, "tick not applied");
             }
             let limit = Duration::from_millis(self.settings.node_lost_ms);
-            let old_leader_limit = limit.min(Duration::from_millis(self.settings.election_timeout_ms));
+            let old_leader_limit =
+                limit.min(Duration::from_millis(self.settings.election_timeout_ms));
             // A new leader gives every member a full timeout to ack, except
             // the old leader, whose silence already caused the election.
             let lost: BTreeSet<u64> = if since.elapsed() >= limit {
@@ -524,7 +580,10 @@ impl RaftNode {
             } else if since.elapsed() >= old_leader_limit
                 && let Some(old) = previous_leader
             {
-                self.lost_members(old_leader_limit).into_iter().filter(|n| *n == old).collect()
+                self.lost_members(old_leader_limit)
+                    .into_iter()
+                    .filter(|n| *n == old)
+                    .collect()
             } else {
                 BTreeSet::new()
             };

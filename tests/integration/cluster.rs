@@ -44,6 +44,23 @@ impl Cluster {
     }
 
     async fn start_node(&self, id: u64) -> RunningNode {
+        self.start_with(id, false).await
+    }
+
+    /// Start a node that waits to be added instead of forming a cluster.
+    async fn add_joiner(&mut self) -> u64 {
+        let id = self.peers.len() as u64 + 1;
+        self.peers.push(Peer {
+            id,
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            api_addr: String::new(),
+        });
+        let node = self.start_with(id, true).await;
+        self.nodes.push(Some(node));
+        id
+    }
+
+    async fn start_with(&self, id: u64, join: bool) -> RunningNode {
         let me = &self.peers[(id - 1) as usize];
         let settings = ServeSettings {
             id,
@@ -59,6 +76,7 @@ impl Cluster {
             election_timeout_ms: 300,
             node_lost_ms: 1_000,
             snapshot_every: self.snapshot_every,
+            join,
             watch_idle_ms: 10_000,
             services: Vec::new(),
             default_service: None,
@@ -248,4 +266,32 @@ async fn minority_side_refuses_writes() {
         r.is_err(),
         "a lone node must not acknowledge a write: {r:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_add_and_remove() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    for i in 0..10 {
+        put(c.node(leader), &format!("m{i}")).await;
+    }
+    let new = c.add_joiner().await;
+    let raft_addr = c.peers[(new - 1) as usize].raft_addr.clone();
+    let api = c.node(new).http_addr.to_string();
+    c.node(leader)
+        .node
+        .add_member(new, raft_addr, api)
+        .await
+        .unwrap();
+    wait_for_length(c.node(new), 10).await;
+    assert!(c.node(leader).node.status().voters.contains(&new));
+    // Remove a follower that is not the new node; the cluster keeps working.
+    let gone = (1..=3).find(|i| *i != leader).unwrap();
+    c.node(leader).node.remove_member(gone).await.unwrap();
+    let voters = c.node(leader).node.status().voters;
+    assert!(!voters.contains(&gone) && voters.contains(&new) && voters.len() == 3);
+    c.stop(gone).await;
+    put(c.node(new), "after-removal").await;
+    wait_for_length(c.node(new), 11).await;
 }
