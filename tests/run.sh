@@ -17,5 +17,5 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-  "eas-prediction==0.36" "pytest>=7" "pytest-timeout>=2" "websocket-client>=1"
+  "eas-prediction==0.36" "pytest>=7" "pytest-timeout>=2" "websocket-client>=1" "pyyaml>=6"
 EDDY_BIN="$PWD/target/release/eddy" "$VENV/bin/python" -m pytest tests/sdk -q

@@ -1,0 +1,89 @@
+"""Static checks of the deployment files: the Kubernetes manifests are
+well-formed and consistent with each other and with the binary's flags, and
+the Compose file describes a three-node cluster."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def manifests():
+    with open(os.path.join(ROOT, "deploy", "kubernetes", "eddy.yaml")) as f:
+        return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(f) if d}
+
+
+def serve_flags():
+    from conftest import eddy_binary
+    out = subprocess.run([eddy_binary(), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"\[env: (EDDY_[A-Z_]+)", out))
+
+
+def test_kubernetes_objects_are_complete_and_consistent():
+    docs = manifests()
+    for key in [("StatefulSet", "eddy"), ("Service", "eddy-headless"), ("Service", "eddy"),
+                ("PodDisruptionBudget", "eddy"), ("Secret", "eddy-cluster")]:
+        assert key in docs, f"missing {key}"
+    for doc in docs.values():
+        assert doc["apiVersion"] and doc["metadata"]["name"]
+    sts = docs[("StatefulSet", "eddy")]["spec"]
+    headless = docs[("Service", "eddy-headless")]["spec"]
+    assert sts["replicas"] == 3
+    assert sts["serviceName"] == "eddy-headless"
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    labels = sts["template"]["metadata"]["labels"]
+    for selector in (sts["selector"]["matchLabels"], headless["selector"], docs[("Service", "eddy")]["spec"]["selector"],
+                     docs[("PodDisruptionBudget", "eddy")]["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items(), "selector does not match the pod labels"
+    assert docs[("PodDisruptionBudget", "eddy")]["spec"]["maxUnavailable"] == 1
+
+    [container] = sts["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "raft": 9090}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    env = {e["name"]: e for e in container["env"]}
+    known = serve_flags()
+    assert set(env) <= known, f"unknown settings {set(env) - known}"
+    assert env["EDDY_ID_FROM_HOSTNAME"]["value"] == "true"
+    ref = env["EDDY_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in docs[("Secret", ref["name"])]["stringData"]
+
+    # One peer per replica, ids = ordinal + 1, addressed through the headless service.
+    peers = env["EDDY_PEERS"]["value"].split(",")
+    assert len(peers) == sts["replicas"]
+    for ordinal, peer in enumerate(peers):
+        pid, raft, http = peer.split("@")
+        assert int(pid) == ordinal + 1
+        assert raft == f"eddy-{ordinal}.eddy-headless:{ports['raft']}"
+        assert http == f"eddy-{ordinal}.eddy-headless:{ports['http']}"
+
+    [claim] = sts["volumeClaimTemplates"]
+    [mount] = container["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"]
+    assert mount["mountPath"] == env["EDDY_DATA_DIR"]["value"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+
+
+def test_compose_file_runs_three_nodes_an_engine_and_a_model():
+    with open(os.path.join(ROOT, "docker-compose.yml")) as f:
+        compose = yaml.safe_load(f)
+    services = compose["services"]
+    nodes = [n for n in services if n.startswith("eddy-")]
+    assert sorted(nodes) == ["eddy-1", "eddy-2", "eddy-3"]
+    peers = services["eddy-1"]["environment"]["EDDY_PEERS"]
+    for i, n in enumerate(sorted(nodes), start=1):
+        env = services[n]["environment"]
+        assert env["EDDY_NODE_ID"] == str(i)
+        assert env["EDDY_PEERS"] == peers
+        assert f"{i}@{n}:9090" in peers
+    assert services["engine"]["command"][0] == "engine"
+    assert services["demo-model"]["command"][0] == "demo-model"
+    if shutil.which("docker-compose"):
+        subprocess.run(["docker-compose", "-f", os.path.join(ROOT, "docker-compose.yml"), "config", "-q"], check=True)
