@@ -19,3 +19,12 @@ fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check \
   "eas-prediction==0.36" "pytest>=7" "pytest-timeout>=2" "websocket-client>=1" "pyyaml>=6"
 EDDY_BIN="$PWD/target/release/eddy" "$VENV/bin/python" -m pytest tests/sdk -q
+
+echo "== Fault suite (Compose cluster: kill -9, SIGSTOP, partition, full restart)"
+if docker info >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then
+  deploy/build-image.sh
+  "$VENV/bin/python" tests/fault/fault_suite.py --rounds "${FAULT_ROUNDS:-1}"
+else
+  echo "docker or docker-compose not available: fault suite not run" >&2
+  exit 1
+fi

@@ -126,6 +126,7 @@ impl RaftNode {
             election_timeout_min: settings.election_timeout_ms,
             election_timeout_max: settings.election_timeout_ms * 2,
             enable_pre_vote: Some(true),
+            broadcast_submitted_on_append: Some(true),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
             purge_batch_size: 256,
@@ -156,7 +157,15 @@ impl RaftNode {
         let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
         let stopped = node.stopped();
         tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Small Raft messages must not wait for Nagle's algorithm.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                },
+            );
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped)
