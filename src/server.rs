@@ -77,7 +77,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
     };
     let (node, events) = RaftNode::start(raft_settings).await?;
     let hub = Hub::new(settings.id);
-    tokio::spawn(hub.clone().run(events));
+    tokio::spawn(hub.clone().run(node.clone(), events));
     tokio::spawn(close_watchers_without_leader(node.clone(), hub.clone()));
     if !settings.services.is_empty() {
         let node = node.clone();

@@ -24,6 +24,7 @@ use super::eas::{Request, frame_proto};
 use super::params::identity;
 use super::{ApiError, AppState};
 use crate::queue::{Command, ConsumerSpec, Event, Frame, QueueRef, Reply};
+use crate::raft::RaftNode;
 
 enum Push {
     Frame(Frame),
@@ -48,29 +49,47 @@ impl Hub {
     }
 
     /// Consume the state machine's events for the lifetime of the node.
-    pub async fn run(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<Vec<Event>>) {
-        while let Some(batch) = events.recv().await {
+    ///
+    /// A node applies the log at its own pace; one that lags (after a
+    /// restart, say) would push deliveries the cluster has long since
+    /// superseded, such as an item another consumer already committed. So
+    /// before pushing, the node catches up with the commit index it last
+    /// heard of, and pushes only deliveries its current state still holds.
+    pub async fn run(
+        self: Arc<Self>,
+        node: Arc<RaftNode>,
+        mut events: mpsc::UnboundedReceiver<Vec<Event>>,
+    ) {
+        while let Some(mut batch) = events.recv().await {
+            while let Ok(more) = events.try_recv() {
+                batch.extend(more);
+            }
+            let mine =
+                |e: &Event| matches!(e, Event::Deliver { node, .. } if *node == self.node_id);
+            if batch.iter().any(mine)
+                && let Some(committed) = node.status().committed
+            {
+                node.wait_applied(committed, Duration::from_secs(2)).await;
+            }
             let mut changed = false;
             for event in batch {
                 match event {
                     Event::Deliver {
-                        node,
+                        node: n,
                         connection,
                         frame,
-                        ..
-                    } if node == self.node_id => {
-                        self.push(connection, Push::Frame(frame));
+                        queue,
+                    } if n == self.node_id => {
+                        if node.read(|s| s.delivery_is_current(&queue, connection, frame.index)) {
+                            self.push(connection, Push::Frame(frame));
+                        }
                     }
                     Event::Close { node, connection } if node == self.node_id => {
                         self.push(connection, Push::Close);
                     }
                     Event::Changed { .. } => changed = true,
                     Event::Resync => {
-                        let all: Vec<u64> =
-                            self.connections.lock().unwrap().keys().copied().collect();
-                        for c in all {
-                            self.push(c, Push::Close);
-                        }
+                        self.close_all();
                         changed = true;
                     }
                     _ => {}

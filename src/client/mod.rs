@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -264,48 +264,12 @@ impl QueueClient {
         F: FnMut(DataFrameProto) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let ws_url = self.url.replacen("http", "ws", 1);
-        let url = format!(
-            "{ws_url}?_watch_=true&_index_=0&_window_={window}&_index_only_=false&_auto_commit_={auto_commit}"
-        );
-        let mut req = url.as_str().into_client_request()?;
-        let h = req.headers_mut();
-        h.insert(
-            "Authorization",
-            self.token
-                .parse()
-                .map_err(|_| ClientError::Protocol("token".into()))?,
-        );
-        h.insert(
-            HEADER_USER,
-            self.user
-                .parse()
-                .map_err(|_| ClientError::Protocol("user".into()))?,
-        );
-        h.insert(
-            HEADER_GROUP,
-            self.group
-                .parse()
-                .map_err(|_| ClientError::Protocol("group".into()))?,
-        );
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-        let mut ping = tokio::time::interval(std::time::Duration::from_secs(2));
-        loop {
-            tokio::select! {
-                msg = ws.next() => match msg {
-                    Some(Ok(Message::Binary(b))) => {
-                        let frame = DataFrameProto::decode(b).map_err(|e| ClientError::Protocol(e.to_string()))?;
-                        if !on_frame(frame).await {
-                            let _ = ws.close(None).await;
-                            return Ok(());
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None => return Ok(()),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e.into()),
-                },
-                _ = ping.tick() => { ws.send(Message::Ping(Bytes::from_static(b"ping"))).await?; }
+        let mut frames = self.open_watch(window, auto_commit).await?;
+        while let Some(frame) = frames.next().await {
+            if !on_frame(frame?).await {
+                return Ok(());
             }
         }
+        Ok(())
     }
 }

@@ -347,6 +347,22 @@ impl QueueState {
             .min()
     }
 
+    /// Whether a delivery to `connection` of item `index` is still current:
+    /// the consumer on that connection holds the item (or takes items with
+    /// auto-commit, which keeps nothing in flight).
+    pub fn delivery_is_current(&self, queue: &QueueRef, connection: u64, index: u64) -> bool {
+        let Some(q) = self.queue(queue) else {
+            return false;
+        };
+        q.groups.values().any(|g| {
+            g.consumers.iter().any(|(user, c)| {
+                c.connection == connection
+                    && (c.auto_commit
+                        || g.in_flight.get(&index).is_some_and(|holder| holder == user))
+            })
+        })
+    }
+
     /// Nodes that host at least one consumer.
     pub fn consumer_nodes(&self) -> std::collections::BTreeSet<u64> {
         self.services

@@ -134,6 +134,18 @@ impl PeerConnection {
     }
 }
 
+fn network_error(e: String) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(e))
+}
+
+/// Decode a unary reply: the remote error, or the encoded response.
+fn decode_reply<T: DeserializeOwned>(
+    r: Result<tonic::Response<super::pb::RaftReply>, tonic::Status>,
+) -> Result<T, RPCError<TypeConfig>> {
+    let body = reply_body(r.map_err(status_to_rpc)?.into_inner()).map_err(network_error)?;
+    decode(&body).map_err(network_error)
+}
+
 fn reply_body(r: super::pb::RaftReply) -> Result<bytes::Bytes, String> {
     if r.error.is_empty() {
         Ok(r.body)
@@ -151,13 +163,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let reply = client
-            .append_entries(self.request(encode(&rpc), &option))
-            .await
-            .map_err(status_to_rpc)?;
-        let body = reply_body(reply.into_inner())
-            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
-        decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+        decode_reply(
+            client
+                .append_entries(self.request(encode(&rpc), &option))
+                .await,
+        )
     }
 
     /// Pipelined replication over one bidirectional gRPC stream: openraft
@@ -194,10 +204,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 .map_err(status_to_rpc)?;
             let replies = response.into_inner().map(|r| match r {
                 Ok(reply) => {
-                    let body = reply_body(reply)
-                        .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
-                    decode::<StreamAppendResult<TypeConfig>>(&body)
-                        .map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+                    decode_reply::<StreamAppendResult<TypeConfig>>(Ok(tonic::Response::new(reply)))
                 }
                 Err(status) => Err(status_to_rpc(status)),
             });
@@ -211,13 +218,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let reply = client
-            .vote(self.request(encode(&rpc), &option))
-            .await
-            .map_err(status_to_rpc)?;
-        let body = reply_body(reply.into_inner())
-            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
-        decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+        decode_reply(client.vote(self.request(encode(&rpc), &option)).await)
     }
 
     async fn pre_vote(
@@ -226,13 +227,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let reply = client
-            .pre_vote(self.request(encode(&rpc), &option))
-            .await
-            .map_err(status_to_rpc)?;
-        let body = reply_body(reply.into_inner())
-            .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
-        decode(&body).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+        decode_reply(client.pre_vote(self.request(encode(&rpc), &option)).await)
     }
 
     async fn full_snapshot(

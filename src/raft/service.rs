@@ -32,6 +32,14 @@ impl Service {
         }
     }
 
+    /// Authenticate, check the addressee and decode the Raft message.
+    fn open<T: serde::de::DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.check_target(req.target)?;
+        decode(&req.body).map_err(Status::invalid_argument)
+    }
+
     fn check_target(&self, target: u64) -> Result<(), Status> {
         if target == self.node.id {
             Ok(())
@@ -64,18 +72,12 @@ type ReplyStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>
 #[tonic::async_trait]
 impl RaftService for Service {
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        self.check(&req)?;
-        let req = req.into_inner();
-        self.check_target(req.target)?;
-        let rpc = decode(&req.body).map_err(Status::invalid_argument)?;
+        let rpc = self.open(req)?;
         reply(self.node.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        self.check(&req)?;
-        let req = req.into_inner();
-        self.check_target(req.target)?;
-        let rpc = decode(&req.body).map_err(Status::invalid_argument)?;
+        let rpc = self.open(req)?;
         reply(self.node.raft.pre_vote(rpc).await)
     }
 
@@ -83,10 +85,7 @@ impl RaftService for Service {
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        self.check(&req)?;
-        let req = req.into_inner();
-        self.check_target(req.target)?;
-        let rpc = decode(&req.body).map_err(Status::invalid_argument)?;
+        let rpc = self.open(req)?;
         reply(self.node.raft.append_entries(rpc).await)
     }
 

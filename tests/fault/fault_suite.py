@@ -35,6 +35,7 @@ PORTS = {"eddy-1": 8081, "eddy-2": 8082, "eddy-3": 8083}
 SERVICE = "demo"
 WINDOW = 4
 GID = "eas"
+HOLD_S = 0.1  # how long a consumer works on an item before committing it
 
 
 def log(*a):
@@ -136,9 +137,11 @@ class Consumer(threading.Thread):
         self.cid, self.h, self.stop = cid, history, stop
         self.node_i = cid
 
-    def commit(self, index):
-        for attempt in range(50):
-            node = NODES[(self.node_i + attempt) % len(NODES)]
+    def commit(self, node, index):
+        """Commit through the node this consumer is attached to, as a worker
+        with one endpoint would; if that node is gone the item stays in
+        flight and must be redelivered elsewhere."""
+        for _ in range(3):
             try:
                 status, _, _ = http(node, "PUT", f"/api/predict/{SERVICE}?_indexes_={index}")
                 if status == 200:
@@ -165,11 +168,11 @@ class Consumer(threading.Thread):
             outstanding = set()
             lock = threading.Lock()
 
-            def commit_later(index):
-                time.sleep(0.02)
+            def commit_later(index, node=node):
+                time.sleep(HOLD_S)
                 with lock:
                     outstanding.discard(index)
-                self.commit(index)
+                self.commit(node, index)
 
             try:
                 while not self.stop.is_set():
