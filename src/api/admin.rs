@@ -291,7 +291,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (None, _) => true,
         _ => false,
     };
-    if s.leader.is_some() && s.voters.contains(&s.id) && caught_up {
+    if s.leader.is_some() && s.voters.contains(&s.id) && caught_up && state.node.accepts_watchers()
+    {
         "ready".into_response()
     } else {
         (

@@ -183,6 +183,11 @@ pub async fn watch(
     queue: QueueRef,
     req: Request,
 ) -> Result<Response, ApiError> {
+    if !state.node.accepts_watchers() {
+        return Err(ApiError::Unavailable(
+            "this node is starting; watch through another node or retry".into(),
+        ));
+    }
     let q = &req.query;
     let auto_commit = q.flag("_auto_commit_")?;
     let window = q.u64_or("_window_", 1)?;

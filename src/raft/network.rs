@@ -157,6 +157,13 @@ fn reply_body(r: super::pb::RaftReply) -> Result<bytes::Bytes, String> {
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = super::types::SnapshotData;
 
+    /// After an unreachable peer, retry at growing intervals (50 ms to
+    /// 500 ms) instead of spinning on connection errors.
+    fn backoff(&self) -> Option<openraft::network::Backoff> {
+        let steps = (0..).map(|i: u32| Duration::from_millis((50u64 << i.min(4)).min(500)));
+        Some(openraft::network::Backoff::new(steps))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

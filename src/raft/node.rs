@@ -102,6 +102,9 @@ pub struct RaftNode {
     channels: Channels,
     settings: RaftSettings,
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Set once this node announced that consumers it held before a restart
+    /// are gone; watches are refused on this node until then.
+    watchers_welcome: std::sync::atomic::AtomicBool,
 }
 
 pub fn now_ms() -> u64 {
@@ -149,6 +152,7 @@ impl RaftNode {
             channels,
             settings: settings.clone(),
             stopping: tokio::sync::watch::Sender::new(false),
+            watchers_welcome: std::sync::atomic::AtomicBool::new(false),
         });
 
         let service = super::pb::raft_server::RaftServer::new(Service { node: node.clone() })
@@ -534,6 +538,13 @@ impl RaftNode {
         }
     }
 
+    /// Whether this node may take watch connections (it announced its
+    /// start, so no consumer state from before can be mistaken for new).
+    pub fn accepts_watchers(&self) -> bool {
+        self.watchers_welcome
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
@@ -553,16 +564,16 @@ impl RaftNode {
                 _ = tick.tick() => {}
                 _ = &mut stopped => return,
             }
-            if !announced_restart {
-                // Whatever consumers this node held before a restart are gone.
-                let hosted = self.read(|s| s.consumer_nodes().contains(&self.id));
-                if !hosted {
-                    announced_restart = true;
-                } else if self.status().leader.is_some() {
-                    announced_restart = self
-                        .propose(Command::NodeGone { node: self.id })
-                        .await
-                        .is_ok();
+            if !announced_restart && self.status().leader.is_some() {
+                // Whatever consumers this node held before it started are
+                // gone, whatever the local (possibly stale) state says.
+                announced_restart = self
+                    .propose(Command::NodeGone { node: self.id })
+                    .await
+                    .is_ok();
+                if announced_restart {
+                    self.watchers_welcome
+                        .store(true, std::sync::atomic::Ordering::Release);
                 }
             }
             if !self.is_leader() {

@@ -136,6 +136,10 @@ class Consumer(threading.Thread):
         super().__init__(daemon=True)
         self.cid, self.h, self.stop = cid, history, stop
         self.node_i = cid
+        # Items this consumer received and has not yet tried to commit, over
+        # all its connections (a takeover moves its items to the new one).
+        self.outstanding = set()
+        self.lock = threading.Lock()
 
     def commit(self, node, index):
         """Commit through the node this consumer is attached to, as a worker
@@ -164,9 +168,7 @@ class Consumer(threading.Thread):
                 self.node_i += 1
                 time.sleep(0.5)
                 continue
-            # Items received on this connection whose commit was not yet sent.
-            outstanding = set()
-            lock = threading.Lock()
+            outstanding, lock = self.outstanding, self.lock
 
             def commit_later(index, node=node):
                 time.sleep(HOLD_S)
@@ -270,6 +272,14 @@ def main():
         for t in consumers:
             t.join(timeout=10)
         ok = check(h, acked)
+        if not ok:
+            for n in NODES:
+                try:
+                    a = json.loads(http(n, "GET", f"/api/predict/{SERVICE}?_attrs_=true&_local_=true")[1])
+                    print(n, {k: v for k, v in a.items() if k.startswith(("stream.", "consumers."))})
+                    print(n, cluster_status(n))
+                except Exception as e:
+                    print(n, "unreachable:", e)
     finally:
         if not args.keep:
             logs = compose("logs", "--no-color", "--tail", "200", check=False).stdout
