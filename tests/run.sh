@@ -21,6 +21,11 @@ fi
 EDDY_BIN="$PWD/target/release/eddy" "$VENV/bin/python" -m pytest tests/sdk -q
 
 echo "== Fault suite (Compose cluster: kill -9, SIGSTOP, partition, full restart)"
+if ! docker info >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&1; then
+  echo "starting dockerd" >&2
+  (dockerd >/tmp/eddy-dockerd.log 2>&1 &)
+  for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+fi
 if docker info >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then
   deploy/build-image.sh
   "$VENV/bin/python" tests/fault/fault_suite.py --rounds "${FAULT_ROUNDS:-1}"
