@@ -337,10 +337,13 @@ def check(h, acked):
         ds = sorted(ds)
         for (t1, _, _), (t2, _, _) in zip(ds, ds[1:]):
             # (a frame may still arrive shortly after its node failed)
-            between = [ft for _, _, ft in h.faults if t1 - 1.0 <= ft <= t2]
+            between = [(ft, kind) for kind, _, ft in h.faults if t1 - 1.0 <= ft <= t2]
             if between:
-                redelivery.append(t2 - max(between))
-    worst = max(redelivery, default=0.0)
+                ft, kind = max(between)
+                redelivery.append((round(t2 - ft, 2), kind))
+    worst = max((r for r, _ in redelivery), default=0.0)
+    if redelivery:
+        print("redeliveries after faults (seconds, fault):", sorted(redelivery, reverse=True)[:10])
     figures = {
         "faults_injected": len(h.faults),
         "fault_kinds": sorted({f[0] for f in h.faults}),
