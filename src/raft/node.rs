@@ -314,16 +314,21 @@ impl RaftNode {
         let _ = tokio::time::timeout(max, m.changed()).await;
     }
 
-    async fn forward(&self, leader: u64, envelope: &Envelope) -> Result<Reply, ProposeError> {
+    /// A gRPC client for member `id`, over the cached channel to it.
+    fn peer_client(&self, id: u64) -> Result<RaftClient<tonic::transport::Channel>, ProposeError> {
         let addr = self
-            .node_info(leader)
+            .node_info(id)
             .map(|n| n.raft_addr)
             .ok_or(ProposeError::NotLeader { leader: None })?;
         let channel = self
             .channels
             .get(&addr)
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        let mut client = RaftClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+        Ok(RaftClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+    }
+
+    async fn forward(&self, leader: u64, envelope: &Envelope) -> Result<Reply, ProposeError> {
+        let mut client = self.peer_client(leader)?;
         let req = authorized(
             &self.secret,
             ForwardRequest {
@@ -406,15 +411,7 @@ impl RaftNode {
         match tokio::time::timeout(timeout, self.leader_read_index()).await {
             Err(_) => Err(ProposeError::Unavailable("read index timed out".into())),
             Ok(Err(ProposeError::NotLeader { leader: Some(l) })) if l != self.id => {
-                let addr = self
-                    .node_info(l)
-                    .map(|n| n.raft_addr)
-                    .ok_or(ProposeError::NotLeader { leader: None })?;
-                let channel = self
-                    .channels
-                    .get(&addr)
-                    .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-                let mut client = RaftClient::new(channel);
+                let mut client = self.peer_client(l)?;
                 let req = authorized(
                     &self.secret,
                     super::pb::RaftRequest {

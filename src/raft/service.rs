@@ -52,10 +52,9 @@ impl Service {
     }
 }
 
-fn reply<T: serde::Serialize, E: std::fmt::Display>(
-    r: Result<T, E>,
-) -> Result<Response<RaftReply>, Status> {
-    Ok(Response::new(match r {
+/// A Raft result as the wire carries it: the encoded value or the error text.
+fn raft_reply<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> RaftReply {
+    match r {
         Ok(v) => RaftReply {
             body: encode(&v).into(),
             error: String::new(),
@@ -64,7 +63,13 @@ fn reply<T: serde::Serialize, E: std::fmt::Display>(
             body: Default::default(),
             error: e.to_string(),
         },
-    }))
+    }
+}
+
+fn reply<T: serde::Serialize, E: std::fmt::Display>(
+    r: Result<T, E>,
+) -> Result<Response<RaftReply>, Status> {
+    Ok(Response::new(raft_reply(r)))
 }
 
 type ReplyStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
@@ -104,18 +109,11 @@ impl RaftService for Service {
             }
             decode(&m.body).ok()
         });
-        let output = self.node.raft.stream_append(Box::pin(input)).map(|r| {
-            Ok(match r {
-                Ok(v) => RaftReply {
-                    body: encode(&v).into(),
-                    error: String::new(),
-                },
-                Err(e) => RaftReply {
-                    body: Default::default(),
-                    error: e.to_string(),
-                },
-            })
-        });
+        let output = self
+            .node
+            .raft
+            .stream_append(Box::pin(input))
+            .map(|r| Ok(raft_reply(r)));
         Ok(Response::new(Box::pin(output)))
     }
 
