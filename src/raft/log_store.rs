@@ -31,6 +31,8 @@ use openraft::LogState;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
 
+use super::StorageHealth;
+use super::crashsafe::sync_dir;
 use super::types::{Entry, LogId, TypeConfig, Vote};
 
 const FORMAT_VERSION: u8 = 1;
@@ -151,10 +153,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 enum Job {
     Write {
         bytes: Vec<u8>,
@@ -207,6 +205,7 @@ struct Flusher {
     dir: PathBuf,
     size: u64,
     stats: Arc<Mutex<FsyncStats>>,
+    health: Arc<StorageHealth>,
 }
 
 impl Flusher {
@@ -229,6 +228,10 @@ impl Flusher {
                 }
             }
             let result = self.write_and_sync(&buf);
+            if let Err(e) = &result {
+                self.health
+                    .fail(format!("writing {}: {e}", self.path.display()));
+            }
             for d in dones {
                 d.complete(&result);
             }
@@ -293,7 +296,7 @@ pub struct LogStore {
 
 impl LogStore {
     /// Open (or create) the log in `dir`, recovering what is on disk.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    pub fn open(dir: &Path, health: Arc<StorageHealth>) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(WAL_FILE);
         let mut file = OpenOptions::new()
@@ -326,6 +329,7 @@ impl LogStore {
             dir: dir.to_path_buf(),
             size: good,
             stats: stats.clone(),
+            health,
         };
         std::thread::Builder::new()
             .name("raft-log-flusher".into())
@@ -488,7 +492,7 @@ mod tests {
             StorageError<TypeConfig>,
         > {
             let dir = tempfile::tempdir().unwrap();
-            let log = LogStore::open(&dir.path().join("log")).unwrap();
+            let log = LogStore::open(&dir.path().join("log"), StorageHealth::new()).unwrap();
             let (sm, _events) =
                 super::super::state_machine::StateMachine::open(&dir.path().join("sm")).unwrap();
             Ok((dir, log, sm))

@@ -24,6 +24,7 @@ use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
+use super::StorageHealth;
 use super::log_store::LogStore;
 use super::network::{Channels, Network, authorized, decode, encode};
 use super::pb::ForwardRequest;
@@ -98,6 +99,8 @@ pub struct RaftNode {
     pub raft: Raft,
     pub shared: Arc<SharedState>,
     pub log: LogStore,
+    /// Latched on the first storage I/O error: the node stops acknowledging.
+    pub health: Arc<StorageHealth>,
     pub(crate) secret: String,
     channels: Channels,
     settings: RaftSettings,
@@ -120,7 +123,8 @@ impl RaftNode {
     pub async fn start(
         settings: RaftSettings,
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Event>>)> {
-        let log = LogStore::open(&settings.data_dir.join("raft"))?;
+        let health = StorageHealth::new();
+        let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
         let (sm, events) = StateMachine::open(&settings.data_dir.join("state"))?;
         let shared = sm.shared();
         let config = Config {
@@ -148,6 +152,7 @@ impl RaftNode {
             raft,
             shared,
             log,
+            health,
             secret: settings.secret.clone(),
             channels,
             settings: settings.clone(),

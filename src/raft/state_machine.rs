@@ -21,7 +21,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use tokio::sync::{mpsc, watch};
 
-use super::log_store::sync_dir;
+use super::crashsafe::sync_dir;
 use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::queue::{Event, QueueState, Reply};
 

@@ -1,0 +1,98 @@
+//! Crash-safe replacement of whole files: the log's compaction and every
+//! snapshot go through here.
+//!
+//! A file is written under a temp name unique to this process and call,
+//! fsynced, renamed over its final name, and then the directory is fsynced,
+//! so after a crash at any point the final name holds either the old or the
+//! new contents, never a mixture. Unique temp names keep two writers of the
+//! same final name (a snapshot being built while another is installed) from
+//! writing into one temp file.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Temp files carry this suffix; a node may delete leftovers on start.
+pub const TEMP_SUFFIX: &str = ".tmp";
+
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+/// fsync a directory, making renames and creations in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A fresh temp path in `dir` for a file that will become `name`.
+pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("{name}.{}.{n}{TEMP_SUFFIX}", std::process::id()))
+}
+
+/// Replace `dir/name` with what `fill` writes. On any error the temp file is
+/// removed and the old file (if any) is left as it was.
+pub fn replace_file(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = temp_path(dir, name);
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        fill(&mut f)?;
+        f.flush()?;
+        f.sync_all()?;
+        drop(f);
+        publish(&tmp, dir, name)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Rename a complete, fsynced temp file over `dir/name` and make the rename
+/// durable.
+pub fn publish(tmp: &Path, dir: &Path, name: &str) -> io::Result<()> {
+    std::fs::rename(tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// Remove temp files left in `dir` by a crash (they were never published).
+pub fn remove_leftovers(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().ends_with(TEMP_SUFFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_fill_leaves_the_old_file_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        replace_file(dir.path(), "f", |f| f.write_all(b"old")).unwrap();
+        let err = replace_file(dir.path(), "f", |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("disk on fire"))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    }
+
+    #[test]
+    fn temp_names_are_unique() {
+        let dir = Path::new("/x");
+        assert_ne!(temp_path(dir, "s"), temp_path(dir, "s"));
+    }
+}
