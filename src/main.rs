@@ -205,6 +205,10 @@ struct ServeArgs {
     /// A watcher that answers no ping for this long is dropped.
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
+    /// New data is refused (HTTP 507) while less than this many bytes are
+    /// free on the data volume; 0 turns the check off.
+    #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = 256 * 1024 * 1024)]
+    min_free_disk_bytes: u64,
 }
 
 #[derive(Args, Clone)]
@@ -480,6 +484,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         node_lost_ms: a.node_lost_ms,
         snapshot_every: a.snapshot_every,
         join: a.join,
+        min_free_disk_bytes: a.min_free_disk_bytes,
         watch_idle_ms: a.watch_idle_ms,
         default_service: services.first().map(|(n, _)| n.clone()),
         services,
@@ -494,14 +499,24 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         "eddy node serving"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let storage_failed = running.node.health.failed();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        reason = storage_failed => {
+            // Fail-stop: nothing on this disk can be trusted any more. Exit
+            // at once so that a supervisor restarts the node into recovery.
+            tracing::error!(%reason, "storage failed; exiting for recovery");
+            std::process::exit(STORAGE_FAILED_EXIT_CODE);
+        }
     }
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
+
+/// Exit status of a node that stopped after a storage error.
+const STORAGE_FAILED_EXIT_CODE: i32 = 3;
 
 fn client(q: &QueueArgs) -> QueueClient {
     QueueClient::new(&q.ep.endpoint, &q.queue, &q.ep.token)

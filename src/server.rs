@@ -29,6 +29,8 @@ pub struct ServeSettings {
     pub snapshot_every: u64,
     /// Wait to be added to an existing cluster instead of forming one.
     pub join: bool,
+    /// Refuse new data while less than this is free on the data volume.
+    pub min_free_disk_bytes: u64,
     pub watch_idle_ms: u64,
     /// Services to create (or update) once the cluster has a leader.
     pub services: Vec<(String, ServiceConfig)>,
@@ -74,6 +76,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         node_lost_ms: settings.node_lost_ms,
         snapshot_every: settings.snapshot_every,
         join: settings.join,
+        min_free_disk_bytes: settings.min_free_disk_bytes,
     };
     let (node, events) = RaftNode::start(raft_settings).await?;
     let hub = Hub::new(settings.id);

@@ -18,7 +18,7 @@ use crate::raft::{FSYNC_BUCKETS_MICROS, now_ms};
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/cluster", get(cluster))
@@ -284,7 +284,35 @@ async fn cluster(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(state.node.status()).into_response()
 }
 
+/// Liveness: false only once storage failed (the process is then about to
+/// exit). A full disk is not a liveness failure: the node recovers by
+/// itself once space is freed.
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.node.health.failure() {
+        None => "ok".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage failed: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(reason) = state.node.health.failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: storage failed: {reason}\n"),
+        )
+            .into_response();
+    }
+    if let Some(low) = state.node.disk.low_space() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {low}\n"),
+        )
+            .into_response();
+    }
     let s = state.node.status();
     let caught_up = match (s.committed, s.applied) {
         (Some(c), Some(a)) => a + 10 >= c,

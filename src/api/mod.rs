@@ -58,6 +58,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -71,6 +73,7 @@ impl ApiError {
             ApiError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,7 +107,13 @@ impl From<Rejection> for ApiError {
 impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> Self {
         match e {
-            ProposeError::Fatal(m) => ApiError::Internal(m),
+            ProposeError::NoSpace(m) => ApiError::InsufficientStorage(m),
+            // The details are in the node's log; clients only need to know
+            // to go elsewhere.
+            ProposeError::Fatal(m) => {
+                tracing::error!(error = %m, "request refused: this node has stopped");
+                ApiError::Unavailable("this node has stopped after a storage error".into())
+            }
             other => ApiError::Unavailable(other.to_string()),
         }
     }

@@ -230,6 +230,21 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+impl Command {
+    /// Payload bytes this command adds to the state (puts and results);
+    /// what storage admission control weighs.
+    pub fn added_bytes(&self) -> u64 {
+        match self {
+            Command::Put { item, .. } => item.data.len() as u64,
+            Command::Complete {
+                result: Some(item), ..
+            } => item.data.len() as u64,
+            Command::Batch(commands) => commands.iter().map(Command::added_bytes).sum(),
+            _ => 0,
+        }
+    }
+}
+
 /// A command as it travels through the log: a unique id for de-duplication
 /// of retries, and the proposer's wall clock in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

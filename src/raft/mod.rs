@@ -1,6 +1,7 @@
 //! Replication: the only module that knows openraft and the peer protocol.
 //!
 //! - `crashsafe`: whole-file replacement that survives a crash at any point.
+//! - `disk_guard`: refuses new data before the data volume runs full.
 //! - `health`: the fail-stop latch for storage errors.
 //! - `log_store`: the durable Raft log (write-ahead file, group fsync).
 //! - `state_machine`: applies log entries to the pure queue state; snapshots.
@@ -8,6 +9,7 @@
 //! - `node`: a running member; proposing, forwarding, leader housekeeping.
 
 pub mod crashsafe;
+mod disk_guard;
 mod health;
 mod log_store;
 mod network;
@@ -21,6 +23,7 @@ pub(crate) mod pb {
     tonic::include_proto!("eddy.raft");
 }
 
+pub use disk_guard::{DiskGuard, NoSpace};
 pub use health::StorageHealth;
 pub use log_store::{FSYNC_BUCKETS_MICROS, FsyncStats};
 pub use node::{ClusterStatus, Peer, ProposeError, RaftNode, RaftSettings, now_ms};

@@ -25,6 +25,7 @@ use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
 use super::StorageHealth;
+use super::disk_guard::DiskGuard;
 use super::log_store::LogStore;
 use super::network::{Channels, Network, authorized, decode, encode};
 use super::pb::ForwardRequest;
@@ -62,6 +63,9 @@ pub struct RaftSettings {
     pub snapshot_every: u64,
     /// Never form a cluster: wait to be added to an existing one.
     pub join: bool,
+    /// New data is refused (507) while less than this is free on the data
+    /// volume; 0 turns the check off.
+    pub min_free_disk_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,9 @@ pub enum ProposeError {
     NotLeader { leader: Option<u64> },
     #[error("no leader is available: {0}")]
     Unavailable(String),
+    /// The data volume is short of space (HTTP 507).
+    #[error("{0}")]
+    NoSpace(String),
     #[error("raft stopped: {0}")]
     Fatal(String),
 }
@@ -101,6 +108,8 @@ pub struct RaftNode {
     pub log: LogStore,
     /// Latched on the first storage I/O error: the node stops acknowledging.
     pub health: Arc<StorageHealth>,
+    /// Refuses new data before the data volume runs full.
+    pub disk: Arc<DiskGuard>,
     pub(crate) secret: String,
     channels: Channels,
     settings: RaftSettings,
@@ -124,6 +133,8 @@ impl RaftNode {
         settings: RaftSettings,
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Event>>)> {
         let health = StorageHealth::new();
+        std::fs::create_dir_all(&settings.data_dir)?;
+        let disk = DiskGuard::new(settings.data_dir.clone(), settings.min_free_disk_bytes);
         let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
         let (sm, events) = StateMachine::open(&settings.data_dir.join("state"))?;
         let shared = sm.shared();
@@ -153,6 +164,7 @@ impl RaftNode {
             shared,
             log,
             health,
+            disk,
             secret: settings.secret.clone(),
             channels,
             settings: settings.clone(),
@@ -186,6 +198,7 @@ impl RaftNode {
 
         node.initialize_if_pristine().await?;
         tokio::spawn(node.clone().housekeeping());
+        tokio::spawn(node.disk.clone().run(node.stopped()));
         Ok((node, events))
     }
 
@@ -243,6 +256,24 @@ impl RaftNode {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Refuse a command this node must not write: any, once storage failed;
+    /// new data, while the data volume is short of space.
+    fn admit(&self, command: &Command) -> Result<(), ProposeError> {
+        if let Some(reason) = self.health.failure() {
+            return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
+        }
+        self.disk
+            .admit(command.added_bytes())
+            .map_err(|e| ProposeError::NoSpace(e.to_string()))
+    }
+
+    /// Propose a command forwarded by another node: this node's storage
+    /// admits it, then it goes to the local Raft.
+    pub async fn write_forwarded(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        self.admit(&envelope.command)?;
+        self.write_local(envelope).await
+    }
+
     /// Propose a command on the leader. Only this node; no forwarding.
     pub async fn write_local(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
         match self.raft.client_write(envelope).await {
@@ -274,6 +305,9 @@ impl RaftNode {
         envelope: Envelope,
         deadline: Duration,
     ) -> Result<Reply, ProposeError> {
+        // The entry node stores the entry too: it checks its own disk
+        // before the leader checks its.
+        self.admit(&envelope.command)?;
         let start = tokio::time::Instant::now();
         let mut last_err;
         loop {
@@ -298,7 +332,7 @@ impl RaftNode {
                 Ok(reply) => {
                     return Ok(reply);
                 }
-                Err(ProposeError::Fatal(e)) => return Err(ProposeError::Fatal(e)),
+                Err(e @ (ProposeError::Fatal(_) | ProposeError::NoSpace(_))) => return Err(e),
                 Err(e) => last_err = e,
             }
             if start.elapsed() >= deadline {
@@ -351,6 +385,10 @@ impl RaftNode {
         match reply.error_kind.as_str() {
             "" => decode(&reply.reply).map_err(ProposeError::Unavailable),
             "not_leader" => Err(ProposeError::NotLeader { leader: None }),
+            "no_space" => Err(ProposeError::NoSpace(format!(
+                "node {leader}: {}",
+                reply.error
+            ))),
             _ => Err(ProposeError::Unavailable(reply.error)),
         }
     }

@@ -152,7 +152,7 @@ impl RaftService for Service {
     ) -> Result<Response<ForwardReply>, Status> {
         self.check(&req)?;
         let envelope = decode(&req.into_inner().command).map_err(Status::invalid_argument)?;
-        let out = match self.node.write_local(envelope).await {
+        let out = match self.node.write_forwarded(envelope).await {
             Ok(r) => ForwardReply {
                 reply: encode(&r).into(),
                 ..Default::default()
@@ -161,6 +161,11 @@ impl RaftService for Service {
                 error_kind: "not_leader".into(),
                 error: "not the leader".into(),
                 leader_hint: leader.unwrap_or(0),
+                ..Default::default()
+            },
+            Err(e @ ProposeError::NoSpace(_)) => ForwardReply {
+                error_kind: "no_space".into(),
+                error: e.to_string(),
                 ..Default::default()
             },
             Err(e) => ForwardReply {

@@ -77,6 +77,7 @@ impl Cluster {
             node_lost_ms: 1_000,
             snapshot_every: self.snapshot_every,
             join,
+            min_free_disk_bytes: 0,
             watch_idle_ms: 10_000,
             services: Vec::new(),
             default_service: None,
