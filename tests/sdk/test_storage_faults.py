@@ -65,6 +65,15 @@ def stored(node, svc, index):
     return frames[0] if frames and frames[0]["index"] == index else None
 
 
+def start_or_show_log(node):
+    try:
+        node.start()
+    except AssertionError:
+        with open(node.log_path, "rb") as f:
+            tail = f.read()[-3000:].decode(errors="replace")
+        raise AssertionError(f"node did not restart; its log ends with:\n{tail}")
+
+
 def status_of(node, path):
     return request(node, "GET", path, timeout=2)[:2]
 
@@ -162,7 +171,7 @@ def test_a_failed_log_write_stops_the_node_and_a_restart_recovers_every_acknowle
             # Give the volume room, restart on the same data: everything
             # acknowledged is there.
             subprocess.run(["mount", "-o", "remount,size=128m", volume], check=True)
-            node.start()
+            start_or_show_log(node)
             for index, rid in acked.items():
                 frame = stored(node, svc, index)
                 assert frame is not None and frame["tags"]["requestId"] == rid, index
@@ -170,3 +179,59 @@ def test_a_failed_log_write_stops_the_node_and_a_restart_recovers_every_acknowle
             assert status == 200
         finally:
             node.kill()
+
+
+def test_kill_9_right_after_log_compaction_loses_nothing_acknowledged(tmpdir_factory_path):
+    """Mixed large and tiny puts with frequent snapshots make the log compact
+    often; the node is killed the moment it reports a compaction, then
+    restarted: it must start, and no acknowledged index may be handed out
+    again (which is what a lost acknowledged entry looks like)."""
+    extra = ["--snapshot-every", "200", "--min-free-disk-bytes", "0"]
+    node = Node(tmpdir_factory_path, extra=extra).start()
+    svc = node.create_service(name="compact", token=TOKEN,
+                              max_length=20, evict_oldest=True)
+    big, tiny = os.urandom(48 * 1024), b"x"
+    rounds = 3
+    try:
+        for round_no in range(rounds):
+            acked = []
+            lock = threading.Lock()
+            stop = threading.Event()
+
+            def producer(payload):
+                while not stop.is_set():
+                    try:
+                        status, ack = put(node, svc, payload)
+                    except Exception:
+                        continue
+                    if status == 200:
+                        with lock:
+                            acked.append(ack[0])
+
+            threads = [threading.Thread(target=producer, args=(big,)) for _ in range(16)]
+            threads += [threading.Thread(target=producer, args=(tiny,)) for _ in range(24)]
+            with open(node.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                for t in threads:
+                    t.start()
+                try:
+                    def compacted():
+                        return b"raft log compacted" in f.read()
+                    wait_until(compacted, timeout=60, interval=0.005,
+                               what=f"a log compaction (round {round_no})")
+                    node.kill(signal.SIGKILL)
+                finally:
+                    stop.set()
+                    for t in threads:
+                        t.join(timeout=30)
+            assert acked, "puts were acknowledged before the kill"
+            highest = max(acked)
+            start_or_show_log(node)
+            status, ack = put(node, svc, tiny)
+            assert status == 200, ack
+            assert ack[0] > highest, (
+                f"round {round_no}: index {ack[0]} handed out again after the restart; "
+                f"acknowledged entries up to {highest} were lost")
+            print(f"round {round_no}: {len(acked)} acknowledged, highest {highest}, next {ack[0]}")
+    finally:
+        node.kill()
