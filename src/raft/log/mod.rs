@@ -110,6 +110,8 @@ impl LogStore {
         Self::open_with(dir, health, LogOptions::default())
     }
 
+    /// [`Self::open`] with other tunables (tests force compaction and small
+    /// read budgets through here).
     pub fn open_with(
         dir: &Path,
         health: Arc<StorageHealth>,

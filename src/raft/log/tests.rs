@@ -618,3 +618,40 @@ fn unknown_formats_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// Garbage after the last batch that is full of batch magics (as a client's
+/// payload may be), even with headers checksummed under another salt, is a
+/// torn tail: a header only counts with this file's salt and its own offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_full_of_batch_magics_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = five_batches(dir.path()).await;
+    let len = std::fs::metadata(&path).unwrap().len();
+    let mut garbage = Vec::new();
+    while garbage.len() < 4 << 20 {
+        let at = len + garbage.len() as u64;
+        let forged = BatchHeader {
+            body_len: 100,
+            body_crc: 0,
+        };
+        garbage.extend_from_slice(&forged.encode(0, at));
+        garbage.extend_from_slice(&forged.encode(1, at + 20)[..4]);
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&garbage).unwrap();
+    drop(f);
+    let report = check(dir.path()).unwrap();
+    assert_eq!(
+        report.tail,
+        Tail::Torn {
+            offset: len,
+            bytes: garbage.len() as u64
+        }
+    );
+    let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    assert_eq!(indexes(&store).len(), 10);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+}
