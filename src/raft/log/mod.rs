@@ -37,9 +37,7 @@ use super::StorageHealth;
 use super::crashsafe::{remove_leftovers, replace_file};
 use super::types::{Entry, LogId, TypeConfig, Vote};
 use flusher::{DiskFile, Done, Flusher, Job, WalFile};
-use record::{
-    Contents, LiveState, RecordRef, Tail as ScanTail, WAL_FILE, encode_record, new_batch,
-};
+use record::{Contents, LiveState, RecordRef, WAL_FILE, encode_record, new_batch};
 
 /// Tunables of the log store.
 #[derive(Debug, Clone)]
@@ -139,8 +137,8 @@ impl LogStore {
         let recovered = record::recover(&path)?;
         let good_end = recovered.walk.good_end;
         match recovered.walk.tail {
-            ScanTail::Clean => {}
-            ScanTail::Torn { offset, bytes } => {
+            Tail::Clean => {}
+            Tail::Torn { offset, bytes } => {
                 tracing::warn!(
                     file = %path.display(),
                     offset,
@@ -154,7 +152,7 @@ impl LogStore {
                 f.set_len(offset).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
             }
-            ScanTail::Corrupt { offset, reason } => {
+            Tail::Corrupt { offset, reason } => {
                 return Err(WalError::Corrupt {
                     path,
                     offset,
