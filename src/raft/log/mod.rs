@@ -313,6 +313,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
+    /// The log as readable now: appended entries count before they are
+    /// durable.
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let inner = self.lock();
         Ok(LogState {
@@ -340,6 +342,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
     }
 
+    /// The last value given to [`RaftLogStorage::save_committed`] (after a
+    /// restart: the last one that was durable).
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
         Ok(self.lock().contents.committed)
     }
