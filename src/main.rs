@@ -50,6 +50,16 @@ enum Cmd {
     Engine(EngineArgs),
     /// Run a small demo model server (for trying Eddy out and for tests).
     DemoModel(DemoModelArgs),
+    /// Inspect a stopped node's storage.
+    #[command(subcommand)]
+    Wal(WalCmd),
+}
+
+#[derive(Subcommand)]
+enum WalCmd {
+    /// Scan the raft log of a data dir (or its raft dir): exit 0 if clean or
+    /// torn at the end (cut on start), 1 if corrupt.
+    Check { dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -959,6 +969,13 @@ async fn main() -> anyhow::Result<()> {
             let path = format!("/admin/cluster/members/{}", m.id);
             let out = admin_request(&m.admin, reqwest::Method::DELETE, &path, None).await?;
             println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Wal(WalCmd::Check { dir }) => {
+            let report = eddy::raft::check_wal(&dir)?;
+            println!("{report}");
+            if report.is_corrupt() {
+                std::process::exit(1);
+            }
         }
         Cmd::Cluster(ClusterCmd::Status(a)) => {
             let out = admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?;

@@ -3,7 +3,8 @@
 //! - `crashsafe`: whole-file replacement that survives a crash at any point.
 //! - `disk_guard`: refuses new data before the data volume runs full.
 //! - `health`: the fail-stop latch for storage errors.
-//! - `log_store`: the durable Raft log (write-ahead file, group fsync).
+//! - `log`: the durable Raft log (batched write-ahead file, group fsync,
+//!   ordered compaction, fail-stop, recovery and `eddy wal check`).
 //! - `state_machine`: applies log entries to the pure queue state; snapshots.
 //! - `network` / `service`: node-to-node gRPC (client and server).
 //! - `node`: a running member; proposing, forwarding, leader housekeeping.
@@ -11,7 +12,9 @@
 pub mod crashsafe;
 mod disk_guard;
 mod health;
-mod log_store;
+mod log;
+// The log store's former module path, still used by `node`.
+use self::log as log_store;
 mod network;
 mod node;
 mod service;
@@ -25,5 +28,5 @@ pub(crate) mod pb {
 
 pub use disk_guard::{DiskGuard, NoSpace};
 pub use health::StorageHealth;
-pub use log_store::{FSYNC_BUCKETS_MICROS, FsyncStats};
+pub use log::{FSYNC_BUCKETS_MICROS, FsyncStats, Tail as WalTail, WalReport, check as check_wal};
 pub use node::{ClusterStatus, Peer, ProposeError, RaftNode, RaftSettings, now_ms};

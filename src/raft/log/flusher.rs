@@ -1,0 +1,264 @@
+//! The writer thread of the log: the only code that writes the log file.
+//!
+//! It takes jobs strictly in submission order. Consecutive writes are
+//! gathered into one batch, written with one `write` call and covered by one
+//! fsync (group commit); their callbacks fire only after that fsync. A
+//! compaction is a barrier in the order: the writes queued before it are
+//! written to the old file and fsynced first, then the file is replaced by
+//! one built from the live state captured at that point of the order, and
+//! the writes queued after it go to the new file.
+//!
+//! Fail-stop: after a failed write, fsync or replacement nothing on disk can
+//! be trusted (after a failed fsync not even the page cache), so the flusher
+//! latches the node's [`StorageHealth`] with a reason naming the file, fails
+//! the callbacks of that batch, and from then on fails every job at once
+//! without touching the file. The same happens once anyone else latched the
+//! health.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use openraft::storage::IOFlushed;
+
+use super::record::{BATCH_HEADER_LEN, LiveState, WAL_FILE, new_salt, seal_batch};
+use crate::raft::StorageHealth;
+use crate::raft::crashsafe::replace_file;
+use crate::raft::types::TypeConfig;
+
+/// Gathered writes are cut into a new batch beyond this size, which bounds
+/// the flusher's buffer when a large backlog is queued.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// The log file as the flusher sees it. Tests wrap it to inject failures.
+pub(super) trait WalFile: Send {
+    fn path(&self) -> &Path;
+    /// Write `bytes` at the end of the file with one `write` call.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Make everything appended so far durable.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Replace the whole file, crash-safely, with what `fill` writes; later
+    /// appends go to the new file.
+    fn replace(&mut self, fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>)
+    -> io::Result<()>;
+}
+
+/// The real log file: `dir/raft.wal`, opened for appending.
+pub(super) struct DiskFile {
+    file: File,
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl DiskFile {
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let path = dir.join(WAL_FILE);
+        Ok(Self {
+            file: OpenOptions::new().append(true).open(&path)?,
+            dir: dir.to_path_buf(),
+            path,
+        })
+    }
+}
+
+impl WalFile for DiskFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn replace(
+        &mut self,
+        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<()> {
+        replace_file(&self.dir, WAL_FILE, |f| {
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            fill(&mut w)?;
+            w.flush()
+        })?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        Ok(())
+    }
+}
+
+pub(super) enum Job {
+    /// Encoded records after `BATCH_HEADER_LEN` reserved bytes.
+    Write { records: Vec<u8>, done: Done },
+    /// Rewrite the file from this state.
+    Compact(LiveState),
+    /// Hold the flusher until the sender is used or dropped, so a test can
+    /// queue jobs that the flusher then takes in one go.
+    #[cfg(test)]
+    Hold(mpsc::Receiver<()>),
+}
+
+/// Who is told when a write is durable (or failed).
+pub(super) enum Done {
+    Flushed(IOFlushed<TypeConfig>),
+    Reply(tokio::sync::oneshot::Sender<io::Result<()>>),
+    Nothing,
+}
+
+impl Done {
+    fn complete(self, result: Result<(), &str>) {
+        let result = result.map_err(io::Error::other);
+        match self {
+            Done::Flushed(cb) => cb.io_completed(result),
+            Done::Reply(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::Nothing => {}
+        }
+    }
+}
+
+/// Histogram of fsync durations, read by the metrics endpoint.
+#[derive(Default)]
+pub struct FsyncStats {
+    pub count: u64,
+    pub total_micros: u64,
+    /// Cumulative counts for the bucket bounds in `FSYNC_BUCKETS_MICROS`.
+    pub buckets: [u64; FSYNC_BUCKETS_MICROS.len()],
+}
+
+pub const FSYNC_BUCKETS_MICROS: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+];
+
+pub(super) struct Flusher {
+    pub file: Box<dyn WalFile>,
+    /// Salt of the current file, for batch headers.
+    pub salt: u64,
+    /// Length of the current file: where the next batch goes.
+    pub size: u64,
+    /// Batch size used when rewriting the file.
+    pub compact_batch_bytes: u64,
+    pub stats: Arc<Mutex<FsyncStats>>,
+    pub health: Arc<StorageHealth>,
+}
+
+/// Writes gathered for the next batch.
+#[derive(Default)]
+struct Pending {
+    batch: Option<Vec<u8>>,
+    done: Vec<Done>,
+}
+
+impl Flusher {
+    pub fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut pending = Pending::default();
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            while let Some(job) = next.take().or_else(|| rx.try_recv().ok()) {
+                match job {
+                    Job::Write { records, done } => {
+                        match &mut pending.batch {
+                            None => pending.batch = Some(records),
+                            Some(batch) => {
+                                batch.extend_from_slice(&records[BATCH_HEADER_LEN as usize..])
+                            }
+                        }
+                        pending.done.push(done);
+                        if pending
+                            .batch
+                            .as_ref()
+                            .is_some_and(|b| b.len() >= MAX_BATCH_BYTES)
+                        {
+                            self.flush(&mut pending);
+                        }
+                    }
+                    Job::Compact(state) => {
+                        self.flush(&mut pending);
+                        self.compact(&state);
+                    }
+                    #[cfg(test)]
+                    Job::Hold(release) => {
+                        self.flush(&mut pending);
+                        let _ = release.recv();
+                    }
+                }
+            }
+            self.flush(&mut pending);
+        }
+    }
+
+    /// Write and fsync the gathered batch, then complete its callbacks.
+    fn flush(&mut self, pending: &mut Pending) {
+        let done = std::mem::take(&mut pending.done);
+        let Some(mut batch) = pending.batch.take() else {
+            return;
+        };
+        let result = self.write_batch(&mut batch);
+        for d in done {
+            d.complete(result.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+    }
+
+    fn write_batch(&mut self, batch: &mut [u8]) -> Result<(), String> {
+        if let Some(reason) = self.health.failure() {
+            return Err(format!("raft log not written: storage failed: {reason}"));
+        }
+        seal_batch(batch, self.salt, self.size);
+        let path = self.file.path().display().to_string();
+        if let Err(e) = self.file.append(batch) {
+            return Err(self.fail(format!("writing {path}: {e}")));
+        }
+        let start = Instant::now();
+        if let Err(e) = self.file.sync() {
+            return Err(self.fail(format!("fsync of {path}: {e}")));
+        }
+        self.size += batch.len() as u64;
+        self.record_fsync(start.elapsed().as_micros() as u64);
+        Ok(())
+    }
+
+    fn compact(&mut self, state: &LiveState) {
+        if self.health.is_failed() {
+            return;
+        }
+        let salt = new_salt();
+        let mut len = 0;
+        let batch_bytes = self.compact_batch_bytes;
+        let result = self.file.replace(&mut |w| {
+            len = state.write_file(salt, batch_bytes, w)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                tracing::info!(bytes = len, "raft log compacted");
+                self.salt = salt;
+                self.size = len;
+            }
+            Err(e) => {
+                let path = self.file.path().display().to_string();
+                self.fail(format!("compacting {path}: {e}"));
+            }
+        }
+    }
+
+    fn fail(&self, reason: String) -> String {
+        self.health.fail(&reason);
+        reason
+    }
+
+    fn record_fsync(&self, micros: u64) {
+        let mut stats = self.stats.lock().unwrap();
+        stats.count += 1;
+        stats.total_micros += micros;
+        for (i, bound) in FSYNC_BUCKETS_MICROS.iter().enumerate() {
+            if micros <= *bound {
+                stats.buckets[i] += 1;
+            }
+        }
+    }
+}
