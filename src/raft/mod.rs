@@ -4,6 +4,7 @@
 //! - `health`: the fail-stop latch for storage errors.
 //! - `log_store`: the durable Raft log (write-ahead file, group fsync).
 //! - `state_machine`: applies log entries to the pure queue state; snapshots.
+//! - `snapshot_file`: the snapshot file format and the handle openraft moves.
 //! - `network` / `service`: node-to-node gRPC (client and server).
 //! - `node`: a running member; proposing, forwarding, leader housekeeping.
 
@@ -13,6 +14,7 @@ mod log_store;
 mod network;
 mod node;
 mod service;
+mod snapshot_file;
 mod state_machine;
 mod types;
 
