@@ -151,9 +151,8 @@ impl SnapshotFile {
             w.write_all(&(meta_bytes.len() as u32).to_le_bytes())?;
             w.write_all(&meta_bytes)?;
             postcard::to_io(state, &mut w).map_err(io::Error::other)?;
-            let crc = w.get_mut().crc();
-            w.flush()?;
             let mut inner = w.into_inner().map_err(|e| e.into_error())?;
+            let crc = inner.crc();
             inner.write_all(&crc.to_le_bytes())?;
             Ok(())
         })();
