@@ -194,8 +194,11 @@ def test_a_follower_paused_through_a_backlog_larger_than_one_grpc_message_catche
                 wait_until(lambda: matched() >= target, timeout=40, interval=0.2,
                            what=f"follower {fid} to match index {target}")
             except AssertionError:
+                with open(leader.log_path, errors="replace") as f:
+                    no_answer = f.read().count("stream append: no answer")
                 raise AssertionError(
-                    f"follower {fid} matched {matched()} of {target} 40 s after resuming")
+                    f"follower {fid} matched {matched()} of {target} 40 s after resuming; "
+                    f"the leader logged 'stream append: no answer' {no_answer} times")
             took = time.monotonic() - resumed
             print(f"follower caught up a 272 MiB backlog in {took:.1f} s")
         finally:
