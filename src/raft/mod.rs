@@ -6,6 +6,7 @@
 //! - `log`: the durable Raft log (batched write-ahead file, group fsync,
 //!   ordered compaction, fail-stop, recovery and `eddy wal check`).
 //! - `state_machine`: applies log entries to the pure queue state; snapshots.
+//! - `snapshot_file`: the snapshot file format and the handle openraft moves.
 //! - `network` / `service`: node-to-node gRPC (client and server).
 //! - `node`: a running member; proposing, forwarding, leader housekeeping.
 
@@ -18,6 +19,7 @@ use self::log as log_store;
 mod network;
 mod node;
 mod service;
+mod snapshot_file;
 mod state_machine;
 mod types;
 

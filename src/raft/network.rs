@@ -29,6 +29,19 @@ use super::types::{NodeInfo, Snapshot, TypeConfig, Vote};
 
 pub const SECRET_HEADER: &str = "x-eddy-cluster-secret";
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+/// Chunks read ahead of the gRPC stream while sending a snapshot.
+const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
+/// The deadline of a snapshot transfer with no data; openraft's
+/// `install_snapshot_timeout` is set to this.
+pub const SNAPSHOT_TRANSFER_BASE: Duration = Duration::from_secs(10);
+/// The slowest transfer (and verify and install) rate a deadline allows for.
+const SNAPSHOT_MIN_BYTES_PER_SEC: u64 = 20 * 1024 * 1024;
+
+/// How long sending and installing a snapshot of `len` bytes may take: the
+/// base plus the time for its size at a conservative rate.
+pub fn snapshot_transfer_timeout(base: Duration, len: u64) -> Duration {
+    base + Duration::from_millis(len.saturating_mul(1000) / SNAPSHOT_MIN_BYTES_PER_SEC)
+}
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).expect("raft messages always encode")
@@ -237,6 +250,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         decode_reply(client.pre_vote(self.request(encode(&rpc), &option)).await)
     }
 
+    /// Stream the snapshot file in chunks read on a blocking thread, a few
+    /// ahead of the network; the deadline grows with the file's size.
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -244,31 +259,57 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let unreachable = |e: String| StreamingError::Unreachable(Unreachable::from_string(e));
         let mut client = self.client()?;
-        let data = snapshot.snapshot.into_inner();
-        let meta = encode(&(vote, snapshot.meta));
+        let file = snapshot.snapshot;
+        let len = file.len();
         let target = self.target;
-        let mut chunks = vec![SnapshotChunk {
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_CHUNKS_AHEAD);
+        tx.try_send(SnapshotChunk {
             target,
-            meta: meta.into(),
+            meta: encode(&(vote, snapshot.meta)).into(),
             data: Default::default(),
-        }];
-        for c in data.chunks(SNAPSHOT_CHUNK) {
-            chunks.push(SnapshotChunk {
-                target,
-                meta: Default::default(),
-                data: bytes::Bytes::copy_from_slice(c),
-            });
-        }
-        let timeout = option.hard_ttl().max(Duration::from_secs(30));
-        let req = authorized(&self.secret, tokio_stream::iter(chunks), Some(timeout));
-        let call = client.install_snapshot(req);
+        })
+        .expect("a fresh channel has room");
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut offset = 0;
+            while offset < len {
+                let data = file.read_chunk(offset, SNAPSHOT_CHUNK)?;
+                offset += data.len() as u64;
+                let chunk = SnapshotChunk {
+                    target,
+                    meta: Default::default(),
+                    data: data.into(),
+                };
+                if tx.blocking_send(chunk).is_err() {
+                    break; // the call ended
+                }
+            }
+            Ok::<_, super::snapshot_file::SnapshotFileError>(())
+        });
+        let timeout = snapshot_transfer_timeout(option.hard_ttl(), len);
+        let req = authorized(
+            &self.secret,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Some(timeout),
+        );
+        let call = tokio::time::timeout(timeout, client.install_snapshot(req));
         let reply = tokio::select! {
-            r = call => r.map_err(|s| StreamingError::Unreachable(Unreachable::from_string(s.to_string())))?,
+            r = call => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
-        let body = reply_body(reply.into_inner())
-            .map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))?;
-        decode(&body).map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))
+        // A local read failure explains a refused (truncated) transfer.
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(1), reader).await {
+            return Err(unreachable(format!("sending snapshot: {e}")));
+        }
+        let reply = reply
+            .map_err(|_| {
+                unreachable(format!(
+                    "snapshot of {len} bytes not installed within {timeout:?}"
+                ))
+            })?
+            .map_err(|s| unreachable(s.to_string()))?;
+        let body = reply_body(reply.into_inner()).map_err(unreachable)?;
+        decode(&body).map_err(unreachable)
     }
 }

@@ -136,7 +136,8 @@ impl RaftNode {
         std::fs::create_dir_all(&settings.data_dir)?;
         let disk = DiskGuard::new(settings.data_dir.clone(), settings.min_free_disk_bytes);
         let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
-        let (sm, events) = StateMachine::open(&settings.data_dir.join("state"))?;
+        let (sm, events) =
+            StateMachine::open_with_health(&settings.data_dir.join("state"), health.clone())?;
         let shared = sm.shared();
         let config = Config {
             cluster_name: "eddy".into(),
@@ -148,7 +149,9 @@ impl RaftNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
             purge_batch_size: 256,
-            install_snapshot_timeout: 10_000,
+            // The base of a transfer's deadline; the network adds time
+            // for the snapshot's size.
+            install_snapshot_timeout: super::network::SNAPSHOT_TRANSFER_BASE.as_millis() as u64,
             ..Default::default()
         }
         .validate()?;
@@ -240,6 +243,11 @@ impl RaftNode {
             Err(e) => tracing::info!(error = %e, "cluster initialisation skipped"),
         }
         Ok(())
+    }
+
+    /// Where snapshot files live; received ones are written here too.
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
+        self.settings.data_dir.join("state")
     }
 
     /// Read the applied state.

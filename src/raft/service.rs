@@ -8,10 +8,12 @@ use futures::StreamExt;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::StorageHealth;
 use super::network::{SECRET_HEADER, decode, encode};
 use super::node::{ProposeError, RaftNode};
 use super::pb::raft_server::Raft as RaftService;
 use super::pb::{ForwardReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk};
+use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{SnapshotMeta, Vote};
 
 pub struct Service {
@@ -72,6 +74,25 @@ fn reply<T: serde::Serialize, E: std::fmt::Display>(
     Ok(Response::new(raft_reply(r)))
 }
 
+/// Run snapshot file work on a blocking thread; its errors become statuses,
+/// and a local storage failure latches the node's storage health.
+async fn blocking<T: Send + 'static>(
+    health: &StorageHealth,
+    f: impl FnOnce() -> Result<T, SnapshotFileError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            if e.is_io() {
+                health.fail(format!("receiving a snapshot: {e}"));
+                Status::internal(e.to_string())
+            } else {
+                Status::invalid_argument(e.to_string())
+            }
+        })
+}
+
 type ReplyStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
 
 #[tonic::async_trait]
@@ -130,13 +151,35 @@ impl RaftService for Service {
         self.check_target(first.target)?;
         let (vote, meta): (Vote, SnapshotMeta) =
             decode(&first.meta).map_err(Status::invalid_argument)?;
-        let mut data = first.data.to_vec();
-        while let Some(chunk) = stream.message().await? {
-            data.extend_from_slice(&chunk.data);
+        let health = &self.node.health;
+        let dir = self.node.snapshot_dir();
+        let mut file = blocking(health, move || SnapshotFile::create_temp(&dir)).await?;
+        let mut next = Some(first.data);
+        while let Some(data) = next {
+            if !data.is_empty() {
+                file = blocking(health, move || file.append(&data).map(|()| file)).await?;
+            }
+            next = stream.message().await?.map(|chunk| chunk.data);
         }
+        // Refuse a damaged transfer here: openraft treats a failed install
+        // as a storage failure and stops.
+        let expected = meta.clone();
+        let file = blocking(health, move || {
+            let found = file.verify()?;
+            if found != expected {
+                return Err(SnapshotFileError::WrongSnapshot {
+                    path: file.path().to_path_buf(),
+                    found: format!("{:?}", found.last_log_id),
+                    expected: format!("{:?}", expected.last_log_id),
+                });
+            }
+            file.sync()?;
+            Ok(file)
+        })
+        .await?;
         let snapshot = super::types::Snapshot {
             meta,
-            snapshot: std::io::Cursor::new(data),
+            snapshot: file,
         };
         reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
     }

@@ -15,5 +15,6 @@ pub type NodeInfo = openraft::NodeInfo;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
-pub type SnapshotData = std::io::Cursor<Vec<u8>>;
+/// Snapshots are files, streamed from disk when sent and to disk when received.
+pub type SnapshotData = super::snapshot_file::SnapshotFile;
 pub type Raft = openraft::Raft<TypeConfig, super::state_machine::StateMachine>;
