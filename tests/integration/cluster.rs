@@ -78,6 +78,7 @@ impl Cluster {
             snapshot_every: self.snapshot_every,
             join,
             watch_idle_ms: 10_000,
+            max_memory_bytes: u64::MAX,
             services: Vec::new(),
             default_service: None,
         };
