@@ -134,6 +134,9 @@ struct BenchArgs {
     /// Truncate the queue afterwards.
     #[arg(long, default_value_t = true)]
     cleanup: bool,
+    /// Leave the items on the queue (overrides --cleanup).
+    #[arg(long)]
+    keep: bool,
     /// Measure the asynchronous path instead: put → engine → model → sink,
     /// from the put until the result arrives on the sink (an engine must be
     /// running). With --model, also time direct calls to the model.
@@ -804,6 +807,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if a.cleanup
+        && !a.keep
         && let Some(last) = c
             .attributes()
             .await?
