@@ -13,6 +13,12 @@ use eddy::queue::{QueueLimits, ServiceConfig};
 use eddy::raft::Peer;
 use eddy::server::{ServeSettings, start};
 
+/// jemalloc returns freed memory to the system within seconds (background
+/// purging of dirty pages); glibc's malloc kept a node's RSS at its peak long
+/// after the items were gone (see the memory soak test).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "eddy",
@@ -138,6 +144,9 @@ struct BenchArgs {
     /// Truncate the queue afterwards.
     #[arg(long, default_value_t = true)]
     cleanup: bool,
+    /// Leave the items on the queue (overrides --cleanup).
+    #[arg(long)]
+    keep: bool,
     /// Measure the asynchronous path instead: put → engine → model → sink,
     /// from the put until the result arrives on the sink (an engine must be
     /// running). With --model, also time direct calls to the model.
@@ -196,6 +205,16 @@ struct ServeArgs {
     max_payload_bytes: u64,
     #[arg(long, env = "EDDY_EVICT_OLDEST", default_value_t = false)]
     evict_oldest: bool,
+    /// Payload bytes each queue of a declared service may hold.
+    #[arg(long, env = "EDDY_MAX_BYTES", default_value_t = eddy::queue::DEFAULT_MAX_BYTES)]
+    max_bytes: u64,
+    /// Dead letters each queue of a declared service keeps (oldest dropped).
+    #[arg(long, env = "EDDY_MAX_DEAD_LETTERS", default_value_t = eddy::queue::DEFAULT_MAX_DEAD_LETTERS)]
+    max_dead_letters: u64,
+    /// This node refuses puts (429) once the items it holds would take more
+    /// memory than this. Default: half the cgroup's or the machine's memory.
+    #[arg(long, env = "EDDY_MAX_MEMORY_BYTES")]
+    max_memory_bytes: Option<u64>,
     #[arg(long, env = "EDDY_MAX_DELIVERY", default_value_t = 5)]
     max_delivery: u32,
     #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = 2_000)]
@@ -349,6 +368,10 @@ struct ServiceCreate {
     #[arg(long)]
     sink_max_length: Option<u64>,
     #[arg(long)]
+    max_bytes: Option<u64>,
+    #[arg(long)]
+    max_dead_letters: Option<u64>,
+    #[arg(long)]
     max_delivery: Option<u32>,
     #[arg(long)]
     consumer_grace_ms: Option<u64>,
@@ -453,11 +476,15 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_length: a.max_length,
             max_payload_bytes: a.max_payload_bytes,
             evict_oldest: a.evict_oldest,
+            max_bytes: a.max_bytes,
+            max_dead_letters: a.max_dead_letters,
         },
         sink: QueueLimits {
             max_length: a.max_length,
             max_payload_bytes: a.max_payload_bytes,
             evict_oldest: a.evict_oldest,
+            max_bytes: a.max_bytes,
+            max_dead_letters: a.max_dead_letters,
         },
         max_delivery: a.max_delivery,
         consumer_grace_ms: a.consumer_grace_ms,
@@ -496,6 +523,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         join: a.join,
         min_free_disk_bytes: a.min_free_disk_bytes,
         watch_idle_ms: a.watch_idle_ms,
+        max_memory_bytes: a
+            .max_memory_bytes
+            .unwrap_or_else(eddy::server::default_max_memory_bytes),
         default_service: services.first().map(|(n, _)| n.clone()),
         services,
     };
@@ -802,6 +832,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if a.cleanup
+        && !a.keep
         && let Some(last) = c
             .attributes()
             .await?
@@ -906,7 +937,8 @@ async fn main() -> anyhow::Result<()> {
                         "name": s.name, "token": s.token, "max_length": s.max_length,
                         "max_payload_bytes": s.max_payload_bytes, "evict_oldest": s.evict_oldest,
                         "sink_max_length": s.sink_max_length, "max_delivery": s.max_delivery,
-                        "consumer_grace_ms": s.consumer_grace_ms,
+                        "consumer_grace_ms": s.consumer_grace_ms, "max_bytes": s.max_bytes,
+                        "max_dead_letters": s.max_dead_letters,
                     });
                     admin_request(
                         &s.admin,

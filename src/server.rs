@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::{AppState, Hub, router};
+use crate::api::{AppState, Hub, MemoryBudget, router};
 use crate::queue::{Command, Reply, ServiceConfig};
 use crate::raft::{Peer, RaftNode, RaftSettings};
 
@@ -32,6 +32,8 @@ pub struct ServeSettings {
     /// Refuse new data while less than this is free on the data volume.
     pub min_free_disk_bytes: u64,
     pub watch_idle_ms: u64,
+    /// Node memory admission limit (see [`crate::api::MemoryBudget`]).
+    pub max_memory_bytes: u64,
     /// Services to create (or update) once the cluster has a leader.
     pub services: Vec<(String, ServiceConfig)>,
     /// Served at the bare `/` and `/sink` paths.
@@ -116,6 +118,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         default_service: settings.default_service.clone(),
         admin_token: settings.admin_token.clone(),
         watch_idle_ms: settings.watch_idle_ms,
+        memory: MemoryBudget::new(settings.max_memory_bytes),
     });
     let app = router(state);
     let server = tokio::spawn(async move {
@@ -129,6 +132,28 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         hub,
         server,
     })
+}
+
+/// The default node memory limit: half of the memory this process may use,
+/// which is the cgroup's limit when there is one (a pod), else the machine's;
+/// 4 GiB when neither can be read. Half leaves room for what the estimate
+/// does not count: snapshots being built, log entries not yet compacted,
+/// buffers of connections.
+pub fn default_max_memory_bytes() -> u64 {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match (cgroup, machine) {
+        (Some(c), Some(m)) => c.min(m) / 2,
+        (Some(x), None) | (None, Some(x)) => x / 2,
+        (None, None) => 4 << 30,
+    }
 }
 
 /// A node cut off from the leader closes its watchers so that clients

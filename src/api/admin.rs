@@ -13,7 +13,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::queue::{Command, QueueKind, QueueLimits, Reply, ServiceConfig};
+use crate::queue::{Command, QueueKind, QueueLimits, QueueRef, Reply, ServiceConfig};
 use crate::raft::{FSYNC_BUCKETS_MICROS, now_ms};
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -31,6 +31,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route(
             "/admin/services/{name}",
             get(show_service).delete(delete_service),
+        )
+        .route(
+            "/admin/services/{name}/dead-letters",
+            axum::routing::delete(purge_dead_letters),
         )
 }
 
@@ -64,6 +68,10 @@ pub struct ServiceRequest {
     pub sink_max_length: Option<u64>,
     pub sink_max_payload_bytes: Option<u64>,
     pub sink_evict_oldest: Option<bool>,
+    pub max_bytes: Option<u64>,
+    pub sink_max_bytes: Option<u64>,
+    pub max_dead_letters: Option<u64>,
+    pub sink_max_dead_letters: Option<u64>,
     pub max_delivery: Option<u32>,
     pub consumer_grace_ms: Option<u64>,
 }
@@ -75,6 +83,8 @@ impl ServiceRequest {
             max_length: self.max_length.unwrap_or(d.input.max_length),
             max_payload_bytes: self.max_payload_bytes.unwrap_or(d.input.max_payload_bytes),
             evict_oldest: self.evict_oldest.unwrap_or(d.input.evict_oldest),
+            max_bytes: self.max_bytes.unwrap_or(d.input.max_bytes),
+            max_dead_letters: self.max_dead_letters.unwrap_or(d.input.max_dead_letters),
         };
         let sink = QueueLimits {
             max_length: self.sink_max_length.unwrap_or(input.max_length),
@@ -82,6 +92,8 @@ impl ServiceRequest {
                 .sink_max_payload_bytes
                 .unwrap_or(input.max_payload_bytes),
             evict_oldest: self.sink_evict_oldest.unwrap_or(d.sink.evict_oldest),
+            max_bytes: self.sink_max_bytes.unwrap_or(input.max_bytes),
+            max_dead_letters: self.sink_max_dead_letters.unwrap_or(input.max_dead_letters),
         };
         ServiceConfig {
             token: self.token.clone(),
@@ -131,6 +143,14 @@ fn service_json(state: &AppState, name: &str) -> serde_json::Value {
                 "sink_max_length": c.sink.max_length,
                 "sink_max_payload_bytes": c.sink.max_payload_bytes,
                 "sink_evict_oldest": c.sink.evict_oldest,
+                "max_bytes": c.input.max_bytes,
+                "sink_max_bytes": c.sink.max_bytes,
+                "max_dead_letters": c.input.max_dead_letters,
+                "sink_max_dead_letters": c.sink.max_dead_letters,
+                "input_bytes": svc.input.bytes_held(),
+                "sink_bytes": svc.sink.bytes_held(),
+                "input_dead_letters": svc.input.dead.len(),
+                "sink_dead_letters": svc.sink.dead.len(),
                 "max_delivery": c.max_delivery,
                 "consumer_grace_ms": c.consumer_grace_ms,
                 "token_set": !c.token.is_empty(),
@@ -172,6 +192,55 @@ async fn delete_service(
     match state.node.propose(Command::DeleteService { name }).await? {
         Reply::Rejected(r) => Err(r.into()),
         _ => Ok("OK".into_response()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeQuery {
+    /// `input` or `sink`; both when absent.
+    queue: Option<String>,
+}
+
+/// `DELETE /admin/services/{name}/dead-letters[?queue=input|sink]`.
+async fn purge_dead_letters(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<PurgeQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    let kinds = match q.queue.as_deref() {
+        None => vec![QueueKind::Input, QueueKind::Sink],
+        Some("input") => vec![QueueKind::Input],
+        Some("sink") => vec![QueueKind::Sink],
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "queue must be input or sink, not {other:?}"
+            )));
+        }
+    };
+    let command = Command::Batch(
+        kinds
+            .into_iter()
+            .map(|kind| Command::PurgeDeadLetters {
+                queue: QueueRef::new(name.clone(), kind),
+            })
+            .collect(),
+    );
+    match state.node.propose(command).await? {
+        Reply::Batch(replies) => {
+            for r in replies {
+                if let Reply::Rejected(r) = r {
+                    return Err(r.into());
+                }
+            }
+            Ok("OK".into_response())
+        }
+        Reply::Rejected(r) => Err(r.into()),
+        other => Err(ApiError::Internal(format!(
+            "unexpected reply to purge: {other:?}"
+        ))),
     }
 }
 
@@ -398,6 +467,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let _ = writeln!(out, "# TYPE eddy_queue_in_flight gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_consumers gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_dead_letters gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_dead_letters_dropped_total counter");
+        let _ = writeln!(out, "# TYPE eddy_queue_payload_bytes gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_puts_total counter");
         let _ = writeln!(out, "# TYPE eddy_queue_commits_total counter");
         let _ = writeln!(out, "# TYPE eddy_queue_oldest_item_age_seconds gauge");
@@ -415,6 +486,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 let _ = writeln!(out, "eddy_queue_in_flight{{{l}}} {}", q.in_flight_count());
                 let _ = writeln!(out, "eddy_queue_consumers{{{l}}} {consumers}");
                 let _ = writeln!(out, "eddy_queue_dead_letters{{{l}}} {}", q.dead.len());
+                let _ = writeln!(
+                    out,
+                    "eddy_queue_dead_letters_dropped_total{{{l}}} {}",
+                    q.dead_dropped_total
+                );
+                let _ = writeln!(out, "eddy_queue_payload_bytes{{{l}}} {}", q.bytes_held());
                 let _ = writeln!(out, "eddy_queue_puts_total{{{l}}} {}", q.puts_total);
                 let _ = writeln!(out, "eddy_queue_commits_total{{{l}}} {}", q.commits_total);
                 let _ = writeln!(

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use base64::Engine as _;
+use bytes::Buf as _;
 use http_body_util::BodyExt as _;
 use prost::Message as _;
 use subtle::ConstantTimeEq;
@@ -271,9 +272,15 @@ fn expect_done(reply: Reply) -> Result<(), ApiError> {
 }
 
 /// Read a body, refusing more than `limit` bytes without buffering them.
+///
+/// The result is always a fresh allocation of exactly the body's size. A
+/// body that arrived in one piece is otherwise a slice of the connection's
+/// read buffer (8 KiB or more), and a stored item would keep that whole
+/// buffer alive for as long as the item, its log entry or its retry-reply
+/// lives: ~10 KiB of memory for every 256-byte put.
 pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     let limited = http_body_util::Limited::new(body, limit as usize + 1);
-    let bytes = limited
+    let mut buf = limited
         .collect()
         .await
         .map_err(|e| {
@@ -285,14 +292,21 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
                 ApiError::BadRequest(format!("reading body: {e}"))
             }
         })?
-        .to_bytes();
-    if bytes.len() as u64 > limit {
+        .aggregate();
+    let len = buf.remaining();
+    if len as u64 > limit {
         return Err(ApiError::TooLarge(format!(
-            "payload of {} bytes exceeds the limit of {limit} bytes",
-            bytes.len()
+            "payload of {len} bytes exceeds the limit of {limit} bytes"
         )));
     }
-    Ok(bytes)
+    let mut exact = Vec::with_capacity(len);
+    while buf.has_remaining() {
+        let chunk = buf.chunk();
+        exact.extend_from_slice(chunk);
+        let n = chunk.len();
+        buf.advance(n);
+    }
+    Ok(Bytes::from(exact))
 }
 
 async fn put(
@@ -302,7 +316,10 @@ async fn put(
     limit: u64,
 ) -> Result<Response, ApiError> {
     let priority = priority(&req.query, &req.headers)?;
+    // Refuse early when the node is already full, before buffering a body.
+    drop(state.memory.admit(&state.node, 0)?);
     let data = read_body(req.body, limit).await?;
+    let _admitted = state.memory.admit(&state.node, data.len() as u64)?;
     let mut tags = req.query.tags;
     // The server's request id is authoritative.
     tags.remove(crate::queue::REQUEST_ID_TAG);
@@ -364,6 +381,9 @@ async fn complete(
     let request_id = tags
         .remove(crate::queue::REQUEST_ID_TAG)
         .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
+    // No node memory admission here: completing frees the input item as it
+    // stores the result, and refusing it would keep the input from draining.
+    // The sink's own max_bytes bounds results.
     let data = read_body(req.body, limit).await?;
     let result = (!data.is_empty()).then(|| NewItem {
         request_id: request_id.clone(),

@@ -65,7 +65,19 @@ pub struct QueueLimits {
     pub max_payload_bytes: u64,
     /// When full: evict the oldest item instead of refusing the put.
     pub evict_oldest: bool,
+    /// Most payload bytes the queue holds, items and dead letters together.
+    pub max_bytes: u64,
+    /// Most dead letters kept; the oldest are dropped beyond it.
+    pub max_dead_letters: u64,
 }
+
+/// Default of [`QueueLimits::max_bytes`]: 1 GiB per queue.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Default of [`QueueLimits::max_dead_letters`].
+pub const DEFAULT_MAX_DEAD_LETTERS: u64 = 10_000;
+/// Ceiling of [`QueueLimits::max_dead_letters`]: dead letters are kept for
+/// inspection, not as a second queue.
+pub const MAX_DEAD_LETTERS_CEILING: u64 = 1_000_000;
 
 impl Default for QueueLimits {
     fn default() -> Self {
@@ -73,7 +85,33 @@ impl Default for QueueLimits {
             max_length: 100_000,
             max_payload_bytes: 8 * 1024 * 1024,
             evict_oldest: false,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_dead_letters: DEFAULT_MAX_DEAD_LETTERS,
         }
+    }
+}
+
+impl QueueLimits {
+    /// Whether the limits can be met at all: a payload the queue accepts
+    /// must fit in its byte budget.
+    pub fn validate(&self, which: &str) -> Result<(), Rejection> {
+        let invalid = |m: String| Err(Rejection::Invalid(format!("{which}: {m}")));
+        if self.max_bytes == 0 {
+            return invalid("max_bytes must be at least 1".into());
+        }
+        if self.max_payload_bytes > self.max_bytes {
+            return invalid(format!(
+                "max_payload_bytes ({}) exceeds max_bytes ({})",
+                self.max_payload_bytes, self.max_bytes
+            ));
+        }
+        if self.max_dead_letters > MAX_DEAD_LETTERS_CEILING {
+            return invalid(format!(
+                "max_dead_letters ({}) exceeds {MAX_DEAD_LETTERS_CEILING}",
+                self.max_dead_letters
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +142,11 @@ impl Default for ServiceConfig {
 }
 
 impl ServiceConfig {
+    pub fn validate(&self) -> Result<(), Rejection> {
+        self.input.validate("input")?;
+        self.sink.validate("sink")
+    }
+
     pub fn limits(&self, kind: QueueKind) -> &QueueLimits {
         match kind {
             QueueKind::Input => &self.input,
@@ -228,6 +271,10 @@ pub enum Command {
     },
     /// Several commands in one log entry; replies come back in order.
     Batch(Vec<Command>),
+    /// Drop every dead letter of the queue.
+    PurgeDeadLetters {
+        queue: QueueRef,
+    },
 }
 
 impl Command {
@@ -279,6 +326,8 @@ pub enum Rejection {
     SinkFull(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("queue is full: its payloads reach max_bytes ({limit} bytes)")]
+    FullBytes { limit: u64 },
 }
 
 /// What a command returns to its proposer.
@@ -340,6 +389,7 @@ impl Command {
             Command::Tick => "tick",
             Command::Complete { .. } => "complete",
             Command::Batch(_) => "batch",
+            Command::PurgeDeadLetters { .. } => "purge-dead-letters",
         }
     }
 }

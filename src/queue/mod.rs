@@ -16,6 +16,8 @@ mod queue;
 mod state;
 
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod tests;
 
 pub use attributes::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, attributes};

@@ -9,8 +9,12 @@
 //! - an item leaves the queue only by commit of every group that sees it,
 //!   by delete/truncate/take/eviction, or by dead-lettering.
 //!
-//! The ready set of a group is derived state: it is rebuilt after a snapshot
-//! is restored rather than stored.
+//! - `bytes_held` is the sum of the payload sizes of `items` and `dead`
+//!   (checked after every step of the property tests).
+//!
+//! The ready set of a group, the request-id index and the byte count are
+//! derived state: they are rebuilt after a snapshot is restored rather than
+//! stored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -159,8 +163,13 @@ pub struct Queue {
     /// Totals since the queue was created (for metrics).
     pub puts_total: u64,
     pub commits_total: u64,
+    /// Dead letters dropped to stay within `max_dead_letters` or purged.
+    pub dead_dropped_total: u64,
     #[serde(skip)]
     by_request_id: HashMap<String, u64>,
+    /// Payload bytes of `items` and `dead`.
+    #[serde(skip)]
+    bytes_held: u64,
 }
 
 impl Queue {
@@ -173,6 +182,12 @@ impl Queue {
 
     /// Rebuild derived indexes after deserialization.
     pub fn rebuild_derived(&mut self) {
+        self.bytes_held = self
+            .items
+            .values()
+            .chain(self.dead.values())
+            .map(|it| it.data.len() as u64)
+            .sum();
         self.by_request_id = self
             .items
             .values()
@@ -200,6 +215,11 @@ impl Queue {
         self.items.is_empty()
     }
 
+    /// Payload bytes held by the queue: its items and its dead letters.
+    pub fn bytes_held(&self) -> u64 {
+        self.bytes_held
+    }
+
     pub fn index_of_request(&self, request_id: &str) -> Option<u64> {
         self.by_request_id.get(request_id).copied()
     }
@@ -225,12 +245,33 @@ impl Queue {
                 limit: limits.max_payload_bytes,
             });
         }
-        if self.items.len() as u64 >= limits.max_length {
-            if !limits.evict_oldest || limits.max_length == 0 {
-                return Err(Rejection::Full(limits.max_length));
-            }
-            while self.items.len() as u64 >= limits.max_length {
-                let oldest = *self.items.keys().next().expect("queue is non-empty");
+        let over_length = |q: &Self| q.items.len() as u64 >= limits.max_length;
+        let over_bytes = |q: &Self| q.bytes_held.saturating_add(size) > limits.max_bytes;
+        // Checked before evicting anything: a refused put changes nothing.
+        if size > limits.max_bytes {
+            return Err(Rejection::FullBytes {
+                limit: limits.max_bytes,
+            });
+        }
+        if over_length(self) && (!limits.evict_oldest || limits.max_length == 0) {
+            return Err(Rejection::Full(limits.max_length));
+        }
+        if over_bytes(self) && !limits.evict_oldest {
+            return Err(Rejection::FullBytes {
+                limit: limits.max_bytes,
+            });
+        }
+        while over_length(self) {
+            let oldest = *self.items.keys().next().expect("queue is non-empty");
+            self.remove_item(oldest);
+        }
+        // Dead letters make room first: they are kept for inspection only.
+        while over_bytes(self) {
+            if let Some((_, dead)) = self.dead.pop_first() {
+                self.bytes_held -= dead.data.len() as u64;
+                self.dead_dropped_total += 1;
+            } else {
+                let oldest = *self.items.keys().next().expect("bytes are held by items");
                 self.remove_item(oldest);
             }
         }
@@ -258,6 +299,7 @@ impl Queue {
             }
         }
         self.by_request_id.insert(stored.request_id.clone(), index);
+        self.bytes_held += size;
         self.items.insert(index, stored);
         self.puts_total += 1;
         events.push(Event::Changed {
@@ -270,6 +312,7 @@ impl Queue {
     /// Remove an item everywhere. Returns it if it existed.
     fn remove_item(&mut self, index: u64) -> Option<Item> {
         let item = self.items.remove(&index)?;
+        self.bytes_held -= item.data.len() as u64;
         if self.by_request_id.get(&item.request_id) == Some(&index) {
             self.by_request_id.remove(&item.request_id);
         }
@@ -496,6 +539,7 @@ impl Queue {
         };
         if max_delivery > 0 && item.deliveries >= max_delivery {
             if let Some(item) = self.remove_item(index) {
+                self.bytes_held += item.data.len() as u64;
                 self.dead.insert(index, item);
             }
         } else {
@@ -839,6 +883,26 @@ impl Queue {
             .values()
             .filter(|it| priority.is_none_or(|p| it.priority == p) && tags_match(&it.tags, tags))
             .count() as u64
+    }
+
+    /// Drop the oldest dead letters beyond `max`.
+    pub fn trim_dead_letters(&mut self, max: u64) {
+        while self.dead.len() as u64 > max {
+            if let Some((_, item)) = self.dead.pop_first() {
+                self.bytes_held -= item.data.len() as u64;
+                self.dead_dropped_total += 1;
+            }
+        }
+    }
+
+    /// Drop every dead letter; returns how many there were.
+    pub fn purge_dead_letters(&mut self) -> usize {
+        let purged = std::mem::take(&mut self.dead);
+        for item in purged.values() {
+            self.bytes_held -= item.data.len() as u64;
+        }
+        self.dead_dropped_total += purged.len() as u64;
+        purged.len()
     }
 
     pub fn dead_letters(&self, limit: usize) -> Vec<Frame> {

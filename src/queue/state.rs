@@ -43,6 +43,14 @@ impl Service {
             QueueKind::Sink => &mut self.sink,
         }
     }
+
+    /// Keep both queues within their `max_dead_letters`.
+    fn trim_dead_letters(&mut self) {
+        self.input
+            .trim_dead_letters(self.config.input.max_dead_letters);
+        self.sink
+            .trim_dead_letters(self.config.sink.max_dead_letters);
+    }
 }
 
 /// Names a service may have: they appear in URL paths.
@@ -80,6 +88,15 @@ impl QueueState {
             svc.input.rebuild_derived();
             svc.sink.rebuild_derived();
         }
+    }
+
+    /// Payload bytes held by every queue of every service (items and dead
+    /// letters). Nodes use it for admission control before proposing.
+    pub fn payload_bytes_held(&self) -> u64 {
+        self.services
+            .values()
+            .map(|s| s.input.bytes_held() + s.sink.bytes_held())
+            .sum()
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
@@ -140,8 +157,12 @@ impl QueueState {
         match command {
             Command::CreateService { name, config } => {
                 validate_service_name(name)?;
+                config.validate()?;
                 match self.services.get_mut(name) {
-                    Some(svc) => svc.config = config.clone(),
+                    Some(svc) => {
+                        svc.config = config.clone();
+                        svc.trim_dead_letters();
+                    }
                     None => {
                         self.services
                             .insert(name.clone(), Service::new(config.clone()));
@@ -216,6 +237,7 @@ impl QueueState {
                     now_ms,
                     events,
                 );
+                svc.trim_dead_letters();
                 Ok(Reply::Done)
             }
             Command::Delete { queue, indexes } => {
@@ -264,6 +286,7 @@ impl QueueState {
                     now_ms,
                     events,
                 );
+                svc.trim_dead_letters();
                 Ok(Reply::Done)
             }
             Command::NodeGone { node } => {
@@ -274,6 +297,7 @@ impl QueueState {
                         svc.queue_mut(kind)
                             .node_gone(&qref, *node, max_delivery, now_ms, events);
                     }
+                    svc.trim_dead_letters();
                 }
                 Ok(Reply::Done)
             }
@@ -286,6 +310,7 @@ impl QueueState {
                         svc.queue_mut(kind)
                             .expire(&qref, grace, max_delivery, now_ms, events);
                     }
+                    svc.trim_dead_letters();
                 }
                 Ok(Reply::Done)
             }
@@ -310,13 +335,16 @@ impl QueueState {
                         if svc.sink.len() as u64 >= limits.max_length && !limits.evict_oldest {
                             return Err(Rejection::SinkFull(service.clone()));
                         }
-                        sink_index = Some(svc.sink.put(
-                            &sink_ref,
-                            &limits,
-                            result.clone(),
-                            now_ms,
-                            events,
-                        )?);
+                        sink_index = Some(
+                            svc.sink
+                                .put(&sink_ref, &limits, result.clone(), now_ms, events)
+                                .map_err(|r| match r {
+                                    Rejection::Full(_) | Rejection::FullBytes { .. } => {
+                                        Rejection::SinkFull(service.clone())
+                                    }
+                                    other => other,
+                                })?,
+                        );
                     }
                 }
                 svc.input
@@ -325,6 +353,11 @@ impl QueueState {
                     sink_index,
                     duplicate,
                 })
+            }
+            Command::PurgeDeadLetters { queue } => {
+                let svc = self.service_mut(&queue.service)?;
+                svc.queue_mut(queue.kind).purge_dead_letters();
+                Ok(Reply::Done)
             }
             Command::Batch(commands) => Ok(Reply::Batch(
                 commands

@@ -289,6 +289,7 @@ fn full_queue_refuses_or_evicts() {
         max_length: 2,
         max_payload_bytes: 4,
         evict_oldest: false,
+        ..Default::default()
     };
     let mut h = Harness::new(ServiceConfig {
         input: limits.clone(),

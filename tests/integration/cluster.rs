@@ -79,6 +79,7 @@ impl Cluster {
             join,
             min_free_disk_bytes: 0,
             watch_idle_ms: 10_000,
+            max_memory_bytes: u64::MAX,
             services: Vec::new(),
             default_service: None,
         };

@@ -195,6 +195,40 @@ def test_unreachable_model_dead_letters_after_max_deliveries(node, tmpdir_factor
         e.stop()
 
 
+def test_dead_letters_are_capped_and_purged_from_the_admin_api(node, tmpdir_factory_path):
+    import urllib.error
+    import urllib.request
+    svc = node.create_service(token=TOKEN, max_delivery=1, max_dead_letters=2)
+    dead_port = free_port()  # nothing listens here
+    e = engine(tmpdir_factory_path, node, svc, f"http://127.0.0.1:{dead_port}")
+
+    def dropped():
+        with urllib.request.urlopen(node.url + "/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(f'eddy_queue_dead_letters_dropped_total{{service="{svc}",queue="input"}}'):
+                    return int(line.split()[-1])
+        return None
+
+    try:
+        inq, _ = clients(node, svc)
+        for i in range(3):
+            inq.put(f'[{{"a": {i}}}]')
+        wait_until(lambda: dropped() == 1, timeout=30, what="oldest dead letter dropped")
+        assert inq.attributes()["stream.deadLetters"] == "2"
+        req = urllib.request.Request(node.url + f"/admin/services/{svc}/dead-letters?queue=bogus", method="DELETE")
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("a bogus queue was accepted")
+        except urllib.error.HTTPError as err:
+            assert err.code == 400
+        req = urllib.request.Request(node.url + f"/admin/services/{svc}/dead-letters?queue=input", method="DELETE")
+        assert urllib.request.urlopen(req, timeout=5).status == 200
+        assert inq.attributes()["stream.deadLetters"] == "0"
+        assert dropped() == 3
+    finally:
+        e.stop()
+
+
 def test_graceful_shutdown_finishes_work_in_progress(node, tmpdir_factory_path):
     svc = node.create_service(token=TOKEN)
     m, url = model(tmpdir_factory_path, "--delay-ms", "1500")

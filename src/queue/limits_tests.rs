@@ -1,0 +1,377 @@
+//! Tests of the byte and dead-letter limits: refusal, eviction, the derived
+//! byte count, the dead-letter cap and purge.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+
+fn input() -> QueueRef {
+    QueueRef::new("svc", QueueKind::Input)
+}
+
+struct Harness {
+    state: QueueState,
+    next_id: u128,
+    now: u64,
+}
+
+impl Harness {
+    fn new(input: QueueLimits, max_delivery: u32) -> Self {
+        let mut h = Harness {
+            state: QueueState::new(),
+            next_id: 1,
+            now: 1_000,
+        };
+        let config = ServiceConfig {
+            input,
+            max_delivery,
+            ..Default::default()
+        };
+        assert_eq!(
+            h.run(Command::CreateService {
+                name: "svc".into(),
+                config
+            }),
+            Reply::Done
+        );
+        h
+    }
+
+    fn run(&mut self, command: Command) -> Reply {
+        self.next_id += 1;
+        self.state
+            .apply(&Envelope {
+                id: self.next_id,
+                now_ms: self.now,
+                command,
+            })
+            .0
+    }
+
+    fn put(&mut self, size: usize) -> Reply {
+        let item = NewItem {
+            request_id: format!("r{}", self.next_id),
+            tags: Tags::new(),
+            data: Bytes::from(vec![b'x'; size]),
+            priority: 0,
+            path: String::new(),
+        };
+        self.run(Command::Put {
+            queue: input(),
+            item,
+        })
+    }
+
+    fn queue(&self) -> &Queue {
+        self.state.queue(&input()).unwrap()
+    }
+
+    /// Attach a consumer, negatively commit what it gets until every item
+    /// it is handed is dead-lettered (`max_delivery` 1: one refusal each).
+    fn dead_letter_all(&mut self, connection: u64) {
+        let consumer = ConsumerSpec {
+            group: "g".into(),
+            user: "u".into(),
+            node: 1,
+            connection,
+            window: 1000,
+            auto_commit: false,
+            index_only: true,
+            tags: Tags::new(),
+            start_index: Some(0),
+        };
+        self.run(Command::Attach {
+            queue: input(),
+            consumer,
+        });
+        let held: Vec<u64> = self.queue().groups["g"].in_flight.keys().copied().collect();
+        self.run(Command::Negative {
+            queue: input(),
+            group: "g".into(),
+            indexes: held,
+            code: "500".into(),
+            reason: "boom".into(),
+        });
+    }
+}
+
+/// The byte count a queue should have: the sum of what it stores.
+fn summed_bytes(q: &Queue) -> u64 {
+    q.items
+        .values()
+        .chain(q.dead.values())
+        .map(|it| it.data.len() as u64)
+        .sum()
+}
+
+fn limits(max_bytes: u64, evict_oldest: bool) -> QueueLimits {
+    QueueLimits {
+        max_length: 1_000,
+        max_payload_bytes: max_bytes.min(100),
+        evict_oldest,
+        max_bytes,
+        max_dead_letters: 1_000,
+    }
+}
+
+#[test]
+fn a_put_past_max_bytes_is_refused_and_changes_nothing() {
+    let mut h = Harness::new(limits(100, false), 5);
+    assert!(matches!(h.put(60), Reply::Put { index: 1, .. }));
+    assert!(matches!(h.put(40), Reply::Put { index: 2, .. }));
+    let before = h.state.clone();
+    assert_eq!(
+        h.put(1),
+        Reply::Rejected(Rejection::FullBytes { limit: 100 })
+    );
+    // Only the dedup table moved; the queue is as it was.
+    assert_eq!(h.queue(), before.queue(&input()).unwrap());
+    assert_eq!(h.queue().bytes_held(), 100);
+    h.run(Command::Delete {
+        queue: input(),
+        indexes: vec![1],
+    });
+    assert_eq!(h.queue().bytes_held(), 40);
+    assert!(matches!(h.put(60), Reply::Put { index: 3, .. }));
+}
+
+#[test]
+fn evicting_queues_drop_the_oldest_items_to_make_room() {
+    let mut h = Harness::new(limits(100, true), 5);
+    for _ in 0..4 {
+        h.put(30);
+    }
+    // 4 × 30 > 100: the first item went to make room for the fourth.
+    assert_eq!(
+        h.queue().items.keys().copied().collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert!(matches!(h.put(100), Reply::Put { index: 5, .. }));
+    assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), [5]);
+    assert_eq!(h.queue().bytes_held(), 100);
+}
+
+#[test]
+fn evicting_queues_drop_dead_letters_before_items() {
+    let mut h = Harness::new(limits(100, true), 1);
+    h.put(40);
+    h.put(40);
+    h.dead_letter_all(7);
+    assert_eq!(h.queue().dead.len(), 2);
+    assert!(h.queue().items.is_empty());
+    h.run(Command::Detach {
+        queue: input(),
+        group: "g".into(),
+        user: "u".into(),
+        connection: 7,
+    });
+    h.put(10); // index 3, 90 bytes held
+    h.put(30); // needs one dead letter gone: the oldest (index 1)
+    assert_eq!(h.queue().dead.keys().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(h.queue().dead_dropped_total, 1);
+    assert_eq!(h.queue().bytes_held(), summed_bytes(h.queue()));
+}
+
+#[test]
+fn a_payload_larger_than_max_bytes_evicts_nothing() {
+    // Validation keeps max_payload_bytes within max_bytes; the queue still
+    // refuses such a put before evicting anything.
+    let lim = QueueLimits {
+        max_payload_bytes: 1_000,
+        ..limits(100, true)
+    };
+    assert!(lim.validate("input").is_err());
+    let mut q = Queue::new();
+    let mut events = Vec::new();
+    let item = |size| NewItem {
+        request_id: format!("r{size}"),
+        tags: Tags::new(),
+        data: Bytes::from(vec![b'x'; size]),
+        priority: 0,
+        path: String::new(),
+    };
+    q.put(&input(), &lim, item(50), 0, &mut events).unwrap();
+    let before = q.clone();
+    assert_eq!(
+        q.put(&input(), &lim, item(101), 0, &mut events),
+        Err(Rejection::FullBytes { limit: 100 })
+    );
+    assert_eq!(q, before);
+}
+
+#[test]
+fn settings_out_of_range_are_refused() {
+    let mut h = Harness::new(QueueLimits::default(), 5);
+    let bad = [
+        QueueLimits {
+            max_bytes: 0,
+            ..QueueLimits::default()
+        },
+        QueueLimits {
+            max_payload_bytes: 2 << 30,
+            ..QueueLimits::default()
+        },
+        QueueLimits {
+            max_dead_letters: MAX_DEAD_LETTERS_CEILING + 1,
+            ..QueueLimits::default()
+        },
+    ];
+    for limits in bad {
+        let reply = h.run(Command::CreateService {
+            name: "svc".into(),
+            config: ServiceConfig {
+                sink: limits.clone(),
+                ..Default::default()
+            },
+        });
+        assert!(
+            matches!(reply, Reply::Rejected(Rejection::Invalid(_))),
+            "{limits:?} accepted: {reply:?}"
+        );
+    }
+    assert_eq!(
+        h.state.service("svc").unwrap().config,
+        ServiceConfig {
+            input: QueueLimits::default(),
+            max_delivery: 5,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn dead_letters_are_capped_oldest_first_and_purgeable() {
+    let mut h = Harness::new(
+        QueueLimits {
+            max_dead_letters: 3,
+            ..limits(10_000, false)
+        },
+        1,
+    );
+    for _ in 0..5 {
+        h.put(10);
+    }
+    h.dead_letter_all(7);
+    assert_eq!(
+        h.queue().dead.keys().copied().collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert_eq!(h.queue().dead_dropped_total, 2);
+    assert_eq!(h.queue().bytes_held(), 30);
+    // Lowering the cap trims at once.
+    let config = ServiceConfig {
+        input: QueueLimits {
+            max_dead_letters: 1,
+            ..limits(10_000, false)
+        },
+        max_delivery: 1,
+        ..Default::default()
+    };
+    h.run(Command::CreateService {
+        name: "svc".into(),
+        config,
+    });
+    assert_eq!(h.queue().dead.keys().copied().collect::<Vec<_>>(), [5]);
+    assert_eq!(
+        h.run(Command::PurgeDeadLetters { queue: input() }),
+        Reply::Done
+    );
+    assert!(h.queue().dead.is_empty());
+    assert_eq!(h.queue().bytes_held(), 0);
+    assert_eq!(h.queue().dead_dropped_total, 5);
+    assert_eq!(
+        h.run(Command::PurgeDeadLetters {
+            queue: QueueRef::new("nope", QueueKind::Input)
+        }),
+        Reply::Rejected(Rejection::NoSuchService("nope".into()))
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put { size: usize },
+    Delete { pick: usize },
+    Take,
+    Truncate { pick: usize },
+    DeadLetterAll,
+    Purge,
+    Evicting(bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0usize..=40).prop_map(|size| Op::Put { size }),
+        2 => any::<usize>().prop_map(|pick| Op::Delete { pick }),
+        1 => Just(Op::Take),
+        1 => any::<usize>().prop_map(|pick| Op::Truncate { pick }),
+        1 => Just(Op::DeadLetterAll),
+        1 => Just(Op::Purge),
+        1 => any::<bool>().prop_map(Op::Evicting),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// After any sequence: the byte count is the sum of what is stored, it
+    /// stays within max_bytes, dead letters stay within their cap, and the
+    /// count survives a snapshot round trip.
+    #[test]
+    fn byte_count_is_exact_and_bounded(ops in prop::collection::vec(op(), 1..120)) {
+        let max_bytes = 100;
+        let mut lim = QueueLimits { max_dead_letters: 4, ..limits(max_bytes, false) };
+        let mut h = Harness::new(lim.clone(), 1);
+        let mut connection = 10;
+        for op in ops {
+            match op {
+                Op::Put { size } => {
+                    let before = h.queue().clone();
+                    let fits = before.bytes_held() + size as u64 <= max_bytes;
+                    match h.put(size) {
+                        Reply::Put { .. } => prop_assert!(fits || lim.evict_oldest),
+                        Reply::Rejected(Rejection::FullBytes { .. }) => {
+                            prop_assert!(!fits && !lim.evict_oldest);
+                            prop_assert_eq!(h.queue(), &before);
+                        }
+                        other => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                Op::Delete { pick } => {
+                    let keys: Vec<u64> = h.queue().items.keys().copied().collect();
+                    if keys.is_empty() { continue; }
+                    h.run(Command::Delete { queue: input(), indexes: vec![keys[pick % keys.len()]] });
+                }
+                Op::Take => {
+                    h.run(Command::Take { queue: input(), selector: Selector { from_index: Some(0), length: 2, tags: Tags::new() } });
+                }
+                Op::Truncate { pick } => {
+                    let before = h.queue().next_index;
+                    h.run(Command::Truncate { queue: input(), before: (pick as u64) % (before + 1) });
+                }
+                Op::DeadLetterAll => {
+                    connection += 1;
+                    h.dead_letter_all(connection);
+                    h.run(Command::Detach { queue: input(), group: "g".into(), user: "u".into(), connection });
+                }
+                Op::Purge => { h.run(Command::PurgeDeadLetters { queue: input() }); }
+                Op::Evicting(on) => {
+                    lim.evict_oldest = on;
+                    let config = ServiceConfig { input: lim.clone(), max_delivery: 1, ..Default::default() };
+                    h.run(Command::CreateService { name: "svc".into(), config });
+                }
+            }
+            let q = h.queue();
+            prop_assert_eq!(q.bytes_held(), summed_bytes(q));
+            prop_assert!(q.bytes_held() <= max_bytes);
+            prop_assert!(q.dead.len() as u64 <= lim.max_dead_letters);
+            prop_assert_eq!(h.state.payload_bytes_held(), q.bytes_held());
+        }
+        let bytes = postcard::to_allocvec(&h.state).unwrap();
+        let mut restored: QueueState = postcard::from_bytes(&bytes).unwrap();
+        restored.rebuild_derived();
+        prop_assert_eq!(restored.queue(&input()).unwrap().bytes_held(), h.queue().bytes_held());
+        prop_assert_eq!(restored, h.state.clone());
+    }
+}
