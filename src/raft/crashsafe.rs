@@ -29,22 +29,46 @@ pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.{}.{n}{TEMP_SUFFIX}", std::process::id()))
 }
 
+/// Why a replacement failed, and so whether the old file can still be
+/// trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    /// Writing or syncing the temp file failed: the old file is untouched
+    /// and the temp file was removed.
+    #[error("preparing the replacement: {0}")]
+    Prepare(io::Error),
+    /// The rename or the directory fsync failed: which version the name
+    /// holds after a crash is unknown.
+    #[error("publishing the replacement: {0}")]
+    Publish(io::Error),
+}
+
+impl From<ReplaceError> for io::Error {
+    fn from(e: ReplaceError) -> Self {
+        match e {
+            ReplaceError::Prepare(e) | ReplaceError::Publish(e) => e,
+        }
+    }
+}
+
 /// Replace `dir/name` with what `fill` writes. On any error the temp file is
-/// removed and the old file (if any) is left as it was.
+/// removed; a `Prepare` error leaves the old file (if any) as it was.
 pub fn replace_file(
     dir: &Path,
     name: &str,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> io::Result<()> {
+) -> Result<(), ReplaceError> {
     let tmp = temp_path(dir, name);
-    let result = (|| {
+    let prepared = (|| {
         let mut f = File::create(&tmp)?;
         fill(&mut f)?;
         f.flush()?;
-        f.sync_all()?;
-        drop(f);
-        publish(&tmp, dir, name)
+        f.sync_all()
     })();
+    let result = match prepared {
+        Ok(()) => publish(&tmp, dir, name).map_err(ReplaceError::Publish),
+        Err(e) => Err(ReplaceError::Prepare(e)),
+    };
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -81,7 +105,7 @@ mod tests {
             f.write_all(b"half")?;
             Err(io::Error::other("disk on fire"))
         });
-        assert!(err.is_err());
+        assert!(matches!(err, Err(ReplaceError::Prepare(_))));
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"old");
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -136,8 +136,7 @@ impl RaftNode {
         std::fs::create_dir_all(&settings.data_dir)?;
         let disk = DiskGuard::new(settings.data_dir.clone(), settings.min_free_disk_bytes);
         let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
-        let (sm, events) =
-            StateMachine::open_with_health(&settings.data_dir.join("state"), health.clone())?;
+        let (sm, events) = StateMachine::open(&settings.data_dir.join("state"), health.clone())?;
         let shared = sm.shared();
         let config = Config {
             cluster_name: "eddy".into(),

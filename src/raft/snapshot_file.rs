@@ -551,35 +551,3 @@ impl<'de, R: Read + 'de> Flavor<'de> for ReadFlavor<R> {
         Ok(self)
     }
 }
-
-/// Read a snapshot in the format before version 2 (a CRC, then a postcard
-/// record of the meta and the version-1 encoded state), so that a node
-/// upgraded in place can convert it.
-pub fn read_legacy(path: &Path) -> Result<(SnapshotMeta, QueueState), SnapshotFileError> {
-    #[derive(serde::Deserialize)]
-    struct LegacyFile {
-        meta: SnapshotMeta,
-        data: Vec<u8>,
-    }
-    let malformed = |detail: String| SnapshotFileError::Malformed {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let bytes = std::fs::read(path).map_err(io_at(path))?;
-    if bytes.len() < 4 || crc32fast::hash(&bytes[4..]).to_le_bytes() != bytes[..4] {
-        return Err(SnapshotFileError::NotASnapshot {
-            path: path.to_path_buf(),
-        });
-    }
-    let file: LegacyFile =
-        postcard::from_bytes(&bytes[4..]).map_err(|e| malformed(format!("legacy record: {e}")))?;
-    match file.data.split_first() {
-        Some((1, rest)) => {
-            let mut state: QueueState =
-                postcard::from_bytes(rest).map_err(|e| malformed(format!("legacy state: {e}")))?;
-            state.rebuild_derived();
-            Ok((file.meta, state))
-        }
-        _ => Err(malformed("legacy state: unknown version".into())),
-    }
-}

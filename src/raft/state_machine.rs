@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::StorageHealth;
 use super::crashsafe;
-use super::snapshot_file::{SnapshotFile, SnapshotFileError, read_legacy};
+use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::queue::{Event, QueueState, Reply};
 
@@ -127,7 +127,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl StateMachine {
     /// Open the state machine in `dir`, restoring the latest snapshot. A
     /// storage failure in building or installing a snapshot latches `health`.
-    pub fn open_with_health(
+    pub fn open(
         dir: &Path,
         health: Arc<StorageHealth>,
     ) -> io::Result<(Self, mpsc::UnboundedReceiver<Vec<Event>>)> {
@@ -135,18 +135,7 @@ impl StateMachine {
         crashsafe::remove_leftovers(dir)?;
         let restored = match SnapshotFile::open_current(dir)? {
             None => None,
-            Some(file) => match file.decode() {
-                Ok(found) => Some(found),
-                Err(SnapshotFileError::NotASnapshot { .. }) => {
-                    // Written before format version 2: convert it in place.
-                    let (meta, state) = read_legacy(file.path())?;
-                    drop(file);
-                    SnapshotFile::write(dir, &meta, &state)?.publish(dir)?;
-                    tracing::info!(dir = %dir.display(), "snapshot converted to format version 2");
-                    Some((meta, state))
-                }
-                Err(e) => return Err(e.into()),
-            },
+            Some(file) => Some(file.decode()?),
         };
         let (applied, published) = match restored {
             Some((meta, state)) => (
@@ -185,12 +174,6 @@ impl StateMachine {
             },
             rx,
         ))
-    }
-
-    /// [`Self::open_with_health`] with a latch of its own, for tests.
-    #[cfg(test)]
-    pub fn open(dir: &Path) -> io::Result<(Self, mpsc::UnboundedReceiver<Vec<Event>>)> {
-        Self::open_with_health(dir, StorageHealth::new())
     }
 
     pub fn shared(&self) -> Arc<SharedState> {
@@ -415,8 +398,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_round_trips_through_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut leader, _) = StateMachine::open(&dir.path().join("l")).unwrap();
-        let (mut follower, _) = StateMachine::open(&dir.path().join("f")).unwrap();
+        let (mut leader, _) =
+            StateMachine::open(&dir.path().join("l"), StorageHealth::new()).unwrap();
+        let (mut follower, _) =
+            StateMachine::open(&dir.path().join("f"), StorageHealth::new()).unwrap();
         // Payloads larger than any fixed decoding buffer would be.
         let state = state_with(40, 3 * 1024 * 1024 / 2, 7);
         set_applied(&leader, 42, state.clone());
@@ -440,7 +425,8 @@ mod tests {
 
         // And it is what a restart restores.
         drop(follower);
-        let (reopened, _) = StateMachine::open(&dir.path().join("f")).unwrap();
+        let (reopened, _) =
+            StateMachine::open(&dir.path().join("f"), StorageHealth::new()).unwrap();
         let a = reopened.shared.applied.read().unwrap();
         assert_eq!(a.state, state);
         assert_eq!(a.last_applied, Some(log_id(42)));
@@ -449,7 +435,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupt_snapshot_file_is_refused_with_a_clear_message() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut sm, _) = StateMachine::open(dir.path()).unwrap();
+        let (mut sm, _) = StateMachine::open(dir.path(), StorageHealth::new()).unwrap();
         set_applied(&sm, 9, state_with(50, 1000, 1));
         sm.get_snapshot_builder()
             .await
@@ -464,7 +450,9 @@ mod tests {
         let mut bad = good.clone();
         bad[good.len() / 2] ^= 0x10;
         std::fs::write(&path, &bad).unwrap();
-        let err = StateMachine::open(dir.path()).err().expect("refused");
+        let err = StateMachine::open(dir.path(), StorageHealth::new())
+            .err()
+            .expect("refused");
         let msg = err.to_string();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(msg.contains(&path.display().to_string()), "{msg}");
@@ -472,7 +460,7 @@ mod tests {
 
         // A torn (truncated) file.
         std::fs::write(&path, &good[..good.len() - 100]).unwrap();
-        let msg = StateMachine::open(dir.path())
+        let msg = StateMachine::open(dir.path(), StorageHealth::new())
             .err()
             .expect("refused")
             .to_string();
@@ -491,9 +479,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_builds_and_installs_never_share_a_temp_file_or_go_backwards() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut leader, _) = StateMachine::open(&dir.path().join("l")).unwrap();
+        let (mut leader, _) =
+            StateMachine::open(&dir.path().join("l"), StorageHealth::new()).unwrap();
         let fdir = dir.path().join("f");
-        let (mut follower, _) = StateMachine::open(&fdir).unwrap();
+        let (mut follower, _) = StateMachine::open(&fdir, StorageHealth::new()).unwrap();
         set_applied(&follower, 50, state_with(300, 4096, 0));
 
         // Snapshots at 101..=120 to install, built by a leader.
@@ -534,7 +523,7 @@ mod tests {
         assert!(temp_files(&fdir).is_empty(), "{:?}", temp_files(&fdir));
 
         drop(follower);
-        let (reopened, _) = StateMachine::open(&fdir).unwrap();
+        let (reopened, _) = StateMachine::open(&fdir, StorageHealth::new()).unwrap();
         let a = reopened.shared.applied.read().unwrap();
         assert_eq!(a.last_applied, Some(log_id(120)));
         assert_eq!(a.state, state_with(300, 4096, 20));
@@ -545,9 +534,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stale_build_does_not_replace_a_newer_installed_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut leader, _) = StateMachine::open(&dir.path().join("l")).unwrap();
+        let (mut leader, _) =
+            StateMachine::open(&dir.path().join("l"), StorageHealth::new()).unwrap();
         let fdir = dir.path().join("f");
-        let (mut follower, _) = StateMachine::open(&fdir).unwrap();
+        let (mut follower, _) = StateMachine::open(&fdir, StorageHealth::new()).unwrap();
         set_applied(&leader, 20, state_with(10, 100, 2));
         let newer = leader
             .get_snapshot_builder()

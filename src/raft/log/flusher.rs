@@ -26,7 +26,7 @@ use openraft::storage::IOFlushed;
 
 use super::record::{BATCH_HEADER_LEN, LiveState, WAL_FILE, new_salt, seal_batch};
 use crate::raft::StorageHealth;
-use crate::raft::crashsafe::replace_file;
+use crate::raft::crashsafe::{ReplaceError, replace_file};
 use crate::raft::types::TypeConfig;
 
 /// Gathered writes are cut into a new batch beyond this size, which bounds
@@ -42,8 +42,10 @@ pub(super) trait WalFile: Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Replace the whole file, crash-safely, with what `fill` writes; later
     /// appends go to the new file.
-    fn replace(&mut self, fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>)
-    -> io::Result<()>;
+    fn replace(
+        &mut self,
+        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), ReplaceError>;
 }
 
 /// The real log file: `dir/raft.wal`, opened for appending.
@@ -80,13 +82,16 @@ impl WalFile for DiskFile {
     fn replace(
         &mut self,
         fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<()> {
+    ) -> Result<(), ReplaceError> {
         replace_file(&self.dir, WAL_FILE, |f| {
             let mut w = BufWriter::with_capacity(1 << 20, f);
             fill(&mut w)?;
             w.flush()
         })?;
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(ReplaceError::Publish)?;
         Ok(())
     }
 }
@@ -239,7 +244,13 @@ impl Flusher {
                 self.salt = salt;
                 self.size = len;
             }
-            Err(e) => {
+            // The old file is intact (a full disk, say): keep appending to
+            // it and try again at the next purge.
+            Err(ReplaceError::Prepare(e)) => {
+                let path = self.file.path().display();
+                tracing::warn!(%path, error = %e, "raft log compaction skipped; keeping the old file");
+            }
+            Err(e @ ReplaceError::Publish(_)) => {
                 let path = self.file.path().display().to_string();
                 self.fail(format!("compacting {path}: {e}"));
             }

@@ -132,7 +132,8 @@ impl LogStore {
         remove_leftovers(dir).map_err(io(dir))?;
         if !path.exists() {
             let header = record::encode_file_header(record::new_salt());
-            replace_file(dir, WAL_FILE, |f| io::Write::write_all(f, &header)).map_err(io(&path))?;
+            replace_file(dir, WAL_FILE, |f| io::Write::write_all(f, &header))
+                .map_err(|e| io(&path)(e.into()))?;
         }
         let recovered = record::recover(&path)?;
         let good_end = recovered.walk.good_end;

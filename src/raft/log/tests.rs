@@ -16,6 +16,7 @@ use super::record::{
 };
 use super::*;
 use crate::queue::{Command, Envelope};
+use crate::raft::crashsafe::ReplaceError;
 use crate::raft::state_machine::StateMachine;
 
 fn log_id(index: u64) -> LogId {
@@ -90,7 +91,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().unwrap();
         let log = LogStore::open(&dir.path().join("log"), StorageHealth::new()).unwrap();
-        let (sm, _events) = StateMachine::open(&dir.path().join("sm")).unwrap();
+        let (sm, _events) =
+            StateMachine::open(&dir.path().join("sm"), StorageHealth::new()).unwrap();
         Ok((dir, log, sm))
     }
 }
@@ -330,6 +332,7 @@ async fn wal_check_reports_clean_torn_and_corrupt() {
 struct Faults {
     fail_sync: AtomicBool,
     fail_replace: AtomicBool,
+    fail_prepare: AtomicBool,
     appends: AtomicU64,
 }
 
@@ -359,9 +362,16 @@ impl WalFile for FaultyFile {
     fn replace(
         &mut self,
         fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<()> {
+    ) -> Result<(), ReplaceError> {
         if self.faults.fail_replace.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected rename failure"));
+            return Err(ReplaceError::Publish(io::Error::other(
+                "injected rename failure",
+            )));
+        }
+        if self.faults.fail_prepare.load(Ordering::SeqCst) {
+            return Err(ReplaceError::Prepare(io::Error::other(
+                "injected ENOSPC in the temp file",
+            )));
         }
         self.inner.replace(fill)
     }
@@ -456,6 +466,26 @@ async fn a_failed_compaction_stops_the_log() {
     // The old file is intact: reopening replays it, purge and all.
     let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
     assert_eq!(indexes(&store), vec![10]);
+}
+
+/// A compaction that fails before anything was renamed (a full disk, say)
+/// leaves the old file in use: the log goes on, nothing is latched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_that_fails_before_publishing_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        compact_min_bytes: 0,
+        ..opts()
+    };
+    let (mut store, health, faults) = open_faulty(dir.path(), options);
+    append_durably(&mut store, (1..=10).map(|i| entry(i, 1000)).collect()).await;
+    faults.fail_prepare.store(true, Ordering::SeqCst);
+    store.purge(log_id(9)).await.unwrap();
+    append_durably(&mut store, vec![entry(11, 10)]).await;
+    assert!(!health.is_failed());
+    drop(store);
+    let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    assert_eq!(indexes(&store), vec![10, 11]);
 }
 
 /// Finding 4: lengths are u64 in the batch header and the record prefix.
