@@ -104,7 +104,7 @@ async fn create_service(
     let config = req.to_config();
     match state
         .node
-        .propose(Command::CreateService {
+        .propose_admin(Command::CreateService {
             name: req.name.clone(),
             config,
         })
@@ -169,7 +169,11 @@ async fn delete_service(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
-    match state.node.propose(Command::DeleteService { name }).await? {
+    match state
+        .node
+        .propose_admin(Command::DeleteService { name })
+        .await?
+    {
         Reply::Rejected(r) => Err(r.into()),
         _ => Ok("OK".into_response()),
     }
