@@ -8,7 +8,8 @@
 //!   protocol, admin routes, status codes.
 //! - `client`: a Rust client of the EAS protocol (CLI, engine, benchmark).
 //! - `engine`: the asynchronous inference worker.
-//! - `config`: node settings from flags and `EDDY_*` variables.
+//! - [`tls`]: certificates: generation and the PEM files a node loads.
+//! - [`secret`]: constant-time comparison of secrets and tokens.
 
 pub mod api;
 pub mod client;
@@ -16,4 +17,6 @@ pub mod engine;
 pub mod proto;
 pub mod queue;
 pub mod raft;
+pub mod secret;
 pub mod server;
+pub mod tls;

@@ -59,6 +59,9 @@ enum Cmd {
     /// Inspect a stopped node's storage.
     #[command(subcommand)]
     Wal(WalCmd),
+    /// Make TLS certificates and a cluster secret.
+    #[command(subcommand)]
+    Certs(CertsCmd),
 }
 
 #[derive(Subcommand)]
@@ -66,6 +69,27 @@ enum WalCmd {
     /// Scan the raft log of a data dir (or its raft dir): exit 0 if clean or
     /// torn at the end (cut on start), 1 if corrupt.
     Check { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a new CA, a certificate and key per node (valid for the node
+    /// name, localhost and 127.0.0.1) and a random `cluster-secret`.
+    Generate {
+        /// Directory to write into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Node names (host names peers use), comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// More names every node certificate is valid for (DNS names,
+        /// wildcards such as `*.eddy.default.svc.cluster.local`, or IPs).
+        #[arg(long = "name", value_delimiter = ',')]
+        names: Vec<String>,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -184,9 +208,33 @@ struct ServeArgs {
     /// (this node included). Empty: a single-node cluster.
     #[arg(long, env = "EDDY_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
-    /// Shared secret that authenticates node-to-node calls.
-    #[arg(long, env = "EDDY_CLUSTER_SECRET", default_value = "eddy-dev-secret")]
+    /// Shared secret that authenticates node-to-node calls. Required when
+    /// the cluster has more than one member; there is no default.
+    #[arg(
+        long,
+        env = "EDDY_CLUSTER_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
     cluster_secret: String,
+    /// Mutual TLS between nodes: this node's certificate (PEM). With
+    /// `--peer-tls-key` and `--peer-tls-ca`; `eddy certs generate` makes them.
+    #[arg(long, env = "EDDY_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    peer_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "EDDY_PEER_TLS_KEY", requires = "peer_tls_cert")]
+    peer_tls_key: Option<PathBuf>,
+    /// The CA every peer's certificate must chain to (PEM).
+    #[arg(long, env = "EDDY_PEER_TLS_CA", requires = "peer_tls_cert")]
+    peer_tls_ca: Option<PathBuf>,
+    /// Read the cluster secret from this file (a mounted Kubernetes or
+    /// Compose secret); surrounding whitespace is ignored.
+    #[arg(
+        long,
+        env = "EDDY_CLUSTER_SECRET_FILE",
+        conflicts_with = "cluster_secret"
+    )]
+    cluster_secret_file: Option<PathBuf>,
     /// Token for the admin routes (empty: open).
     #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
     admin_token: String,
@@ -465,6 +513,29 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .filter(|p| !p.is_empty())
         .map(|p| parse_peer(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let cluster_secret = match &a.cluster_secret_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the cluster secret from {}", path.display()))?
+            .trim()
+            .to_string(),
+        None => a.cluster_secret.clone(),
+    };
+    if cluster_secret.is_empty() && (peers.len() > 1 || a.join) {
+        bail!(
+            "a cluster of more than one node needs a cluster secret: set --cluster-secret-file \
+             (or EDDY_CLUSTER_SECRET) to the same random value on every node"
+        );
+    }
+    let peer_tls = match (&a.peer_tls_cert, &a.peer_tls_key, &a.peer_tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(eddy::tls::TlsIdentity::load(cert, key, ca)?),
+        _ => None,
+    };
+    if peer_tls.is_none() && peers.len() > 1 {
+        tracing::warn!(
+            "node-to-node traffic is not encrypted: set --peer-tls-cert/--peer-tls-key/--peer-tls-ca \
+             (eddy certs generate makes them)"
+        );
+    }
     let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
         (Some(adv), _) => adv.clone(),
         (None, Some(p)) => p.raft_addr.clone(),
@@ -514,7 +585,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         advertise_http: a.advertise_http.clone().unwrap_or_default(),
         advertise_raft,
         peers,
-        cluster_secret: a.cluster_secret,
+        cluster_secret,
+        peer_tls,
         admin_token: a.admin_token,
         heartbeat_ms: a.heartbeat_ms,
         election_timeout_ms: a.election_timeout_ms,
@@ -860,6 +932,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(a) => serve(*a).await?,
+        Cmd::Certs(CertsCmd::Generate {
+            out,
+            nodes,
+            names,
+            force,
+        }) => {
+            let generated = eddy::tls::generate(&out, &nodes, &names, true, force)?;
+            for f in generated.files {
+                println!("{}", f.display());
+            }
+        }
         Cmd::Put(a) => {
             let data = if a.data == "-" {
                 let mut buf = Vec::new();

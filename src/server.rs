@@ -22,6 +22,8 @@ pub struct ServeSettings {
     pub advertise_raft: String,
     pub peers: Vec<Peer>,
     pub cluster_secret: String,
+    /// Mutual TLS between nodes.
+    pub peer_tls: Option<crate::tls::TlsIdentity>,
     pub admin_token: String,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
@@ -73,6 +75,8 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         },
         peers: settings.peers.clone(),
         secret: settings.cluster_secret.clone(),
+        admin_token: settings.admin_token.clone(),
+        peer_tls: settings.peer_tls.clone(),
         heartbeat_ms: settings.heartbeat_ms,
         election_timeout_ms: settings.election_timeout_ms,
         node_lost_ms: settings.node_lost_ms,
@@ -94,7 +98,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
                         name: name.clone(),
                         config: config.clone(),
                     };
-                    match node.propose(cmd).await {
+                    match node.propose_admin(cmd).await {
                         Ok(Reply::Rejected(r)) => {
                             tracing::error!(service = %name, error = %r, "service declaration refused");
                             break;

@@ -116,7 +116,7 @@ async fn create_service(
     let config = req.to_config();
     match state
         .node
-        .propose(Command::CreateService {
+        .propose_admin(Command::CreateService {
             name: req.name.clone(),
             config,
         })
@@ -189,7 +189,11 @@ async fn delete_service(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
-    match state.node.propose(Command::DeleteService { name }).await? {
+    match state
+        .node
+        .propose_admin(Command::DeleteService { name })
+        .await?
+    {
         Reply::Rejected(r) => Err(r.into()),
         _ => Ok("OK".into_response()),
     }
@@ -228,7 +232,7 @@ async fn purge_dead_letters(
             })
             .collect(),
     );
-    match state.node.propose(command).await? {
+    match state.node.propose_admin(command).await? {
         Reply::Batch(replies) => {
             for r in replies {
                 if let Reply::Rejected(r) = r {

@@ -270,14 +270,50 @@ pub enum Command {
         result: Option<NewItem>,
     },
     /// Several commands in one log entry; replies come back in order.
-    Batch(Vec<Command>),
+    /// Batches never nest: a nested batch is refused when decoded, when
+    /// proposed and when applied, so no input can make decoding or applying
+    /// recurse deeper than one level.
+    Batch(#[serde(deserialize_with = "deserialize_flat_batch")] Vec<Command>),
     /// Drop every dead letter of the queue.
     PurgeDeadLetters {
         queue: QueueRef,
     },
 }
 
+thread_local! {
+    /// Set while the elements of a batch are being decoded.
+    static DECODING_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Decode a batch's commands, refusing a batch inside them before descending
+/// into it (deserialization is synchronous, so a thread-local flag marks the
+/// enclosing batch).
+fn deserialize_flat_batch<'de, D>(d: D) -> Result<Vec<Command>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DECODING_BATCH.set(false);
+        }
+    }
+    if DECODING_BATCH.replace(true) {
+        return Err(serde::de::Error::custom("nested command batch"));
+    }
+    let _reset = Reset;
+    Vec::<Command>::deserialize(d)
+}
+
 impl Command {
+    /// Whether this is a batch holding another batch (never valid).
+    pub fn has_nested_batch(&self) -> bool {
+        match self {
+            Command::Batch(commands) => commands.iter().any(|c| matches!(c, Command::Batch(_))),
+            _ => false,
+        }
+    }
+
     /// Payload bytes this command adds to the state (puts and results);
     /// what storage admission control weighs.
     pub fn added_bytes(&self) -> u64 {

@@ -362,7 +362,12 @@ impl QueueState {
             Command::Batch(commands) => Ok(Reply::Batch(
                 commands
                     .iter()
-                    .map(|c| self.apply_command(c, now_ms, events))
+                    .map(|c| match c {
+                        Command::Batch(_) => {
+                            Reply::Rejected(Rejection::Invalid("nested command batch".into()))
+                        }
+                        c => self.apply_command(c, now_ms, events),
+                    })
                     .collect(),
             )),
         }

@@ -621,3 +621,48 @@ proptest! {
         prop_assert_eq!(restored, h.state.clone());
     }
 }
+
+/// The encoding of `depth` batches nested around a `Tick`, built by hand
+/// (encoding it through serde would itself recurse `depth` deep).
+fn nested_batch_bytes(depth: usize) -> Vec<u8> {
+    let tick = postcard::to_allocvec(&Command::Tick).unwrap();
+    let one = postcard::to_allocvec(&Command::Batch(vec![Command::Tick])).unwrap();
+    // `one` is [batch variant][len = 1][tick]: its prefix opens a level.
+    let open = &one[..one.len() - tick.len()];
+    let mut bytes = open.repeat(depth);
+    bytes.extend_from_slice(&tick);
+    bytes
+}
+
+#[test]
+fn a_flat_batch_decodes_and_a_nested_one_is_refused_at_decode_without_recursing() {
+    let flat: Command = postcard::from_bytes(&nested_batch_bytes(1)).unwrap();
+    assert_eq!(flat, Command::Batch(vec![Command::Tick]));
+    for depth in [2, 1_900, 5_000, 200_000] {
+        let err = postcard::from_bytes::<Command>(&nested_batch_bytes(depth));
+        assert!(err.is_err(), "depth {depth} must be refused");
+    }
+    // After a refusal the next batch still decodes (the marker was reset).
+    let again: Command = postcard::from_bytes(&nested_batch_bytes(1)).unwrap();
+    assert!(matches!(again, Command::Batch(_)));
+}
+
+#[test]
+fn applying_a_nested_batch_rejects_the_inner_batch_and_applies_the_rest() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let nested = Command::Batch(vec![
+        Command::Batch(vec![Command::Tick]),
+        Command::Truncate {
+            queue: input(),
+            before: 1,
+        },
+    ]);
+    assert!(nested.has_nested_batch());
+    match h.run(nested) {
+        Reply::Batch(replies) => {
+            assert!(matches!(replies[0], Reply::Rejected(Rejection::Invalid(_))));
+            assert_eq!(replies[1], Reply::Done);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -21,7 +21,9 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::tls::TlsIdentity;
 
 use super::pb::raft_client::RaftClient;
 use super::pb::{RaftRequest, SnapshotChunk};
@@ -51,25 +53,42 @@ pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     postcard::from_bytes(b).map_err(|e| format!("decode: {e}"))
 }
 
-/// Cached channels to peers, keyed by `host:port`.
+/// Cached channels to peers, keyed by `host:port`; over mutual TLS when the
+/// node has a TLS identity.
 #[derive(Clone, Default)]
 pub struct Channels {
     inner: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Channels {
+    pub fn new(tls: Option<&TlsIdentity>) -> Self {
+        Self {
+            inner: Default::default(),
+            tls: tls.map(|id| {
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&id.ca_pem))
+                    .identity(Identity::from_pem(&id.cert_pem, &id.key_pem))
+            }),
+        }
+    }
+
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut map = self.inner.lock().unwrap();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint.connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -132,7 +151,7 @@ impl PeerConnection {
             .channels
             .get(&self.addr)
             .map_err(|e| Unreachable::new(&e))?;
-        Ok(RaftClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
+        Ok(RaftClient::new(ch).max_decoding_message_size(super::node::MAX_PEER_MESSAGE))
     }
 
     fn request(&self, body: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftRequest> {

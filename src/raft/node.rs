@@ -35,6 +35,10 @@ use super::state_machine::{SharedState, StateMachine};
 use super::types::{NodeInfo, Raft};
 use crate::queue::{Command, Envelope, Event, QueueState, Reply};
 
+/// Largest peer message decoded. Replication reads are capped by bytes
+/// well below this, and a single entry is at most one payload.
+pub(crate) const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+
 /// A cluster member as configured: id, Raft (gRPC) address, HTTP address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -56,6 +60,12 @@ pub struct RaftSettings {
     /// means a single-node cluster.
     pub peers: Vec<Peer>,
     pub secret: String,
+    /// Mutual TLS between nodes: this node's certificate and key, and the
+    /// CA that peers' certificates must chain to.
+    pub peer_tls: Option<crate::tls::TlsIdentity>,
+    /// The admin token; admin commands forwarded to the leader carry proof
+    /// of it.
+    pub admin_token: String,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     /// A member silent this long is declared gone (its consumers' items move).
@@ -74,11 +84,22 @@ pub enum ProposeError {
     NotLeader { leader: Option<u64> },
     #[error("no leader is available: {0}")]
     Unavailable(String),
+    /// The command is not acceptable (malformed or not allowed).
+    #[error("{0}")]
+    Refused(String),
     /// The data volume is short of space (HTTP 507).
     #[error("{0}")]
     NoSpace(String),
     #[error("raft stopped: {0}")]
     Fatal(String),
+}
+
+/// On whose behalf a command is proposed: forwarded admin commands carry
+/// proof of the admin token, which the leader checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    DataPlane,
+    Admin,
 }
 
 /// Cluster view for status endpoints and readiness.
@@ -154,7 +175,7 @@ impl RaftNode {
             ..Default::default()
         }
         .validate()?;
-        let channels = Channels::default();
+        let channels = Channels::new(settings.peer_tls.as_ref());
         let network = Network {
             channels: channels.clone(),
             secret: Arc::new(settings.secret.clone()),
@@ -174,9 +195,21 @@ impl RaftNode {
             watchers_welcome: std::sync::atomic::AtomicBool::new(false),
         });
 
-        let service = super::pb::raft_server::RaftServer::new(Service { node: node.clone() })
-            .max_decoding_message_size(256 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            super::pb::raft_server::RaftServer::new(Service { node: node.clone() })
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+            super::service::authenticate(settings.secret.clone()),
+        );
+        let mut server = tonic::transport::Server::builder();
+        if let Some(id) = &settings.peer_tls {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            server = server.tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&id.cert_pem, &id.key_pem))
+                    .client_ca_root(Certificate::from_pem(&id.ca_pem)),
+            )?;
+        }
         let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
         let stopped = node.stopped();
         tokio::spawn(async move {
@@ -189,7 +222,7 @@ impl RaftNode {
                     })
                 },
             );
-            if let Err(e) = tonic::transport::Server::builder()
+            if let Err(e) = server
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped)
                 .await
@@ -269,6 +302,9 @@ impl RaftNode {
         if let Some(reason) = self.health.failure() {
             return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
         }
+        if command.has_nested_batch() {
+            return Err(ProposeError::Refused("nested command batch".into()));
+        }
         self.disk
             .admit(command.added_bytes())
             .map_err(|e| ProposeError::NoSpace(e.to_string()))
@@ -298,18 +334,40 @@ impl RaftNode {
     /// Propose `command` wherever the leader is, retrying through elections
     /// for up to `deadline`.
     pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+        self.propose_as(command, Origin::DataPlane).await
+    }
+
+    /// Propose an admin command (create or delete a service) on behalf of a
+    /// caller the API authenticated as an administrator.
+    pub async fn propose_admin(&self, command: Command) -> Result<Reply, ProposeError> {
+        self.propose_as(command, Origin::Admin).await
+    }
+
+    async fn propose_as(&self, command: Command, origin: Origin) -> Result<Reply, ProposeError> {
         let envelope = Envelope {
             id: uuid::Uuid::new_v4().as_u128(),
             now_ms: now_ms(),
             command,
         };
-        self.propose_envelope(envelope, Duration::from_secs(5))
+        self.propose_envelope_as(envelope, origin, Duration::from_secs(5))
             .await
     }
 
+    /// Propose a data-plane envelope as it is (a retry reuses its id, and
+    /// the state machine applies it once).
     pub async fn propose_envelope(
         &self,
         envelope: Envelope,
+        deadline: Duration,
+    ) -> Result<Reply, ProposeError> {
+        self.propose_envelope_as(envelope, Origin::DataPlane, deadline)
+            .await
+    }
+
+    async fn propose_envelope_as(
+        &self,
+        envelope: Envelope,
+        origin: Origin,
         deadline: Duration,
     ) -> Result<Reply, ProposeError> {
         // The entry node stores the entry too: it checks its own disk
@@ -332,14 +390,18 @@ impl RaftNode {
             let result = match local {
                 Err(ProposeError::NotLeader {
                     leader: Some(leader),
-                }) if leader != self.id => self.forward(leader, &envelope).await,
+                }) if leader != self.id => self.forward(leader, &envelope, origin).await,
                 other => other,
             };
             match result {
                 Ok(reply) => {
                     return Ok(reply);
                 }
-                Err(e @ (ProposeError::Fatal(_) | ProposeError::NoSpace(_))) => return Err(e),
+                Err(
+                    e @ (ProposeError::Fatal(_)
+                    | ProposeError::NoSpace(_)
+                    | ProposeError::Refused(_)),
+                ) => return Err(e),
                 Err(e) => last_err = e,
             }
             if start.elapsed() >= deadline {
@@ -370,15 +432,26 @@ impl RaftNode {
             .channels
             .get(&addr)
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        Ok(RaftClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+        Ok(RaftClient::new(channel).max_decoding_message_size(MAX_PEER_MESSAGE))
     }
 
-    async fn forward(&self, leader: u64, envelope: &Envelope) -> Result<Reply, ProposeError> {
+    async fn forward(
+        &self,
+        leader: u64,
+        envelope: &Envelope,
+        origin: Origin,
+    ) -> Result<Reply, ProposeError> {
         let mut client = self.peer_client(leader)?;
+        let admin_proof = match origin {
+            Origin::Admin => crate::secret::digest(self.settings.admin_token.as_bytes()).to_vec(),
+            Origin::DataPlane => Vec::new(),
+        };
         let req = authorized(
             &self.secret,
             ForwardRequest {
                 command: encode(envelope).into(),
+                from: self.id,
+                admin_proof: admin_proof.into(),
             },
             Some(Duration::from_secs(5)),
         );
@@ -392,6 +465,7 @@ impl RaftNode {
         match reply.error_kind.as_str() {
             "" => decode(&reply.reply).map_err(ProposeError::Unavailable),
             "not_leader" => Err(ProposeError::NotLeader { leader: None }),
+            "rejected" => Err(ProposeError::Refused(reply.error)),
             "no_space" => Err(ProposeError::NoSpace(format!(
                 "node {leader}: {}",
                 reply.error
@@ -540,6 +614,18 @@ impl RaftNode {
             .await
             .map_err(Self::write_error)?;
         Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn settings_raft_addr(&self) -> String {
+        self.settings.advertise.raft_addr.clone()
+    }
+
+    /// Whether `proof` shows knowledge of this node's admin token (any
+    /// proof does when no admin token is configured).
+    pub(crate) fn admin_proof_matches(&self, proof: &[u8]) -> bool {
+        self.settings.admin_token.is_empty()
+            || crate::secret::matches_digest(proof, self.settings.admin_token.as_bytes())
     }
 
     pub fn node_info(&self, id: u64) -> Option<NodeInfo> {

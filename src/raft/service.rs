@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::StorageHealth;
@@ -15,28 +14,78 @@ use super::pb::raft_server::Raft as RaftService;
 use super::pb::{ForwardReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk};
 use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{SnapshotMeta, Vote};
+use crate::queue::{Command, Envelope};
+
+/// The gRPC interceptor that authenticates every peer call by the cluster
+/// secret, before its message is decoded. A node without a secret accepts
+/// no peer calls at all.
+pub(super) fn authenticate(
+    secret: String,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        if secret.is_empty() {
+            return Err(Status::unauthenticated(
+                "this node has no cluster secret and accepts no peers",
+            ));
+        }
+        let given = req
+            .metadata()
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if crate::secret::matches(given, secret.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("cluster secret mismatch"))
+        }
+    }
+}
+
+/// Whether the leader may apply `command` forwarded by node `from`: the
+/// commands an entry node legitimately forwards are the data-plane ones, its
+/// own restart announcement, and admin commands backed by the admin token.
+/// Housekeeping decisions belong to the leader alone.
+fn forwardable(command: &Command, from: u64, admin: bool) -> Result<(), String> {
+    match command {
+        Command::Put { .. }
+        | Command::Take { .. }
+        | Command::Commit { .. }
+        | Command::Negative { .. }
+        | Command::Delete { .. }
+        | Command::Truncate { .. }
+        | Command::End { .. }
+        | Command::Attach { .. }
+        | Command::Detach { .. }
+        | Command::Complete { .. } => Ok(()),
+        Command::CreateService { .. }
+        | Command::DeleteService { .. }
+        | Command::PurgeDeadLetters { .. } => {
+            if admin {
+                Ok(())
+            } else {
+                Err(format!("{} needs the admin token", command.name()))
+            }
+        }
+        Command::NodeGone { node } if *node == from => Ok(()),
+        Command::NodeGone { node } => Err(format!(
+            "node {from} may not declare node {node} gone; only the leader does"
+        )),
+        Command::Tick => Err("only the leader proposes ticks".into()),
+        Command::Batch(commands) => commands.iter().try_for_each(|c| match c {
+            Command::Batch(_) => Err("nested command batch".to_string()),
+            c => forwardable(c, from, admin),
+        }),
+    }
+}
 
 pub struct Service {
     pub node: Arc<RaftNode>,
 }
 
 impl Service {
-    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let given = req
-            .metadata()
-            .get(SECRET_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        if bool::from(given.ct_eq(self.node.secret.as_bytes())) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("cluster secret mismatch"))
-        }
-    }
-
-    /// Authenticate, check the addressee and decode the Raft message.
+    /// Check the addressee and decode the Raft message (the caller was
+    /// authenticated before its message was decoded: see [`authenticate`]).
     fn open<T: serde::de::DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
-        self.check(&req)?;
         let req = req.into_inner();
         self.check_target(req.target)?;
         decode(&req.body).map_err(Status::invalid_argument)
@@ -121,7 +170,6 @@ impl RaftService for Service {
         &self,
         req: Request<Streaming<RaftRequest>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
-        self.check(&req)?;
         let id = self.node.id;
         let input = req.into_inner().filter_map(move |m| async move {
             let m = m.ok()?;
@@ -142,7 +190,6 @@ impl RaftService for Service {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftReply>, Status> {
-        self.check(&req)?;
         let mut stream = req.into_inner();
         let first = stream
             .message()
@@ -184,8 +231,7 @@ impl RaftService for Service {
         reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
     }
 
-    async fn read_index(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        self.check(&req)?;
+    async fn read_index(&self, _req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         reply(self.node.leader_read_index().await)
     }
 
@@ -193,8 +239,17 @@ impl RaftService for Service {
         &self,
         req: Request<ForwardRequest>,
     ) -> Result<Response<ForwardReply>, Status> {
-        self.check(&req)?;
-        let envelope = decode(&req.into_inner().command).map_err(Status::invalid_argument)?;
+        let req = req.into_inner();
+        let envelope: Envelope = decode(&req.command).map_err(Status::invalid_argument)?;
+        let admin = self.node.admin_proof_matches(&req.admin_proof);
+        if let Err(why) = forwardable(&envelope.command, req.from, admin) {
+            tracing::warn!(from = req.from, %why, "forwarded command refused");
+            return Ok(Response::new(ForwardReply {
+                error_kind: "rejected".into(),
+                error: why,
+                ..Default::default()
+            }));
+        }
         let out = match self.node.write_forwarded(envelope).await {
             Ok(r) => ForwardReply {
                 reply: encode(&r).into(),
@@ -204,6 +259,11 @@ impl RaftService for Service {
                 error_kind: "not_leader".into(),
                 error: "not the leader".into(),
                 leader_hint: leader.unwrap_or(0),
+                ..Default::default()
+            },
+            Err(e @ ProposeError::Refused(_)) => ForwardReply {
+                error_kind: "rejected".into(),
+                error: e.to_string(),
                 ..Default::default()
             },
             Err(e @ ProposeError::NoSpace(_)) => ForwardReply {
@@ -218,5 +278,178 @@ impl RaftService for Service {
             },
         };
         Ok(Response::new(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{QueueKind, QueueRef};
+    use crate::raft::pb::raft_client::RaftClient;
+    use crate::raft::{Peer, RaftSettings};
+
+    fn tick() -> Command {
+        Command::Tick
+    }
+
+    #[test]
+    fn only_legitimate_commands_are_forwardable() {
+        let put = Command::Truncate {
+            queue: QueueRef::new("s", QueueKind::Input),
+            before: 1,
+        };
+        assert!(forwardable(&put, 2, false).is_ok());
+        assert!(forwardable(&Command::NodeGone { node: 2 }, 2, false).is_ok());
+        assert!(forwardable(&Command::NodeGone { node: 3 }, 2, true).is_err());
+        assert!(forwardable(&tick(), 2, true).is_err());
+        let delete = Command::DeleteService { name: "s".into() };
+        assert!(forwardable(&delete, 2, false).is_err());
+        assert!(forwardable(&delete, 2, true).is_ok());
+        assert!(forwardable(&Command::Batch(vec![put.clone(), tick()]), 2, true).is_err());
+        assert!(forwardable(&Command::Batch(vec![put.clone()]), 2, false).is_ok());
+    }
+
+    async fn single_node(secret: &str, admin_token: &str) -> (Arc<RaftNode>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let settings = RaftSettings {
+            id: 1,
+            data_dir: dir.path().to_path_buf(),
+            raft_listen: addr.parse().unwrap(),
+            advertise: Peer {
+                id: 1,
+                raft_addr: addr.clone(),
+                api_addr: "127.0.0.1:1".into(),
+            },
+            peers: Vec::new(),
+            secret: secret.into(),
+            admin_token: admin_token.into(),
+            heartbeat_ms: 50,
+            election_timeout_ms: 300,
+            node_lost_ms: 1_000,
+            snapshot_every: 1_000,
+            join: false,
+            min_free_disk_bytes: 0,
+            peer_tls: None,
+        };
+        let (node, _events) = RaftNode::start(settings).await.unwrap();
+        (node, dir)
+    }
+
+    async fn client(node: &RaftNode) -> RaftClient<tonic::transport::Channel> {
+        let addr = node.settings_raft_addr();
+        RaftClient::connect(format!("http://{addr}")).await.unwrap()
+    }
+
+    fn forward_request(
+        secret: &str,
+        command: Vec<u8>,
+        from: u64,
+        proof: Vec<u8>,
+    ) -> Request<ForwardRequest> {
+        super::super::network::authorized(
+            secret,
+            ForwardRequest {
+                command: command.into(),
+                from,
+                admin_proof: proof.into(),
+            },
+            None,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_calls_are_authenticated_before_decoding_and_filtered() {
+        let (node, _dir) = single_node("the-secret", "the-admin-token").await;
+        let mut c = client(&node).await;
+
+        // A wrong secret is refused before the (undecodable) body is looked at.
+        let err = c
+            .forward(forward_request("wrong", vec![0xff; 1024], 1, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+        // With the secret: a nested batch is refused at decode.
+        let mut nested = Vec::new();
+        for _ in 0..5_000 {
+            nested.extend_from_slice(&[14, 1]);
+        }
+        nested.push(12);
+        let envelope_prefix = encode(&Envelope {
+            id: 7,
+            now_ms: 1,
+            command: Command::Tick,
+        });
+        // Replace the trailing `Tick` of a valid envelope by the nested batch.
+        let mut bytes = envelope_prefix[..envelope_prefix.len() - 1].to_vec();
+        bytes.extend_from_slice(&nested);
+        let err = c
+            .forward(forward_request("the-secret", bytes, 1, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+        // Housekeeping and unproven admin commands are refused; nothing applied.
+        let delete = encode(&Envelope {
+            id: 8,
+            now_ms: 1,
+            command: Command::DeleteService { name: "x".into() },
+        });
+        for (cmd, proof) in [
+            (
+                encode(&Envelope {
+                    id: 9,
+                    now_ms: 1,
+                    command: Command::Tick,
+                }),
+                Vec::new(),
+            ),
+            (delete.clone(), Vec::new()),
+            (delete.clone(), crate::secret::digest(b"guess").to_vec()),
+        ] {
+            let r = c
+                .forward(forward_request("the-secret", cmd, 2, proof))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.error_kind, "rejected", "{}", r.error);
+        }
+        // With the proof the admin command reaches the state machine (which
+        // answers that there is no such service).
+        node.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "single node leads")
+            .await
+            .unwrap();
+        let r = c
+            .forward(forward_request(
+                "the-secret",
+                delete,
+                2,
+                crate::secret::digest(b"the-admin-token").to_vec(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.error_kind, "", "{}", r.error);
+        node.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_a_secret_accepts_no_peer_calls() {
+        let (node, _dir) = single_node("", "").await;
+        let mut c = client(&node).await;
+        let err = c
+            .forward(forward_request("", Vec::new(), 1, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        node.shutdown().await;
     }
 }

@@ -19,10 +19,20 @@ struct Cluster {
     peers: Vec<Peer>,
     nodes: Vec<Option<RunningNode>>,
     snapshot_every: u64,
+    /// Per node id (index id - 1): its TLS identity, if the cluster uses TLS.
+    tls: Vec<Option<eddy::tls::TlsIdentity>>,
 }
 
 impl Cluster {
     async fn new(n: u64, snapshot_every: u64) -> Self {
+        Self::with_tls(n, snapshot_every, vec![None; n as usize]).await
+    }
+
+    async fn with_tls(
+        n: u64,
+        snapshot_every: u64,
+        tls: Vec<Option<eddy::tls::TlsIdentity>>,
+    ) -> Self {
         let peers: Vec<Peer> = (1..=n)
             .map(|id| Peer {
                 id,
@@ -35,6 +45,7 @@ impl Cluster {
             peers,
             nodes: Vec::new(),
             snapshot_every,
+            tls,
         };
         for id in 1..=n {
             let node = c.start_node(id).await;
@@ -71,6 +82,7 @@ impl Cluster {
             advertise_raft: me.raft_addr.clone(),
             peers: self.peers.clone(),
             cluster_secret: "test-secret".into(),
+            peer_tls: self.tls.get((id - 1) as usize).cloned().flatten(),
             admin_token: String::new(),
             heartbeat_ms: 50,
             election_timeout_ms: 300,
@@ -148,7 +160,7 @@ async fn create_service(node: &RunningNode) {
         name: "svc".into(),
         config: ServiceConfig::default(),
     };
-    assert_eq!(node.node.propose(cmd).await.unwrap(), Reply::Done);
+    assert_eq!(node.node.propose_admin(cmd).await.unwrap(), Reply::Done);
 }
 
 fn length_on(node: &RunningNode) -> usize {
@@ -296,4 +308,46 @@ async fn membership_add_and_remove() {
     c.stop(gone).await;
     put(c.node(new), "after-removal").await;
     wait_for_length(c.node(new), 11).await;
+}
+
+/// A CA and one certificate for 127.0.0.1, shared by the nodes that use it.
+fn tls_identity(dir: &std::path::Path) -> eddy::tls::TlsIdentity {
+    eddy::tls::generate(dir, &["node".to_string()], &[], false, false).unwrap();
+    eddy::tls::TlsIdentity::load(
+        &dir.join("node.pem"),
+        &dir.join("node-key.pem"),
+        &dir.join("ca.pem"),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_replicates_and_shuts_out_a_node_of_another_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let ours = tls_identity(&certs.path().join("ours"));
+    let theirs = tls_identity(&certs.path().join("theirs"));
+    let mut c = Cluster::with_tls(
+        3,
+        20_000,
+        vec![Some(ours.clone()), Some(ours), Some(theirs)],
+    )
+    .await;
+    let leader = c.leader().await;
+    assert_ne!(leader, 3, "node 3 cannot reach a quorum over TLS");
+    let follower = if leader == 1 { 2 } else { 1 };
+    create_service(c.node(follower)).await;
+    for i in 0..20 {
+        put(c.node(follower), &format!("item-{i}")).await;
+    }
+    wait_for_length(c.node(leader), 20).await;
+    wait_for_length(c.node(follower), 20).await;
+    // Node 3 shares the cluster secret but not the CA: nothing reaches it.
+    for _ in 0..20 {
+        assert_eq!(length_on(c.node(3)), 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.node(3).node.status().leader.is_none_or(|l| l == 3));
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
 }

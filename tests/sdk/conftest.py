@@ -130,6 +130,8 @@ class Cluster:
     def __init__(self, data_dir, size=3, extra=None):
         ports = [(free_port(), free_port()) for _ in range(size)]
         peers = [f"{i + 1}@127.0.0.1:{r}@127.0.0.1:{h}" for i, (h, r) in enumerate(ports)]
+        # A cluster of more than one node refuses to start without a secret.
+        extra = ["--cluster-secret", uuid.uuid4().hex] + (extra or [])
         self.nodes = [Node(data_dir, node_id=i + 1, peers=peers, extra=extra, http_port=h, raft_port=r)
                       for i, (h, r) in enumerate(ports)]
 
