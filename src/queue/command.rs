@@ -77,6 +77,10 @@ pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_MAX_DEAD_LETTERS: u64 = 10_000;
 /// Ceiling of [`QueueLimits::max_dead_letters`]: dead letters are kept for
 /// inspection, not as a second queue.
+/// Largest payload a queue may accept. One entry must always fit in one
+/// replication message (64 MiB between nodes), with room to spare.
+pub const MAX_PAYLOAD_CEILING: u64 = 32 * 1024 * 1024;
+
 pub const MAX_DEAD_LETTERS_CEILING: u64 = 1_000_000;
 
 impl Default for QueueLimits {
@@ -98,6 +102,12 @@ impl QueueLimits {
         let invalid = |m: String| Err(Rejection::Invalid(format!("{which}: {m}")));
         if self.max_bytes == 0 {
             return invalid("max_bytes must be at least 1".into());
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_CEILING {
+            return invalid(format!(
+                "max_payload_bytes ({}) must be between 1 and {MAX_PAYLOAD_CEILING}",
+                self.max_payload_bytes
+            ));
         }
         if self.max_payload_bytes > self.max_bytes {
             return invalid(format!(

@@ -217,6 +217,16 @@ fn settings_out_of_range_are_refused() {
             max_dead_letters: MAX_DEAD_LETTERS_CEILING + 1,
             ..QueueLimits::default()
         },
+        // Must fit one replication message with room to spare.
+        QueueLimits {
+            max_payload_bytes: MAX_PAYLOAD_CEILING + 1,
+            max_bytes: 1 << 40,
+            ..QueueLimits::default()
+        },
+        QueueLimits {
+            max_payload_bytes: 0,
+            ..QueueLimits::default()
+        },
     ];
     for limits in bad {
         let reply = h.run(Command::CreateService {

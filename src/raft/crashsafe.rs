@@ -43,6 +43,27 @@ pub enum ReplaceError {
     Publish(io::Error),
 }
 
+impl ReplaceError {
+    /// Whether the replacement only ran out of space before anything was
+    /// published: the old file is intact and nothing failed to sync, so the
+    /// caller may carry on with it and try again later. Any other error, an
+    /// EIO from fsync included, means the disk cannot be trusted.
+    pub fn is_out_of_space_before_publishing(&self) -> bool {
+        match self {
+            ReplaceError::Prepare(e) => is_out_of_space(e),
+            ReplaceError::Publish(_) => false,
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
 impl From<ReplaceError> for io::Error {
     fn from(e: ReplaceError) -> Self {
         match e {

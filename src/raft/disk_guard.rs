@@ -11,6 +11,9 @@
 //! votes, snapshots and the compaction that frees space. Once space is
 //! freed, writes are admitted again without a restart.
 //!
+//! The reserve grows with the current snapshot: writing the next one needs
+//! room for a second copy before the first is replaced.
+//!
 //! Free space is sampled by a background task; between samples each
 //! admitted command is subtracted from the last sample, so a burst cannot
 //! overrun the reserve by more than one command.
@@ -36,17 +39,25 @@ pub struct NoSpace {
 #[derive(Debug)]
 pub struct DiskGuard {
     dir: PathBuf,
-    /// Bytes that must stay free; 0 turns the guard off.
+    /// Bytes that must stay free on top of `rewritten`; 0 turns the guard
+    /// off.
     reserve: u64,
+    /// Files that get rewritten whole (the snapshot): their size is kept
+    /// free too.
+    rewritten: Vec<PathBuf>,
+    /// `reserve` plus the sizes of `rewritten` at the last sample.
+    effective_reserve: AtomicU64,
     /// Free bytes at the last sample, minus what was admitted since.
     free: AtomicU64,
 }
 
 impl DiskGuard {
-    pub fn new(dir: PathBuf, reserve: u64) -> Arc<Self> {
+    pub fn new(dir: PathBuf, reserve: u64, rewritten: Vec<PathBuf>) -> Arc<Self> {
         let guard = Arc::new(Self {
             dir,
             reserve,
+            rewritten,
+            effective_reserve: AtomicU64::new(reserve),
             free: AtomicU64::new(u64::MAX),
         });
         guard.sample();
@@ -58,6 +69,14 @@ impl DiskGuard {
         if self.reserve == 0 {
             return;
         }
+        let rewritten: u64 = self
+            .rewritten
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        self.effective_reserve
+            .store(self.reserve.saturating_add(rewritten), Ordering::Relaxed);
         match rustix::fs::statvfs(&self.dir) {
             Ok(s) => self
                 .free
@@ -73,24 +92,20 @@ impl DiskGuard {
         }
         // Room for the log record now and the snapshot that later holds it.
         let need = bytes.saturating_mul(2);
+        let reserve = self.effective_reserve.load(Ordering::Relaxed);
         let result = self
             .free
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
-                (free >= self.reserve.saturating_add(need)).then(|| free - need)
+                (free >= reserve.saturating_add(need)).then(|| free - need)
             });
-        result.map(|_| ()).map_err(|free| NoSpace {
-            free,
-            reserve: self.reserve,
-        })
+        result.map(|_| ()).map_err(|free| NoSpace { free, reserve })
     }
 
     /// Why data is refused now, if it is (for readiness).
     pub fn low_space(&self) -> Option<NoSpace> {
         let free = self.free.load(Ordering::Relaxed);
-        (self.reserve > 0 && free < self.reserve).then_some(NoSpace {
-            free,
-            reserve: self.reserve,
-        })
+        let reserve = self.effective_reserve.load(Ordering::Relaxed);
+        (self.reserve > 0 && free < reserve).then_some(NoSpace { free, reserve })
     }
 
     /// Sample until `stopped` resolves.
@@ -118,7 +133,7 @@ mod tests {
     #[test]
     fn refuses_what_would_eat_into_the_reserve() {
         let dir = tempfile::tempdir().unwrap();
-        let g = DiskGuard::new(dir.path().to_path_buf(), 1000);
+        let g = DiskGuard::new(dir.path().to_path_buf(), 1000, Vec::new());
         g.free.store(1300, Ordering::Relaxed);
         assert!(g.admit(100).is_ok()); // 1300 - 200 = 1100 left
         assert!(g.low_space().is_none());
@@ -132,10 +147,13 @@ mod tests {
     #[test]
     fn samples_the_real_filesystem_and_can_be_turned_off() {
         let dir = tempfile::tempdir().unwrap();
-        let g = DiskGuard::new(dir.path().to_path_buf(), 1);
+        let snapshot = dir.path().join("snapshot");
+        std::fs::write(&snapshot, vec![0u8; 4096]).unwrap();
+        let g = DiskGuard::new(dir.path().to_path_buf(), 1, vec![snapshot]);
+        assert_eq!(g.effective_reserve.load(Ordering::Relaxed), 4097);
         assert!(g.free.load(Ordering::Relaxed) < u64::MAX);
         assert!(g.admit(1).is_ok());
-        let off = DiskGuard::new(dir.path().to_path_buf(), 0);
+        let off = DiskGuard::new(dir.path().to_path_buf(), 0, Vec::new());
         assert!(off.admit(u64::MAX / 4).is_ok());
         assert!(off.low_space().is_none());
     }

@@ -35,6 +35,11 @@ use super::state_machine::{SharedState, StateMachine};
 use super::types::{NodeInfo, Raft};
 use crate::queue::{Command, Envelope, Event, QueueState, Reply};
 
+/// Take a snapshot (and purge the log behind it) once the entries held in
+/// memory pass this many bytes, whatever `snapshot_every` says: large
+/// payloads must not pile up in the log's memory.
+const SNAPSHOT_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Largest peer message decoded. Replication reads are capped by bytes
 /// well below this, and a single entry is at most one payload.
 pub(crate) const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
@@ -155,7 +160,13 @@ impl RaftNode {
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Event>>)> {
         let health = StorageHealth::new();
         std::fs::create_dir_all(&settings.data_dir)?;
-        let disk = DiskGuard::new(settings.data_dir.clone(), settings.min_free_disk_bytes);
+        let disk = DiskGuard::new(
+            settings.data_dir.clone(),
+            settings.min_free_disk_bytes,
+            vec![super::state_machine::snapshot_path(
+                &settings.data_dir.join("state"),
+            )],
+        );
         let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
         let (sm, events) = StateMachine::open(&settings.data_dir.join("state"), health.clone())?;
         let shared = sm.shared();
@@ -686,6 +697,7 @@ impl RaftNode {
     async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut announced_restart = false;
+        let mut last_size_snapshot = None;
         let mut leader_since: Option<tokio::time::Instant> = None;
         // The leader before this node took over: it went silent long enough
         // for an election, so it needs less benefit of the doubt.
@@ -696,6 +708,17 @@ impl RaftNode {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = &mut stopped => return,
+            }
+            if self.log.entry_bytes() > SNAPSHOT_LOG_BYTES
+                && last_size_snapshot
+                    .is_none_or(|t: tokio::time::Instant| t.elapsed() > Duration::from_secs(1))
+            {
+                last_size_snapshot = Some(tokio::time::Instant::now());
+                tracing::info!(
+                    bytes = self.log.entry_bytes(),
+                    "raft log holds many bytes; taking a snapshot"
+                );
+                let _ = self.raft.trigger().snapshot().await;
             }
             if !announced_restart && self.status().leader.is_some() {
                 // Whatever consumers this node held before it started are

@@ -124,6 +124,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(io::Error::other)
 }
 
+/// Where the current snapshot of a state directory lives.
+pub fn snapshot_path(dir: &Path) -> std::path::PathBuf {
+    dir.join(super::snapshot_file::SNAPSHOT_FILE)
+}
+
 impl StateMachine {
     /// Open the state machine in `dir`, restoring the latest snapshot. A
     /// storage failure in building or installing a snapshot latches `health`.

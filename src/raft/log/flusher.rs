@@ -244,13 +244,13 @@ impl Flusher {
                 self.salt = salt;
                 self.size = len;
             }
-            // The old file is intact (a full disk, say): keep appending to
-            // it and try again at the next purge.
-            Err(ReplaceError::Prepare(e)) => {
+            // Out of space before anything was renamed: the old file is
+            // intact, keep appending to it and try again at the next purge.
+            Err(e) if e.is_out_of_space_before_publishing() => {
                 let path = self.file.path().display();
-                tracing::warn!(%path, error = %e, "raft log compaction skipped; keeping the old file");
+                tracing::warn!(%path, error = %e, "raft log compaction skipped: no space; keeping the old file");
             }
-            Err(e @ ReplaceError::Publish(_)) => {
+            Err(e) => {
                 let path = self.file.path().display().to_string();
                 self.fail(format!("compacting {path}: {e}"));
             }

@@ -250,6 +250,12 @@ impl LogStore {
         }
     }
 
+    /// Bytes of the entries held in memory (not yet purged): what a snapshot
+    /// and the purge after it would give back.
+    pub fn entry_bytes(&self) -> u64 {
+        self.lock().contents.entry_bytes
+    }
+
     /// The index of the last entry (or of the last purged one), as readable
     /// now.
     pub fn last_index(&self) -> Option<u64> {

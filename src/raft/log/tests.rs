@@ -369,8 +369,8 @@ impl WalFile for FaultyFile {
             )));
         }
         if self.faults.fail_prepare.load(Ordering::SeqCst) {
-            return Err(ReplaceError::Prepare(io::Error::other(
-                "injected ENOSPC in the temp file",
+            return Err(ReplaceError::Prepare(io::Error::from(
+                io::ErrorKind::StorageFull,
             )));
         }
         self.inner.replace(fill)
@@ -468,8 +468,10 @@ async fn a_failed_compaction_stops_the_log() {
     assert_eq!(indexes(&store), vec![10]);
 }
 
-/// A compaction that fails before anything was renamed (a full disk, say)
-/// leaves the old file in use: the log goes on, nothing is latched.
+/// A compaction that runs out of space before anything was renamed leaves
+/// the old file in use: the log goes on, nothing is latched. (Any other
+/// failure, a failed fsync of the temp file included, stops the log: see
+/// `a_failed_compaction_stops_the_log`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_that_fails_before_publishing_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
