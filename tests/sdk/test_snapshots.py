@@ -178,8 +178,8 @@ def test_a_follower_paused_through_a_backlog_larger_than_one_grpc_message_catche
             svc = leader.create_service(name="backlog", token=TOKEN)
             follower.proc.send_signal(signal.SIGSTOP)
             try:
-                # 34 x 8 MiB (the default payload limit) = 272 MiB > 256 MiB.
-                for i in range(34):
+                # 38 x 8 MiB (the default payload limit) = 304 MiB > 256 MiB.
+                for i in range(38):
                     put(leader, svc, payload("b", i, 8 * 1024 * 1024), timeout=60)
             finally:
                 follower.proc.send_signal(signal.SIGCONT)
@@ -187,7 +187,15 @@ def test_a_follower_paused_through_a_backlog_larger_than_one_grpc_message_catche
             target = status(leader)["last_log_index"]
             fid = str(follower.node_id)
 
+            unanswered = []
+
             def matched():
+                # The follower keeps answering HTTP while it catches up.
+                try:
+                    with urllib.request.urlopen(follower.url + "/healthz", timeout=2) as r:
+                        assert r.status == 200
+                except Exception as e:
+                    unanswered.append(repr(e))
                 return status(leader)["replication"].get(fid) or 0
 
             try:
@@ -200,7 +208,8 @@ def test_a_follower_paused_through_a_backlog_larger_than_one_grpc_message_catche
                     f"follower {fid} matched {matched()} of {target} 40 s after resuming; "
                     f"the leader logged 'stream append: no answer' {no_answer} times")
             took = time.monotonic() - resumed
-            print(f"follower caught up a 272 MiB backlog in {took:.1f} s")
+            assert not unanswered, f"/healthz unanswered while catching up: {unanswered[:3]}"
+            print(f"follower caught up a 304 MiB backlog in {took:.1f} s")
         finally:
             if follower.proc.poll() is None:
                 follower.proc.send_signal(signal.SIGCONT)

@@ -501,6 +501,11 @@ impl LiveState {
             encode_record(&RecordRef::Entry(e), &mut batch)?;
         }
         offset += flush_batch(&mut batch, salt, offset, out)?;
+        // A rewritten file is fsynced whole before it is published, so none
+        // of it can be torn. An empty closing batch makes damage anywhere in
+        // the contents above be followed by a valid batch, and so be refused
+        // as corruption instead of cut as a torn tail.
+        offset += flush_batch(&mut batch, salt, offset, out)?;
         Ok(offset)
     }
 }

@@ -468,6 +468,45 @@ async fn a_failed_compaction_stops_the_log() {
     assert_eq!(indexes(&store), vec![10]);
 }
 
+fn file_salt(path: &Path) -> u64 {
+    let head = std::fs::read(path).unwrap();
+    u64::from_le_bytes(head[12..20].try_into().unwrap())
+}
+
+/// A compacted file cannot be torn (it was fsynced whole before the rename):
+/// a flipped bit in its last entries is corruption, never a cut tail that
+/// silently drops acknowledged entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_at_the_end_of_a_compacted_file_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(WAL_FILE);
+    let options = LogOptions {
+        compact_min_bytes: 0,
+        ..opts()
+    };
+    let mut store = LogStore::open_with(dir.path(), StorageHealth::new(), options).unwrap();
+    append_durably(&mut store, (1..=10).map(|i| entry(i, 1000)).collect()).await;
+    let before = file_salt(&path);
+    store.purge(log_id(8)).await.unwrap();
+    // The rewrite gives the file a new salt: wait for it (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while file_salt(&path) == before {
+        assert!(std::time::Instant::now() < deadline, "no compaction");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(store);
+    let offsets = batch_offsets(&path);
+    assert!(offsets.len() >= 2, "{offsets:?}");
+    // The batch holding the entries: the last one before the closing batch.
+    let entries_batch = offsets[offsets.len() - 2];
+    flip_bit(&path, entries_batch + BATCH_HEADER_LEN + 200);
+    let err = LogStore::open(dir.path(), StorageHealth::new()).err();
+    assert!(
+        matches!(err, Some(WalError::Corrupt { offset, .. }) if offset == entries_batch),
+        "{err:?}"
+    );
+}
+
 /// A compaction that runs out of space before anything was renamed leaves
 /// the old file in use: the log goes on, nothing is latched. (Any other
 /// failure, a failed fsync of the temp file included, stops the log: see
