@@ -526,6 +526,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
              (or EDDY_CLUSTER_SECRET) to the same random value on every node"
         );
     }
+    if a.admin_token.is_empty() {
+        tracing::warn!(
+            "no --admin-token: the admin API answers callers on this machine only (loopback)"
+        );
+    }
     let peer_tls = match (&a.peer_tls_cert, &a.peer_tls_key, &a.peer_tls_ca) {
         (Some(cert), Some(key), Some(ca)) => Some(eddy::tls::TlsIdentity::load(cert, key, ca)?),
         _ => None,

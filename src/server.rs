@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{AppState, Hub, MemoryBudget, router};
-use crate::queue::{Command, Reply, ServiceConfig};
+use crate::queue::{Command, Rejection, Reply, ServiceConfig};
 use crate::raft::{Peer, RaftNode, RaftSettings};
 
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub struct RunningNode {
     pub node: Arc<RaftNode>,
     pub http_addr: SocketAddr,
     pub hub: Arc<Hub>,
+    /// What the HTTP handlers share (for driving the router in process).
+    pub app_state: Arc<AppState>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -99,6 +101,13 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
                         config: config.clone(),
                     };
                     match node.propose_admin(cmd).await {
+                        Ok(Reply::Rejected(Rejection::ServiceExists(_))) => {
+                            tracing::info!(
+                                service = %name,
+                                "service exists; its settings are kept (PUT /admin/services/{name} changes them)"
+                            );
+                            break;
+                        }
                         Ok(Reply::Rejected(r)) => {
                             tracing::error!(service = %name, error = %r, "service declaration refused");
                             break;
@@ -124,13 +133,14 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         watch_idle_ms: settings.watch_idle_ms,
         memory: MemoryBudget::new(settings.max_memory_bytes),
     });
-    let app = router(state);
+    let app = router(state.clone());
     let server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, app).await {
+        if let Err(e) = crate::api::serve(http, app, std::future::pending()).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
     Ok(RunningNode {
+        app_state: state,
         node,
         http_addr,
         hub,

@@ -5,12 +5,14 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::queue::{Command, QueueKind, QueueLimits, QueueRef, Reply, ServiceConfig};
@@ -30,28 +32,94 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/admin/services", get(list_services).post(create_service))
         .route(
             "/admin/services/{name}",
-            get(show_service).delete(delete_service),
+            get(show_service).put(update_service).delete(delete_service),
         )
         .route(
             "/admin/services/{name}/dead-letters",
             axum::routing::delete(purge_dead_letters),
         )
+        // Admin requests are small; nothing bigger is buffered.
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
 }
 
-fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if state.admin_token.is_empty() {
-        return Ok(());
+/// Largest admin request body.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+/// An administrator, authenticated before anything else of the request
+/// (its body included) is read: by the admin token, or, while no admin token
+/// is configured, by calling from this machine (loopback).
+pub(super) struct Admin {
+    /// Who, for the audit log: a short digest of the token, or `loopback`.
+    who: String,
+    peer: Option<SocketAddr>,
+}
+
+impl Admin {
+    /// Record an admin action on the `audit` tracing target.
+    fn audit(&self, action: &str, target: &str) {
+        tracing::info!(
+            target: "audit",
+            who = %self.who,
+            peer = ?self.peer,
+            action,
+            target,
+            "admin action"
+        );
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if bool::from(given.ct_eq(state.admin_token.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized(
-            "admin token required in Authorization".into(),
-        ))
+}
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+            .await
+            .ok()
+            .map(|c| c.0);
+        let refuse = |why: &str| {
+            tracing::warn!(target: "audit", peer = ?peer, path = %parts.uri.path(), why, "admin call refused");
+        };
+        if state.admin_token.is_empty() {
+            return if peer.is_some_and(|p| p.ip().is_loopback()) {
+                Ok(Admin {
+                    who: "loopback".into(),
+                    peer,
+                })
+            } else {
+                refuse("no admin token configured and the caller is not local");
+                Err(ApiError::Forbidden(
+                    "no admin token is configured: admin calls are accepted from this machine \
+                     only (start the node with --admin-token to allow others)"
+                        .into(),
+                ))
+            };
+        }
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if crate::secret::matches(given, state.admin_token.as_bytes()) {
+            let digest = crate::secret::digest(given);
+            Ok(Admin {
+                who: format!(
+                    "token:{}",
+                    digest[..4]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                ),
+                peer,
+            })
+        } else {
+            refuse("wrong or missing admin token");
+            Err(ApiError::Unauthorized(
+                "admin token required in Authorization".into(),
+            ))
+        }
     }
 }
 
@@ -107,13 +175,13 @@ impl ServiceRequest {
 
 async fn create_service(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    admin: Admin,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
     let req: ServiceRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("service JSON: {e}")))?;
     let config = req.to_config();
+    admin.audit("create-service", &req.name);
     match state
         .node
         .propose_admin(Command::CreateService {
@@ -128,6 +196,44 @@ async fn create_service(
             axum::Json(service_json(&state, &req.name)),
         )
             .into_response()),
+    }
+}
+
+/// `PUT /admin/services/{name}`: change an existing service's settings (the
+/// body's `name`, if given, must match).
+async fn update_service(
+    State(state): State<Arc<AppState>>,
+    admin: Admin,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let mut value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("service JSON: {e}")))?;
+    if let Some(obj) = value.as_object_mut() {
+        match obj.get("name") {
+            Some(n) if n.as_str() != Some(name.as_str()) => {
+                return Err(ApiError::BadRequest(format!(
+                    "body names service {n}, the path {name:?}"
+                )));
+            }
+            _ => {
+                obj.insert("name".into(), serde_json::Value::String(name.clone()));
+            }
+        }
+    }
+    let req: ServiceRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("service JSON: {e}")))?;
+    admin.audit("update-service", &name);
+    match state
+        .node
+        .propose_admin(Command::UpdateService {
+            name: name.clone(),
+            config: req.to_config(),
+        })
+        .await?
+    {
+        Reply::Rejected(r) => Err(r.into()),
+        _ => Ok(axum::Json(service_json(&state, &name)).into_response()),
     }
 }
 
@@ -163,9 +269,8 @@ fn service_json(state: &AppState, name: &str) -> serde_json::Value {
 
 async fn list_services(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
     let names: Vec<String> = state.node.read(|s| s.services.keys().cloned().collect());
     let list: Vec<serde_json::Value> = names.iter().map(|n| service_json(&state, n)).collect();
     Ok(axum::Json(list).into_response())
@@ -173,10 +278,9 @@ async fn list_services(
 
 async fn show_service(
     State(state): State<Arc<AppState>>,
+    _admin: Admin,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
     match service_json(&state, &name) {
         serde_json::Value::Null => Err(ApiError::NotFound(format!("no such service: {name}"))),
         v => Ok(axum::Json(v).into_response()),
@@ -185,10 +289,10 @@ async fn show_service(
 
 async fn delete_service(
     State(state): State<Arc<AppState>>,
+    admin: Admin,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    admin.audit("delete-service", &name);
     match state
         .node
         .propose_admin(Command::DeleteService { name })
@@ -209,11 +313,11 @@ struct PurgeQuery {
 /// `DELETE /admin/services/{name}/dead-letters[?queue=input|sink]`.
 async fn purge_dead_letters(
     State(state): State<Arc<AppState>>,
+    admin: Admin,
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<PurgeQuery>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    admin.audit("purge-dead-letters", &name);
     let kinds = match q.queue.as_deref() {
         None => vec![QueueKind::Input, QueueKind::Sink],
         Some("input") => vec![QueueKind::Input],
@@ -310,10 +414,10 @@ where
 
 async fn add_member(
     State(state): State<Arc<AppState>>,
+    admin: Admin,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
     let req: MemberRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("member JSON: {e}")))?;
     if req.id == 0 || req.raft_addr.is_empty() {
@@ -321,6 +425,10 @@ async fn add_member(
             "id (> 0) and raft_addr are required".into(),
         ));
     }
+    admin.audit(
+        "add-member",
+        &format!("{} at {} / {}", req.id, req.raft_addr, req.api_addr),
+    );
     let json =
         serde_json::json!({"id": req.id, "raft_addr": req.raft_addr, "api_addr": req.api_addr});
     let node = state.node.clone();
@@ -337,10 +445,11 @@ async fn add_member(
 
 async fn remove_member(
     State(state): State<Arc<AppState>>,
+    admin: Admin,
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    admin.audit("remove-member", &id.to_string());
     let node = state.node.clone();
     on_leader(
         &state,

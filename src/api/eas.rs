@@ -15,7 +15,6 @@ use base64::Engine as _;
 use bytes::Buf as _;
 use http_body_util::BodyExt as _;
 use prost::Message as _;
-use subtle::ConstantTimeEq;
 
 use super::params::{Query, identity, priority};
 use super::{ApiError, AppState};
@@ -163,7 +162,7 @@ fn authorize(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if !bool::from(given.ct_eq(token.as_bytes())) {
+        if !crate::secret::matches(given, token.as_bytes()) {
             return Err(ApiError::Unauthorized(
                 "invalid or missing token in Authorization".into(),
             ));

@@ -288,6 +288,11 @@ pub enum Command {
     PurgeDeadLetters {
         queue: QueueRef,
     },
+    /// Change an existing service's settings (creating one never does).
+    UpdateService {
+        name: String,
+        config: ServiceConfig,
+    },
 }
 
 thread_local! {
@@ -435,6 +440,7 @@ impl Command {
             Command::Tick => "tick",
             Command::Complete { .. } => "complete",
             Command::Batch(_) => "batch",
+            Command::UpdateService { .. } => "update-service",
             Command::PurgeDeadLetters { .. } => "purge-dead-letters",
         }
     }

@@ -279,7 +279,7 @@ fn dead_letters_are_capped_oldest_first_and_purgeable() {
         max_delivery: 1,
         ..Default::default()
     };
-    h.run(Command::CreateService {
+    h.run(Command::UpdateService {
         name: "svc".into(),
         config,
     });
@@ -369,7 +369,7 @@ proptest! {
                 Op::Evicting(on) => {
                     lim.evict_oldest = on;
                     let config = ServiceConfig { input: lim.clone(), max_delivery: 1, ..Default::default() };
-                    h.run(Command::CreateService { name: "svc".into(), config });
+                    h.run(Command::UpdateService { name: "svc".into(), config });
                 }
             }
             let q = h.queue();

@@ -158,16 +158,18 @@ impl QueueState {
             Command::CreateService { name, config } => {
                 validate_service_name(name)?;
                 config.validate()?;
-                match self.services.get_mut(name) {
-                    Some(svc) => {
-                        svc.config = config.clone();
-                        svc.trim_dead_letters();
-                    }
-                    None => {
-                        self.services
-                            .insert(name.clone(), Service::new(config.clone()));
-                    }
+                if self.services.contains_key(name) {
+                    return Err(Rejection::ServiceExists(name.clone()));
                 }
+                self.services
+                    .insert(name.clone(), Service::new(config.clone()));
+                Ok(Reply::Done)
+            }
+            Command::UpdateService { name, config } => {
+                config.validate()?;
+                let svc = self.service_mut(name)?;
+                svc.config = config.clone();
+                svc.trim_dead_letters();
                 Ok(Reply::Done)
             }
             Command::DeleteService { name } => {

@@ -329,7 +329,7 @@ fn full_queue_refuses_or_evicts() {
         },
         ..Default::default()
     };
-    h.run(Command::CreateService {
+    h.run(Command::UpdateService {
         name: "svc".into(),
         config: evicting,
     });
@@ -665,4 +665,40 @@ fn applying_a_nested_batch_rejects_the_inner_batch_and_applies_the_rest() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn creating_an_existing_service_is_refused_and_changes_nothing() {
+    let mut h = Harness::new(ServiceConfig {
+        token: "owner".into(),
+        ..Default::default()
+    });
+    let takeover = ServiceConfig {
+        token: "intruder".into(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        h.run(Command::CreateService {
+            name: "svc".into(),
+            config: takeover.clone(),
+        }),
+        Reply::Rejected(Rejection::ServiceExists(_))
+    ));
+    assert_eq!(h.state.service("svc").unwrap().config.token, "owner");
+    // Changing settings is its own, explicit command.
+    assert_eq!(
+        h.run(Command::UpdateService {
+            name: "svc".into(),
+            config: takeover,
+        }),
+        Reply::Done
+    );
+    assert_eq!(h.state.service("svc").unwrap().config.token, "intruder");
+    assert!(matches!(
+        h.run(Command::UpdateService {
+            name: "nope".into(),
+            config: ServiceConfig::default(),
+        }),
+        Reply::Rejected(Rejection::NoSuchService(_))
+    ));
 }

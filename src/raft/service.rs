@@ -59,6 +59,7 @@ fn forwardable(command: &Command, from: u64, admin: bool) -> Result<(), String> 
         | Command::Complete { .. } => Ok(()),
         Command::CreateService { .. }
         | Command::DeleteService { .. }
+        | Command::UpdateService { .. }
         | Command::PurgeDeadLetters { .. } => {
             if admin {
                 Ok(())

@@ -14,17 +14,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     peers: Vec<Peer>,
     nodes: Vec<Option<RunningNode>>,
     snapshot_every: u64,
     /// Per node id (index id - 1): its TLS identity, if the cluster uses TLS.
     tls: Vec<Option<eddy::tls::TlsIdentity>>,
+    /// The admin token every node is started with (empty: none).
+    pub(crate) admin_token: String,
 }
 
 impl Cluster {
-    async fn new(n: u64, snapshot_every: u64) -> Self {
+    pub(crate) async fn new(n: u64, snapshot_every: u64) -> Self {
         Self::with_tls(n, snapshot_every, vec![None; n as usize]).await
     }
 
@@ -46,6 +48,7 @@ impl Cluster {
             nodes: Vec::new(),
             snapshot_every,
             tls,
+            admin_token: String::new(),
         };
         for id in 1..=n {
             let node = c.start_node(id).await;
@@ -83,7 +86,7 @@ impl Cluster {
             peers: self.peers.clone(),
             cluster_secret: "test-secret".into(),
             peer_tls: self.tls.get((id - 1) as usize).cloned().flatten(),
-            admin_token: String::new(),
+            admin_token: self.admin_token.clone(),
             heartbeat_ms: 50,
             election_timeout_ms: 300,
             node_lost_ms: 1_000,
@@ -98,7 +101,7 @@ impl Cluster {
         start(settings).await.unwrap()
     }
 
-    fn node(&self, id: u64) -> &RunningNode {
+    pub(crate) fn node(&self, id: u64) -> &RunningNode {
         self.nodes[(id - 1) as usize]
             .as_ref()
             .expect("node is running")
@@ -117,13 +120,13 @@ impl Cluster {
         panic!("no leader elected");
     }
 
-    async fn stop(&mut self, id: u64) {
+    pub(crate) async fn stop(&mut self, id: u64) {
         if let Some(n) = self.nodes[(id - 1) as usize].take() {
             n.shutdown().await;
         }
     }
 
-    async fn restart(&mut self, id: u64) {
+    pub(crate) async fn restart(&mut self, id: u64) {
         let n = self.start_node(id).await;
         self.nodes[(id - 1) as usize] = Some(n);
     }

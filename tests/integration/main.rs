@@ -1,4 +1,7 @@
-//! In-process clusters: several nodes in one test process, on loopback
-//! ports, each with its own temporary data directory.
+//! In-process tests: clusters of several nodes in one test process on
+//! loopback ports, each with its own temporary data directory, and the
+//! security layer driven through the HTTP router.
 
 mod cluster;
+#[path = "../security/admin.rs"]
+mod security_admin;
