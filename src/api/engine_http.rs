@@ -73,6 +73,13 @@ pub fn demo_model_router(model: DemoModel) -> Router {
     });
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        // How many predictions were asked for so far (they may still run).
+        .route(
+            "/stats",
+            get(|State(state): State<Arc<DemoState>>| async move {
+                axum::Json(serde_json::json!({"served": state.served.load(Ordering::Relaxed)}))
+            }),
+        )
         .fallback(demo_predict)
         .with_state(state)
 }

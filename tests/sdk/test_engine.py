@@ -1,6 +1,7 @@
 """The inference engine end to end, driven by the official SDK: puts on the
 input queue, an `eddy engine` beside `eddy demo-model`, results on the sink."""
 
+import json
 import os
 import signal
 import subprocess
@@ -237,6 +238,10 @@ def test_graceful_shutdown_finishes_work_in_progress(node, tmpdir_factory_path):
         inq, sink = clients(node, svc)
         ids = [inq.put(f'[{{"i": {i}}}]')[1] for i in range(4)]
         wait_until(lambda: int(inq.attributes()["stream.inFlight"]) == 2, what="two items in progress")
+        # Delivered is not yet started: wait until the model has both calls.
+        import urllib.request
+        wait_until(lambda: json.loads(urllib.request.urlopen(url + "/stats", timeout=1).read())["served"] == 2,
+                   what="the model serving two requests")
         e.signal(signal.SIGTERM)
         assert e.wait(timeout=30) == 0
         # The two in progress were finished; the others are still queued.

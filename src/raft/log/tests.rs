@@ -63,6 +63,21 @@ fn opts() -> LogOptions {
     LogOptions::default()
 }
 
+/// Options that compact at every purge that leaves the file mostly dead.
+fn always_compact() -> LogOptions {
+    LogOptions {
+        compact_min_bytes: 0,
+        ..opts()
+    }
+}
+
+/// A log with a fault-injecting file, holding entries 1..=10 of 1,000 bytes.
+async fn faulty_log_of_ten(dir: &Path) -> (LogStore, Arc<StorageHealth>, Arc<Faults>) {
+    let (mut store, health, faults) = open_faulty(dir, always_compact());
+    append_durably(&mut store, (1..=10).map(|i| entry(i, 1000)).collect()).await;
+    (store, health, faults)
+}
+
 /// Byte offsets of the good batches of a log file.
 fn batch_offsets(path: &Path) -> Vec<u64> {
     let mut f = std::fs::File::open(path).unwrap();
@@ -108,10 +123,7 @@ async fn openraft_storage_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_compact_write_in_one_batch_keeps_every_entry_and_the_vote() {
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        compact_min_bytes: 0,
-        ..opts()
-    };
+    let options = always_compact();
     let mut store = LogStore::open_with(dir.path(), StorageHealth::new(), options.clone()).unwrap();
     let release = store.hold_flusher();
 
@@ -445,12 +457,7 @@ async fn a_failed_fsync_stops_the_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_compaction_stops_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        compact_min_bytes: 0,
-        ..opts()
-    };
-    let (mut store, health, faults) = open_faulty(dir.path(), options);
-    append_durably(&mut store, (1..=10).map(|i| entry(i, 1000)).collect()).await;
+    let (mut store, health, faults) = faulty_log_of_ten(dir.path()).await;
     faults.fail_replace.store(true, Ordering::SeqCst);
     store.purge(log_id(9)).await.unwrap();
     let reason = tokio::time::timeout(std::time::Duration::from_secs(10), health.failed())
@@ -480,11 +487,8 @@ fn file_salt(path: &Path) -> u64 {
 async fn damage_at_the_end_of_a_compacted_file_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(WAL_FILE);
-    let options = LogOptions {
-        compact_min_bytes: 0,
-        ..opts()
-    };
-    let mut store = LogStore::open_with(dir.path(), StorageHealth::new(), options).unwrap();
+    let mut store =
+        LogStore::open_with(dir.path(), StorageHealth::new(), always_compact()).unwrap();
     append_durably(&mut store, (1..=10).map(|i| entry(i, 1000)).collect()).await;
     let before = file_salt(&path);
     store.purge(log_id(8)).await.unwrap();
@@ -514,12 +518,7 @@ async fn damage_at_the_end_of_a_compacted_file_is_corruption() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_that_fails_before_publishing_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        compact_min_bytes: 0,
-        ..opts()
-    };
-    let (mut store, health, faults) = open_faulty(dir.path(), options);
-    append_durably(&mut store, (1..=10).map(|i| entry(i, 1000)).collect()).await;
+    let (mut store, health, faults) = faulty_log_of_ten(dir.path()).await;
     faults.fail_prepare.store(true, Ordering::SeqCst);
     store.purge(log_id(9)).await.unwrap();
     append_durably(&mut store, vec![entry(11, 10)]).await;
