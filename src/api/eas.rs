@@ -75,9 +75,13 @@ async fn predict(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     body: Body,
 ) -> Response {
+    let query = match Query::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
     let req = Request {
         method,
-        query: Query::parse(query.as_deref()),
+        query,
         headers,
         body,
         ws,
@@ -105,9 +109,13 @@ async fn bare(
         )
         .into_response();
     };
+    let query = match Query::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
     let req = Request {
         method,
-        query: Query::parse(query.as_deref()),
+        query,
         headers,
         body,
         ws,
@@ -375,7 +383,7 @@ async fn complete(
             "_complete_ needs the input item's index".into(),
         ));
     }
-    let (group, _) = identity(&req.headers);
+    let (group, _) = identity(&req.headers)?;
     let mut tags = req.query.tags;
     let request_id = tags
         .remove(crate::queue::REQUEST_ID_TAG)
@@ -603,10 +611,10 @@ fn dead(
 
 async fn commit(state: &AppState, queue: QueueRef, req: Request) -> Result<Response, ApiError> {
     let indexes = req.query.indexes()?;
-    let (group, _) = identity(&req.headers);
+    let (group, _) = identity(&req.headers)?;
     let command = if req.query.flag("_negative_")? {
         let body = read_body(req.body, 64 * 1024).await?;
-        let form = Query::parse(Some(&String::from_utf8_lossy(&body)));
+        let form = Query::parse(Some(&String::from_utf8_lossy(&body)))?;
         let code = form
             .get("_code_")
             .or(req.query.get("_code_"))

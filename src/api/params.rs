@@ -13,23 +13,49 @@ use crate::queue::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, Tags};
 /// Longest long poll a get may ask for.
 pub const MAX_POLL: Duration = Duration::from_secs(300);
 
+/// Bounds on what a request may write into the replicated log besides its
+/// payload: every tag, identity header and request id lands on every
+/// replica, so none may be large.
+pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_KEY_BYTES: usize = 128;
+pub const MAX_TAG_VALUE_BYTES: usize = 1024;
+pub const MAX_CONTROL_VALUE_BYTES: usize = 4096;
+/// Consumer group and user ids (the SDK's identity headers).
+pub const MAX_IDENTITY_BYTES: usize = 128;
+
 pub struct Query {
     control: BTreeMap<String, String>,
     pub tags: Tags,
 }
 
 impl Query {
-    pub fn parse(raw: Option<&str>) -> Self {
+    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
         let mut control = BTreeMap::new();
         let mut tags = Tags::new();
         for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             if k.len() >= 2 && k.starts_with('_') && k.ends_with('_') {
+                if v.len() > MAX_CONTROL_VALUE_BYTES {
+                    return Err(ApiError::BadRequest(format!(
+                        "{k}: value longer than {MAX_CONTROL_VALUE_BYTES} bytes"
+                    )));
+                }
                 control.insert(k.into_owned(), v.into_owned());
             } else if !k.is_empty() && !k.starts_with('_') {
+                if k.len() > MAX_TAG_KEY_BYTES || v.len() > MAX_TAG_VALUE_BYTES {
+                    return Err(ApiError::BadRequest(format!(
+                        "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
+                         {MAX_TAG_VALUE_BYTES}"
+                    )));
+                }
                 tags.insert(k.into_owned(), v.into_owned());
+                if tags.len() > MAX_TAGS {
+                    return Err(ApiError::BadRequest(format!(
+                        "at most {MAX_TAGS} tags per request"
+                    )));
+                }
             }
         }
-        Self { control, tags }
+        Ok(Self { control, tags })
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -144,20 +170,29 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total.min(1e9)))
 }
 
-/// Consumer identity from the SDK headers: (group, user).
-pub fn identity(headers: &HeaderMap) -> (String, Option<String>) {
-    let get = |name: &str| {
-        headers
+/// Consumer identity from the SDK headers: (group, user), each at most
+/// [`MAX_IDENTITY_BYTES`] of visible ASCII.
+pub fn identity(headers: &HeaderMap) -> Result<(String, Option<String>), ApiError> {
+    let get = |name: &str| -> Result<Option<String>, ApiError> {
+        let Some(v) = headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
-            .map(String::from)
+        else {
+            return Ok(None);
+        };
+        if v.len() > MAX_IDENTITY_BYTES || !v.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::BadRequest(format!(
+                "{name}: at most {MAX_IDENTITY_BYTES} visible ASCII characters"
+            )));
+        }
+        Ok(Some(v.to_string()))
     };
-    (
-        get(HEADER_GROUP).unwrap_or_else(|| "eas".to_string()),
-        get(HEADER_USER),
-    )
+    Ok((
+        get(HEADER_GROUP)?.unwrap_or_else(|| "eas".to_string()),
+        get(HEADER_USER)?,
+    ))
 }
 
 pub fn priority(query: &Query, headers: &HeaderMap) -> Result<u32, ApiError> {
@@ -198,13 +233,21 @@ mod tests {
 
     #[test]
     fn control_params_and_tags_are_split() {
-        let q = Query::parse(Some("_index_=3&foo=bar+baz&_unknown_=1&requestId=abc"));
+        let q = Query::parse(Some("_index_=3&foo=bar+baz&_unknown_=1&requestId=abc")).unwrap();
         assert_eq!(q.get("_index_"), Some("3"));
         assert_eq!(q.tags.get("foo").map(String::as_str), Some("bar baz"));
         assert_eq!(q.tags.len(), 2);
-        assert!(Query::parse(Some("_index_=x")).start_index().is_err());
+        assert!(
+            Query::parse(Some("_index_=x"))
+                .unwrap()
+                .start_index()
+                .is_err()
+        );
         assert_eq!(
-            Query::parse(Some("_index_=-1")).start_index().unwrap(),
+            Query::parse(Some("_index_=-1"))
+                .unwrap()
+                .start_index()
+                .unwrap(),
             None
         );
         assert!(parse_index_list("1,2,x").is_err());

@@ -178,16 +178,14 @@ impl Drop for SessionGuard {
     }
 }
 
+/// Largest WebSocket message (and frame) a watching client may send.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
 pub async fn watch(
     state: Arc<AppState>,
     queue: QueueRef,
     req: Request,
 ) -> Result<Response, ApiError> {
-    if !state.node.accepts_watchers() {
-        return Err(ApiError::Unavailable(
-            "this node is starting; watch through another node or retry".into(),
-        ));
-    }
     let q = &req.query;
     let auto_commit = q.flag("_auto_commit_")?;
     let window = q.u64_or("_window_", 1)?;
@@ -199,7 +197,12 @@ pub async fn watch(
     let window = window.min(u32::MAX as u64) as u32;
     let index_only = q.flag("_index_only_")?;
     let start_index = q.start_index()?;
-    let (group, user) = identity(&req.headers);
+    let (group, user) = identity(&req.headers)?;
+    if !state.node.accepts_watchers() {
+        return Err(ApiError::Unavailable(
+            "this node is starting; watch through another node or retry".into(),
+        ));
+    }
     let user = user.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let tags = q.tags.clone();
     let spec = move |connection| ConsumerSpec {
@@ -214,8 +217,11 @@ pub async fn watch(
         start_index,
     };
     match req.ws {
+        // Clients only send small control messages; frames are capped like
+        // messages so no fragment buffers more than that.
         Ok(upgrade) => Ok(upgrade
-            .max_message_size(64 * 1024)
+            .max_message_size(MAX_CLIENT_MESSAGE)
+            .max_frame_size(MAX_CLIENT_MESSAGE)
             .on_upgrade(move |socket| serve_socket(state, queue, socket, spec))),
         Err(_) => serve_stream(state, queue, spec).await,
     }

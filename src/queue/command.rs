@@ -77,6 +77,12 @@ pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_MAX_DEAD_LETTERS: u64 = 10_000;
 /// Ceiling of [`QueueLimits::max_dead_letters`]: dead letters are kept for
 /// inspection, not as a second queue.
+/// Longest grace period a leaving consumer may keep its items.
+pub const MAX_CONSUMER_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Longest service token.
+pub const MAX_TOKEN_BYTES: usize = 512;
+
 /// Largest payload a queue may accept. One entry must always fit in one
 /// replication message (64 MiB between nodes), with room to spare.
 pub const MAX_PAYLOAD_CEILING: u64 = 32 * 1024 * 1024;
@@ -154,7 +160,19 @@ impl Default for ServiceConfig {
 impl ServiceConfig {
     pub fn validate(&self) -> Result<(), Rejection> {
         self.input.validate("input")?;
-        self.sink.validate("sink")
+        self.sink.validate("sink")?;
+        if self.consumer_grace_ms > MAX_CONSUMER_GRACE_MS {
+            return Err(Rejection::Invalid(format!(
+                "consumer_grace_ms ({}) exceeds {MAX_CONSUMER_GRACE_MS} (one day)",
+                self.consumer_grace_ms
+            )));
+        }
+        if self.token.len() > MAX_TOKEN_BYTES {
+            return Err(Rejection::Invalid(format!(
+                "the service token is longer than {MAX_TOKEN_BYTES} bytes"
+            )));
+        }
+        Ok(())
     }
 
     pub fn limits(&self, kind: QueueKind) -> &QueueLimits {

@@ -241,6 +241,25 @@ fn settings_out_of_range_are_refused() {
             "{limits:?} accepted: {reply:?}"
         );
     }
+    for config in [
+        ServiceConfig {
+            consumer_grace_ms: u64::MAX,
+            ..Default::default()
+        },
+        ServiceConfig {
+            token: "t".repeat(MAX_TOKEN_BYTES + 1),
+            ..Default::default()
+        },
+    ] {
+        let reply = h.run(Command::UpdateService {
+            name: "svc".into(),
+            config,
+        });
+        assert!(
+            matches!(reply, Reply::Rejected(Rejection::Invalid(_))),
+            "{reply:?}"
+        );
+    }
     assert_eq!(
         h.state.service("svc").unwrap().config,
         ServiceConfig {

@@ -682,7 +682,7 @@ impl Queue {
             .values()
             .flat_map(|g| g.consumers.values())
             .filter_map(|c| match c.status {
-                ConsumerStatus::Leaving { since_ms } => Some(since_ms + grace_ms),
+                ConsumerStatus::Leaving { since_ms } => Some(since_ms.saturating_add(grace_ms)),
                 ConsumerStatus::Running => None,
             })
             .min()

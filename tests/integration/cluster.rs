@@ -158,7 +158,7 @@ async fn put(node: &RunningNode, data: &str) -> u64 {
     }
 }
 
-async fn create_service(node: &RunningNode) {
+pub(crate) async fn create_service(node: &RunningNode) {
     let cmd = Command::CreateService {
         name: "svc".into(),
         config: ServiceConfig::default(),

@@ -5,3 +5,5 @@
 mod cluster;
 #[path = "../security/admin.rs"]
 mod security_admin;
+#[path = "../security/limits.rs"]
+mod security_limits;
