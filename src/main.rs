@@ -282,6 +282,13 @@ struct ServeArgs {
     /// A watcher that answers no ping for this long is dropped.
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
+    /// HTTP connections served at once (more wait in the backlog).
+    #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// A request's headers must arrive within this; also the idle limit of
+    /// a keep-alive connection.
+    #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    http_header_timeout_ms: u64,
     /// New data is refused (HTTP 507) while less than this many bytes are
     /// free on the data volume; 0 turns the check off.
     #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = 256 * 1024 * 1024)]
@@ -599,6 +606,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         snapshot_every: a.snapshot_every,
         join: a.join,
         min_free_disk_bytes: a.min_free_disk_bytes,
+        listener: eddy::api::ListenerLimits {
+            max_connections: a.max_connections,
+            header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
+        },
         watch_idle_ms: a.watch_idle_ms,
         max_memory_bytes: a
             .max_memory_bytes

@@ -33,6 +33,8 @@ pub struct ServeSettings {
     pub join: bool,
     /// Refuse new data while less than this is free on the data volume.
     pub min_free_disk_bytes: u64,
+    /// Connection limit and header-read timeout of the HTTP listener.
+    pub listener: crate::api::ListenerLimits,
     pub watch_idle_ms: u64,
     /// Node memory admission limit (see [`crate::api::MemoryBudget`]).
     pub max_memory_bytes: u64,
@@ -134,8 +136,9 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         memory: MemoryBudget::new(settings.max_memory_bytes),
     });
     let app = router(state.clone());
+    let listener = settings.listener;
     let server = tokio::spawn(async move {
-        if let Err(e) = crate::api::serve(http, app, std::future::pending()).await {
+        if let Err(e) = crate::api::serve_with(http, app, listener, std::future::pending()).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });

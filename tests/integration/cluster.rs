@@ -23,6 +23,8 @@ pub(crate) struct Cluster {
     tls: Vec<Option<eddy::tls::TlsIdentity>>,
     /// The admin token every node is started with (empty: none).
     pub(crate) admin_token: String,
+    /// The HTTP listener limits every node is started with.
+    pub(crate) listener: eddy::api::ListenerLimits,
 }
 
 impl Cluster {
@@ -49,6 +51,7 @@ impl Cluster {
             snapshot_every,
             tls,
             admin_token: String::new(),
+            listener: eddy::api::ListenerLimits::default(),
         };
         for id in 1..=n {
             let node = c.start_node(id).await;
@@ -93,6 +96,7 @@ impl Cluster {
             snapshot_every: self.snapshot_every,
             join,
             min_free_disk_bytes: 0,
+            listener: self.listener,
             watch_idle_ms: 10_000,
             max_memory_bytes: u64::MAX,
             services: Vec::new(),

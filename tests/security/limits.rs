@@ -72,3 +72,57 @@ async fn identity_headers_and_tags_are_bounded() {
     assert_eq!(call(&c, ok).await.0, StatusCode::OK);
     c.stop(1).await;
 }
+
+/// Finding 5: half-sent requests are dropped after the header-read timeout,
+/// and idle connections beyond the limit wait in the backlog instead of
+/// taking descriptors; once they are gone the node serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_time_out_and_connections_are_limited() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let mut c = Cluster::new(1, 20_000).await;
+    c.listener = eddy::api::ListenerLimits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_millis(500),
+    };
+    c.stop(1).await;
+    c.restart(1).await;
+    let addr = c.node(1).http_addr;
+    let mut half_sent = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        half_sent.push(s);
+    }
+    // All 8 slots are held: a complete request waits (it is not served).
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // The server closes every half-sent request once its time is up.
+    for s in &mut half_sent {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a half-sent request was kept open");
+    }
+    let closed_after = started.elapsed();
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
+    // Then the waiting request is served.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+        .await
+        .expect("the waiting request was served")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    c.stop(1).await;
+}
