@@ -282,6 +282,15 @@ struct ServeArgs {
     /// A watcher that answers no ping for this long is dropped.
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
+    /// When set, `/metrics` and `/admin/cluster` need this token (or the
+    /// admin token) in `Authorization`.
+    #[arg(
+        long,
+        env = "EDDY_STATUS_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    status_token: String,
     /// HTTP connections served at once (more wait in the backlog).
     #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
@@ -600,6 +609,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cluster_secret,
         peer_tls,
         admin_token: a.admin_token,
+        status_token: a.status_token,
         heartbeat_ms: a.heartbeat_ms,
         election_timeout_ms: a.election_timeout_ms,
         node_lost_ms: a.node_lost_ms,

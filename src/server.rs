@@ -25,6 +25,8 @@ pub struct ServeSettings {
     /// Mutual TLS between nodes.
     pub peer_tls: Option<crate::tls::TlsIdentity>,
     pub admin_token: String,
+    /// When set, `/metrics` and `/admin/cluster` require it.
+    pub status_token: String,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub node_lost_ms: u64,
@@ -132,6 +134,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         hub: hub.clone(),
         default_service: settings.default_service.clone(),
         admin_token: settings.admin_token.clone(),
+        status_token: settings.status_token.clone(),
         watch_idle_ms: settings.watch_idle_ms,
         memory: MemoryBudget::new(settings.max_memory_bytes),
     });

@@ -462,7 +462,38 @@ async fn remove_member(
     .await
 }
 
-async fn cluster(State(state): State<Arc<AppState>>) -> Response {
+/// A caller allowed to read status (`/metrics`, `/admin/cluster`): anyone
+/// while no status token is set, else one that sends it or the admin token.
+pub(super) struct StatusReader;
+
+impl FromRequestParts<Arc<AppState>> for StatusReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        if state.status_token.is_empty() {
+            return Ok(StatusReader);
+        }
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        let admin = !state.admin_token.is_empty()
+            && crate::secret::matches(given, state.admin_token.as_bytes());
+        if admin || crate::secret::matches(given, state.status_token.as_bytes()) {
+            Ok(StatusReader)
+        } else {
+            Err(ApiError::Unauthorized(
+                "status token required in Authorization".into(),
+            ))
+        }
+    }
+}
+
+async fn cluster(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
     axum::Json(state.node.status()).into_response()
 }
 
@@ -513,7 +544,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
     let mut out = String::new();
     let now = now_ms();
     let s = state.node.status();

@@ -8,11 +8,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 
-use crate::engine::{Engine, ModelError};
+use crate::engine::{Engine, ModelError, SyncError};
 
 /// `POST /api/predict/{service}[/path]` answered by calling the model directly.
 pub fn sync_router(engine: Arc<Engine>, service: String) -> Router {
@@ -22,12 +22,26 @@ pub fn sync_router(engine: Arc<Engine>, service: String) -> Router {
         .route(
             "/api/predict/{*rest}",
             any(
-                move |State(engine): State<Arc<Engine>>, Path(rest): Path<String>, body: Bytes| {
+                move |State(engine): State<Arc<Engine>>,
+                      Path(rest): Path<String>,
+                      headers: HeaderMap,
+                      body: Bytes| {
                     let svc = svc.clone();
                     async move {
                         let (name, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
                         if name != svc.as_str() {
                             return (StatusCode::NOT_FOUND, format!("this engine serves {svc}\n"))
+                                .into_response();
+                        }
+                        let given = headers
+                            .get(header::AUTHORIZATION)
+                            .map(|v| v.as_bytes())
+                            .unwrap_or_default();
+                        if !engine.token_matches(given) {
+                            return (
+                                StatusCode::UNAUTHORIZED,
+                                "invalid or missing token in Authorization\n",
+                            )
                                 .into_response();
                         }
                         match engine.predict_sync(path, body).await {
@@ -36,8 +50,16 @@ pub fn sync_router(engine: Arc<Engine>, service: String) -> Router {
                                 r.body,
                             )
                                 .into_response(),
-                            Err(ModelError::Timeout(_)) => {
+                            Err(SyncError::Busy) => (
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "the engine is busy; retry later\n",
+                            )
+                                .into_response(),
+                            Err(SyncError::Model(ModelError::Timeout(_))) => {
                                 (StatusCode::GATEWAY_TIMEOUT, "model timed out\n").into_response()
+                            }
+                            Err(SyncError::Model(e @ ModelError::BadPath(_))) => {
+                                (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
                             }
                             Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
                         }

@@ -36,6 +36,9 @@ pub struct AppState {
     pub default_service: Option<String>,
     /// Token required by the admin routes (empty: none).
     pub admin_token: String,
+    /// When set, `/metrics` and `/admin/cluster` need it (or the admin
+    /// token): they show the cluster's topology.
+    pub status_token: String,
     /// How long a watch may stay silent after pinging before it is dropped.
     pub watch_idle_ms: u64,
     /// Admission control of this node: puts are refused (429) once the

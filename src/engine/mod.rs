@@ -79,12 +79,23 @@ pub struct Engine {
     pub model: ModelClient,
     /// Concurrency budget shared by queue work and synchronous requests.
     pub permits: Arc<Semaphore>,
+    /// Synchronous calls waiting for or holding a slot.
+    sync_waiters: Arc<Semaphore>,
     pub stats: EngineStats,
     stopping: AtomicBool,
 }
 
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(5)).min(2_000))
+}
+
+/// Why a synchronous call was not answered by the model.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("every slot is taken and enough callers already wait")]
+    Busy,
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 impl Engine {
@@ -111,6 +122,7 @@ impl Engine {
         Ok(Arc::new(Self {
             model: ModelClient::new(&settings.model, settings.request_timeout),
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
+            sync_waiters: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
             settings,
             inputs,
             sinks,
@@ -321,9 +333,21 @@ impl Engine {
     }
 
     /// Call the model directly for a synchronous request, sharing the
-    /// concurrency budget with queue work.
-    pub async fn predict_sync(&self, path: &str, body: Bytes) -> Result<ModelResponse, ModelError> {
+    /// concurrency budget with queue work. At most `concurrency` synchronous
+    /// calls are waiting or running; more are refused at once (`Busy`), so a
+    /// flood of them cannot queue up without bound.
+    pub async fn predict_sync(&self, path: &str, body: Bytes) -> Result<ModelResponse, SyncError> {
+        let _waiting = self
+            .sync_waiters
+            .try_acquire()
+            .map_err(|_| SyncError::Busy)?;
         let _permit = self.permits.acquire().await.expect("semaphore open");
-        self.model.call(path, body).await
+        Ok(self.model.call(path, body).await?)
+    }
+
+    /// Whether `given` is the service token (any value when none is set).
+    pub fn token_matches(&self, given: &[u8]) -> bool {
+        self.settings.token.is_empty()
+            || crate::secret::matches(given, self.settings.token.as_bytes())
     }
 }

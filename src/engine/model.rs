@@ -17,6 +17,9 @@ pub enum ModelError {
     Timeout(Duration),
     #[error("model unreachable: {0}")]
     Unreachable(String),
+    /// The item's sub-path has an empty, `.` or `..` segment.
+    #[error("bad model path {0:?}")]
+    BadPath(String),
 }
 
 impl ModelError {
@@ -25,6 +28,7 @@ impl ModelError {
         match self {
             ModelError::Timeout(_) => "ModelTimeout",
             ModelError::Unreachable(_) => "ModelUnavailable",
+            ModelError::BadPath(_) => "BadPath",
         }
     }
 }
@@ -34,6 +38,27 @@ pub struct ModelClient {
     http: reqwest::Client,
     base: String,
     timeout: Duration,
+}
+
+/// The model URL for a sub-path: `base` plus each segment percent-encoded
+/// on its own, so a sub-path can name a path below the base and nothing
+/// else (no `?`, `#`, `..` or encoded `/` reaches the model server as such).
+pub fn model_url(base: &str, path: &str) -> Result<String, ModelError> {
+    let mut url = url::Url::parse(base)
+        .map_err(|e| ModelError::Unreachable(format!("model URL {base}: {e}")))?;
+    {
+        let mut segments = url
+            .path_segments_mut()
+            .map_err(|_| ModelError::Unreachable(format!("model URL {base} cannot take a path")))?;
+        segments.pop_if_empty();
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            if segment == "." || segment == ".." {
+                return Err(ModelError::BadPath(path.to_string()));
+            }
+            segments.push(segment);
+        }
+    }
+    Ok(url.into())
 }
 
 impl ModelClient {
@@ -52,7 +77,7 @@ impl ModelClient {
 
     /// POST `body` to the model at `path` (relative to the model's base URL).
     pub async fn call(&self, path: &str, body: Bytes) -> Result<ModelResponse, ModelError> {
-        let url = format!("{}/{}", self.base, path.trim_start_matches('/'));
+        let url = model_url(&self.base, path)?;
         let send = self.http.post(&url).body(body).send();
         let resp = match tokio::time::timeout(self.timeout, send).await {
             Err(_) => return Err(ModelError::Timeout(self.timeout)),
@@ -65,6 +90,30 @@ impl ModelClient {
             Err(_) => Err(ModelError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(ModelError::Unreachable(e.to_string())),
             Ok(Ok(body)) => Ok(ModelResponse { status, body }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_paths_are_encoded_segment_by_segment() {
+        let base = "http://m:8000/v1";
+        assert_eq!(model_url(base, "").unwrap(), "http://m:8000/v1");
+        assert_eq!(model_url(base, "a/b").unwrap(), "http://m:8000/v1/a/b");
+        // Decoded `%3F` and `%23` stay inside their segment.
+        assert_eq!(
+            model_url(base, "a?admin=1").unwrap(),
+            "http://m:8000/v1/a%3Fadmin=1"
+        );
+        assert_eq!(model_url(base, "x#y").unwrap(), "http://m:8000/v1/x%23y");
+        for bad in ["..", "a/../../admin", "./x"] {
+            assert!(
+                matches!(model_url(base, bad), Err(ModelError::BadPath(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -23,6 +23,8 @@ pub(crate) struct Cluster {
     tls: Vec<Option<eddy::tls::TlsIdentity>>,
     /// The admin token every node is started with (empty: none).
     pub(crate) admin_token: String,
+    /// The status token every node is started with (empty: none).
+    pub(crate) status_token: String,
     /// The HTTP listener limits every node is started with.
     pub(crate) listener: eddy::api::ListenerLimits,
 }
@@ -52,6 +54,7 @@ impl Cluster {
             tls,
             admin_token: String::new(),
             listener: eddy::api::ListenerLimits::default(),
+            status_token: String::new(),
         };
         for id in 1..=n {
             let node = c.start_node(id).await;
@@ -90,6 +93,7 @@ impl Cluster {
             cluster_secret: "test-secret".into(),
             peer_tls: self.tls.get((id - 1) as usize).cloned().flatten(),
             admin_token: self.admin_token.clone(),
+            status_token: self.status_token.clone(),
             heartbeat_ms: 50,
             election_timeout_ms: 300,
             node_lost_ms: 1_000,

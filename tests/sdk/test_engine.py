@@ -261,13 +261,52 @@ def test_sync_endpoint_calls_the_model(node, tmpdir_factory_path):
     try:
         import json
         import urllib.request
-        def call():
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict/{svc}", data=b'[{"a": 1}, {"b": 2}]', method="POST")
+        def call(token=TOKEN):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict/{svc}", data=b'[{"a": 1}, {"b": 2}]',
+                                         method="POST", headers={"Authorization": token})
             with urllib.request.urlopen(req, timeout=5) as r:
                 return json.loads(r.read())
         wait_until(lambda: len(call()) == 2, what="sync endpoint")
         out = call()
         assert all(abs(o["p_0"] + o["p_1"] - 1) < 1e-9 for o in out)
+        # The synchronous endpoint checks the service token like the queue.
+        import urllib.error
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            call(token="wrong")
+        assert refused.value.code == 401
+    finally:
+        e.stop()
+        m.stop()
+
+
+def test_sync_endpoint_bounds_its_callers(node, tmpdir_factory_path):
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path, "--delay-ms", "1500")
+    port = free_port()
+    e = engine(tmpdir_factory_path, node, svc, url, "--listen", f"127.0.0.1:{port}", concurrency=1)
+    try:
+        import urllib.error
+        import urllib.request
+
+        def call():
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict/{svc}", data=b'[{"a": 1}]',
+                                         method="POST", headers={"Authorization": TOKEN})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200,
+                   what="sync endpoint up")
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("status", call()))
+        t.start()
+        wait_until(lambda: json.loads(urllib.request.urlopen(url + "/stats", timeout=1).read())["served"] >= 1,
+                   what="the first call at the model")
+        assert call() == 429, "a second caller beyond the engine's concurrency is refused at once"
+        t.join(timeout=10)
+        assert first["status"] == 200
     finally:
         e.stop()
         m.stop()

@@ -121,3 +121,41 @@ async fn admin_bodies_are_small_and_read_only_after_authentication() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     c.stop(1).await;
 }
+
+/// Finding 8: with a status token, topology and metrics need it (or the
+/// admin token); without one they stay open for scrapers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_routes_can_require_a_token() {
+    let mut c = Cluster::new(1, 20_000).await;
+    for path in ["/metrics", "/admin/cluster"] {
+        assert_eq!(
+            call(&c, REMOTE, "GET", path, None, "").await.0,
+            StatusCode::OK
+        );
+    }
+    c.status_token = "scraper".into();
+    c.admin_token = "admin-secret".into();
+    c.stop(1).await;
+    c.restart(1).await;
+    for path in ["/metrics", "/admin/cluster"] {
+        assert_eq!(
+            call(&c, REMOTE, "GET", path, None, "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&c, REMOTE, "GET", path, Some("nope"), "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&c, REMOTE, "GET", path, Some("scraper"), "").await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&c, REMOTE, "GET", path, Some("admin-secret"), "")
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    c.stop(1).await;
+}
