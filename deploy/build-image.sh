@@ -8,3 +8,7 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 cp "target/$TARGET/release/eddy" deploy/Dockerfile "$ctx/"
 docker build -q -t "${EDDY_IMAGE:-eddy:dev}" "$ctx"
+# The Compose cluster's CA, node certificates and cluster secret, made once.
+if [ ! -f deploy/compose-certs/ca.pem ]; then
+  "target/$TARGET/release/eddy" certs generate --out deploy/compose-certs --nodes eddy-1,eddy-2,eddy-3
+fi

@@ -83,6 +83,11 @@ def test_compose_file_runs_three_nodes_an_engine_and_a_model():
         assert env["EDDY_NODE_ID"] == str(i)
         assert env["EDDY_PEERS"] == peers
         assert f"{i}@{n}:9090" in peers
+        # Peers authenticate with a secret file and mutual TLS by default.
+        assert env["EDDY_CLUSTER_SECRET_FILE"].startswith("/certs/")
+        assert env["EDDY_PEER_TLS_CERT"] == f"/certs/{n}.pem"
+        assert env["EDDY_PEER_TLS_KEY"] == f"/certs/{n}-key.pem"
+        assert "EDDY_CLUSTER_SECRET" not in env
     assert services["engine"]["command"][0] == "engine"
     assert services["demo-model"]["command"][0] == "demo-model"
     if shutil.which("docker-compose"):
