@@ -163,7 +163,7 @@ impl RaftNode {
         let disk = DiskGuard::new(
             settings.data_dir.clone(),
             settings.min_free_disk_bytes,
-            vec![super::state_machine::snapshot_path(
+            vec![super::snapshot_file::current_path(
                 &settings.data_dir.join("state"),
             )],
         );

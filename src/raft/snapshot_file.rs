@@ -113,10 +113,15 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotFileError + '_ {
     }
 }
 
+/// Where the published snapshot of a state directory lives.
+pub fn current_path(dir: &Path) -> PathBuf {
+    dir.join(SNAPSHOT_FILE)
+}
+
 impl SnapshotFile {
     /// Open the published snapshot in `dir`, if there is one.
     pub fn open_current(dir: &Path) -> Result<Option<Self>, SnapshotFileError> {
-        let path = dir.join(SNAPSHOT_FILE);
+        let path = current_path(dir);
         match File::open(&path) {
             Ok(file) => {
                 let len = file.metadata().map_err(io_at(&path))?.len();
@@ -405,7 +410,7 @@ impl SnapshotFile {
         source.sync()?;
         crashsafe::publish(&source.path, dir, SNAPSHOT_FILE).map_err(io_at(&source.path))?;
         source.temp = false;
-        source.path = dir.join(SNAPSHOT_FILE);
+        source.path = current_path(dir);
         Ok(source)
     }
 }

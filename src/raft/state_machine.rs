@@ -124,11 +124,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(io::Error::other)
 }
 
-/// Where the current snapshot of a state directory lives.
-pub fn snapshot_path(dir: &Path) -> std::path::PathBuf {
-    dir.join(super::snapshot_file::SNAPSHOT_FILE)
-}
-
 impl StateMachine {
     /// Open the state machine in `dir`, restoring the latest snapshot. A
     /// storage failure in building or installing a snapshot latches `health`.
@@ -448,7 +443,7 @@ mod tests {
             .await
             .unwrap();
         drop(sm);
-        let path = dir.path().join(super::super::snapshot_file::SNAPSHOT_FILE);
+        let path = super::super::snapshot_file::current_path(dir.path());
         let good = std::fs::read(&path).unwrap();
 
         // One flipped bit in the middle of the state.

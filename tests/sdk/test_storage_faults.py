@@ -80,7 +80,9 @@ def status_of(node, path):
 
 def test_full_data_volume_refuses_puts_with_507_and_recovers_without_restart():
     with tmpfs(96) as volume:
-        node = Node(volume, extra=["--min-free-disk-bytes", str(16 * MiB)]).start()
+        node = Node(volume, extra=["--min-free-disk-bytes", str(16 * MiB)])
+        node.log_path = os.path.join(tempfile.gettempdir(), f"eddy-full-{os.getpid()}.log")
+        node.start()
         try:
             svc = node.create_service(name="full", token=TOKEN)
             payload = os.urandom(256 * 1024)
@@ -134,7 +136,10 @@ def test_a_failed_log_write_stops_the_node_and_a_restart_recovers_every_acknowle
     with tmpfs(24) as volume:
         # The free-space guard is off, so the volume really runs full inside
         # the log: the node must stop acknowledging and exit for recovery.
-        node = Node(volume, extra=["--min-free-disk-bytes", "0"]).start()
+        node = Node(volume, extra=["--min-free-disk-bytes", "0"])
+        # The log must not live on the volume that runs full.
+        node.log_path = os.path.join(tempfile.gettempdir(), f"eddy-failstop-{os.getpid()}.log")
+        node.start()
         try:
             svc = node.create_service(name="failstop", token=TOKEN)
             payload = os.urandom(512 * 1024)

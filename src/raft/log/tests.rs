@@ -628,6 +628,10 @@ async fn limited_reads_stop_at_the_byte_budget() {
 /// it survives a reopen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_sizes_match_the_file() {
+    fn entry_sizes(store: &LogStore) -> Vec<u64> {
+        let inner = store.lock();
+        inner.contents.entries.values().map(|e| e.size).collect()
+    }
     let dir = tempfile::tempdir().unwrap();
     let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
     append_durably(
@@ -635,13 +639,7 @@ async fn entry_sizes_match_the_file() {
         (1..=3).map(|i| entry(i, 500 * i as usize)).collect(),
     )
     .await;
-    let sizes: Vec<u64> = store
-        .lock()
-        .contents
-        .entries
-        .values()
-        .map(|e| e.size)
-        .collect();
+    let sizes = entry_sizes(&store);
     drop(store);
     let file_len = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
     assert_eq!(
@@ -649,14 +647,7 @@ async fn entry_sizes_match_the_file() {
         file_len - FILE_HEADER_LEN - BATCH_HEADER_LEN
     );
     let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
-    let again: Vec<u64> = store
-        .lock()
-        .contents
-        .entries
-        .values()
-        .map(|e| e.size)
-        .collect();
-    assert_eq!(sizes, again);
+    assert_eq!(sizes, entry_sizes(&store));
     assert_eq!(store.lock().contents.entry_bytes, sizes.iter().sum::<u64>());
 }
 
