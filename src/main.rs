@@ -227,6 +227,13 @@ struct ServeArgs {
     /// The CA every peer's certificate must chain to (PEM).
     #[arg(long, env = "EDDY_PEER_TLS_CA", requires = "peer_tls_cert")]
     peer_tls_ca: Option<PathBuf>,
+    /// Serve the client port (HTTP, WebSocket) over TLS with this
+    /// certificate chain (PEM). With `--tls-key`.
+    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client port's private key (PEM).
+    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Read the cluster secret from this file (a mounted Kubernetes or
     /// Compose secret); surrounding whitespace is ignored.
     #[arg(
@@ -557,6 +564,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
              (eddy certs generate makes them)"
         );
     }
+    let client_tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(eddy::tls::ClientPortTls::load(cert, key)?),
+        _ => None,
+    };
     let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
         (Some(adv), _) => adv.clone(),
         (None, Some(p)) => p.raft_addr.clone(),
@@ -616,6 +627,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         snapshot_every: a.snapshot_every,
         join: a.join,
         min_free_disk_bytes: a.min_free_disk_bytes,
+        client_tls,
         listener: eddy::api::ListenerLimits {
             max_connections: a.max_connections,
             header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),

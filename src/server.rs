@@ -37,6 +37,8 @@ pub struct ServeSettings {
     pub min_free_disk_bytes: u64,
     /// Connection limit and header-read timeout of the HTTP listener.
     pub listener: crate::api::ListenerLimits,
+    /// TLS on the client port (`--tls-cert`, `--tls-key`).
+    pub client_tls: Option<crate::tls::ClientPortTls>,
     pub watch_idle_ms: u64,
     /// Node memory admission limit (see [`crate::api::MemoryBudget`]).
     pub max_memory_bytes: u64,
@@ -140,8 +142,11 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
     });
     let app = router(state.clone());
     let listener = settings.listener;
+    let client_tls = settings.client_tls.clone();
     let server = tokio::spawn(async move {
-        if let Err(e) = crate::api::serve_with(http, app, listener, std::future::pending()).await {
+        if let Err(e) =
+            crate::api::serve_with(http, app, listener, client_tls, std::future::pending()).await
+        {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });

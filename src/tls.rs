@@ -1,8 +1,8 @@
 //! Certificates for TLS between nodes (mutual) and on the client port:
 //! generating a private CA with node certificates (`eddy certs generate`),
 //! and loading the PEM files a node is started with. The only module that
-//! knows rcgen; the transports (tonic under `raft`, rustls under `api`)
-//! take the PEM bytes from here.
+//! knows rcgen and rustls; tonic under `raft` takes the PEM bytes from here,
+//! and the HTTP listener under `api` takes a [`ClientPortTls`] acceptor.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -68,6 +68,68 @@ impl TlsIdentity {
             }
         }
         Ok(id)
+    }
+}
+
+/// TLS for the client (HTTP and WebSocket) port: the server certificate
+/// and key a node presents to SDKs, workers and load balancers. Clients are
+/// not asked for certificates; they authenticate with service tokens.
+#[derive(Clone)]
+pub struct ClientPortTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for ClientPortTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientPortTls { .. }")
+    }
+}
+
+impl ClientPortTls {
+    /// Load a PEM certificate chain and its private key (`--tls-cert`,
+    /// `--tls-key`).
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let cert_pem = std::fs::read(cert).map_err(io_err(cert))?;
+        let key_pem = std::fs::read(key).map_err(io_err(key))?;
+        Self::from_pem(&cert_pem, &key_pem)
+    }
+
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Invalid(format!("TLS certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(TlsError::Invalid(
+                "TLS certificate: no PEM certificate found".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| TlsError::Invalid(format!("TLS private key: {e}")))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Invalid(format!("TLS certificate and key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        })
+    }
+
+    /// Run the server side of a handshake on an accepted connection.
+    pub async fn accept<IO>(
+        &self,
+        stream: IO,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.acceptor.accept(stream).await
     }
 }
 

@@ -227,13 +227,16 @@ impl Default for ListenerLimits {
     }
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves, within `limits`.
-/// Each request carries the caller's address (`ConnectInfo`): admin routes
-/// without a token answer loopback callers only, and the audit log names it.
+/// Serve `app` on `listener` until `shutdown` resolves, within `limits`,
+/// over TLS when `tls` is given (the handshake, too, must finish within the
+/// header-read timeout). Each request carries the caller's address
+/// (`ConnectInfo`): admin routes without a token answer loopback callers
+/// only, and the audit log names it.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: ListenerLimits,
+    tls: Option<crate::tls::ClientPortTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::extract::ConnectInfo;
@@ -280,12 +283,37 @@ pub async fn serve_with(
                 req
             })
             .service(app);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(service);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(slot);
@@ -301,5 +329,5 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(listener, app, ListenerLimits::default(), shutdown).await
+    serve_with(listener, app, ListenerLimits::default(), None, shutdown).await
 }

@@ -38,6 +38,8 @@ pub(crate) struct Cluster {
     pub(crate) status_token: String,
     /// The HTTP listener limits every node is started with.
     pub(crate) listener: eddy::api::ListenerLimits,
+    /// TLS on every node's client port.
+    pub(crate) client_tls: Option<eddy::tls::ClientPortTls>,
 }
 
 impl Cluster {
@@ -66,6 +68,7 @@ impl Cluster {
             admin_token: String::new(),
             listener: eddy::api::ListenerLimits::default(),
             status_token: String::new(),
+            client_tls: None,
         };
         for id in 1..=n {
             let node = c.start_node(id).await;
@@ -112,6 +115,7 @@ impl Cluster {
             join,
             min_free_disk_bytes: 0,
             listener: self.listener,
+            client_tls: self.client_tls.clone(),
             watch_idle_ms: 10_000,
             max_memory_bytes: u64::MAX,
             services: Vec::new(),

@@ -7,3 +7,5 @@ mod cluster;
 mod security_admin;
 #[path = "../security/limits.rs"]
 mod security_limits;
+#[path = "../security/process.rs"]
+mod security_process;

@@ -27,7 +27,7 @@ def serve_flags():
 def test_kubernetes_objects_are_complete_and_consistent():
     docs = manifests()
     for key in [("StatefulSet", "eddy"), ("Service", "eddy-headless"), ("Service", "eddy"),
-                ("PodDisruptionBudget", "eddy"), ("Secret", "eddy-cluster")]:
+                ("PodDisruptionBudget", "eddy")]:
         assert key in docs, f"missing {key}"
     for doc in docs.values():
         assert doc["apiVersion"] and doc["metadata"]["name"]
@@ -50,10 +50,23 @@ def test_kubernetes_objects_are_complete_and_consistent():
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
     env = {e["name"]: e for e in container["env"]}
     known = serve_flags()
-    assert set(env) <= known, f"unknown settings {set(env) - known}"
+    assert set(env) - {"POD_NAME"} <= known, f"unknown settings {set(env) - known}"
     assert env["EDDY_ID_FROM_HOSTNAME"]["value"] == "true"
-    ref = env["EDDY_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
-    assert ref["key"] in docs[("Secret", ref["name"])]["stringData"]
+    # No secret ships in the manifest: peers use mutual TLS and a secret
+    # file from the Secret the operator creates with `eddy certs generate`.
+    assert not any(kind == "Secret" for kind, _ in docs), "a Secret with a value in the manifest"
+    assert "EDDY_CLUSTER_SECRET" not in env
+    [certs] = [v for v in sts["template"]["spec"]["volumes"] if "secret" in v]
+    [certs_mount] = [m for m in container["volumeMounts"] if m["name"] == certs["name"]]
+    assert certs_mount["readOnly"] is True
+    secret_dir = certs_mount["mountPath"]
+    assert env["EDDY_CLUSTER_SECRET_FILE"]["value"] == f"{secret_dir}/cluster-secret"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["EDDY_PEER_TLS_CERT"]["value"] == f"{secret_dir}/$(POD_NAME).{sts['serviceName']}.pem"
+    assert env["EDDY_PEER_TLS_KEY"]["value"] == f"{secret_dir}/$(POD_NAME).{sts['serviceName']}-key.pem"
+    assert env["EDDY_PEER_TLS_CA"]["value"] == f"{secret_dir}/ca.pem"
+    admin = env["EDDY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert admin["name"] == certs["secret"]["secretName"] and admin["optional"] is True
 
     # One peer per replica, ids = ordinal + 1, addressed through the headless service.
     peers = env["EDDY_PEERS"]["value"].split(",")
@@ -65,7 +78,7 @@ def test_kubernetes_objects_are_complete_and_consistent():
         assert http == f"eddy-{ordinal}.eddy-headless:{ports['http']}"
 
     [claim] = sts["volumeClaimTemplates"]
-    [mount] = container["volumeMounts"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] != certs["name"]]
     assert mount["name"] == claim["metadata"]["name"]
     assert mount["mountPath"] == env["EDDY_DATA_DIR"]["value"]
     assert claim["spec"]["resources"]["requests"]["storage"]
