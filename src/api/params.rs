@@ -253,4 +253,84 @@ mod tests {
         assert!(parse_index_list("1,2,x").is_err());
         assert_eq!(parse_index_list("1, 2,").unwrap(), vec![1, 2]);
     }
+
+    mod fuzz {
+        //! The HTTP parameter parser on arbitrary query strings and header
+        //! values (bounded case counts): it never panics, and whatever it
+        //! accepts respects the documented bounds.
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn query_text() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("_index_=".to_string()),
+                Just("_length_=".to_string()),
+                Just("_timeout_=".to_string()),
+                Just("_window_=".to_string()),
+                Just("_auto_delete_=".to_string()),
+                Just("_raw_=".to_string()),
+                Just("_trim_=".to_string()),
+                Just("requestId=".to_string()),
+                Just("&".to_string()),
+                Just("=".to_string()),
+                Just("%".to_string()),
+                Just("%FF".to_string()),
+                Just("+".to_string()),
+                "[0-9]{1,25}",
+                "[a-z_]{1,8}",
+                "[0-9]+(ms|s|m|h|us|ns)?",
+                any::<String>(),
+            ];
+            proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn query_parsing_never_panics_and_respects_bounds(raw in query_text()) {
+                if let Ok(q) = Query::parse(Some(&raw)) {
+                    prop_assert!(q.tags.len() <= MAX_TAGS);
+                    for (k, v) in &q.tags {
+                        prop_assert!(k.len() <= MAX_TAG_KEY_BYTES && v.len() <= MAX_TAG_VALUE_BYTES);
+                    }
+                    for key in ["_raw_", "_auto_delete_", "_watch_", "_auto_commit_"] {
+                        let _ = q.flag(key);
+                        let _ = q.flag_or(key, true);
+                    }
+                    let _ = q.u64_or("_length_", 1);
+                    let _ = q.u64_or("_window_", 1);
+                    let _ = q.start_index();
+                    let _ = q.indexes();
+                    if let Ok(t) = q.timeout() {
+                        prop_assert!(t <= MAX_POLL);
+                    }
+                    let _ = priority(&q, &HeaderMap::new());
+                }
+                let _ = parse_index_list(&raw);
+                let _ = parse_duration(&raw);
+            }
+
+            #[test]
+            fn identity_headers_are_bounded_or_refused(
+                gid in proptest::collection::vec(any::<u8>(), 0..300),
+                uid in proptest::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let mut headers = HeaderMap::new();
+                for (name, value) in [
+                    ("x-eas-queueservice-redis-gid", &gid),
+                    ("x-eas-queueservice-redis-uid", &uid),
+                ] {
+                    if let Ok(v) = axum::http::HeaderValue::from_bytes(value) {
+                        headers.insert(name, v);
+                    }
+                }
+                if let Ok((group, user)) = identity(&headers) {
+                    prop_assert!(!group.is_empty() && group.len() <= MAX_IDENTITY_BYTES);
+                    prop_assert!(user.is_none_or(|u| u.len() <= MAX_IDENTITY_BYTES));
+                }
+            }
+        }
+    }
 }

@@ -453,4 +453,101 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         node.shutdown().await;
     }
+
+    mod decode_fuzz {
+        //! The peer message decoder on arbitrary and mutated input (bounded
+        //! case counts, so a CI run takes seconds): it never panics or
+        //! recurses without bound, and what it accepts re-encodes to itself.
+        use proptest::prelude::*;
+
+        use super::super::super::network::{decode, encode};
+        use super::super::super::types::{Entry, SnapshotMeta, Vote};
+        use crate::queue::{Command, Envelope, NewItem, QueueKind, QueueRef, Tags};
+
+        type AppendRequest =
+            openraft::raft::AppendEntriesRequest<super::super::super::types::TypeConfig>;
+        type VoteRequest = openraft::raft::VoteRequest<super::super::super::types::TypeConfig>;
+
+        fn sample_envelopes() -> Vec<Vec<u8>> {
+            let queue = QueueRef::new("svc", QueueKind::Input);
+            let put = Command::Put {
+                queue: queue.clone(),
+                item: NewItem {
+                    request_id: "r-1".into(),
+                    tags: Tags::from([("k".to_string(), "v".to_string())]),
+                    data: bytes::Bytes::from_static(b"payload"),
+                    priority: 3,
+                    path: "/p".into(),
+                },
+            };
+            let commit = Command::Truncate { queue, before: 9 };
+            [
+                put.clone(),
+                commit.clone(),
+                Command::Batch(vec![put, commit]),
+                Command::Tick,
+            ]
+            .into_iter()
+            .enumerate()
+            .map(|(i, command)| {
+                encode(&Envelope {
+                    id: i as u128 + 1,
+                    now_ms: 1_000,
+                    command,
+                })
+            })
+            .collect()
+        }
+
+        fn check_envelope(bytes: &[u8]) {
+            if let Ok(e) = decode::<Envelope>(bytes) {
+                assert!(!e.command.has_nested_batch(), "a nested batch was decoded");
+                let again: Envelope = decode(&encode(&e)).expect("re-encoded envelope decodes");
+                assert_eq!(again, e);
+            }
+        }
+
+        fn check_raft_messages(bytes: &[u8]) {
+            let _ = decode::<AppendRequest>(bytes);
+            let _ = decode::<VoteRequest>(bytes);
+            let _ = decode::<(Vote, SnapshotMeta)>(bytes);
+            let _ = decode::<Vec<Entry>>(bytes);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_peer_decoder(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512)
+            ) {
+                check_envelope(&bytes);
+                check_raft_messages(&bytes);
+            }
+
+            #[test]
+            fn mutated_envelopes_decode_to_valid_commands_or_errors(
+                which in 0usize..4,
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                cut in any::<prop::sample::Index>(),
+                nest in proptest::collection::vec(Just(14u8), 0..64),
+            ) {
+                let mut bytes = sample_envelopes()[which].clone();
+                for (at, value) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+                // Sometimes splice batch tags into the command position.
+                let at = cut.index(bytes.len());
+                let mut spliced = bytes[..at].to_vec();
+                for tag in &nest {
+                    spliced.extend_from_slice(&[*tag, 1]);
+                }
+                spliced.extend_from_slice(&bytes[at..]);
+                check_envelope(&bytes);
+                check_envelope(&spliced);
+                check_raft_messages(&spliced);
+            }
+        }
+    }
 }
