@@ -95,7 +95,11 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
     let (node, events) = RaftNode::start(raft_settings).await?;
     let hub = Hub::new(settings.id);
     tokio::spawn(hub.clone().run(node.clone(), events));
-    tokio::spawn(close_watchers_without_leader(node.clone(), hub.clone()));
+    tokio::spawn(close_watchers_without_lease(node.clone(), hub.clone()));
+    tokio::spawn(detach_consumers_without_connection(
+        node.clone(),
+        hub.clone(),
+    ));
     if !settings.services.is_empty() {
         let node = node.clone();
         let services = settings.services.clone();
@@ -181,11 +185,45 @@ pub fn default_max_memory_bytes() -> u64 {
     }
 }
 
-/// A node cut off from the leader closes its watchers so that clients
-/// reconnect to a node that can still serve them.
-async fn close_watchers_without_leader(node: Arc<RaftNode>, hub: Arc<Hub>) {
-    let mut leaderless_since: Option<tokio::time::Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+/// A node without its lease (see [`RaftNode::holds_lease`]) closes its
+/// watchers at once, so that clients reconnect to a node that can serve
+/// them, and so that no item is pushed here while the rest of the cluster
+/// may be moving it elsewhere. New watchers are refused until the lease is
+/// back (`accepts_watchers`).
+async fn close_watchers_without_lease(node: Arc<RaftNode>, hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stopped = node.stopped();
+    tokio::pin!(stopped);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stopped => return,
+        }
+        if node.holds_lease() {
+            warned = false;
+            continue;
+        }
+        if hub.connection_count() > 0 {
+            if !warned {
+                tracing::warn!(
+                    "no contact with a leader that has a quorum; closing local watchers"
+                );
+                warned = true;
+            }
+            hub.close_all();
+        }
+    }
+}
+
+/// Consumer liveness that cannot be lost: a consumer the replicated state
+/// shows running on this node, on a connection this node no longer holds
+/// (its `Detach` failed, was lost in an election, or never ran), is
+/// detached again, every second, until the state agrees with the node.
+async fn detach_consumers_without_connection(node: Arc<RaftNode>, hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stopped = node.stopped();
     tokio::pin!(stopped);
     loop {
@@ -193,19 +231,30 @@ async fn close_watchers_without_leader(node: Arc<RaftNode>, hub: Arc<Hub>) {
             _ = tick.tick() => {}
             _ = &mut stopped => return,
         }
-        let s = node.status();
-        let cut_off = s.leader.is_none()
-            || (s.leader == Some(s.id)
-                && s.voters.len() > 1
-                && s.millis_since_quorum_ack.is_none_or(|ms| ms > 3_000));
-        if cut_off {
-            let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() > Duration::from_secs(2) && hub.connection_count() > 0 {
-                tracing::warn!("no leader reachable; closing local watchers");
-                hub.close_all();
+        if !node.accepts_watchers() {
+            continue;
+        }
+        let orphans: Vec<_> = node
+            .read(|s| s.running_consumers_on(node.id))
+            .into_iter()
+            .filter(|(_, _, _, connection)| !hub.holds(*connection))
+            .collect();
+        for (queue, group, user, connection) in orphans {
+            // A connection is registered before its attach is proposed, so
+            // one registered meanwhile is live, not orphaned.
+            if hub.holds(connection) {
+                continue;
             }
-        } else {
-            leaderless_since = None;
+            tracing::info!(%queue, %group, %user, connection, "detaching a consumer whose connection is gone");
+            let cmd = Command::Detach {
+                queue,
+                group,
+                user,
+                connection,
+            };
+            if let Err(e) = node.propose(cmd).await {
+                tracing::debug!(error = %e, connection, "detach not applied; retried");
+            }
         }
     }
 }

@@ -178,6 +178,8 @@ impl From<Rejection> for ApiError {
             }
             Rejection::TooLarge { .. } => ApiError::TooLarge(text),
             Rejection::Invalid(_) => ApiError::BadRequest(text),
+            // Leader housekeeping only; never the answer to a client call.
+            Rejection::StaleTerm { .. } => ApiError::Unavailable(text),
         }
     }
 }

@@ -130,6 +130,11 @@ impl Hub {
         }
     }
 
+    /// Whether `connection` is open on this node.
+    pub fn holds(&self, connection: u64) -> bool {
+        self.connections.lock().unwrap().contains_key(&connection)
+    }
+
     pub fn connection_count(&self) -> usize {
         self.connections.lock().unwrap().len()
     }

@@ -286,7 +286,8 @@ pub enum Command {
     NodeGone {
         node: NodeId,
     },
-    /// The leader's clock: consumers whose grace ran out are removed.
+    /// Consumers whose grace ran out are removed. Kept so that logs written
+    /// before [`Command::GraceExpired`] still apply; no longer proposed.
     Tick,
     /// The engine's result: put `result` on the sink and commit `input_index`
     /// on the input queue, as one step. Skipped (but the commit still done)
@@ -310,6 +311,19 @@ pub enum Command {
     UpdateService {
         name: String,
         config: ServiceConfig,
+    },
+    /// The leader of `term` saw `node` stop acknowledging: every consumer
+    /// attached through it is gone. Applied only in the term that decided
+    /// it: a deposed leader's decision, committed later, changes nothing.
+    NodeLost {
+        node: NodeId,
+        term: u64,
+    },
+    /// The leader of `term` saw a leaving consumer's grace run out (on its
+    /// clock, the one every envelope carries): such consumers are removed.
+    /// Applied only in `term`, like [`Command::NodeLost`].
+    GraceExpired {
+        term: u64,
     },
 }
 
@@ -397,6 +411,9 @@ pub enum Rejection {
     Invalid(String),
     #[error("queue is full: its payloads reach max_bytes ({limit} bytes)")]
     FullBytes { limit: u64 },
+    /// Housekeeping decided by the leader of an earlier term.
+    #[error("decided by the leader of term {decided}, applied in term {applied}: ignored")]
+    StaleTerm { decided: u64, applied: u64 },
 }
 
 /// What a command returns to its proposer.
@@ -456,6 +473,8 @@ impl Command {
             Command::Detach { .. } => "detach",
             Command::NodeGone { .. } => "node-gone",
             Command::Tick => "tick",
+            Command::NodeLost { .. } => "node-lost",
+            Command::GraceExpired { .. } => "grace-expired",
             Command::Complete { .. } => "complete",
             Command::Batch(_) => "batch",
             Command::UpdateService { .. } => "update-service",

@@ -16,6 +16,8 @@ mod queue;
 mod state;
 
 #[cfg(test)]
+mod housekeeping_tests;
+#[cfg(test)]
 mod limits_tests;
 #[cfg(test)]
 mod tests;

@@ -75,6 +75,9 @@ pub struct QueueState {
     pub services: BTreeMap<String, Service>,
     recent_ids: VecDeque<u128>,
     recent_replies: BTreeMap<u128, Reply>,
+    /// The latest envelope time applied: time as `apply` sees it never goes
+    /// backwards, whatever the clocks of successive leaders say.
+    clock_ms: u64,
 }
 
 impl QueueState {
@@ -110,11 +113,31 @@ impl QueueState {
     /// Apply one logged command. Deterministic: the same state and envelope
     /// give the same reply, events and next state on every replica.
     pub fn apply(&mut self, envelope: &Envelope) -> (Reply, Vec<Event>) {
+        self.apply_in_term(envelope, None)
+    }
+
+    /// [`Self::apply`] for an entry of the log written in `term`: leader
+    /// housekeeping ([`Command::NodeLost`], [`Command::GraceExpired`]) is
+    /// applied only in the term of the leader that decided it.
+    pub fn apply_in_term(&mut self, envelope: &Envelope, term: Option<u64>) -> (Reply, Vec<Event>) {
         if let Some(reply) = self.recent_replies.get(&envelope.id) {
             return (reply.clone(), Vec::new());
         }
+        let decided = match envelope.command {
+            Command::NodeLost { term, .. } | Command::GraceExpired { term } => Some(term),
+            _ => None,
+        };
+        if let (Some(decided), Some(applied)) = (decided, term)
+            && decided != applied
+        {
+            let reply = Reply::Rejected(Rejection::StaleTerm { decided, applied });
+            self.remember(envelope.id, reply.clone());
+            return (reply, Vec::new());
+        }
+        let now_ms = envelope.now_ms.max(self.clock_ms);
+        self.clock_ms = now_ms;
         let mut events = Vec::new();
-        let reply = self.apply_command(&envelope.command, envelope.now_ms, &mut events);
+        let reply = self.apply_command(&envelope.command, now_ms, &mut events);
         self.remember(envelope.id, reply.clone());
         (reply, events)
     }
@@ -291,7 +314,7 @@ impl QueueState {
                 svc.trim_dead_letters();
                 Ok(Reply::Done)
             }
-            Command::NodeGone { node } => {
+            Command::NodeGone { node } | Command::NodeLost { node, .. } => {
                 for (name, svc) in self.services.iter_mut() {
                     let max_delivery = svc.config.max_delivery;
                     for kind in [QueueKind::Input, QueueKind::Sink] {
@@ -303,7 +326,7 @@ impl QueueState {
                 }
                 Ok(Reply::Done)
             }
-            Command::Tick => {
+            Command::Tick | Command::GraceExpired { .. } => {
                 for (name, svc) in self.services.iter_mut() {
                     let (grace, max_delivery) =
                         (svc.config.consumer_grace_ms, svc.config.max_delivery);
@@ -401,6 +424,34 @@ impl QueueState {
                         || g.in_flight.get(&index).is_some_and(|holder| holder == user))
             })
         })
+    }
+
+    /// The running consumers attached through `node`: (queue, group, user,
+    /// connection). A node compares them with the connections it holds.
+    pub fn running_consumers_on(&self, node: u64) -> Vec<(QueueRef, String, String, u64)> {
+        let mut out = Vec::new();
+        for (name, svc) in &self.services {
+            for kind in [QueueKind::Input, QueueKind::Sink] {
+                for (group, g) in &svc.queue(kind).groups {
+                    for (user, c) in &g.consumers {
+                        if c.node == node && c.status == super::queue::ConsumerStatus::Running {
+                            out.push((
+                                QueueRef::new(name.clone(), kind),
+                                group.clone(),
+                                user.clone(),
+                                c.connection,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The latest time `apply` has seen (envelope time, never decreasing).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
     }
 
     /// Nodes that host at least one consumer.

@@ -8,9 +8,20 @@
 //! lost answer reuse the envelope, and the state machine's de-duplication
 //! table applies it once.
 //!
+//! Time: the leader stamps every envelope with its clock as it appends it
+//! ([`RaftNode::write_local`]); the state machine never lets time go back.
+//!
 //! The leader also runs the housekeeping that needs a clock: it proposes
-//! `Tick` when a leaving consumer's grace period ends, and `NodeGone` for a
-//! member whose replication acks stopped (its consumers' items move on).
+//! `GraceExpired` when a leaving consumer's grace period ends, and
+//! `NodeLost` for a member whose replication acks stopped (its consumers'
+//! items move on). Both carry the leader's term, are never forwarded, and
+//! are void when applied in another term; `NodeLost` is decided only while
+//! the leader holds its lease (a quorum acknowledged it recently).
+//!
+//! The lease ([`RaftNode::holds_lease`]): a follower that has not accepted
+//! replication from a leader, or a leader not acknowledged by a quorum, for
+//! [`RaftNode::lease`] (shorter than `node_lost_ms`) closes its watchers
+//! and is not ready, before any leader would move its consumers' items.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -143,6 +154,12 @@ pub struct RaftNode {
     /// Set once this node announced that consumers it held before a restart
     /// are gone; watches are refused on this node until then.
     watchers_welcome: std::sync::atomic::AtomicBool,
+    /// When this node last accepted replication from a leader (a follower's
+    /// side of the lease).
+    leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When each peer last forwarded a command here: a peer that forwards
+    /// is alive, even while the leader's replication to it is backing off.
+    peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -204,6 +221,8 @@ impl RaftNode {
             settings: settings.clone(),
             stopping: tokio::sync::watch::Sender::new(false),
             watchers_welcome: std::sync::atomic::AtomicBool::new(false),
+            leader_contact: std::sync::Mutex::new(None),
+            peer_contact: std::sync::Mutex::new(BTreeMap::new()),
         });
 
         let service = tonic::service::interceptor::InterceptedService::new(
@@ -329,7 +348,11 @@ impl RaftNode {
     }
 
     /// Propose a command on the leader. Only this node; no forwarding.
-    pub async fn write_local(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+    /// The envelope is stamped with this (the leader's) clock, so all time
+    /// the state machine sees comes from leaders, never from the node that
+    /// happened to receive a request.
+    pub async fn write_local(&self, mut envelope: Envelope) -> Result<Reply, ProposeError> {
+        envelope.now_ms = now_ms();
         match self.raft.client_write(envelope).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -687,6 +710,61 @@ impl RaftNode {
     pub fn accepts_watchers(&self) -> bool {
         self.watchers_welcome
             .load(std::sync::atomic::Ordering::Acquire)
+            && self.holds_lease()
+    }
+
+    /// This node accepted replication from a leader just now.
+    pub(crate) fn note_leader_contact(&self) {
+        *self.leader_contact.lock().unwrap() = Some(std::time::Instant::now());
+    }
+
+    /// `peer` forwarded a command just now.
+    pub(crate) fn note_peer_contact(&self, peer: u64) {
+        self.peer_contact
+            .lock()
+            .unwrap()
+            .insert(peer, std::time::Instant::now());
+    }
+
+    /// How long a node may serve watchers after it last heard from a
+    /// leader that has a quorum (a follower) or from a quorum (the leader).
+    /// Shorter than `node_lost_ms` by a margin, so that a cut-off node has
+    /// closed its watchers before any leader redelivers their items.
+    pub fn lease(&self) -> Duration {
+        let node_lost = self.settings.node_lost_ms;
+        let margin = (node_lost / 3).max(250);
+        Duration::from_millis(
+            node_lost
+                .saturating_sub(margin)
+                .min(2 * self.settings.election_timeout_ms)
+                .max(1),
+        )
+    }
+
+    /// Whether this node is in touch with a working cluster: a leader whose
+    /// quorum acknowledged it within the lease, or a follower that accepted
+    /// replication within the lease. A node without it must not push items:
+    /// the rest of the cluster may be redelivering them.
+    pub fn holds_lease(&self) -> bool {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let lease = self.lease();
+        match m.state {
+            ServerState::Leader => {
+                m.membership_config.membership().voter_ids().count() <= 1
+                    || m.last_quorum_acked
+                        .as_ref()
+                        .is_some_and(|t| t.elapsed() < lease)
+            }
+            ServerState::Follower | ServerState::Learner => {
+                m.current_leader.is_some()
+                    && self
+                        .leader_contact
+                        .lock()
+                        .unwrap()
+                        .is_some_and(|t| t.elapsed() < lease)
+            }
+            _ => false,
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -740,11 +818,20 @@ impl RaftNode {
                 continue;
             }
             let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
+            let term = self.status().term;
             let now = now_ms();
             if self.read(|s| s.next_expiry()).is_some_and(|t| t <= now)
-                && let Err(e) = self.propose(Command::Tick).await
+                && let Err(e) = self
+                    .propose_housekeeping(Command::GraceExpired { term })
+                    .await
             {
-                tracing::debug!(error = %e, "tick not applied");
+                tracing::debug!(error = %e, "grace expiry not applied");
+            }
+            // Only a leader that hears from a quorum may judge others: one
+            // that is itself cut off would otherwise declare the majority
+            // lost.
+            if !self.holds_lease() {
+                continue;
             }
             let limit = Duration::from_millis(self.settings.node_lost_ms);
             let old_leader_limit =
@@ -766,12 +853,35 @@ impl RaftNode {
             for node in lost {
                 tracing::warn!(
                     node,
+                    term,
                     "member stopped acknowledging; moving its consumers' items"
                 );
-                if let Err(e) = self.propose(Command::NodeGone { node }).await {
-                    tracing::debug!(error = %e, "node-gone not applied");
+                if let Err(e) = self
+                    .propose_housekeeping(Command::NodeLost { node, term })
+                    .await
+                {
+                    tracing::debug!(error = %e, "node-lost not applied");
                 }
             }
+        }
+    }
+
+    /// Propose a leader decision on this node only: never forwarded (a
+    /// deposed leader's decision is void), bounded in time, and applied only
+    /// in the term it carries.
+    async fn propose_housekeeping(&self, command: Command) -> Result<Reply, ProposeError> {
+        let envelope = Envelope {
+            id: uuid::Uuid::new_v4().as_u128(),
+            now_ms: now_ms(),
+            command,
+        };
+        let timeout = Duration::from_millis(self.settings.node_lost_ms);
+        match tokio::time::timeout(timeout, self.write_local(envelope)).await {
+            Ok(Ok(Reply::Rejected(r))) => Err(ProposeError::Refused(r.to_string())),
+            Ok(r) => r,
+            Err(_) => Err(ProposeError::Unavailable(
+                "no quorum acknowledged the decision in time".into(),
+            )),
         }
     }
 
@@ -783,6 +893,7 @@ impl RaftNode {
         let Some(heartbeat) = &m.heartbeat else {
             return BTreeSet::new();
         };
+        let forwarded = self.peer_contact.lock().unwrap().clone();
         hosting
             .into_iter()
             .filter(|n| *n != self.id)
@@ -791,6 +902,9 @@ impl RaftNode {
                 // A member the leader never heard from, or not a member.
                 Some(None) | None => true,
             })
+            // A member that just forwarded a command (an attach after it
+            // rejoined, say) is alive, whatever replication says so far.
+            .filter(|n| forwarded.get(n).is_none_or(|t| t.elapsed() > limit))
             .collect()
     }
 }

@@ -71,7 +71,10 @@ fn forwardable(command: &Command, from: u64, admin: bool) -> Result<(), String> 
         Command::NodeGone { node } => Err(format!(
             "node {from} may not declare node {node} gone; only the leader does"
         )),
-        Command::Tick => Err("only the leader proposes ticks".into()),
+        Command::Tick | Command::NodeLost { .. } | Command::GraceExpired { .. } => Err(format!(
+            "{} is decided by the leader and never forwarded",
+            command.name()
+        )),
         Command::Batch(commands) => commands.iter().try_for_each(|c| match c {
             Command::Batch(_) => Err("nested command batch".to_string()),
             c => forwardable(c, from, admin),
@@ -162,7 +165,11 @@ impl RaftService for Service {
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         let rpc = self.open(req)?;
-        reply(self.node.raft.append_entries(rpc).await)
+        let result = self.node.raft.append_entries(rpc).await;
+        if result.as_ref().is_ok_and(|r| r.is_success()) {
+            self.node.note_leader_contact();
+        }
+        reply(result)
     }
 
     type StreamAppendStream = ReplyStream;
@@ -179,11 +186,14 @@ impl RaftService for Service {
             }
             decode(&m.body).ok()
         });
-        let output = self
-            .node
-            .raft
-            .stream_append(Box::pin(input))
-            .map(|r| Ok(raft_reply(r)));
+        let node = self.node.clone();
+        let output = self.node.raft.stream_append(Box::pin(input)).map(move |r| {
+            // Accepted replication: this node is in touch with a leader.
+            if r.is_ok() {
+                node.note_leader_contact();
+            }
+            Ok(raft_reply(r))
+        });
         Ok(Response::new(Box::pin(output)))
     }
 
@@ -242,6 +252,7 @@ impl RaftService for Service {
     ) -> Result<Response<ForwardReply>, Status> {
         let req = req.into_inner();
         let envelope: Envelope = decode(&req.command).map_err(Status::invalid_argument)?;
+        self.node.note_peer_contact(req.from);
         let admin = self.node.admin_proof_matches(&req.admin_proof);
         if let Err(why) = forwardable(&envelope.command, req.from, admin) {
             tracing::warn!(from = req.from, %why, "forwarded command refused");

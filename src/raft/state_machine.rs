@@ -252,7 +252,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 a.last_applied = Some(log_id);
                 match &entry.payload {
                     EntryPayload::Blank => (Reply::Done, Vec::new()),
-                    EntryPayload::Normal(envelope) => a.state.apply(envelope),
+                    EntryPayload::Normal(envelope) => {
+                        a.state.apply_in_term(envelope, Some(log_id.leader_id.term))
+                    }
                     EntryPayload::Membership(m) => {
                         a.membership = StoredMembership::new(Some(log_id), m.clone());
                         (Reply::Done, Vec::new())

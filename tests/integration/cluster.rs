@@ -130,7 +130,7 @@ impl Cluster {
             .expect("node is running")
     }
 
-    async fn leader(&self) -> u64 {
+    pub(crate) async fn leader(&self) -> u64 {
         for _ in 0..200 {
             for n in self.nodes.iter().flatten() {
                 let s = n.node.status();

@@ -3,6 +3,7 @@
 //! security layer driven through the HTTP router.
 
 mod cluster;
+mod delivery;
 #[path = "../security/admin.rs"]
 mod security_admin;
 #[path = "../security/limits.rs"]
