@@ -246,7 +246,10 @@ impl Queue {
     }
 
     /// Every item holding `request_id`, oldest first.
-    pub fn indexes_of_request(&self, request_id: &str) -> impl DoubleEndedIterator<Item = u64> + '_ {
+    pub fn indexes_of_request(
+        &self,
+        request_id: &str,
+    ) -> impl DoubleEndedIterator<Item = u64> + '_ {
         let lo = (request_id.to_string(), 0);
         let hi = (request_id.to_string(), u64::MAX);
         self.by_request_id.range(lo..=hi).map(|(_, i)| *i)
@@ -326,7 +329,8 @@ impl Queue {
                 group.ready.insert(stored.order_key());
             }
         }
-        self.by_request_id.insert((stored.request_id.clone(), index));
+        self.by_request_id
+            .insert((stored.request_id.clone(), index));
         self.bytes_held += size;
         self.items.insert(index, stored);
         self.puts_total += 1;
@@ -360,17 +364,13 @@ impl Queue {
         let limit = selector.length.max(1) as usize;
         // A request-id lookup is the common case for results: use the index.
         if let Some(rid) = selector.tags.get(REQUEST_ID_TAG) {
-            let matching = self
+            let mut matching = self
                 .indexes_of_request(rid)
                 .filter_map(|i| self.items.get(&i))
                 .filter(|it| tags_match(&it.tags, &selector.tags));
-            let mut matching = matching;
             return match selector.from_index {
                 None => matching.next_back().into_iter().collect(),
-                Some(from) => matching
-                    .filter(|it| it.index >= from)
-                    .take(limit)
-                    .collect(),
+                Some(from) => matching.filter(|it| it.index >= from).take(limit).collect(),
             };
         }
         match selector.from_index {

@@ -883,7 +883,10 @@ fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
         now_ms: h.now,
         ..put.clone()
     });
-    assert!(h.queue().is_empty(), "a retry inside the window was applied twice");
+    assert!(
+        h.queue().is_empty(),
+        "a retry inside the window was applied twice"
+    );
     // Past the window the id is forgotten, so memory stays bounded.
     h.now += DEDUP_WINDOW_MS;
     h.run(Command::Tick);
@@ -991,8 +994,10 @@ fn finding6_complete_refuses_another_requests_input_and_tells_gone_from_duplicat
         }
     );
     // A dead-lettered input is reported as such.
-    let mut config = ServiceConfig::default();
-    config.max_delivery = 1;
+    let config = ServiceConfig {
+        max_delivery: 1,
+        ..Default::default()
+    };
     h.run(Command::UpdateService {
         name: "svc".into(),
         config,
