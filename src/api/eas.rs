@@ -19,7 +19,9 @@ use prost::Message as _;
 use super::params::{Query, identity, priority};
 use super::{ApiError, AppState};
 use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
-use crate::queue::{Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes};
+use crate::queue::{
+    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes, validate_request_id,
+};
 use crate::raft::now_ms;
 
 pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
@@ -328,9 +330,15 @@ async fn put(
     let data = read_body(req.body, limit).await?;
     let _admitted = state.memory.admit(&state.node, data.len() as u64)?;
     let mut tags = req.query.tags;
-    // The server's request id is authoritative.
-    tags.remove(crate::queue::REQUEST_ID_TAG);
-    let request_id = uuid::Uuid::new_v4().to_string();
+    // A caller's request id is kept (results are written under the input's
+    // id, and on the input queue it makes a retried put idempotent).
+    let request_id = match tags.remove(crate::queue::REQUEST_ID_TAG) {
+        Some(id) => {
+            validate_request_id(&id)?;
+            id
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
     let item = NewItem {
         request_id,
         tags,
@@ -388,6 +396,26 @@ async fn complete(
     let request_id = tags
         .remove(crate::queue::REQUEST_ID_TAG)
         .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
+    // Checked before proposing: a refusal must change nothing.
+    validate_request_id(&request_id)?;
+    // An index names one item forever, so an input item seen here with
+    // another request id is a mismatch on every replica. (The state machine
+    // checks again when a result is written; this also covers commit-only.)
+    let held = state.node.read(|s| {
+        s.service(&target.queue.service)
+            .and_then(|svc| svc.input.items.get(&input_index))
+            .map(|it| it.request_id.clone())
+    });
+    if let Some(held) = held
+        && held != request_id
+    {
+        return Err(crate::queue::Rejection::RequestMismatch {
+            index: input_index,
+            held,
+            given: request_id,
+        }
+        .into());
+    }
     // No node memory admission here: completing frees the input item as it
     // stores the result, and refusing it would keep the input from draining.
     // The sink's own max_bytes bounds results.
@@ -418,7 +446,7 @@ async fn complete(
             h.insert(
                 REQUEST_ID_HEADER,
                 HeaderValue::from_str(&request_id)
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
             );
             h.insert(
                 "x-eddy-duplicate",
@@ -442,13 +470,16 @@ pub fn frame_proto(f: Frame) -> DataFrameProto {
     }
 }
 
+/// Content type of a bare payload, as the EAS documentation shows it.
+const RAW_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
 fn frames_response(frames: Vec<Frame>, headers: &HeaderMap, raw: bool) -> Response {
     if frames.is_empty() {
         return StatusCode::NO_CONTENT.into_response();
     }
     if raw {
         let first = frames.into_iter().next().expect("non-empty");
-        return first.data.into_response();
+        return ([(header::CONTENT_TYPE, RAW_CONTENT_TYPE)], first.data).into_response();
     }
     if wants_protobuf(headers) {
         let list = DataFrameListProto {
@@ -484,13 +515,22 @@ async fn get(
     q: &Query,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    // `_raw_=false` (what every SDK sends) answers a list of frames;
+    // `_raw_=true` and, as in the EAS documentation's curl examples, no
+    // `_raw_` at all answer the first item's payload itself, unless the
+    // caller asks for protobuf. A bare payload is one item, so it reads
+    // (and with `_auto_delete_`, deletes) one item only.
+    let raw = match q.get("_raw_") {
+        None => !wants_protobuf(headers),
+        Some(_) => q.flag("_raw_")?,
+    };
+    let length = q.u64_or("_length_", 1)?.clamp(1, 10_000) as u32;
     let selector = Selector {
         from_index: q.start_index()?,
-        length: q.u64_or("_length_", 1)?.clamp(1, 10_000) as u32,
+        length: if raw { 1 } else { length },
         tags: q.tags.clone(),
     };
     let auto_delete = q.flag_or("_auto_delete_", false)?;
-    let raw = q.flag_or("_raw_", false)?;
     let deadline = tokio::time::Instant::now() + q.timeout()?;
     loop {
         // Subscribe before looking, so a put between look and wait wakes us.

@@ -131,6 +131,8 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
     InsufficientStorage(String),
@@ -148,6 +150,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -180,6 +183,8 @@ impl From<Rejection> for ApiError {
             Rejection::Invalid(_) => ApiError::BadRequest(text),
             // Leader housekeeping only; never the answer to a client call.
             Rejection::StaleTerm { .. } => ApiError::Unavailable(text),
+            Rejection::RequestMismatch { .. } => ApiError::Conflict(text),
+            Rejection::InputGone { .. } | Rejection::ReplyNotKept => ApiError::Gone(text),
         }
     }
 }

@@ -189,7 +189,10 @@ pub type Tags = BTreeMap<String, String>;
 /// The new item a put carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewItem {
-    /// Assigned by the node that received the put, before proposing.
+    /// The caller's `requestId`, or one assigned by the node that received
+    /// the put, before proposing. On the input queue it is also an
+    /// idempotency key: a put whose request id an item already holds
+    /// answers that item instead of adding another.
     pub request_id: String,
     pub tags: Tags,
     pub data: Bytes,
@@ -292,6 +295,8 @@ pub enum Command {
     /// The engine's result: put `result` on the sink and commit `input_index`
     /// on the input queue, as one step. Skipped (but the commit still done)
     /// when the sink already holds a result for the same request id.
+    /// Refused, changing nothing, when the input item holds another request
+    /// id, or when it is gone and no result for its request is on the sink.
     Complete {
         service: String,
         group: String,
@@ -414,6 +419,29 @@ pub enum Rejection {
     /// Housekeeping decided by the leader of an earlier term.
     #[error("decided by the leader of term {decided}, applied in term {applied}: ignored")]
     StaleTerm { decided: u64, applied: u64 },
+    /// A completion named an input item that belongs to another request.
+    #[error(
+        "input item {index} carries requestId {held:?}, not {given:?}: nothing was written or committed"
+    )]
+    RequestMismatch {
+        index: u64,
+        held: String,
+        given: String,
+    },
+    /// A completion's input item is no longer queued, and no result for its
+    /// request is on the sink: the result is not written.
+    #[error(
+        "input item {index} is no longer on the input queue ({}); the result was not written",
+        if *dead_lettered { "it was dead-lettered" } else { "deleted, evicted or consumed" }
+    )]
+    InputGone { index: u64, dead_lettered: bool },
+    /// A retried take whose reply was too large to keep for retries: its
+    /// items were handed out when it was first applied.
+    #[error(
+        "this take was already applied and its items were handed out; its reply was too large \
+         to keep for a retry"
+    )]
+    ReplyNotKept,
 }
 
 /// What a command returns to its proposer.

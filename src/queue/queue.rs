@@ -16,7 +16,7 @@
 //! derived state: they are rebuilt after a snapshot is restored rather than
 //! stored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,23 @@ use super::command::{
 
 /// Tag key under which every item carries its request id.
 pub const REQUEST_ID_TAG: &str = "requestId";
+
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// A request id travels back in the `X-Eas-Queueservice-Request-Id` header
+/// and is a lookup key: it must be a non-empty header value of visible
+/// ASCII, at most [`MAX_REQUEST_ID_BYTES`] long.
+pub fn validate_request_id(id: &str) -> Result<(), Rejection> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Rejection::Invalid(format!(
+            "requestId must be 1-{MAX_REQUEST_ID_BYTES} visible ASCII characters (no spaces or \
+             control characters)"
+        )));
+    }
+    Ok(())
+}
 
 /// Tag key carrying the sub-path an item was put on, when there is one.
 /// Clients cannot set it: `_x_` query keys are control parameters.
@@ -165,8 +182,11 @@ pub struct Queue {
     pub commits_total: u64,
     /// Dead letters dropped to stay within `max_dead_letters` or purged.
     pub dead_dropped_total: u64,
+    /// (request id, index) of every item: a request id may be held by
+    /// several items (results written twice on the sink), and every one of
+    /// them stays findable.
     #[serde(skip)]
-    by_request_id: HashMap<String, u64>,
+    by_request_id: BTreeSet<(String, u64)>,
     /// Payload bytes of `items` and `dead`.
     #[serde(skip)]
     bytes_held: u64,
@@ -220,8 +240,19 @@ impl Queue {
         self.bytes_held
     }
 
+    /// The oldest item holding `request_id`.
     pub fn index_of_request(&self, request_id: &str) -> Option<u64> {
-        self.by_request_id.get(request_id).copied()
+        self.indexes_of_request(request_id).next()
+    }
+
+    /// Every item holding `request_id`, oldest first.
+    pub fn indexes_of_request(
+        &self,
+        request_id: &str,
+    ) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        let lo = (request_id.to_string(), 0);
+        let hi = (request_id.to_string(), u64::MAX);
+        self.by_request_id.range(lo..=hi).map(|(_, i)| *i)
     }
 
     pub fn in_flight_count(&self) -> usize {
@@ -298,7 +329,8 @@ impl Queue {
                 group.ready.insert(stored.order_key());
             }
         }
-        self.by_request_id.insert(stored.request_id.clone(), index);
+        self.by_request_id
+            .insert((stored.request_id.clone(), index));
         self.bytes_held += size;
         self.items.insert(index, stored);
         self.puts_total += 1;
@@ -313,9 +345,7 @@ impl Queue {
     fn remove_item(&mut self, index: u64) -> Option<Item> {
         let item = self.items.remove(&index)?;
         self.bytes_held -= item.data.len() as u64;
-        if self.by_request_id.get(&item.request_id) == Some(&index) {
-            self.by_request_id.remove(&item.request_id);
-        }
+        self.by_request_id.remove(&(item.request_id.clone(), index));
         let key = item.order_key();
         for group in self.groups.values_mut() {
             group.ready.remove(&key);
@@ -334,14 +364,14 @@ impl Queue {
         let limit = selector.length.max(1) as usize;
         // A request-id lookup is the common case for results: use the index.
         if let Some(rid) = selector.tags.get(REQUEST_ID_TAG) {
-            let from = selector.from_index.unwrap_or(0);
-            return self
-                .by_request_id
-                .get(rid)
-                .and_then(|i| self.items.get(i))
-                .filter(|it| it.index >= from && tags_match(&it.tags, &selector.tags))
-                .into_iter()
-                .collect();
+            let mut matching = self
+                .indexes_of_request(rid)
+                .filter_map(|i| self.items.get(&i))
+                .filter(|it| tags_match(&it.tags, &selector.tags));
+            return match selector.from_index {
+                None => matching.next_back().into_iter().collect(),
+                Some(from) => matching.filter(|it| it.index >= from).take(limit).collect(),
+            };
         }
         match selector.from_index {
             None => self

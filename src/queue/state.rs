@@ -1,5 +1,17 @@
 //! The whole replicated state: services, their queues, and the table of
 //! recently applied command ids that makes retried commands idempotent.
+//!
+//! De-duplication invariants:
+//! - an envelope id is remembered, with its reply, for at least
+//!   [`DEDUP_WINDOW_MS`] of envelope time after it was applied (well past the
+//!   propose deadline within which a proposer retries), whatever the rate,
+//!   unless more than [`DEDUP_MAX_ENTRIES`] ids arrive in that time (a memory
+//!   backstop only);
+//! - a remembered id is never applied again: a retry gets the first reply;
+//! - take replies keep their items for a retry while the items of all kept
+//!   replies stay within [`DEDUP_MAX_REPLY_BYTES`]; past it the oldest kept
+//!   replies lose their items and a retry of one of them is answered
+//!   [`Rejection::ReplyNotKept`] (never the items again, never "nothing").
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -8,10 +20,25 @@ use serde::{Deserialize, Serialize};
 use super::command::{
     Command, Envelope, Event, QueueKind, QueueRef, Rejection, Reply, ServiceConfig,
 };
-use super::queue::Queue;
+use super::queue::{Queue, validate_request_id};
 
-/// How many applied command ids are remembered for de-duplication.
-pub const DEDUP_CAPACITY: usize = 20_000;
+/// How long, in envelope time, an applied command id is remembered: the
+/// propose deadline (5 s) plus a wide margin for clock differences between
+/// successive leaders.
+pub const DEDUP_WINDOW_MS: u64 = 30_000;
+
+/// Most command ids remembered, whatever their age: a memory backstop that
+/// only rates above the fastest measured (14,000 puts/s on one node, 35 s
+/// of ids) reach. An entry with a small reply takes about 175 bytes, so the
+/// table stays under about 90 MB plus the take replies' bytes.
+pub const DEDUP_MAX_ENTRIES: usize = 500_000;
+
+/// Most payload bytes of take replies kept for retries.
+pub const DEDUP_MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bytes a frame of a kept reply is counted for besides its payload (tags,
+/// record): keeps many tiny frames from escaping the byte bound.
+const KEPT_FRAME_OVERHEAD: u64 = 128;
 
 /// A queue service: an input queue and a sink queue under one name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,11 +100,43 @@ pub fn validate_service_name(name: &str) -> Result<(), Rejection> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     pub services: BTreeMap<String, Service>,
-    recent_ids: VecDeque<u128>,
+    /// Applied envelope ids with the envelope time they were applied at,
+    /// in log order.
+    recent_ids: VecDeque<(u128, u64)>,
     recent_replies: BTreeMap<u128, Reply>,
     /// The latest envelope time applied: time as `apply` sees it never goes
     /// backwards, whatever the clocks of successive leaders say.
     clock_ms: u64,
+    /// Ids whose kept reply holds items, in log order, and the bytes they
+    /// are counted for (derived).
+    #[serde(skip)]
+    kept_items: VecDeque<(u128, u64)>,
+    #[serde(skip)]
+    kept_item_bytes: u64,
+}
+
+/// Bytes a reply's items are counted for in the de-duplication table.
+fn kept_bytes(reply: &Reply) -> u64 {
+    match reply {
+        Reply::Items(frames) => frames
+            .iter()
+            .map(|f| {
+                let tags: usize = f.tags.iter().map(|(k, v)| k.len() + v.len()).sum();
+                (f.data.len() + tags + f.message.len() + f.path.len()) as u64 + KEPT_FRAME_OVERHEAD
+            })
+            .sum(),
+        Reply::Batch(replies) => replies.iter().map(kept_bytes).sum(),
+        _ => 0,
+    }
+}
+
+/// The reply a retry gets once the first reply's items were dropped.
+fn without_items(reply: Reply) -> Reply {
+    match reply {
+        Reply::Items(frames) if !frames.is_empty() => Reply::Rejected(Rejection::ReplyNotKept),
+        Reply::Batch(replies) => Reply::Batch(replies.into_iter().map(without_items).collect()),
+        other => other,
+    }
 }
 
 impl QueueState {
@@ -91,6 +150,15 @@ impl QueueState {
             svc.input.rebuild_derived();
             svc.sink.rebuild_derived();
         }
+        self.kept_items = self
+            .recent_ids
+            .iter()
+            .filter_map(|(id, _)| {
+                let bytes = kept_bytes(self.recent_replies.get(id)?);
+                (bytes > 0).then_some((*id, bytes))
+            })
+            .collect();
+        self.kept_item_bytes = self.kept_items.iter().map(|(_, b)| b).sum();
     }
 
     /// Payload bytes held by every queue of every service (items and dead
@@ -131,31 +199,54 @@ impl QueueState {
             && decided != applied
         {
             let reply = Reply::Rejected(Rejection::StaleTerm { decided, applied });
-            self.remember(envelope.id, reply.clone());
+            self.remember(envelope.id, self.clock_ms, reply.clone());
             return (reply, Vec::new());
         }
         let now_ms = envelope.now_ms.max(self.clock_ms);
         self.clock_ms = now_ms;
         let mut events = Vec::new();
         let reply = self.apply_command(&envelope.command, now_ms, &mut events);
-        self.remember(envelope.id, reply.clone());
+        self.remember(envelope.id, now_ms, reply.clone());
         (reply, events)
     }
 
-    fn remember(&mut self, id: u128, reply: Reply) {
-        // Bulk replies are not kept: a retried take must not hand the same
-        // items out again, but it need not repeat them either.
-        let kept = match reply {
-            Reply::Items(_) => Reply::Items(Vec::new()),
-            other => other,
-        };
-        self.recent_ids.push_back(id);
-        self.recent_replies.insert(id, kept);
-        while self.recent_ids.len() > DEDUP_CAPACITY {
-            if let Some(old) = self.recent_ids.pop_front() {
-                self.recent_replies.remove(&old);
+    fn remember(&mut self, id: u128, now_ms: u64, reply: Reply) {
+        // Forget what is old enough (or beyond the backstop) first.
+        while let Some(&(old, at)) = self.recent_ids.front() {
+            let expired = now_ms.saturating_sub(at) >= DEDUP_WINDOW_MS;
+            if !expired && self.recent_ids.len() < DEDUP_MAX_ENTRIES {
+                break;
+            }
+            self.recent_ids.pop_front();
+            self.recent_replies.remove(&old);
+            if self.kept_items.front().is_some_and(|(k, _)| *k == old)
+                && let Some((_, bytes)) = self.kept_items.pop_front()
+            {
+                self.kept_item_bytes -= bytes;
             }
         }
+        let bytes = kept_bytes(&reply);
+        let reply = if bytes > DEDUP_MAX_REPLY_BYTES {
+            without_items(reply)
+        } else {
+            if bytes > 0 {
+                self.kept_items.push_back((id, bytes));
+                self.kept_item_bytes += bytes;
+            }
+            reply
+        };
+        // Past the byte bound the oldest kept replies lose their items.
+        while self.kept_item_bytes > DEDUP_MAX_REPLY_BYTES {
+            let Some((old, bytes)) = self.kept_items.pop_front() else {
+                break;
+            };
+            self.kept_item_bytes -= bytes;
+            if let Some(kept) = self.recent_replies.remove(&old) {
+                self.recent_replies.insert(old, without_items(kept));
+            }
+        }
+        self.recent_ids.push_back((id, now_ms));
+        self.recent_replies.insert(id, reply);
     }
 
     fn apply_command(&mut self, command: &Command, now_ms: u64, events: &mut Vec<Event>) -> Reply {
@@ -213,9 +304,17 @@ impl QueueState {
                 Ok(Reply::Done)
             }
             Command::Put { queue, item } => {
+                validate_request_id(&item.request_id)?;
                 let svc = self.service_mut(&queue.service)?;
-                let limits = svc.config.limits(queue.kind).clone();
                 let request_id = item.request_id.clone();
+                // On the input queue a request id is an idempotency key: a
+                // retried put answers the item the first one made.
+                if queue.kind == QueueKind::Input
+                    && let Some(index) = svc.input.index_of_request(&request_id)
+                {
+                    return Ok(Reply::Put { index, request_id });
+                }
+                let limits = svc.config.limits(queue.kind).clone();
                 let index =
                     svc.queue_mut(queue.kind)
                         .put(queue, &limits, item.clone(), now_ms, events)?;
@@ -351,10 +450,24 @@ impl QueueState {
                 let mut sink_index = None;
                 let mut duplicate = false;
                 if let Some(result) = result {
-                    let already = svc.sink.index_of_request(&result.request_id).is_some()
-                        || !svc.input.items.contains_key(input_index);
-                    if already {
+                    validate_request_id(&result.request_id)?;
+                    let input = svc.input.items.get(input_index);
+                    if let Some(held) = input
+                        && held.request_id != result.request_id
+                    {
+                        return Err(Rejection::RequestMismatch {
+                            index: *input_index,
+                            held: held.request_id.clone(),
+                            given: result.request_id.clone(),
+                        });
+                    }
+                    if svc.sink.index_of_request(&result.request_id).is_some() {
                         duplicate = true;
+                    } else if input.is_none() {
+                        return Err(Rejection::InputGone {
+                            index: *input_index,
+                            dead_lettered: svc.input.dead.contains_key(input_index),
+                        });
                     } else {
                         let limits = svc.config.sink.clone();
                         if svc.sink.len() as u64 >= limits.max_length && !limits.evict_oldest {

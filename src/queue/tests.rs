@@ -702,3 +702,320 @@ fn creating_an_existing_service_is_refused_and_changes_nothing() {
         Reply::Rejected(Rejection::NoSuchService(_))
     ));
 }
+
+// ---- delivery findings: request ids, de-duplication, completion -----------
+
+fn sink() -> QueueRef {
+    QueueRef::new("svc", QueueKind::Sink)
+}
+
+fn item(request_id: &str, data: &str) -> NewItem {
+    NewItem {
+        request_id: request_id.into(),
+        tags: Tags::new(),
+        data: Bytes::from(data.to_string()),
+        priority: 0,
+        path: String::new(),
+    }
+}
+
+fn take_all() -> Selector {
+    Selector {
+        from_index: Some(0),
+        length: 10_000,
+        tags: Tags::new(),
+    }
+}
+
+#[test]
+fn finding4_caller_request_id_is_kept_and_an_input_put_is_idempotent() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let first = h.run(Command::Put {
+        queue: input(),
+        item: item("client-1", "a"),
+    });
+    assert_eq!(
+        first,
+        Reply::Put {
+            index: 1,
+            request_id: "client-1".into()
+        }
+    );
+    // A retry (a new envelope: the first reply was lost) adds nothing.
+    let retry = h.run(Command::Put {
+        queue: input(),
+        item: item("client-1", "a"),
+    });
+    assert_eq!(retry, first);
+    assert_eq!(h.queue().len(), 1);
+    assert_eq!(h.queue().puts_total, 1);
+    // The same holds after a snapshot round trip (the index is derived).
+    let bytes = postcard::to_allocvec(&h.state).unwrap();
+    h.state = postcard::from_bytes(&bytes).unwrap();
+    h.state.rebuild_derived();
+    assert_eq!(
+        h.run(Command::Put {
+            queue: input(),
+            item: item("client-1", "a"),
+        }),
+        first
+    );
+    assert_eq!(h.queue().len(), 1);
+    // A result written under the input's id is found by that id.
+    h.run(Command::Put {
+        queue: sink(),
+        item: item("client-1", "result"),
+    });
+    let by_id = |h: &Harness| {
+        let mut tags = Tags::new();
+        tags.insert(REQUEST_ID_TAG.into(), "client-1".into());
+        h.state.queue(&sink()).unwrap().peek(&Selector {
+            from_index: Some(0),
+            length: 10,
+            tags,
+        })
+    };
+    assert_eq!(by_id(&h).len(), 1);
+    assert_eq!(by_id(&h)[0].data, Bytes::from_static(b"result"));
+    // The sink is not de-duplicated: a second result is stored, and both
+    // stay findable, also after the first is deleted.
+    h.run(Command::Put {
+        queue: sink(),
+        item: item("client-1", "again"),
+    });
+    assert_eq!(by_id(&h).len(), 2);
+    h.run(Command::Delete {
+        queue: sink(),
+        indexes: vec![1],
+    });
+    assert_eq!(by_id(&h).len(), 1);
+    assert_eq!(by_id(&h)[0].data, Bytes::from_static(b"again"));
+    // Once the input item is consumed, the id may be used again.
+    h.commit("eas", vec![1]);
+    assert!(h.queue().is_empty());
+    assert!(matches!(
+        h.run(Command::Put {
+            queue: input(),
+            item: item("client-1", "a"),
+        }),
+        Reply::Put { index: 2, .. }
+    ));
+}
+
+#[test]
+fn finding4_invalid_request_ids_are_refused() {
+    let mut h = Harness::new(ServiceConfig::default());
+    for bad in ["", "has space", "new\nline", "é", &"x".repeat(129)] {
+        let reply = h.run(Command::Put {
+            queue: input(),
+            item: item(bad, "a"),
+        });
+        assert!(
+            matches!(reply, Reply::Rejected(Rejection::Invalid(_))),
+            "{bad:?}: {reply:?}"
+        );
+    }
+    assert!(h.queue().is_empty());
+    assert!(matches!(
+        h.run(Command::Put {
+            queue: input(),
+            item: item(&"x".repeat(128), "a"),
+        }),
+        Reply::Put { .. }
+    ));
+}
+
+#[test]
+fn finding5_a_retried_take_gets_the_same_items() {
+    let mut h = Harness::new(ServiceConfig::default());
+    h.put("a", 0);
+    h.put("b", 0);
+    let env = Envelope {
+        id: 7,
+        now_ms: h.now,
+        command: Command::Take {
+            queue: input(),
+            selector: take_all(),
+        },
+    };
+    let (first, _) = h.state.apply(&env);
+    let Reply::Items(frames) = &first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(frames.len(), 2);
+    h.put("c", 0);
+    let (retry, events) = h.state.apply(&Envelope {
+        now_ms: h.now + 4_000,
+        ..env.clone()
+    });
+    assert_eq!(retry, first);
+    assert!(events.is_empty());
+    assert_eq!(h.queue().len(), 1, "the retry took nothing more");
+    // Kept across a snapshot as well.
+    let bytes = postcard::to_allocvec(&h.state).unwrap();
+    let mut restored: QueueState = postcard::from_bytes(&bytes).unwrap();
+    restored.rebuild_derived();
+    assert_eq!(restored.apply(&env).0, first);
+}
+
+#[test]
+fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let put = Envelope {
+        id: u128::MAX,
+        now_ms: h.now,
+        command: Command::Put {
+            queue: input(),
+            item: item("once", "x"),
+        },
+    };
+    h.state.apply(&put);
+    // Far more commands than the old count-based window (20,000), all
+    // within a second of envelope time.
+    for i in 0..25_000u64 {
+        h.now = 1_000 + i / 25;
+        h.run(Command::Tick);
+    }
+    // Consumed meanwhile: a second application would store it again.
+    h.commit("eas", vec![1]);
+    assert!(h.queue().is_empty());
+    h.state.apply(&Envelope {
+        now_ms: h.now,
+        ..put.clone()
+    });
+    assert!(
+        h.queue().is_empty(),
+        "a retry inside the window was applied twice"
+    );
+    // Past the window the id is forgotten, so memory stays bounded.
+    h.now += DEDUP_WINDOW_MS;
+    h.run(Command::Tick);
+    h.state.apply(&Envelope {
+        now_ms: h.now,
+        ..put
+    });
+    assert_eq!(h.queue().len(), 1);
+}
+
+#[test]
+fn finding5_take_replies_past_the_byte_bound_are_refused_not_emptied() {
+    let mut config = ServiceConfig::default();
+    config.input.max_payload_bytes = 8 * 1024 * 1024;
+    let mut h = Harness::new(config);
+    let big = "x".repeat(4 * 1024 * 1024);
+    let takes = (DEDUP_MAX_REPLY_BYTES / (4 * 1024 * 1024)) as u128 + 2;
+    let mut replies = Vec::new();
+    for id in 0..takes {
+        h.run(Command::Put {
+            queue: input(),
+            item: item(&format!("r{id}"), &big),
+        });
+        let env = Envelope {
+            id: 1_000_000 + id,
+            now_ms: h.now,
+            command: Command::Take {
+                queue: input(),
+                selector: take_all(),
+            },
+        };
+        let (reply, _) = h.state.apply(&env);
+        assert!(matches!(&reply, Reply::Items(f) if f.len() == 1));
+        replies.push((env, reply));
+    }
+    // The oldest replies lost their items; their retries say so and take
+    // nothing. The newest are repeated in full.
+    h.put("later", 0);
+    let (env, _) = &replies[0];
+    assert_eq!(
+        h.state.apply(env).0,
+        Reply::Rejected(Rejection::ReplyNotKept)
+    );
+    let (env, reply) = replies.last().unwrap();
+    assert_eq!(&h.state.apply(env).0, reply);
+    assert_eq!(h.queue().len(), 1);
+}
+
+#[test]
+fn finding6_complete_refuses_another_requests_input_and_tells_gone_from_duplicate() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let a = h.put("a", 0);
+    let b = h.put("b", 0);
+    let complete = |h: &mut Harness, index: u64, rid: &str| {
+        h.run(Command::Complete {
+            service: "svc".into(),
+            group: "eas".into(),
+            input_index: index,
+            result: Some(item(rid, "out")),
+        })
+    };
+    // Another request's id: nothing written, nothing committed.
+    assert_eq!(
+        complete(&mut h, a, "r-b"),
+        Reply::Rejected(Rejection::RequestMismatch {
+            index: a,
+            held: "r-a".into(),
+            given: "r-b".into()
+        })
+    );
+    let svc = h.state.service("svc").unwrap();
+    assert_eq!(svc.input.len(), 2);
+    assert!(svc.sink.is_empty());
+    // An id that is not a header value.
+    assert!(matches!(
+        complete(&mut h, a, "bad id"),
+        Reply::Rejected(Rejection::Invalid(_))
+    ));
+    // Input gone (deleted) and no result: refused, result not written.
+    h.run(Command::Delete {
+        queue: input(),
+        indexes: vec![b],
+    });
+    assert_eq!(
+        complete(&mut h, b, "r-b"),
+        Reply::Rejected(Rejection::InputGone {
+            index: b,
+            dead_lettered: false
+        })
+    );
+    assert!(h.state.service("svc").unwrap().sink.is_empty());
+    // Completed, then completed again: a duplicate, not an error.
+    assert_eq!(
+        complete(&mut h, a, "r-a"),
+        Reply::Completed {
+            sink_index: Some(1),
+            duplicate: false
+        }
+    );
+    assert_eq!(
+        complete(&mut h, a, "r-a"),
+        Reply::Completed {
+            sink_index: None,
+            duplicate: true
+        }
+    );
+    // A dead-lettered input is reported as such.
+    let config = ServiceConfig {
+        max_delivery: 1,
+        ..Default::default()
+    };
+    h.run(Command::UpdateService {
+        name: "svc".into(),
+        config,
+    });
+    let c = h.put("c", 0);
+    h.attach("eas", "u", 9, 1, false);
+    h.run(Command::Negative {
+        queue: input(),
+        group: "eas".into(),
+        indexes: vec![c],
+        code: String::new(),
+        reason: String::new(),
+    });
+    assert_eq!(
+        complete(&mut h, c, "r-c"),
+        Reply::Rejected(Rejection::InputGone {
+            index: c,
+            dead_lettered: true
+        })
+    );
+}

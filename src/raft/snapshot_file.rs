@@ -2,7 +2,8 @@
 //! streaming reader, and [`SnapshotFile`], the handle openraft passes around
 //! as the snapshot data (built, sent, received, installed).
 //!
-//! Format, version 2:
+//! Format, version 3 (version 2 had no envelope times in the
+//! de-duplication table; its files are refused as an unknown version):
 //!
 //! ```text
 //! "EDDYSNAP" | version: u8 | meta length: u32 LE | meta (postcard)
@@ -35,7 +36,7 @@ use crate::queue::QueueState;
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 const MAGIC: &[u8; 8] = b"EDDYSNAP";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const HEADER_FIXED: u64 = MAGIC.len() as u64 + 1 + 4;
 const TRAILER: u64 = 4;
 /// Snapshot meta is a log id and a membership: anything near this is a

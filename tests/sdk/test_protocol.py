@@ -254,3 +254,93 @@ def test_bare_root_paths_serve_the_default_service(tmpdir_factory_path):
         assert json.loads(body)["meta.name"] == "bare/sink"
     finally:
         n.kill()
+
+
+def test_finding4_result_written_under_a_request_id_is_fetched_by_it(node, svc):
+    _, rid = put(node, svc, "job")
+    status, body, headers = call(node, "POST", f"/api/predict/{svc}/sink?requestId={rid}", "res")
+    assert status == 200, body
+    assert headers["X-Eas-Queueservice-Request-Id"] == rid
+    status, body, _ = call(node, "GET", f"/api/predict/{svc}/sink?requestId={rid}&_raw_=false&_timeout_=0s")
+    assert status == 200, body
+    [frame] = json.loads(body)
+    assert base64.b64decode(frame["data"]) == b"res" and frame["tags"]["requestId"] == rid
+
+
+def test_finding4_input_put_with_a_request_id_is_idempotent_and_checked(node, svc):
+    first = put(node, svc, "a", "?requestId=client-42")
+    assert first[1] == "client-42"
+    # a retry after a lost reply (or a 503) answers the same item
+    assert put(node, svc, "a", "?requestId=client-42") == first
+    assert attrs(node, svc)["stream.length"] == "1"
+    for bad in ["has%20space", "x" * 129, "", "new%0Aline", "%C3%A9"]:
+        status, text, _ = call(node, "POST", f"/api/predict/{svc}?requestId={bad}", "b")
+        assert status == 400 and text.strip(), (bad, status, text)
+    assert attrs(node, svc)["stream.length"] == "1"
+
+
+def test_finding5_raw_take_deletes_one_item_only(node, svc):
+    for d in "abcde":
+        put(node, svc, d)
+    status, body, _ = call(node, "GET", f"/api/predict/{svc}?_length_=5&_auto_delete_=true&_raw_=true")
+    assert (status, body) == (200, b"a")
+    assert attrs(node, svc)["stream.length"] == "4"
+    # without _raw_ (a bare payload as well) it is one item too
+    status, body, _ = call(node, "GET", f"/api/predict/{svc}?_length_=5&_auto_delete_=true")
+    assert (status, body) == (200, b"b")
+    assert attrs(node, svc)["stream.length"] == "3"
+
+
+def test_finding6_complete_checks_the_request_id_and_tells_gone_from_duplicate(node, svc):
+    a, ra = put(node, svc, "a")
+    b, rb = put(node, svc, "b")
+    sink = f"/api/predict/{svc}/sink"
+
+    def lengths():
+        return attrs(node, svc)["stream.length"], attrs(node, svc, sink=True)["stream.length"]
+
+    # not a header value: refused before anything is written or committed
+    status, text, _ = call(node, "POST", f"{sink}?_complete_={a}&requestId=bad%0Aid", "r")
+    assert status == 400, text
+    assert lengths() == ("2", "0")
+    # another request's id
+    status, text, _ = call(node, "POST", f"{sink}?_complete_={a}&requestId={rb}", "r")
+    assert status == 409 and rb in text.decode(), text
+    status, text, _ = call(node, "POST", f"{sink}?_complete_={a}&requestId={rb}", "")
+    assert status == 409, text
+    assert lengths() == ("2", "0")
+    # the input is gone and no result exists: the result is not written
+    call(node, "DELETE", f"/api/predict/{svc}?_indexes_={b}")
+    status, text, _ = call(node, "POST", f"{sink}?_complete_={b}&requestId={rb}", "r")
+    assert status == 410 and b"not written" in text, text
+    assert lengths() == ("1", "0")
+    # done once, then a duplicate
+    status, body, headers = call(node, "POST", f"{sink}?_complete_={a}&requestId={ra}", "r")
+    assert status == 200 and body.isdigit() and headers["x-eddy-duplicate"] == "false"
+    status, body, headers = call(node, "POST", f"{sink}?_complete_={a}&requestId={ra}", "r")
+    assert status == 200 and headers["x-eddy-duplicate"] == "true"
+    assert lengths() == ("0", "1")
+
+
+def test_finding9_plain_get_answers_the_payload_like_the_eas_documentation(node, svc):
+    idx, rid = put(node, svc, "[{}]")
+    plain = {"Authorization": TOKEN}
+    req = urllib.request.Request(node.url + f"/api/predict/{svc}?_index_={idx}&_auto_delete_=false", headers=plain)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert r.headers["Content-Length"] == "4"
+        assert r.read() == b"[{}]"
+    result = '[{"p_0":0.52}]'
+    status, _, _ = call(node, "POST", f"/api/predict/{svc}/sink?requestId={rid}", result)
+    assert status == 200
+    req = urllib.request.Request(node.url + f"/api/predict/{svc}/sink?requestId={rid}", headers=plain)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert r.read() == result.encode()
+    # what the SDKs send keeps the list: _raw_=false (JSON), or a protobuf Accept
+    status, body, headers = call(node, "GET", f"/api/predict/{svc}?_index_={idx}&_auto_delete_=false&_raw_=false")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert [f["index"] for f in json.loads(body)] == [idx]
+    status, body, _ = call(node, "GET", f"/api/predict/{svc}?_index_={idx}&_auto_delete_=false", headers={"Accept": PB})
+    assert [f.index for f in DataFrameListProto.FromString(body).index] == [idx]

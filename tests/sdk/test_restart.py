@@ -21,7 +21,7 @@ def put(node, svc, data):
 
 def get(node, svc, index):
     req = urllib.request.Request(
-        f"{node.url}/api/predict/{svc}?_index_={index}&_length_=1&_auto_delete_=false",
+        f"{node.url}/api/predict/{svc}?_index_={index}&_length_=1&_auto_delete_=false&_raw_=false",
         headers={"Authorization": TOKEN})
     with urllib.request.urlopen(req, timeout=5) as r:
         import json
