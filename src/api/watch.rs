@@ -53,11 +53,15 @@ use super::{ApiError, AppState};
 use crate::queue::{Command, ConsumerSpec, Event, Frame, QueueRef, Reply};
 use crate::raft::RaftNode;
 
-/// Frames buffered in the hub for one connection, at most.
-pub const MAX_BUFFERED_FRAMES: usize = 1024;
-/// Payload bytes buffered in the hub for one connection, at most (a single
-/// larger frame is still accepted into an empty buffer).
-pub const MAX_BUFFERED_BYTES: usize = 8 * 1024 * 1024;
+/// Frames buffered in the hub for one connection, at most. An auto-commit
+/// consumer is handed its whole backlog at once, so this is generous; the
+/// byte bound is what usually applies.
+pub const MAX_BUFFERED_FRAMES: usize = 65_536;
+/// Bytes buffered in the hub for one connection, at most (a single larger
+/// frame is still accepted into an empty buffer).
+pub const MAX_BUFFERED_BYTES: usize = 32 * 1024 * 1024;
+/// What a buffered frame costs beyond its payload, tags and strings.
+const FRAME_OVERHEAD: usize = 128;
 /// Largest piece of a frame handed to the HTTP stream body at once, so the
 /// body's own buffering stops taking pieces when the client stops reading.
 pub const STREAM_PIECE: usize = 64 * 1024;
@@ -121,7 +125,8 @@ impl Inbox {
 }
 
 fn frame_cost(frame: &Frame) -> usize {
-    frame.data.len() + frame.path.len() + frame.message.len()
+    let tags: usize = frame.tags.iter().map(|(k, v)| k.len() + v.len()).sum();
+    FRAME_OVERHEAD + frame.data.len() + frame.path.len() + frame.message.len() + tags
 }
 
 /// Routes events to local watch connections and wakes long polls.
