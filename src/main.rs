@@ -133,6 +133,11 @@ struct EngineArgs {
     /// How long shutdown waits for items in progress, in milliseconds.
     #[arg(long, env = "EDDY_ENGINE_DRAIN_MS", default_value_t = 30_000)]
     drain_ms: u64,
+    /// Limit on each request to Eddy and on silence of the watch, in
+    /// milliseconds (connecting gets at most 5 s of it); a node that takes
+    /// longer counts as failed and the engine moves to the next endpoint.
+    #[arg(long, env = "EDDY_ENGINE_EDDY_TIMEOUT_MS", default_value_t = 10_000)]
+    eddy_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -747,6 +752,14 @@ async fn engine(a: EngineArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("engine-{}", uuid::Uuid::new_v4())),
         request_timeout: std::time::Duration::from_millis(a.timeout_ms),
         drain_timeout: std::time::Duration::from_millis(a.drain_ms),
+        eddy_timeouts: {
+            let limit = std::time::Duration::from_millis(a.eddy_timeout_ms.max(300));
+            eddy::client::Timeouts {
+                connect: limit.min(std::time::Duration::from_secs(5)),
+                request: limit,
+                idle: limit,
+            }
+        },
     };
     tracing::info!(service = %settings.service, instance = %settings.instance, concurrency = settings.concurrency, "engine starting");
     let engine = eddy::engine::Engine::new(settings)?;

@@ -5,10 +5,37 @@
 //!
 //! A connection is registered with the hub before its `Attach` is proposed,
 //! so no delivery can arrive for a connection the hub does not know yet.
-//! When a connection ends (close, error, silence after pings) the node
-//! proposes `Detach`; the consumer's items then wait out the grace period.
+//! When a connection ends (close, error, silence after pings, a send that
+//! does not complete, an overflowing buffer) the node proposes `Detach`;
+//! the consumer's items then wait out the grace period.
+//!
+//! Invariants:
+//! - Every connection's buffer in the hub is bounded, by frames
+//!   ([`MAX_BUFFERED_FRAMES`]) and bytes ([`MAX_BUFFERED_BYTES`]). A
+//!   connection whose client reads too slowly to stay under the bound is
+//!   closed (WebSocket close code 1008, "consumer too slow") and detached.
+//!   With a window, that bound is rarely reached and the consumer's
+//!   uncommitted items go back to the group after the grace period. With
+//!   `_auto_commit_` an item counts as consumed when the state machine hands
+//!   it to the connection (at-most-once delivery, as the protocol defines
+//!   auto-commit), so the frames still buffered for a closed auto-commit
+//!   connection are dropped with it, exactly as if its socket had broken;
+//!   the hub no longer holds them, so the memory is given back and further
+//!   items stay in the queue (where memory and length limits apply) instead
+//!   of piling up in a buffer no limit sees.
+//! - No send waits longer than the idle limit (`--watch-idle-ms`): a
+//!   WebSocket send (frame, ping or close) that cannot complete in that time
+//!   ends the connection, so a client that stopped reading cannot keep its
+//!   items by blocking the session before it reaches its idle check.
+//! - The HTTP stream has no way back from the client and the wire format has
+//!   no no-op frame (a zero-length frame ends the Go SDK's reader), so its
+//!   liveness rule is the write: frames are handed to the response body in
+//!   pieces of at most [`STREAM_PIECE`] bytes, and a piece the body does not
+//!   take within the idle limit (the client stopped reading and every buffer
+//!   on the way is full) ends the stream and detaches the consumer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +45,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use prost::Message as _;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::eas::{Request, frame_proto};
 use super::params::identity;
@@ -26,15 +53,86 @@ use super::{ApiError, AppState};
 use crate::queue::{Command, ConsumerSpec, Event, Frame, QueueRef, Reply};
 use crate::raft::RaftNode;
 
+/// Frames buffered in the hub for one connection, at most. An auto-commit
+/// consumer is handed its whole backlog at once, so this is generous; the
+/// byte bound is what usually applies.
+pub const MAX_BUFFERED_FRAMES: usize = 65_536;
+/// Bytes buffered in the hub for one connection, at most (a single larger
+/// frame is still accepted into an empty buffer).
+pub const MAX_BUFFERED_BYTES: usize = 32 * 1024 * 1024;
+/// What a buffered frame costs beyond its payload, tags and strings.
+const FRAME_OVERHEAD: usize = 128;
+/// Largest piece of a frame handed to the HTTP stream body at once, so the
+/// body's own buffering stops taking pieces when the client stops reading.
+pub const STREAM_PIECE: usize = 64 * 1024;
+
 enum Push {
     Frame(Frame),
     Close,
 }
 
+/// Why a connection ends on the server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// The state machine or the node closed it (takeover, resync).
+    Ended,
+    /// The client read too slowly: its buffer reached the bound.
+    Overflow,
+}
+
+/// The hub's end of one connection.
+struct Outbox {
+    tx: mpsc::Sender<Push>,
+    bytes: Arc<AtomicUsize>,
+    overflow: watch::Sender<bool>,
+}
+
+/// The connection's end: frames in order, or why it must close.
+struct Inbox {
+    rx: mpsc::Receiver<Push>,
+    bytes: Arc<AtomicUsize>,
+    overflow: watch::Receiver<bool>,
+}
+
+impl Inbox {
+    async fn recv(&mut self) -> Result<Frame, Closed> {
+        // An overflow closes at once: the buffered frames are what the client
+        // could not take.
+        tokio::select! {
+            biased;
+            _ = self.overflow.wait_for(|o| *o) => Err(Closed::Overflow),
+            push = self.rx.recv() => match push {
+                Some(Push::Frame(frame)) => {
+                    self.bytes.fetch_sub(frame_cost(&frame), Ordering::Relaxed);
+                    Ok(frame)
+                }
+                Some(Push::Close) | None => Err(Closed::Ended),
+            },
+        }
+    }
+}
+
+impl Inbox {
+    /// Resolves once the hub found this connection's buffer full; a send
+    /// in progress races it, so a slow client is closed without waiting out
+    /// the send.
+    fn overflowed(&self) -> impl Future<Output = ()> + use<> {
+        let mut overflow = self.overflow.clone();
+        async move {
+            let _ = overflow.wait_for(|o| *o).await;
+        }
+    }
+}
+
+fn frame_cost(frame: &Frame) -> usize {
+    let tags: usize = frame.tags.iter().map(|(k, v)| k.len() + v.len()).sum();
+    FRAME_OVERHEAD + frame.data.len() + frame.path.len() + frame.message.len() + tags
+}
+
 /// Routes events to local watch connections and wakes long polls.
 pub struct Hub {
     node_id: u64,
-    connections: Mutex<HashMap<u64, mpsc::UnboundedSender<Push>>>,
+    connections: Mutex<HashMap<u64, Outbox>>,
     /// Notified whenever items are added or removed anywhere.
     pub changed: Notify,
 }
@@ -101,21 +199,58 @@ impl Hub {
         }
     }
 
+    /// Queue `msg` for `connection`; a connection whose buffer is full is
+    /// told to close instead (the frame is not kept).
     fn push(&self, connection: u64, msg: Push) {
-        if let Some(tx) = self.connections.lock().unwrap().get(&connection) {
-            let _ = tx.send(msg);
+        let map = self.connections.lock().unwrap();
+        let Some(out) = map.get(&connection) else {
+            return;
+        };
+        let cost = match &msg {
+            Push::Frame(f) => frame_cost(f),
+            Push::Close => 0,
+        };
+        let held = out.bytes.fetch_add(cost, Ordering::Relaxed);
+        let fits = held == 0 || held + cost <= MAX_BUFFERED_BYTES;
+        if fits && out.tx.try_send(msg).is_ok() {
+            return;
+        }
+        out.bytes.fetch_sub(cost, Ordering::Relaxed);
+        if !*out.overflow.borrow() {
+            tracing::warn!(
+                connection,
+                buffered_bytes = held,
+                "watch client reads too slowly: buffer full, closing the connection"
+            );
+            out.overflow.send_replace(true);
         }
     }
 
-    fn register(&self) -> (u64, mpsc::UnboundedReceiver<Push>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn register(&self) -> (u64, Inbox) {
+        let (tx, rx) = mpsc::channel(MAX_BUFFERED_FRAMES);
+        let (overflow_tx, overflow_rx) = watch::channel(false);
+        let bytes = Arc::new(AtomicUsize::new(0));
         let mut map = self.connections.lock().unwrap();
         let mut id = uuid::Uuid::new_v4().as_u64_pair().0;
         while id == 0 || map.contains_key(&id) {
             id = uuid::Uuid::new_v4().as_u64_pair().0;
         }
-        map.insert(id, tx);
-        (id, rx)
+        map.insert(
+            id,
+            Outbox {
+                tx,
+                bytes: bytes.clone(),
+                overflow: overflow_tx,
+            },
+        );
+        (
+            id,
+            Inbox {
+                rx,
+                bytes,
+                overflow: overflow_rx,
+            },
+        )
     }
 
     fn unregister(&self, connection: u64) {
@@ -137,6 +272,16 @@ impl Hub {
 
     pub fn connection_count(&self) -> usize {
         self.connections.lock().unwrap().len()
+    }
+
+    /// Payload bytes buffered for all local connections.
+    pub fn buffered_bytes(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap()
+            .values()
+            .map(|o| o.bytes.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -236,7 +381,7 @@ async fn attach(
     state: &Arc<AppState>,
     queue: &QueueRef,
     spec: impl Fn(u64) -> ConsumerSpec,
-) -> Result<(SessionGuard, mpsc::UnboundedReceiver<Push>), ApiError> {
+) -> Result<(SessionGuard, Inbox), ApiError> {
     let (connection, rx) = state.hub.register();
     let mut consumer = spec(connection);
     consumer.node = state.node.id;
@@ -267,41 +412,61 @@ async fn attach(
     }
 }
 
+fn idle_limit(state: &AppState) -> Duration {
+    Duration::from_millis(state.watch_idle_ms.max(300))
+}
+
+/// Send one message, or fail when the client does not take it within
+/// `limit` (it stopped reading and the socket's buffers are full).
+async fn send_within(socket: &mut WebSocket, msg: Message, limit: Duration) -> bool {
+    matches!(tokio::time::timeout(limit, socket.send(msg)).await, Ok(Ok(())))
+}
+
 async fn serve_socket(
     state: Arc<AppState>,
     queue: QueueRef,
     mut socket: WebSocket,
     spec: impl Fn(u64) -> ConsumerSpec,
 ) {
-    let (guard, mut rx) = match attach(&state, &queue, spec).await {
+    let idle = idle_limit(&state);
+    let (guard, mut inbox) = match attach(&state, &queue, spec).await {
         Ok(v) => v,
         Err(e) => {
-            let _ = socket
-                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                    code: 1011,
-                    reason: e.to_string().chars().take(120).collect::<String>().into(),
-                })))
-                .await;
+            let close = Message::Close(Some(axum::extract::ws::CloseFrame {
+                code: 1011,
+                reason: e.to_string().chars().take(120).collect::<String>().into(),
+            }));
+            send_within(&mut socket, close, idle).await;
             return;
         }
     };
+    let connection = guard.0.as_ref().map(|s| s.connection);
     // Every conforming WebSocket client answers pings; one that stops
     // answering (and sends nothing else) for the idle limit is gone.
-    let idle = Duration::from_millis(state.watch_idle_ms.max(300));
     let mut last_heard = tokio::time::Instant::now();
     let mut ping = tokio::time::interval(idle / 3);
     ping.tick().await;
     loop {
         tokio::select! {
-            push = rx.recv() => match push {
-                Some(Push::Frame(frame)) => {
+            push = inbox.recv() => match push {
+                Ok(frame) => {
                     let bytes = frame_proto(frame).encode_to_vec();
-                    if socket.send(Message::Binary(bytes.into())).await.is_err() {
-                        break;
+                    let overflowed = inbox.overflowed();
+                    tokio::select! {
+                        sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if !sent {
+                            tracing::info!(connection, "watch client does not take frames; dropping");
+                            break;
+                        },
+                        // The socket is mid-message: no close frame can follow.
+                        _ = overflowed => break,
                     }
                 }
-                Some(Push::Close) | None => {
-                    let _ = socket.send(Message::Close(None)).await;
+                Err(closed) => {
+                    let frame = (closed == Closed::Overflow).then(|| axum::extract::ws::CloseFrame {
+                        code: 1008,
+                        reason: "consumer too slow: its send buffer is full".into(),
+                    });
+                    send_within(&mut socket, Message::Close(frame), idle).await;
                     break;
                 }
             },
@@ -311,10 +476,11 @@ async fn serve_socket(
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > idle {
-                    tracing::info!(connection = guard.0.as_ref().map(|s| s.connection), "watch stopped answering pings; dropping");
+                    tracing::info!(connection, "watch stopped answering pings; dropping");
                     break;
                 }
-                if socket.send(Message::Ping(Bytes::from_static(b"eddy"))).await.is_err() {
+                if !send_within(&mut socket, Message::Ping(Bytes::from_static(b"eddy")), idle).await {
+                    tracing::info!(connection, "watch client does not take pings; dropping");
                     break;
                 }
             }
@@ -328,19 +494,58 @@ async fn serve_stream(
     queue: QueueRef,
     spec: impl Fn(u64) -> ConsumerSpec,
 ) -> Result<Response, ApiError> {
-    let (guard, rx) = attach(&state, &queue, spec).await?;
-    let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        match rx.recv().await {
-            Some(Push::Frame(frame)) => {
-                let body = frame_proto(frame).encode_to_vec();
-                let mut chunk = Vec::with_capacity(body.len() + 4);
-                chunk.extend_from_slice(&(body.len() as u32).to_be_bytes());
-                chunk.extend_from_slice(&body);
-                Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), (rx, guard)))
+    let idle = idle_limit(&state);
+    let (guard, mut inbox) = attach(&state, &queue, spec).await?;
+    // One piece in hand at a time: the pump below waits for the body to take
+    // each piece, so a client that stops reading stalls it within the
+    // response body's and the socket's buffers.
+    let (body_tx, mut body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tokio::spawn(async move {
+        let connection = guard.0.as_ref().map(|s| s.connection);
+        'pump: loop {
+            let push = tokio::select! {
+                p = inbox.recv() => p,
+                // The client went away (the body was dropped).
+                _ = body_tx.closed() => break,
+            };
+            let frame = match push {
+                Ok(frame) => frame,
+                Err(closed) => {
+                    if closed == Closed::Overflow {
+                        // An error aborts the response instead of ending it
+                        // cleanly, so the client sees a broken stream.
+                        let err = std::io::Error::other("consumer too slow: its send buffer is full");
+                        let _ = body_tx.try_send(Err(err));
+                    }
+                    break;
+                }
+            };
+            let body = frame_proto(frame).encode_to_vec();
+            let mut chunk = Vec::with_capacity(body.len() + 4);
+            chunk.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            chunk.extend_from_slice(&body);
+            let chunk = Bytes::from(chunk);
+            let mut at = 0;
+            while at < chunk.len() {
+                let piece = chunk.slice(at..(at + STREAM_PIECE).min(chunk.len()));
+                at += piece.len();
+                let overflowed = inbox.overflowed();
+                tokio::select! {
+                    sent = tokio::time::timeout(idle, body_tx.send(Ok(piece))) => match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break 'pump,
+                        Err(_) => {
+                            tracing::info!(connection, "watch stream not read for the idle limit; dropping");
+                            break 'pump;
+                        }
+                    },
+                    _ = overflowed => break 'pump,
+                }
             }
-            Some(Push::Close) | None => None,
         }
+        drop(guard);
     });
+    let stream = futures::stream::poll_fn(move |cx| body_rx.poll_recv(cx));
     Ok((
         [(header::CONTENT_TYPE, crate::proto::PROTOBUF_MEDIA_TYPE)],
         Body::from_stream(stream.boxed()),

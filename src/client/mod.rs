@@ -1,10 +1,18 @@
 //! A small Rust client of the EAS queue protocol, used by the CLI (and
 //! usable by programs): put, get, commit, attributes, watch.
+//!
+//! Nothing it does waits without bound on a node that stopped answering:
+//! connecting is bounded by [`Timeouts::connect`], every request (and a
+//! watch's handshake) by [`Timeouts::request`] on top of any long-poll time
+//! it asked for, and an open watch pings the node and ends with
+//! [`ClientError::Timeout`] when nothing (frame, pong) arrived for
+//! [`Timeouts::idle`].
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -24,6 +32,45 @@ pub enum ClientError {
     Status { status: u16, body: String },
     #[error("bad response: {0}")]
     Protocol(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How long the client waits on a node.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Establishing a TCP connection.
+    pub connect: Duration,
+    /// A whole request and its response (long polls add their own time).
+    pub request: Duration,
+    /// An open watch with nothing heard from the node (it is pinged every
+    /// third of this).
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(30),
+            idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The `_timeout_` of a long poll as a duration (`"5s"`, `"200ms"`, `"3"`),
+/// zero when it does not parse (the server refuses it then anyway).
+fn long_poll(timeout: &str) -> Duration {
+    let t = timeout.trim();
+    let parse = |n: &str| n.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+    let secs = if let Some(ms) = t.strip_suffix("ms") {
+        parse(ms).map(|v| v / 1000.0)
+    } else if let Some(m) = t.strip_suffix('m') {
+        parse(m).map(|v| v * 60.0)
+    } else {
+        parse(t.strip_suffix('s').unwrap_or(t))
+    };
+    Duration::from_secs_f64(secs.unwrap_or(0.0).min(86_400.0))
 }
 
 #[derive(Clone)]
@@ -34,17 +81,27 @@ pub struct QueueClient {
     pub token: String,
     pub group: String,
     pub user: String,
+    pub timeouts: Timeouts,
 }
 
 impl QueueClient {
     pub fn new(endpoint: &str, queue: &str, token: &str) -> Self {
+        Self::with_timeouts(endpoint, queue, token, Timeouts::default())
+    }
+
+    pub fn with_timeouts(endpoint: &str, queue: &str, token: &str, timeouts: Timeouts) -> Self {
         let base = if endpoint.contains("://") {
             endpoint.to_string()
         } else {
             format!("http://{endpoint}")
         };
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .build()
+            .unwrap_or_default();
         Self {
-            http: reqwest::Client::new(),
+            http,
+            timeouts,
             url: format!("{}/api/predict/{}", base.trim_end_matches('/'), queue),
             token: token.to_string(),
             group: "eas".into(),
@@ -53,7 +110,8 @@ impl QueueClient {
     }
 
     fn with_identity(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        rb.header("Authorization", &self.token)
+        rb.timeout(self.timeouts.request)
+            .header("Authorization", &self.token)
             .header(HEADER_USER, &self.user)
             .header(HEADER_GROUP, &self.group)
     }
@@ -121,6 +179,7 @@ impl QueueClient {
                     .query(&query)
                     .header("Accept", PROTOBUF_MEDIA_TYPE),
             )
+            .timeout(self.timeouts.request + long_poll(timeout))
             .send()
             .await?;
         let resp = Self::check(resp).await?;
@@ -204,8 +263,10 @@ impl QueueClient {
             .is_some_and(|v| v == "true"))
     }
 
-    /// Open a watch and return the raw frame stream (pings are answered as
-    /// long as the stream is read).
+    /// Open a watch and return its frame stream. A task reads the socket
+    /// (answering the node's pings), pings the node every third of the idle
+    /// limit and ends the stream with [`ClientError::Timeout`] when nothing
+    /// was heard for the idle limit or a ping cannot be sent within it.
     pub async fn open_watch(
         &self,
         window: u32,
@@ -238,18 +299,16 @@ impl QueueClient {
                 .parse()
                 .map_err(|_| ClientError::Protocol("group".into()))?,
         );
-        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(ws
-            .filter_map(|m| async move {
-                match m {
-                    Ok(Message::Binary(b)) => Some(
-                        DataFrameProto::decode(b).map_err(|e| ClientError::Protocol(e.to_string())),
-                    ),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e.into())),
-                }
-            })
-            .boxed())
+        // The handshake includes the TCP connect: bound both, so a node
+        // that accepts and never answers is given up on.
+        let limit = self.timeouts.connect + self.timeouts.request;
+        let (ws, _) = tokio::time::timeout(limit, tokio_tungstenite::connect_async(req))
+            .await
+            .map_err(|_| ClientError::Timeout(limit))??;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let idle = self.timeouts.idle.max(Duration::from_millis(300));
+        tokio::spawn(pump_watch(ws, tx, idle));
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
     /// Watch the queue; `on_frame` is called for every frame until it
@@ -271,5 +330,70 @@ impl QueueClient {
             }
         }
         Ok(())
+    }
+}
+
+type WatchSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn pump_watch(
+    mut ws: WatchSocket,
+    tx: tokio::sync::mpsc::Sender<Result<DataFrameProto, ClientError>>,
+    idle: Duration,
+) {
+    let mut last_heard = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(idle / 3);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    last_heard = tokio::time::Instant::now();
+                    let frame = DataFrameProto::decode(b).map_err(|e| ClientError::Protocol(e.to_string()));
+                    if tx.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    break;
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > idle {
+                    let _ = tx.send(Err(ClientError::Timeout(idle))).await;
+                    break;
+                }
+                let sent = tokio::time::timeout(idle, ws.send(Message::Ping(Bytes::from_static(b"eddy")))).await;
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        break;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Err(ClientError::Timeout(idle))).await;
+                        break;
+                    }
+                }
+            }
+            _ = tx.closed() => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_poll_times_parse() {
+        assert_eq!(long_poll("5s"), Duration::from_secs(5));
+        assert_eq!(long_poll("200ms"), Duration::from_millis(200));
+        assert_eq!(long_poll("3"), Duration::from_secs(3));
+        assert_eq!(long_poll("1m"), Duration::from_secs(60));
+        assert_eq!(long_poll("junk"), Duration::ZERO);
     }
 }

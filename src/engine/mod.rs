@@ -20,6 +20,13 @@
 //! - On shutdown the engine stops taking items, finishes what it holds and
 //!   hands back (negative commit, code `Shutdown`) what it never started.
 //!
+//! - Nothing the engine does with Eddy waits without bound
+//!   ([`EngineSettings::eddy_timeouts`]): connecting, every request and the
+//!   watch's handshake have deadlines, and the watch pings the node and
+//!   counts as broken when nothing was heard for the idle limit. A node that
+//!   hangs is treated like one that fails: the engine moves to the next
+//!   endpoint.
+//!
 //! The engine talks to Eddy only through [`crate::client`].
 
 pub mod model;
@@ -33,7 +40,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-use crate::client::{ClientError, QueueClient};
+use crate::client::{ClientError, QueueClient, Timeouts};
 use crate::proto::DataFrameProto;
 use crate::queue::{PATH_TAG, REQUEST_ID_TAG};
 pub use model::{ModelClient, ModelError, ModelResponse};
@@ -53,6 +60,8 @@ pub struct EngineSettings {
     pub request_timeout: Duration,
     /// How long a shutdown waits for items in progress.
     pub drain_timeout: Duration,
+    /// Connect, request and watch-idle limits for talking to Eddy.
+    pub eddy_timeouts: Timeouts,
 }
 
 /// Counters an engine keeps (also printed on exit).
@@ -104,7 +113,7 @@ impl Engine {
             return Err(EngineError::NoEndpoint);
         }
         let make = |ep: &String, queue: String| {
-            let mut c = QueueClient::new(ep, &queue, &settings.token);
+            let mut c = QueueClient::with_timeouts(ep, &queue, &settings.token, settings.eddy_timeouts);
             c.group = settings.group.clone();
             c.user = settings.instance.clone();
             c
@@ -202,7 +211,10 @@ impl Engine {
                         });
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "watch broke; reconnecting");
+                        // Broken or silent (a hung node): another node serves
+                        // the same queue.
+                        tracing::warn!(error = %e, endpoint = %self.input().url, "watch broke; trying the next node");
+                        self.next_endpoint();
                         break;
                     }
                     None => {

@@ -310,3 +310,46 @@ def test_sync_endpoint_bounds_its_callers(node, tmpdir_factory_path):
     finally:
         e.stop()
         m.stop()
+
+
+def test_engine_moves_past_a_black_hole_endpoint(node, tmpdir_factory_path):
+    import socket
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path)
+    # A node that accepts connections and never answers.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def swallow():
+        hole.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(hole.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=swallow, daemon=True)
+    t.start()
+    black_hole = f"127.0.0.1:{hole.getsockname()[1]}"
+    e = Proc(["engine", "-e", f"{black_hole},{node.endpoint}", "--service", svc, "-t", TOKEN, "--model", url,
+              "--concurrency", "2", "--eddy-timeout-ms", "2000"],
+             os.path.join(tmpdir_factory_path, "engine-black-hole.log"))
+    try:
+        inq, sink = clients(node, svc)
+        _, rid = inq.put('[{"a": 1}]')
+        # Old engine: hung on the black hole's WebSocket handshake for good.
+        [df] = sink.get(request_id=rid, timeout="20s")
+        assert df.tags["requestId"] == rid
+        assert accepted, "the engine never tried the black hole"
+        assert e.p.poll() is None
+    finally:
+        e.stop()
+        m.stop()
+        stop.set()
+        t.join(timeout=5)
+        for c in accepted:
+            c.close()
+        hole.close()
