@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Fault suite: the Compose cluster under continuous puts and watches while
-nodes are killed, paused, partitioned and the whole cluster restarted.
+nodes are killed, paused, partitioned (the leader, then a follower) and the whole
+cluster restarted.
 
 Every operation is recorded; a checker then asserts over the history:
 - no acknowledged put is lost (each is delivered to a consumer);
@@ -270,6 +271,10 @@ def main():
             net = network_of(ld)
             inject(h, "partition leader", ld, lambda: docker("network", "disconnect", net, container(ld)),
                    lambda: docker("network", "connect", "--alias", ld, net, container(ld)), 8)
+            fl = next(n for n in NODES if n != leader())
+            net = network_of(fl)
+            inject(h, "partition follower", fl, lambda: docker("network", "disconnect", net, container(fl)),
+                   lambda: docker("network", "connect", "--alias", fl, net, container(fl)), 8)
             inject(h, "full restart", "all", lambda: [docker("kill", "-s", "KILL", container(n)) for n in NODES],
                    lambda: compose("start", *NODES), 1)
         time.sleep(3)
@@ -342,6 +347,14 @@ def check(h, acked):
                 ft, kind = max(between)
                 redelivery.append((round(t2 - ft, 2), kind))
     worst = max((r for r, _ in redelivery), default=0.0)
+    # Time from each fault to the redelivery, per fault kind: p50 and max.
+    per_kind = {}
+    for r, kind in redelivery:
+        per_kind.setdefault(kind, []).append(r)
+    redelivery_by_fault = {
+        kind: {"n": len(rs), "p50_s": round(sorted(rs)[len(rs) // 2], 2), "max_s": round(max(rs), 2)}
+        for kind, rs in sorted(per_kind.items())
+    }
     if redelivery:
         print("redeliveries after faults (seconds, fault):", sorted(redelivery, reverse=True)[:10])
     figures = {
@@ -356,6 +369,7 @@ def check(h, acked):
         "window_violations": len(h.window_violations),
         "redeliveries_after_faults": len(redelivery),
         "worst_redelivery_after_fault_s": round(worst, 2),
+        "redelivery_after_fault_by_kind": redelivery_by_fault,
     }
     print("FAULT SUITE " + json.dumps(figures, indent=1), flush=True)
     if lost:
