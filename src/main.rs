@@ -298,9 +298,14 @@ struct ServeArgs {
         hide_env_values = true
     )]
     status_token: String,
-    /// HTTP connections served at once (more wait in the backlog).
+    /// HTTP connections served at once (more wait in the backlog). Lowered
+    /// at start when it does not fit the descriptor limit.
     #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
+    /// Connections to the peer gRPC port held at once (more wait in the
+    /// backlog). Lowered at start when it does not fit the descriptor limit.
+    #[arg(long, env = "EDDY_MAX_PEER_CONNECTIONS", default_value_t = 512)]
+    max_peer_connections: usize,
     /// A request's headers must arrive within this; also the idle limit of
     /// a keep-alive connection.
     #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
@@ -564,6 +569,31 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
              (eddy certs generate makes them)"
         );
     }
+    let (max_connections, max_peer_connections) = match eddy::server::raise_descriptor_limit() {
+        Some(descriptors) => {
+            let fitted = eddy::server::fit_connection_limits(
+                descriptors,
+                a.max_connections,
+                a.max_peer_connections,
+            );
+            if fitted != (a.max_connections, a.max_peer_connections) {
+                tracing::warn!(
+                    descriptors,
+                    max_connections = fitted.0,
+                    max_peer_connections = fitted.1,
+                    requested_max_connections = a.max_connections,
+                    requested_max_peer_connections = a.max_peer_connections,
+                    "connection limits lowered to fit the descriptor limit (with {} kept for storage); \
+                     raise the hard limit (ulimit -Hn, LimitNOFILE) to serve more",
+                    eddy::server::DESCRIPTOR_RESERVE
+                );
+            } else {
+                tracing::info!(descriptors, "open-descriptor limit");
+            }
+            fitted
+        }
+        None => (a.max_connections, a.max_peer_connections),
+    };
     let client_tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(eddy::tls::ClientPortTls::load(cert, key)?),
         _ => None,
@@ -629,8 +659,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         min_free_disk_bytes: a.min_free_disk_bytes,
         client_tls,
         listener: eddy::api::ListenerLimits {
-            max_connections: a.max_connections,
+            max_connections,
             header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
+        },
+        peer_listener: eddy::raft::PeerListenerLimits {
+            max_connections: max_peer_connections,
+            ..Default::default()
         },
         watch_idle_ms: a.watch_idle_ms,
         max_memory_bytes: a
