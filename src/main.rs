@@ -310,6 +310,9 @@ struct ServeArgs {
     /// a keep-alive connection.
     #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     http_header_timeout_ms: u64,
+    /// A request's whole body must arrive within this (HTTP 408 after).
+    #[arg(long, env = "EDDY_HTTP_BODY_TIMEOUT_MS", default_value_t = 60_000)]
+    http_body_timeout_ms: u64,
     /// New data is refused (HTTP 507) while less than this many bytes are
     /// free on the data volume; 0 turns the check off.
     #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = 256 * 1024 * 1024)]
@@ -661,6 +664,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listener: eddy::api::ListenerLimits {
             max_connections,
             header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
+            body_timeout: std::time::Duration::from_millis(a.http_body_timeout_ms),
         },
         peer_listener: eddy::raft::PeerListenerLimits {
             max_connections: max_peer_connections,

@@ -295,6 +295,8 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
                 .is_some()
             {
                 ApiError::TooLarge(format!("payload exceeds the limit of {limit} bytes"))
+            } else if super::BodyTimedOut::is_cause_of(&*e) {
+                ApiError::Timeout(e.to_string())
             } else {
                 ApiError::BadRequest(format!("reading body: {e}"))
             }
@@ -316,6 +318,19 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(exact))
 }
 
+/// The body size a request declares (`Content-Length`), if it does.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))
+        })
+        .transpose()
+}
+
 async fn put(
     state: &AppState,
     target: Target,
@@ -323,9 +338,19 @@ async fn put(
     limit: u64,
 ) -> Result<Response, ApiError> {
     let priority = priority(&req.query, &req.headers)?;
-    // Refuse early when the node is already full, before buffering a body.
-    drop(state.memory.admit(&state.node, 0)?);
+    // Refuse early when the node is already full, before buffering a body:
+    // the declared size is reserved while the body is read.
+    let declared = declared_length(&req.headers)?;
+    if let Some(n) = declared
+        && n > limit
+    {
+        return Err(ApiError::TooLarge(format!(
+            "payload of {n} bytes exceeds the limit of {limit} bytes"
+        )));
+    }
+    let reading = state.memory.admit(&state.node, declared.unwrap_or(0))?;
     let data = read_body(req.body, limit).await?;
+    drop(reading);
     let _admitted = state.memory.admit(&state.node, data.len() as u64)?;
     let mut tags = req.query.tags;
     // The server's request id is authoritative.

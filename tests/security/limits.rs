@@ -86,6 +86,7 @@ async fn half_sent_requests_time_out_and_connections_are_limited() {
     c.listener = eddy::api::ListenerLimits {
         max_connections: 8,
         header_read_timeout: Duration::from_millis(500),
+        ..Default::default()
     };
     c.stop(1).await;
     c.restart(1).await;
@@ -124,5 +125,43 @@ async fn half_sent_requests_time_out_and_connections_are_limited() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    c.stop(1).await;
+}
+
+/// A put whose headers declare 1 MiB but whose body stops after a few bytes
+/// is answered 408 and closed once the body timeout has passed, and
+/// nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_body_times_out() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let mut c = Cluster::new(1, 20_000).await;
+    c.listener = eddy::api::ListenerLimits {
+        body_timeout: Duration::from_millis(700),
+        ..Default::default()
+    };
+    c.stop(1).await;
+    c.restart(1).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let mut s = TcpStream::connect(c.node(1).http_addr).await.unwrap();
+    s.write_all(
+        b"POST /api/predict/svc HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\nfirst bytes",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the half-sent body was answered and closed")
+        .unwrap();
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    println!("half-sent body answered and closed after {took:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(queue_length(&c), 0, "nothing was stored");
     c.stop(1).await;
 }
