@@ -45,6 +45,7 @@ fn resolve(rest: &str) -> Result<Target, ApiError> {
         return Err(ApiError::NotFound("no service in path".into()));
     }
     let sub = sub.trim_matches('/');
+    check_sub_path(sub)?;
     Ok(if sub == "sink" {
         Target {
             queue: QueueRef::new(service, QueueKind::Sink),
@@ -56,6 +57,39 @@ fn resolve(rest: &str) -> Result<Target, ApiError> {
             path: sub.to_string(),
         }
     })
+}
+
+/// Longest sub-path of a queue URL; it is stored with every item put
+/// through it (the `_path_` tag) and replicated.
+pub const MAX_SUB_PATH_BYTES: usize = 1024;
+/// Most segments of a sub-path.
+pub const MAX_SUB_PATH_SEGMENTS: usize = 32;
+
+fn check_sub_path(sub: &str) -> Result<(), ApiError> {
+    if sub.is_empty() {
+        return Ok(());
+    }
+    if sub.len() > MAX_SUB_PATH_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "URL sub-path of {} bytes is longer than {MAX_SUB_PATH_BYTES}",
+            sub.len()
+        )));
+    }
+    let mut segments = 0;
+    for segment in sub.split('/') {
+        segments += 1;
+        if segments > MAX_SUB_PATH_SEGMENTS {
+            return Err(ApiError::BadRequest(format!(
+                "URL sub-path has more than {MAX_SUB_PATH_SEGMENTS} segments"
+            )));
+        }
+        if matches!(segment, "" | "." | "..") {
+            return Err(ApiError::BadRequest(
+                "URL sub-path has an empty, '.' or '..' segment".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub struct Request {

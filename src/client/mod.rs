@@ -152,13 +152,16 @@ impl QueueClient {
         serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// Negative commit: hand the items back for redelivery.
+    /// Negative commit: hand the items back for redelivery. The code and
+    /// reason are cut to the server's limits (64 and 1,024 bytes) so that a
+    /// long error text never makes the hand-back itself fail.
     pub async fn negative(
         &self,
         indexes: &[u64],
         code: &str,
         reason: &str,
     ) -> Result<(), ClientError> {
+        let (code, reason) = (truncate(code, 64), truncate(reason, 1024));
         let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("_code_", code)
@@ -272,4 +275,17 @@ impl QueueClient {
         }
         Ok(())
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

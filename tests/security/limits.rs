@@ -165,3 +165,58 @@ async fn half_sent_body_times_out() {
     assert_eq!(queue_length(&c), 0, "nothing was stored");
     c.stop(1).await;
 }
+
+/// URL sub-paths are stored with every item (`_path_`): one over 1 KiB,
+/// with more than 32 segments, or with an empty, `.` or `..` segment is
+/// refused with 400 and nothing is stored; a plain one is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_sub_paths_are_bounded() {
+    let mut c = Cluster::new(1, 20_000).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let long = "p".repeat(2_000);
+    let deep = vec!["s"; 40].join("/");
+    for sub in [long.as_str(), deep.as_str(), "a/../b", "a/./b", "a//b"] {
+        let put = Request::builder()
+            .method("POST")
+            .uri(format!("/api/predict/svc/{sub}"))
+            .body(Body::from("payload"))
+            .unwrap();
+        let (status, text) = call(&c, put).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{sub:.40}: {text}");
+    }
+    assert_eq!(queue_length(&c), 0, "nothing was stored");
+    let ok = Request::builder()
+        .method("POST")
+        .uri("/api/predict/svc/models/v2")
+        .body(Body::from("payload"))
+        .unwrap();
+    let (status, text) = call(&c, ok).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(queue_length(&c), 1);
+    c.stop(1).await;
+}
+
+/// A hand-back whose reason is longer than the server takes (1 KiB; a
+/// model's error text, say) is cut to fit instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_hand_back_reason_is_cut_to_fit() {
+    let mut c = Cluster::new(1, 20_000).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let client = eddy::client::QueueClient::new(&c.node(1).http_addr.to_string(), "svc", "");
+    let none = std::collections::BTreeMap::new();
+    client
+        .put(bytes::Bytes::from_static(b"payload"), &none, 0)
+        .await
+        .unwrap();
+    let taken = client.get(0, 1, "0s", false, &none).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    // Multi-byte characters across the cut.
+    let reason = "é".repeat(3_000);
+    client
+        .negative(&[taken[0].index], "ModelError", &reason)
+        .await
+        .expect("the hand-back is accepted");
+    assert_eq!(eddy::client::truncate(&reason, 1024).len(), 1024);
+    assert_eq!(eddy::client::truncate("éé", 3), "é");
+    c.stop(1).await;
+}
