@@ -194,7 +194,12 @@ fn authorize(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<
             s.service(&queue.service).map(|svc| {
                 (
                     svc.config.token.clone(),
-                    svc.config.limits(queue.kind).max_payload_bytes,
+                    // A config from an old snapshot was never validated:
+                    // clamp it here.
+                    svc.config
+                        .limits(queue.kind)
+                        .max_payload_bytes
+                        .min(crate::queue::MAX_PAYLOAD_CEILING),
                 )
             })
         })
@@ -320,7 +325,11 @@ fn expect_done(reply: Reply) -> Result<(), ApiError> {
 /// buffer alive for as long as the item, its log entry or its retry-reply
 /// lives: ~10 KiB of memory for every 256-byte put.
 pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(body, limit as usize + 1);
+    // Saturating: a limit of u64::MAX must not wrap to a limit of 0.
+    let limited = http_body_util::Limited::new(
+        body,
+        usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1),
+    );
     let mut buf = limited
         .collect()
         .await
@@ -703,4 +712,19 @@ async fn commit(state: &AppState, queue: QueueRef, req: Request) -> Result<Respo
     };
     expect_done(state.node.propose(command).await?)?;
     Ok("OK".into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload limit of u64::MAX (a config never validated) reads the
+    /// body instead of wrapping to a limit of nothing.
+    #[tokio::test]
+    async fn read_body_takes_the_largest_limit() {
+        let body = read_body(Body::from("payload"), u64::MAX).await.unwrap();
+        assert_eq!(&body[..], b"payload");
+        let refused = read_body(Body::from("payload"), 3).await;
+        assert!(matches!(refused, Err(ApiError::TooLarge(_))));
+    }
 }
