@@ -106,7 +106,13 @@ struct EngineArgs {
     /// Service whose input queue the engine serves.
     #[arg(long, env = "EDDY_ENGINE_SERVICE", default_value = "demo")]
     service: String,
-    #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        short = 't',
+        env = "EDDY_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     token: String,
     /// The model server's base URL.
     #[arg(
@@ -242,13 +248,20 @@ struct ServeArgs {
         conflicts_with = "cluster_secret"
     )]
     cluster_secret_file: Option<PathBuf>,
-    /// Token for the admin routes (empty: open).
-    #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
+    /// Token for the admin routes. Empty: the admin routes answer callers
+    /// on this machine only (loopback).
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     admin_token: String,
     /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
     #[arg(
         long = "service",
         env = "EDDY_SERVICES",
+        hide_env_values = true,
         value_delimiter = ',',
         default_value = "demo"
     )]
@@ -330,7 +343,13 @@ struct Endpoint {
     )]
     endpoint: String,
     /// Service token.
-    #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        short = 't',
+        env = "EDDY_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     token: String,
     /// Print JSON.
     #[arg(long)]
@@ -420,7 +439,12 @@ struct AdminArgs {
         default_value = "127.0.0.1:8080"
     )]
     endpoint: String,
-    #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     admin_token: String,
 }
 

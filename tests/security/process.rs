@@ -480,3 +480,32 @@ async fn client_port_serves_tls_when_configured() {
         .await;
     assert!(!plain.contains("200 OK"), "{plain}");
 }
+
+/// `--help` describes an empty admin token as loopback-only, and shows no
+/// token or secret taken from the environment.
+#[test]
+fn help_hides_tokens_from_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args(["serve", "--help"])
+        .env("EDDY_ADMIN_TOKEN", "env-admin-token-value")
+        .env("EDDY_STATUS_TOKEN", "env-status-token-value")
+        .env("EDDY_CLUSTER_SECRET", "env-cluster-secret-value")
+        .env("EDDY_SERVICES", "svc:env-service-token-value")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(!help.contains("env-"), "a token from the environment is shown: {help}");
+    assert!(help.contains("loopback"), "{help}");
+    assert!(!help.contains("empty: open"), "{help}");
+    for sub in [&["engine", "--help"][..], &["service", "list", "--help"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
+            .args(sub)
+            .env("EDDY_ADMIN_TOKEN", "env-admin-token-value")
+            .env("EDDY_TOKEN", "env-service-token-value")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(!help.contains("env-"), "{sub:?} shows a token: {help}");
+    }
+}
