@@ -204,7 +204,9 @@ pub fn raise_descriptor_limit() -> Option<u64> {
         };
         match setrlimit(Resource::Nofile, raised) {
             Ok(()) => return Some(maximum),
-            Err(e) => tracing::warn!(error = %e, current, maximum, "could not raise the descriptor limit"),
+            Err(e) => {
+                tracing::warn!(error = %e, current, maximum, "could not raise the descriptor limit")
+            }
         }
     }
     limit.current
@@ -216,7 +218,9 @@ pub fn raise_descriptor_limit() -> Option<u64> {
 /// kept at no more than a quarter of what is left for connections.
 pub fn fit_connection_limits(descriptors: u64, http: usize, peer: usize) -> (usize, usize) {
     const FLOOR: u64 = 8;
-    let room = descriptors.saturating_sub(DESCRIPTOR_RESERVE).max(2 * FLOOR);
+    let room = descriptors
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(2 * FLOOR);
     if (http as u64).saturating_add(peer as u64) <= room {
         return (http, peer);
     }
@@ -262,7 +266,10 @@ mod tests {
     fn connection_limits_fit_in_the_descriptor_limit() {
         // Room enough: unchanged.
         assert_eq!(fit_connection_limits(65_536, 4096, 512), (4096, 512));
-        assert_eq!(fit_connection_limits(4096 + 512 + 256, 4096, 512), (4096, 512));
+        assert_eq!(
+            fit_connection_limits(4096 + 512 + 256, 4096, 512),
+            (4096, 512)
+        );
         // 1,024 descriptors: 768 for connections, a quarter for peers.
         let (http, peer) = fit_connection_limits(1024, 4096, 512);
         assert_eq!((http, peer), (576, 192));

@@ -328,7 +328,9 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     // Saturating: a limit of u64::MAX must not wrap to a limit of 0.
     let limited = http_body_util::Limited::new(
         body,
-        usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1),
+        usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1),
     );
     let mut buf = limited
         .collect()

@@ -14,11 +14,11 @@
 //!   peers ping every second (see `Channels::get`) and answer the server's
 //!   keep-alive pings, so they are never idle that long.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::future::Future;
 use std::time::Duration;
 
 use futures::Stream;
@@ -188,9 +188,11 @@ mod tests {
         let mut first = incoming.next().await.unwrap().unwrap();
         let _second_client = TcpStream::connect(addr).await.unwrap();
         // The only slot is taken: the second is not accepted yet.
-        let waiting =
-            tokio::time::timeout(Duration::from_millis(100), incoming.next()).await;
-        assert!(waiting.is_err(), "a second connection got past a limit of one");
+        let waiting = tokio::time::timeout(Duration::from_millis(100), incoming.next()).await;
+        assert!(
+            waiting.is_err(),
+            "a second connection got past a limit of one"
+        );
         let mut buf = [0u8; 8];
         let err = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf))
             .await

@@ -495,10 +495,16 @@ fn help_hides_tokens_from_the_environment() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{help}");
-    assert!(!help.contains("env-"), "a token from the environment is shown: {help}");
+    assert!(
+        !help.contains("env-"),
+        "a token from the environment is shown: {help}"
+    );
     assert!(help.contains("loopback"), "{help}");
     assert!(!help.contains("empty: open"), "{help}");
-    for sub in [&["engine", "--help"][..], &["service", "list", "--help"][..]] {
+    for sub in [
+        &["engine", "--help"][..],
+        &["service", "list", "--help"][..],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
             .args(sub)
             .env("EDDY_ADMIN_TOKEN", "env-admin-token-value")
