@@ -106,7 +106,13 @@ struct EngineArgs {
     /// Service whose input queue the engine serves.
     #[arg(long, env = "EDDY_ENGINE_SERVICE", default_value = "demo")]
     service: String,
-    #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        short = 't',
+        env = "EDDY_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     token: String,
     /// The model server's base URL.
     #[arg(
@@ -247,13 +253,20 @@ struct ServeArgs {
         conflicts_with = "cluster_secret"
     )]
     cluster_secret_file: Option<PathBuf>,
-    /// Token for the admin routes (empty: open).
-    #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
+    /// Token for the admin routes. Empty: the admin routes answer callers
+    /// on this machine only (loopback).
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     admin_token: String,
     /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
     #[arg(
         long = "service",
         env = "EDDY_SERVICES",
+        hide_env_values = true,
         value_delimiter = ',',
         default_value = "demo"
     )]
@@ -303,13 +316,21 @@ struct ServeArgs {
         hide_env_values = true
     )]
     status_token: String,
-    /// HTTP connections served at once (more wait in the backlog).
+    /// HTTP connections served at once (more wait in the backlog). Lowered
+    /// at start when it does not fit the descriptor limit.
     #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
+    /// Connections to the peer gRPC port held at once (more wait in the
+    /// backlog). Lowered at start when it does not fit the descriptor limit.
+    #[arg(long, env = "EDDY_MAX_PEER_CONNECTIONS", default_value_t = 512)]
+    max_peer_connections: usize,
     /// A request's headers must arrive within this; also the idle limit of
     /// a keep-alive connection.
     #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     http_header_timeout_ms: u64,
+    /// A request's whole body must arrive within this (HTTP 408 after).
+    #[arg(long, env = "EDDY_HTTP_BODY_TIMEOUT_MS", default_value_t = 60_000)]
+    http_body_timeout_ms: u64,
     /// New data is refused (HTTP 507) while less than this many bytes are
     /// free on the data volume; 0 turns the check off.
     #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = 256 * 1024 * 1024)]
@@ -327,7 +348,13 @@ struct Endpoint {
     )]
     endpoint: String,
     /// Service token.
-    #[arg(long, short = 't', env = "EDDY_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        short = 't',
+        env = "EDDY_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     token: String,
     /// Print JSON.
     #[arg(long)]
@@ -417,7 +444,12 @@ struct AdminArgs {
         default_value = "127.0.0.1:8080"
     )]
     endpoint: String,
-    #[arg(long, env = "EDDY_ADMIN_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     admin_token: String,
 }
 
@@ -569,6 +601,31 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
              (eddy certs generate makes them)"
         );
     }
+    let (max_connections, max_peer_connections) = match eddy::server::raise_descriptor_limit() {
+        Some(descriptors) => {
+            let fitted = eddy::server::fit_connection_limits(
+                descriptors,
+                a.max_connections,
+                a.max_peer_connections,
+            );
+            if fitted != (a.max_connections, a.max_peer_connections) {
+                tracing::warn!(
+                    descriptors,
+                    max_connections = fitted.0,
+                    max_peer_connections = fitted.1,
+                    requested_max_connections = a.max_connections,
+                    requested_max_peer_connections = a.max_peer_connections,
+                    "connection limits lowered to fit the descriptor limit (with {} kept for storage); \
+                     raise the hard limit (ulimit -Hn, LimitNOFILE) to serve more",
+                    eddy::server::DESCRIPTOR_RESERVE
+                );
+            } else {
+                tracing::info!(descriptors, "open-descriptor limit");
+            }
+            fitted
+        }
+        None => (a.max_connections, a.max_peer_connections),
+    };
     let client_tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(eddy::tls::ClientPortTls::load(cert, key)?),
         _ => None,
@@ -634,8 +691,13 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         min_free_disk_bytes: a.min_free_disk_bytes,
         client_tls,
         listener: eddy::api::ListenerLimits {
-            max_connections: a.max_connections,
+            max_connections,
             header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
+            body_timeout: std::time::Duration::from_millis(a.http_body_timeout_ms),
+        },
+        peer_listener: eddy::raft::PeerListenerLimits {
+            max_connections: max_peer_connections,
+            ..Default::default()
         },
         watch_idle_ms: a.watch_idle_ms,
         max_memory_bytes: a

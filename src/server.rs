@@ -37,6 +37,8 @@ pub struct ServeSettings {
     pub min_free_disk_bytes: u64,
     /// Connection limit and header-read timeout of the HTTP listener.
     pub listener: crate::api::ListenerLimits,
+    /// Connection limit and timeouts of the peer gRPC port.
+    pub peer_listener: crate::raft::PeerListenerLimits,
     /// TLS on the client port (`--tls-cert`, `--tls-key`).
     pub client_tls: Option<crate::tls::ClientPortTls>,
     pub watch_idle_ms: u64,
@@ -91,6 +93,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         snapshot_every: settings.snapshot_every,
         join: settings.join,
         min_free_disk_bytes: settings.min_free_disk_bytes,
+        peer_listener: settings.peer_listener,
     };
     let (node, events) = RaftNode::start(raft_settings).await?;
     let hub = Hub::new(settings.id);
@@ -185,6 +188,51 @@ pub fn default_max_memory_bytes() -> u64 {
     }
 }
 
+/// Descriptors kept free of connections: storage (log segments, snapshots,
+/// the state file, directory syncs), the listeners, outgoing peer channels
+/// and the runtime's own. Running out makes a storage `open` fail, which
+/// stops the node.
+pub const DESCRIPTOR_RESERVE: u64 = 256;
+
+/// Raise this process's soft limit on open descriptors to its hard limit
+/// and return the limit in force (`None`: unlimited or unknown).
+pub fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
+        && current < maximum
+    {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return Some(maximum),
+            Err(e) => {
+                tracing::warn!(error = %e, current, maximum, "could not raise the descriptor limit")
+            }
+        }
+    }
+    limit.current
+}
+
+/// Connection limits that fit in `descriptors`: HTTP connections plus peer
+/// connections plus [`DESCRIPTOR_RESERVE`] stay within it. Returns the
+/// (HTTP, peer) limits, lowered when they did not fit; the peer limit is
+/// kept at no more than a quarter of what is left for connections.
+pub fn fit_connection_limits(descriptors: u64, http: usize, peer: usize) -> (usize, usize) {
+    const FLOOR: u64 = 8;
+    let room = descriptors
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(2 * FLOOR);
+    if (http as u64).saturating_add(peer as u64) <= room {
+        return (http, peer);
+    }
+    let peer = (peer as u64).min((room / 4).max(FLOOR));
+    let http = (http as u64).min(room - peer).max(FLOOR);
+    (http as usize, peer as usize)
+}
+
 /// A node without its lease (see [`RaftNode::holds_lease`]) closes its
 /// watchers at once, so that clients reconnect to a node that can serve
 /// them, and so that no item is pushed here while the rest of the cluster
@@ -256,5 +304,28 @@ async fn detach_consumers_without_connection(node: Arc<RaftNode>, hub: Arc<Hub>)
                 tracing::debug!(error = %e, connection, "detach not applied; retried");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_fit_in_the_descriptor_limit() {
+        // Room enough: unchanged.
+        assert_eq!(fit_connection_limits(65_536, 4096, 512), (4096, 512));
+        assert_eq!(
+            fit_connection_limits(4096 + 512 + 256, 4096, 512),
+            (4096, 512)
+        );
+        // 1,024 descriptors: 768 for connections, a quarter for peers.
+        let (http, peer) = fit_connection_limits(1024, 4096, 512);
+        assert_eq!((http, peer), (576, 192));
+        assert!(http as u64 + peer as u64 + DESCRIPTOR_RESERVE <= 1024);
+        // A small peer limit is kept.
+        assert_eq!(fit_connection_limits(1024, 4096, 64), (704, 64));
+        // Absurdly low limits still leave a few of each.
+        assert_eq!(fit_connection_limits(10, 4096, 512), (8, 8));
     }
 }

@@ -47,6 +47,7 @@ fn resolve(rest: &str) -> Result<Target, ApiError> {
         return Err(ApiError::NotFound("no service in path".into()));
     }
     let sub = sub.trim_matches('/');
+    check_sub_path(sub)?;
     Ok(if sub == "sink" {
         Target {
             queue: QueueRef::new(service, QueueKind::Sink),
@@ -58,6 +59,39 @@ fn resolve(rest: &str) -> Result<Target, ApiError> {
             path: sub.to_string(),
         }
     })
+}
+
+/// Longest sub-path of a queue URL; it is stored with every item put
+/// through it (the `_path_` tag) and replicated.
+pub const MAX_SUB_PATH_BYTES: usize = 1024;
+/// Most segments of a sub-path.
+pub const MAX_SUB_PATH_SEGMENTS: usize = 32;
+
+fn check_sub_path(sub: &str) -> Result<(), ApiError> {
+    if sub.is_empty() {
+        return Ok(());
+    }
+    if sub.len() > MAX_SUB_PATH_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "URL sub-path of {} bytes is longer than {MAX_SUB_PATH_BYTES}",
+            sub.len()
+        )));
+    }
+    let mut segments = 0;
+    for segment in sub.split('/') {
+        segments += 1;
+        if segments > MAX_SUB_PATH_SEGMENTS {
+            return Err(ApiError::BadRequest(format!(
+                "URL sub-path has more than {MAX_SUB_PATH_SEGMENTS} segments"
+            )));
+        }
+        if matches!(segment, "" | "." | "..") {
+            return Err(ApiError::BadRequest(
+                "URL sub-path has an empty, '.' or '..' segment".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub struct Request {
@@ -162,7 +196,12 @@ fn authorize(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<
             s.service(&queue.service).map(|svc| {
                 (
                     svc.config.token.clone(),
-                    svc.config.limits(queue.kind).max_payload_bytes,
+                    // A config from an old snapshot was never validated:
+                    // clamp it here.
+                    svc.config
+                        .limits(queue.kind)
+                        .max_payload_bytes
+                        .min(crate::queue::MAX_PAYLOAD_CEILING),
                 )
             })
         })
@@ -288,7 +327,13 @@ fn expect_done(reply: Reply) -> Result<(), ApiError> {
 /// buffer alive for as long as the item, its log entry or its retry-reply
 /// lives: ~10 KiB of memory for every 256-byte put.
 pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(body, limit as usize + 1);
+    // Saturating: a limit of u64::MAX must not wrap to a limit of 0.
+    let limited = http_body_util::Limited::new(
+        body,
+        usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1),
+    );
     let mut buf = limited
         .collect()
         .await
@@ -297,6 +342,8 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
                 .is_some()
             {
                 ApiError::TooLarge(format!("payload exceeds the limit of {limit} bytes"))
+            } else if super::BodyTimedOut::is_cause_of(&*e) {
+                ApiError::Timeout(e.to_string())
             } else {
                 ApiError::BadRequest(format!("reading body: {e}"))
             }
@@ -318,6 +365,19 @@ pub async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(exact))
 }
 
+/// The body size a request declares (`Content-Length`), if it does.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))
+        })
+        .transpose()
+}
+
 async fn put(
     state: &AppState,
     target: Target,
@@ -325,9 +385,19 @@ async fn put(
     limit: u64,
 ) -> Result<Response, ApiError> {
     let priority = priority(&req.query, &req.headers)?;
-    // Refuse early when the node is already full, before buffering a body.
-    drop(state.memory.admit(&state.node, 0)?);
+    // Refuse early when the node is already full, before buffering a body:
+    // the declared size is reserved while the body is read.
+    let declared = declared_length(&req.headers)?;
+    if let Some(n) = declared
+        && n > limit
+    {
+        return Err(ApiError::TooLarge(format!(
+            "payload of {n} bytes exceeds the limit of {limit} bytes"
+        )));
+    }
+    let reading = state.memory.admit(&state.node, declared.unwrap_or(0))?;
     let data = read_body(req.body, limit).await?;
+    drop(reading);
     let _admitted = state.memory.admit(&state.node, data.len() as u64)?;
     let mut tags = req.query.tags;
     // A caller's request id is kept (results are written under the input's
@@ -684,4 +754,19 @@ async fn commit(state: &AppState, queue: QueueRef, req: Request) -> Result<Respo
     };
     expect_done(state.node.propose(command).await?)?;
     Ok("OK".into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload limit of u64::MAX (a config never validated) reads the
+    /// body instead of wrapping to a limit of nothing.
+    #[tokio::test]
+    async fn read_body_takes_the_largest_limit() {
+        let body = read_body(Body::from("payload"), u64::MAX).await.unwrap();
+        assert_eq!(&body[..], b"payload");
+        let refused = read_body(Body::from("payload"), 3).await;
+        assert!(matches!(refused, Err(ApiError::TooLarge(_))));
+    }
 }

@@ -134,6 +134,9 @@ pub enum ApiError {
     Gone(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request body did not arrive in time.
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     InsufficientStorage(String),
     #[error("{0}")]
@@ -152,6 +155,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -223,6 +227,10 @@ pub struct ListenerLimits {
     /// A request's headers must arrive within this (slow or half-sent
     /// requests are dropped); it also bounds an idle keep-alive connection.
     pub header_read_timeout: std::time::Duration,
+    /// A request's whole body must arrive within this, counted from its
+    /// headers: a body sent slowly or never finished cannot hold a
+    /// connection (and the memory of what it sent) for ever.
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for ListenerLimits {
@@ -230,12 +238,73 @@ impl Default for ListenerLimits {
         Self {
             max_connections: 4096,
             header_read_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves, within `limits`,
-/// over TLS when `tls` is given (the handshake, too, must finish within the
+/// The error of a request body that did not arrive within
+/// [`ListenerLimits::body_timeout`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub struct BodyTimedOut(pub std::time::Duration);
+
+impl BodyTimedOut {
+    /// Whether `e`, or an error it wraps, is a body timeout.
+    pub fn is_cause_of(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cause = Some(e);
+        while let Some(err) = cause {
+            if err.is::<BodyTimedOut>() {
+                return true;
+            }
+            cause = err.source();
+        }
+        false
+    }
+}
+
+/// A request body that fails with [`BodyTimedOut`] once its deadline has
+/// passed before it ended.
+struct DeadlineBody<B> {
+    inner: B,
+    timeout: std::time::Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> hyper::body::Body for DeadlineBody<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(self.timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves, within `limits`
+/// (a request body must arrive within the body timeout), over TLS when `tls` is given (the handshake, too, must finish within the
 /// header-read timeout). Each request carries the caller's address
 /// (`ConnectInfo`): admin routes without a token answer loopback callers
 /// only, and the audit log names it.
@@ -283,9 +352,21 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let body_timeout = limits.body_timeout;
         let service = tower::ServiceBuilder::new()
             .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
+                use hyper::body::Body as _;
+                let mut req = if req.body().is_end_stream() {
+                    req.map(axum::body::Body::new)
+                } else {
+                    req.map(|inner| {
+                        axum::body::Body::new(DeadlineBody {
+                            inner,
+                            timeout: body_timeout,
+                            deadline: Box::pin(tokio::time::sleep(body_timeout)),
+                        })
+                    })
+                };
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             })

@@ -419,7 +419,10 @@ fn idle_limit(state: &AppState) -> Duration {
 /// Send one message, or fail when the client does not take it within
 /// `limit` (it stopped reading and the socket's buffers are full).
 async fn send_within(socket: &mut WebSocket, msg: Message, limit: Duration) -> bool {
-    matches!(tokio::time::timeout(limit, socket.send(msg)).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(limit, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn serve_socket(
@@ -514,7 +517,8 @@ async fn serve_stream(
                     if closed == Closed::Overflow {
                         // An error aborts the response instead of ending it
                         // cleanly, so the client sees a broken stream.
-                        let err = std::io::Error::other("consumer too slow: its send buffer is full");
+                        let err =
+                            std::io::Error::other("consumer too slow: its send buffer is full");
                         let _ = body_tx.try_send(Err(err));
                     }
                     break;

@@ -62,7 +62,12 @@ impl Default for Timeouts {
 /// zero when it does not parse (the server refuses it then anyway).
 fn long_poll(timeout: &str) -> Duration {
     let t = timeout.trim();
-    let parse = |n: &str| n.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+    let parse = |n: &str| {
+        n.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
     let secs = if let Some(ms) = t.strip_suffix("ms") {
         parse(ms).map(|v| v / 1000.0)
     } else if let Some(m) = t.strip_suffix('m') {
@@ -211,13 +216,16 @@ impl QueueClient {
         serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// Negative commit: hand the items back for redelivery.
+    /// Negative commit: hand the items back for redelivery. The code and
+    /// reason are cut to the server's limits (64 and 1,024 bytes) so that a
+    /// long error text never makes the hand-back itself fail.
     pub async fn negative(
         &self,
         indexes: &[u64],
         code: &str,
         reason: &str,
     ) -> Result<(), ClientError> {
+        let (code, reason) = (truncate(code, 64), truncate(reason, 1024));
         let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("_code_", code)
@@ -382,6 +390,19 @@ async fn pump_watch(
             _ = tx.closed() => break,
         }
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]

@@ -113,7 +113,8 @@ impl Engine {
             return Err(EngineError::NoEndpoint);
         }
         let make = |ep: &String, queue: String| {
-            let mut c = QueueClient::with_timeouts(ep, &queue, &settings.token, settings.eddy_timeouts);
+            let mut c =
+                QueueClient::with_timeouts(ep, &queue, &settings.token, settings.eddy_timeouts);
             c.group = settings.group.clone();
             c.user = settings.instance.clone();
             c

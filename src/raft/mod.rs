@@ -8,11 +8,13 @@
 //! - `state_machine`: applies log entries to the pure queue state; snapshots.
 //! - `snapshot_file`: the snapshot file format and the handle openraft moves.
 //! - `network` / `service`: node-to-node gRPC (client and server).
+//! - `listener`: the peer port's accept loop (connection limit, idle close).
 //! - `node`: a running member; proposing, forwarding, leader housekeeping.
 
 pub mod crashsafe;
 mod disk_guard;
 mod health;
+mod listener;
 mod log;
 // The log store's former module path, still used by `node`.
 use self::log as log_store;
@@ -30,5 +32,6 @@ pub(crate) mod pb {
 
 pub use disk_guard::{DiskGuard, NoSpace};
 pub use health::StorageHealth;
+pub use listener::PeerListenerLimits;
 pub use log::{FSYNC_BUCKETS_MICROS, FsyncStats, Tail as WalTail, WalReport, check as check_wal};
 pub use node::{ClusterStatus, Peer, ProposeError, RaftNode, RaftSettings, now_ms};

@@ -92,6 +92,8 @@ pub struct RaftSettings {
     /// New data is refused (507) while less than this is free on the data
     /// volume; 0 turns the check off.
     pub min_free_disk_bytes: u64,
+    /// Connection limit and timeouts of the peer gRPC port.
+    pub peer_listener: super::PeerListenerLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,27 +233,28 @@ impl RaftNode {
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
             super::service::authenticate(settings.secret.clone()),
         );
-        let mut server = tonic::transport::Server::builder();
+        let limits = settings.peer_listener;
+        let mut server = tonic::transport::Server::builder()
+            // The server pings a connection that stays quiet, and closes it
+            // when the ping is not answered.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
         if let Some(id) = &settings.peer_tls {
             use tonic::transport::{Certificate, Identity, ServerTlsConfig};
             server = server.tls_config(
                 ServerTlsConfig::new()
                     .identity(Identity::from_pem(&id.cert_pem, &id.key_pem))
-                    .client_ca_root(Certificate::from_pem(&id.ca_pem)),
+                    .client_ca_root(Certificate::from_pem(&id.ca_pem))
+                    .timeout(limits.handshake),
             )?;
         }
         let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
         let stopped = node.stopped();
         tokio::spawn(async move {
-            // Small Raft messages must not wait for Nagle's algorithm.
-            let incoming = tokio_stream::StreamExt::map(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                |s| {
-                    s.inspect(|s| {
-                        let _ = s.set_nodelay(true);
-                    })
-                },
-            );
+            // No per-request timeout: a snapshot upload may rightly take
+            // long (the sender bounds it by its size), and a caller without
+            // the cluster secret is refused before its body is read.
+            let incoming = super::listener::bounded_incoming(listener, limits);
             if let Err(e) = server
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped)

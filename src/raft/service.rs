@@ -348,6 +348,7 @@ mod tests {
             join: false,
             min_free_disk_bytes: 0,
             peer_tls: None,
+            peer_listener: Default::default(),
         };
         let (node, _events) = RaftNode::start(settings).await.unwrap();
         (node, dir)

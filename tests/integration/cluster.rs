@@ -115,6 +115,7 @@ impl Cluster {
             join,
             min_free_disk_bytes: 0,
             listener: self.listener,
+            peer_listener: Default::default(),
             client_tls: self.client_tls.clone(),
             watch_idle_ms: 10_000,
             max_memory_bytes: u64::MAX,

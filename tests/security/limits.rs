@@ -86,6 +86,7 @@ async fn half_sent_requests_time_out_and_connections_are_limited() {
     c.listener = eddy::api::ListenerLimits {
         max_connections: 8,
         header_read_timeout: Duration::from_millis(500),
+        ..Default::default()
     };
     c.stop(1).await;
     c.restart(1).await;
@@ -124,5 +125,98 @@ async fn half_sent_requests_time_out_and_connections_are_limited() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    c.stop(1).await;
+}
+
+/// A put whose headers declare 1 MiB but whose body stops after a few bytes
+/// is answered 408 and closed once the body timeout has passed, and
+/// nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_body_times_out() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let mut c = Cluster::new(1, 20_000).await;
+    c.listener = eddy::api::ListenerLimits {
+        body_timeout: Duration::from_millis(700),
+        ..Default::default()
+    };
+    c.stop(1).await;
+    c.restart(1).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let mut s = TcpStream::connect(c.node(1).http_addr).await.unwrap();
+    s.write_all(
+        b"POST /api/predict/svc HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\nfirst bytes",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the half-sent body was answered and closed")
+        .unwrap();
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    println!("half-sent body answered and closed after {took:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(queue_length(&c), 0, "nothing was stored");
+    c.stop(1).await;
+}
+
+/// URL sub-paths are stored with every item (`_path_`): one over 1 KiB,
+/// with more than 32 segments, or with an empty, `.` or `..` segment is
+/// refused with 400 and nothing is stored; a plain one is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_sub_paths_are_bounded() {
+    let mut c = Cluster::new(1, 20_000).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let long = "p".repeat(2_000);
+    let deep = vec!["s"; 40].join("/");
+    for sub in [long.as_str(), deep.as_str(), "a/../b", "a/./b", "a//b"] {
+        let put = Request::builder()
+            .method("POST")
+            .uri(format!("/api/predict/svc/{sub}"))
+            .body(Body::from("payload"))
+            .unwrap();
+        let (status, text) = call(&c, put).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{sub:.40}: {text}");
+    }
+    assert_eq!(queue_length(&c), 0, "nothing was stored");
+    let ok = Request::builder()
+        .method("POST")
+        .uri("/api/predict/svc/models/v2")
+        .body(Body::from("payload"))
+        .unwrap();
+    let (status, text) = call(&c, ok).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(queue_length(&c), 1);
+    c.stop(1).await;
+}
+
+/// A hand-back whose reason is longer than the server takes (1 KiB; a
+/// model's error text, say) is cut to fit instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_hand_back_reason_is_cut_to_fit() {
+    let mut c = Cluster::new(1, 20_000).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let client = eddy::client::QueueClient::new(&c.node(1).http_addr.to_string(), "svc", "");
+    let none = std::collections::BTreeMap::new();
+    client
+        .put(bytes::Bytes::from_static(b"payload"), &none, 0)
+        .await
+        .unwrap();
+    let taken = client.get(0, 1, "0s", false, &none).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    // Multi-byte characters across the cut.
+    let reason = "é".repeat(3_000);
+    client
+        .negative(&[taken[0].index], "ModelError", &reason)
+        .await
+        .expect("the hand-back is accepted");
+    assert_eq!(eddy::client::truncate(&reason, 1024).len(), 1024);
+    assert_eq!(eddy::client::truncate("éé", 3), "é");
     c.stop(1).await;
 }

@@ -30,10 +30,32 @@ struct LiveNode {
 
 impl LiveNode {
     async fn start(extra: &[&str]) -> Self {
+        Self::start_limited(extra, None).await
+    }
+
+    /// Start with the open-descriptor limit (soft and hard) set to
+    /// `descriptors` when given.
+    async fn start_limited(extra: &[&str], descriptors: Option<u64>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (http_port, raft_port) = (free_port(), free_port());
         let stderr = dir.path().join("stderr.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_eddy"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_eddy"));
+        if let Some(n) = descriptors {
+            use std::os::unix::process::CommandExt;
+            let limit = rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            };
+            // SAFETY: setrlimit is a single system call, safe between fork
+            // and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command
             .arg("serve")
             .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
             .args(["--listen", &format!("127.0.0.1:{http_port}")])
@@ -320,6 +342,75 @@ async fn admin_actions_are_audited_and_websocket_frames_are_capped() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
 
+/// The peer gRPC port under a flood of 2,000 idle connections, on a node
+/// whose descriptor limit is 1,024: the port holds no more than its
+/// connection limit (the rest wait in the backlog), the node keeps the
+/// descriptors storage needs, and it still answers `/healthz` and takes a
+/// put. The HTTP connection limit was lowered at start to fit the
+/// descriptor limit. Descriptors and resident memory are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_peer_connections_are_bounded() {
+    let node = LiveNode::start_limited(&["--max-peer-connections", "64"], Some(1024)).await;
+    node.wait_ready().await;
+    let log = node.log();
+    assert!(
+        log.contains("connection limits lowered"),
+        "no warning that --max-connections 4096 does not fit 1,024 descriptors: {log}"
+    );
+    let fds_start = node.descriptors();
+    let (rss_start, _) = node.memory_kib();
+
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..2_000 {
+        let port = node.raft_port;
+        connects.spawn(async move {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        });
+    }
+    let mut idle = Vec::new();
+    while let Some(c) = connects.join_next().await {
+        if let Some(s) = c.unwrap() {
+            idle.push(s);
+        }
+    }
+    let fds_flood = node.descriptors();
+    let (rss_flood, _) = node.memory_kib();
+    println!(
+        "2,000 idle peer connections ({} completed TCP, the rest not let in): descriptors \
+         {fds_start} -> {fds_flood} (limit 64 peer connections); RSS {rss_start} KiB -> {rss_flood} KiB",
+        idle.len()
+    );
+    assert!(
+        fds_flood <= fds_start + 64 + 16,
+        "{fds_flood} descriptors with a limit of 64 peer connections"
+    );
+
+    let health = node
+        .http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let put = node
+        .http(
+            "POST /api/predict/demo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: 5\r\n\r\nhello",
+        )
+        .await;
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    let mut node = node;
+    assert!(
+        node.child.try_wait().unwrap().is_none(),
+        "the node exited: {}",
+        node.log()
+    );
+    drop(idle);
+}
+
 fn generate_certs(dir: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
         .args(["certs", "generate", "--nodes", "node-1", "--out"])
@@ -388,4 +479,39 @@ async fn client_port_serves_tls_when_configured() {
         .http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await;
     assert!(!plain.contains("200 OK"), "{plain}");
+}
+
+/// `--help` describes an empty admin token as loopback-only, and shows no
+/// token or secret taken from the environment.
+#[test]
+fn help_hides_tokens_from_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args(["serve", "--help"])
+        .env("EDDY_ADMIN_TOKEN", "env-admin-token-value")
+        .env("EDDY_STATUS_TOKEN", "env-status-token-value")
+        .env("EDDY_CLUSTER_SECRET", "env-cluster-secret-value")
+        .env("EDDY_SERVICES", "svc:env-service-token-value")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(
+        !help.contains("env-"),
+        "a token from the environment is shown: {help}"
+    );
+    assert!(help.contains("loopback"), "{help}");
+    assert!(!help.contains("empty: open"), "{help}");
+    for sub in [
+        &["engine", "--help"][..],
+        &["service", "list", "--help"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_eddy"))
+            .args(sub)
+            .env("EDDY_ADMIN_TOKEN", "env-admin-token-value")
+            .env("EDDY_TOKEN", "env-service-token-value")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(!help.contains("env-"), "{sub:?} shows a token: {help}");
+    }
 }
