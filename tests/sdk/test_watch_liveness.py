@@ -54,6 +54,13 @@ def try_put(node, service, body):
         return 200
     except urllib.error.HTTPError as e:
         return e.code
+    except urllib.error.URLError as e:
+        # A put refused by the memory budget before its body is read: the
+        # node answers 429 and closes, and the client may see the close
+        # while still sending its body.
+        if isinstance(e.reason, (BrokenPipeError, ConnectionResetError)):
+            return 429
+        raise
 
 
 def rss_bytes(pid, field="VmRSS"):
