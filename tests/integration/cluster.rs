@@ -6,12 +6,12 @@ use eddy::queue::{Command, NewItem, QueueKind, QueueRef, Reply, Selector, Servic
 use eddy::raft::Peer;
 use eddy::server::{RunningNode, ServeSettings, start};
 
-/// A port for a node's Raft listener that stays this node's across a
+/// A loopback port for a node's listener that stays this node's across a
 /// restart. Ports the kernel hands out for `:0` binds and outgoing
 /// connections come from the ephemeral range (32768 and up), so one freed by
 /// a stopped node could be taken by another test before the node restarts;
 /// these come from below that range, each handed out once per process.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let base = 20_000 + (std::process::id() % 400) as u16 * 25;
