@@ -74,11 +74,19 @@ enum WalCmd {
 #[derive(Subcommand)]
 enum CertsCmd {
     /// Write a new CA, a certificate and key per node (valid for the node
-    /// name, localhost and 127.0.0.1) and a random `cluster-secret`.
+    /// name, localhost and 127.0.0.1), a random `cluster-secret` and a
+    /// random `admin-token`. The CA key goes to a separate directory: no
+    /// node needs it.
     Generate {
-        /// Directory to write into.
+        /// Directory to write into: what nodes mount (each node only its
+        /// own certificate and key).
         #[arg(long, default_value = "certs")]
         out: PathBuf,
+        /// Where the CA key goes (default: `private/` inside --out, which
+        /// `kubectl create secret --from-file=DIR/` skips). Keep it off the
+        /// nodes.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
         /// Node names (host names peers use), comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
@@ -245,6 +253,12 @@ struct ServeArgs {
     /// The client port's private key (PEM).
     #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The CA that other nodes' client-port certificates chain to (PEM):
+    /// a node passes admin calls it cannot serve (membership changes) to
+    /// the leader's client port over TLS, verifying it with this CA.
+    /// Default: the peer CA (`--peer-tls-ca`).
+    #[arg(long, env = "EDDY_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// Read the cluster secret from this file (a mounted Kubernetes or
     /// Compose secret); surrounding whitespace is ignored.
     #[arg(
@@ -253,8 +267,9 @@ struct ServeArgs {
         conflicts_with = "cluster_secret"
     )]
     cluster_secret_file: Option<PathBuf>,
-    /// Token for the admin routes. Empty: the admin routes answer callers
-    /// on this machine only (loopback).
+    /// Token for the admin routes. Required on a member of a cluster of
+    /// more than one node (the same on every node). A single node without
+    /// one answers admin calls from this machine only (loopback).
     #[arg(
         long,
         env = "EDDY_ADMIN_TOKEN",
@@ -262,6 +277,10 @@ struct ServeArgs {
         hide_env_values = true
     )]
     admin_token: String,
+    /// Read the admin token from this file (a mounted Kubernetes or Compose
+    /// secret); surrounding whitespace is ignored.
+    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    admin_token_file: Option<PathBuf>,
     /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
     #[arg(
         long = "service",
@@ -451,6 +470,9 @@ struct AdminArgs {
         hide_env_values = true
     )]
     admin_token: String,
+    /// Read the admin token from this file.
+    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -549,6 +571,19 @@ fn parse_peer(s: &str) -> anyhow::Result<Peer> {
     })
 }
 
+/// A secret from a mounted file, without surrounding whitespace; an empty
+/// file is an error rather than a silently missing secret.
+fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let value = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} from {}", path.display()))?
+        .trim()
+        .to_string();
+    if value.is_empty() {
+        bail!("{} is empty: expected {what}", path.display());
+    }
+    Ok(value)
+}
+
 fn ordinal_from_hostname() -> anyhow::Result<u64> {
     let host = std::env::var("HOSTNAME").context("HOSTNAME is not set")?;
     let ordinal: u64 = host
@@ -574,11 +609,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .map(|p| parse_peer(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cluster_secret = match &a.cluster_secret_file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the cluster secret from {}", path.display()))?
-            .trim()
-            .to_string(),
+        Some(path) => read_secret_file(path, "the cluster secret")?,
         None => a.cluster_secret.clone(),
+    };
+    let admin_token = match &a.admin_token_file {
+        Some(path) => read_secret_file(path, "the admin token")?,
+        None => a.admin_token.clone(),
     };
     if cluster_secret.is_empty() && (peers.len() > 1 || a.join) {
         bail!(
@@ -586,7 +622,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
              (or EDDY_CLUSTER_SECRET) to the same random value on every node"
         );
     }
-    if a.admin_token.is_empty() {
+    if admin_token.is_empty() {
         tracing::warn!(
             "no --admin-token: the admin API answers callers on this machine only (loopback)"
         );
@@ -627,7 +663,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         None => (a.max_connections, a.max_peer_connections),
     };
     let client_tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(cert), Some(key)) => Some(eddy::tls::ClientPortTls::load(cert, key)?),
+        (Some(cert), Some(key)) => {
+            let tls = eddy::tls::ClientPortTls::load(cert, key)?;
+            match a.tls_ca.as_ref().or(a.peer_tls_ca.as_ref()) {
+                Some(ca) => {
+                    let pem = std::fs::read(ca)
+                        .with_context(|| format!("reading the TLS CA {}", ca.display()))?;
+                    Some(tls.with_ca(&pem)?)
+                }
+                None => Some(tls),
+            }
+        }
         _ => None,
     };
     let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
@@ -681,7 +727,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         peers,
         cluster_secret,
         peer_tls,
-        admin_token: a.admin_token,
+        admin_token,
         status_token: a.status_token,
         heartbeat_ms: a.heartbeat_ms,
         election_timeout_ms: a.election_timeout_ms,
@@ -773,10 +819,14 @@ async fn admin_request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
+    let token = match &admin.admin_token_file {
+        Some(path) => read_secret_file(path, "the admin token")?,
+        None => admin.admin_token.clone(),
+    };
     let http = reqwest::Client::new();
     let mut rb = http
         .request(method, format!("{}{path}", http_base(&admin.endpoint)))
-        .header("Authorization", &admin.admin_token);
+        .header("Authorization", token);
     if let Some(b) = body {
         rb = rb
             .header("content-type", "application/json")
@@ -1047,11 +1097,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve(a) => serve(*a).await?,
         Cmd::Certs(CertsCmd::Generate {
             out,
+            ca_key_dir,
             nodes,
             names,
             force,
         }) => {
-            let generated = eddy::tls::generate(&out, &nodes, &names, true, force)?;
+            let generated =
+                eddy::tls::generate(&out, ca_key_dir.as_deref(), &nodes, &names, true, force)?;
             for f in generated.files {
                 println!("{}", f.display());
             }

@@ -63,11 +63,60 @@ impl RunningNode {
     /// Stop serving and shut Raft down (as a crash would, minus the kill).
     pub async fn shutdown(self) {
         self.server.abort();
+        // Once the task is gone so is its listener: a node restarted at
+        // once can bind the same address.
+        let _ = self.server.await;
         self.node.shutdown().await;
     }
 }
 
+impl ServeSettings {
+    /// Whether this node is configured as a member of a cluster of more than
+    /// one node: it has peers besides itself, or waits to join a cluster.
+    pub fn has_peers(&self) -> bool {
+        self.join || self.peers.iter().any(|p| p.id != self.id)
+    }
+}
+
+/// Why a node refuses to start with the settings it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "this node is a member of a cluster of more than one node and has no admin token: \
+         set --admin-token-file (EDDY_ADMIN_TOKEN_FILE) or --admin-token (EDDY_ADMIN_TOKEN) \
+         to the same random value on every node. Without a token the admin API would trust \
+         any caller on loopback, which includes a sidecar and `kubectl port-forward`"
+    )]
+    AdminTokenRequired,
+    #[error(
+        "this node serves its client port over TLS and has peers, but no CA to verify theirs: \
+         set --tls-ca (EDDY_TLS_CA) or --peer-tls-ca to the CA of the nodes' client-port \
+         certificates (admin calls such as membership changes are passed to the leader's \
+         client port)"
+    )]
+    ClientTlsCaRequired,
+}
+
+/// Refuse settings that would leave a cluster open. A single node may run
+/// without an admin token (its admin API then answers loopback callers
+/// only, for the quick start on one machine); a cluster member may not.
+pub fn check_settings(settings: &ServeSettings) -> Result<(), SettingsError> {
+    if settings.has_peers() && settings.admin_token.is_empty() {
+        return Err(SettingsError::AdminTokenRequired);
+    }
+    if settings.has_peers()
+        && settings
+            .client_tls
+            .as_ref()
+            .is_some_and(|t| !t.verifies_other_nodes())
+    {
+        return Err(SettingsError::ClientTlsCaRequired);
+    }
+    Ok(())
+}
+
 pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
+    check_settings(&settings)?;
     let http = tokio::net::TcpListener::bind(settings.http_listen).await?;
     let http_addr = http.local_addr()?;
     let raft_settings = RaftSettings {
@@ -144,6 +193,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         default_service: settings.default_service.clone(),
         admin_token: settings.admin_token.clone(),
         status_token: settings.status_token.clone(),
+        client_tls: settings.client_tls.clone(),
         watch_idle_ms: settings.watch_idle_ms,
         memory: MemoryBudget::new(settings.max_memory_bytes),
     });

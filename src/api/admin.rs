@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -83,6 +83,16 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             tracing::warn!(target: "audit", peer = ?peer, path = %parts.uri.path(), why, "admin call refused");
         };
         if state.admin_token.is_empty() {
+            // A node restarted without its peers' list still belongs to its
+            // cluster: loopback is no proof of an administrator there.
+            let members = state.node.status().nodes.len();
+            if members > 1 {
+                refuse("no admin token configured on a member of a cluster");
+                return Err(ApiError::Forbidden(format!(
+                    "this node is a member of a cluster of {members} nodes and has no admin \
+                     token: restart it with --admin-token-file (or --admin-token)"
+                )));
+            }
             return if peer.is_some_and(|p| p.ip().is_loopback()) {
                 Ok(Admin {
                     who: "loopback".into(),
@@ -361,11 +371,87 @@ struct MemberRequest {
     api_addr: String,
 }
 
+/// How long connecting to the leader (and the TLS handshake) may take.
+const LEADER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Largest answer read back from the leader.
+const LEADER_ANSWER_LIMIT: usize = 1024 * 1024;
+
+/// One admin request to the leader's client port at `api` (`host:port`),
+/// over TLS when this node's client port uses TLS (every node's does then),
+/// verifying the leader's certificate for the host of `api`. Returns the
+/// leader's status and body.
+async fn pass_to_leader(
+    api: &str,
+    tls: Option<&crate::tls::ClientPortTls>,
+    method: Method,
+    path: &str,
+    auth: header::HeaderValue,
+    body: Option<String>,
+) -> Result<(StatusCode, String), String> {
+    use http_body_util::BodyExt as _;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(api)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn LeaderIo> = match tls {
+            None => Box::new(tcp),
+            Some(tls) => Box::new(
+                tls.connect(crate::tls::host_of(api), tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?,
+            ),
+        };
+        Ok::<_, String>(io)
+    };
+    let io = tokio::time::timeout(LEADER_CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| format!("no connection within {LEADER_CONNECT_TIMEOUT:?}"))??;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+    let connection = tokio::spawn(conn);
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, api)
+        .header(header::AUTHORIZATION, auth);
+    if body.is_some() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or_default(),
+        )))
+        .map_err(|e| format!("request: {e}"))?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+        let status = response.status();
+        let bytes = http_body_util::Limited::new(response.into_body(), LEADER_ANSWER_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+    .await;
+    connection.abort();
+    result
+}
+
+/// A connection to the leader's client port, plain or TLS.
+trait LeaderIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> LeaderIo for T {}
+
 /// Membership changes run on the leader; other nodes pass the request on.
 async fn on_leader<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
-    method: reqwest::Method,
+    method: Method,
     path: String,
     body: Option<serde_json::Value>,
     local: F,
@@ -385,27 +471,20 @@ where
                 .ok_or_else(|| {
                     ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
                 })?;
-            let mut rb = reqwest::Client::new()
-                .request(method, format!("http://{api}{path}"))
-                .header(
-                    "Authorization",
-                    headers
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(""),
-                );
-            if let Some(b) = body {
-                rb = rb
-                    .header("content-type", "application/json")
-                    .body(b.to_string());
-            }
-            let resp = rb
-                .send()
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("leader {l}: {e}")))?;
-            let status =
-                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let text = resp.text().await.unwrap_or_default();
+            let auth = headers
+                .get(header::AUTHORIZATION)
+                .cloned()
+                .unwrap_or_else(|| header::HeaderValue::from_static(""));
+            let (status, text) = pass_to_leader(
+                &api,
+                state.client_tls.as_ref(),
+                method,
+                &path,
+                auth,
+                body.map(|b| b.to_string()),
+            )
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("leader {l} at {api}: {e}")))?;
             Ok((status, text).into_response())
         }
         Err(e) => Err(e.into()),
@@ -425,6 +504,13 @@ async fn add_member(
             "id (> 0) and raft_addr are required".into(),
         ));
     }
+    if state.admin_token.is_empty() {
+        return Err(ApiError::Forbidden(
+            "this node has no admin token, and a cluster of more than one node needs one: \
+             restart it with --admin-token-file (or --admin-token) before adding members"
+                .into(),
+        ));
+    }
     admin.audit(
         "add-member",
         &format!("{} at {} / {}", req.id, req.raft_addr, req.api_addr),
@@ -435,7 +521,7 @@ async fn add_member(
     on_leader(
         &state,
         &headers,
-        reqwest::Method::POST,
+        Method::POST,
         "/admin/cluster/members".into(),
         Some(json),
         || async move { node.add_member(req.id, req.raft_addr, req.api_addr).await },
@@ -454,7 +540,7 @@ async fn remove_member(
     on_leader(
         &state,
         &headers,
-        reqwest::Method::DELETE,
+        Method::DELETE,
         format!("/admin/cluster/members/{id}"),
         None,
         || async move { node.remove_member(id).await },

@@ -39,6 +39,9 @@ pub struct AppState {
     /// When set, `/metrics` and `/admin/cluster` need it (or the admin
     /// token): they show the cluster's topology.
     pub status_token: String,
+    /// TLS of the client ports: admin calls passed to the leader go over
+    /// TLS when this node's client port uses it.
+    pub client_tls: Option<crate::tls::ClientPortTls>,
     /// How long a watch may stay silent after pinging before it is dropped.
     pub watch_idle_ms: u64,
     /// Admission control of this node: puts are refused (429) once the

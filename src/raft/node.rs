@@ -620,6 +620,13 @@ impl RaftNode {
         raft_addr: String,
         api_addr: String,
     ) -> Result<(), ProposeError> {
+        if self.settings.admin_token.is_empty() {
+            return Err(ProposeError::Refused(
+                "a cluster of more than one node needs an admin token on every node; \
+                 this node has none"
+                    .into(),
+            ));
+        }
         self.raft
             .add_learner(id, NodeInfo::new(raft_addr, api_addr), true)
             .await
@@ -658,11 +665,17 @@ impl RaftNode {
         self.settings.advertise.raft_addr.clone()
     }
 
-    /// Whether `proof` shows knowledge of this node's admin token (any
-    /// proof does when no admin token is configured).
+    /// Whether `proof` shows knowledge of this node's admin token. A node
+    /// without one takes no forwarded admin command: only a single node
+    /// runs without a token, and nobody forwards to it.
     pub(crate) fn admin_proof_matches(&self, proof: &[u8]) -> bool {
-        self.settings.admin_token.is_empty()
-            || crate::secret::matches_digest(proof, self.settings.admin_token.as_bytes())
+        !self.settings.admin_token.is_empty()
+            && crate::secret::matches_digest(proof, self.settings.admin_token.as_bytes())
+    }
+
+    /// Whether peers talk to this node over mutual TLS.
+    pub(crate) fn uses_peer_tls(&self) -> bool {
+        self.settings.peer_tls.is_some()
     }
 
     pub fn node_info(&self, id: u64) -> Option<NodeInfo> {

@@ -95,6 +95,37 @@ impl Service {
         decode(&req.body).map_err(Status::invalid_argument)
     }
 
+    /// Over mutual TLS, a forwarded command's sender `from` is who the
+    /// connection's certificate says: it must be valid for the host of the
+    /// address the membership records for member `from`. Otherwise a member
+    /// could speak for another (declare it gone, keep it looking alive).
+    fn check_sender(&self, from: u64, cert: Option<&impl AsRef<[u8]>>) -> Result<(), Status> {
+        let Some(cert) = cert else {
+            return Err(Status::permission_denied(
+                "no client certificate on a mutual-TLS connection",
+            ));
+        };
+        let Some(member) = self.node.node_info(from) else {
+            tracing::warn!(from, "forward from a node that is not a member refused");
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member"
+            )));
+        };
+        let host = crate::tls::host_of(&member.raft_addr);
+        if crate::tls::certificate_valid_for_host(cert.as_ref(), host) {
+            Ok(())
+        } else {
+            tracing::warn!(
+                from,
+                host,
+                "forward refused: the peer certificate is not valid for the sender's address"
+            );
+            Err(Status::permission_denied(format!(
+                "the connection's certificate is not node {from}'s (not valid for {host})"
+            )))
+        }
+    }
+
     fn check_target(&self, target: u64) -> Result<(), Status> {
         if target == self.node.id {
             Ok(())
@@ -250,7 +281,11 @@ impl RaftService for Service {
         &self,
         req: Request<ForwardRequest>,
     ) -> Result<Response<ForwardReply>, Status> {
+        let certs = req.peer_certs();
         let req = req.into_inner();
+        if self.node.uses_peer_tls() {
+            self.check_sender(req.from, certs.as_ref().and_then(|c| c.first()))?;
+        }
         let envelope: Envelope = decode(&req.command).map_err(Status::invalid_argument)?;
         self.node.note_peer_contact(req.from);
         let admin = self.node.admin_proof_matches(&req.admin_proof);
@@ -451,6 +486,142 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(r.error_kind, "", "{}", r.error);
+        node.shutdown().await;
+    }
+
+    /// A node without an admin token (only a single node runs so) takes
+    /// no forwarded admin command, whatever proof comes with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_an_admin_token_takes_no_forwarded_admin_command() {
+        let (node, _dir) = single_node("the-secret", "").await;
+        let mut c = client(&node).await;
+        node.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "single node leads")
+            .await
+            .unwrap();
+        let delete = encode(&Envelope {
+            id: 10,
+            now_ms: 1,
+            command: Command::DeleteService { name: "x".into() },
+        });
+        for proof in [Vec::new(), crate::secret::digest(b"").to_vec()] {
+            let r = c
+                .forward(forward_request("the-secret", delete.clone(), 2, proof))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.error_kind, "rejected", "{}", r.error);
+            assert!(r.error.contains("admin token"), "{}", r.error);
+        }
+        node.shutdown().await;
+    }
+
+    /// Over mutual TLS a Forward speaks only for the member whose address
+    /// the connection's certificate is valid for. Node 1 (at 127.0.0.2) of
+    /// a three-member cluster (nodes 2 and 3 at 127.0.0.3 and 127.0.0.4)
+    /// hears from a client holding node 3's certificate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forward_speaks_only_for_the_member_whose_certificate_it_carries() {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let certs = tempfile::tempdir().unwrap();
+        let hosts: Vec<String> = (2..=4).map(|i| format!("127.0.0.{i}")).collect();
+        crate::tls::generate(certs.path(), None, &hosts, &[], false, false).unwrap();
+        let identity = |host: &str| {
+            crate::tls::TlsIdentity::load(
+                &certs.path().join(format!("{host}.pem")),
+                &certs.path().join(format!("{host}-key.pem")),
+                &certs.path().join("ca.pem"),
+            )
+            .unwrap()
+        };
+        let port = |host: &str| {
+            std::net::TcpListener::bind((host, 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let peers: Vec<Peer> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Peer {
+                id: i as u64 + 1,
+                raft_addr: format!("{h}:{}", port(h)),
+                api_addr: format!("{h}:1"),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let settings = RaftSettings {
+            id: 1,
+            data_dir: dir.path().to_path_buf(),
+            raft_listen: peers[0].raft_addr.parse().unwrap(),
+            advertise: peers[0].clone(),
+            peers: peers.clone(),
+            secret: "the-secret".into(),
+            admin_token: "the-admin-token".into(),
+            heartbeat_ms: 50,
+            election_timeout_ms: 300,
+            node_lost_ms: 1_000,
+            snapshot_every: 1_000,
+            join: false,
+            min_free_disk_bytes: 0,
+            peer_tls: Some(identity(&hosts[0])),
+            peer_listener: Default::default(),
+        };
+        // Only node 1 runs: it formed the cluster, so it knows all three.
+        let (node, _events) = RaftNode::start(settings).await.unwrap();
+        for _ in 0..200 {
+            if node.status().nodes.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(node.status().nodes.len(), 3);
+
+        let third = identity(&hosts[2]);
+        let channel = Endpoint::from_shared(format!("https://{}", peers[0].raft_addr))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&third.ca_pem))
+                    .identity(Identity::from_pem(&third.cert_pem, &third.key_pem)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = RaftClient::new(channel);
+        let gone = |node: u64| {
+            encode(&Envelope {
+                id: 20 + node as u128,
+                now_ms: 1,
+                command: Command::NodeGone { node },
+            })
+        };
+        // Node 3's certificate claiming to be node 1 (declaring it gone) or
+        // node 2: refused before anything is decoded or noted.
+        for from in [1, 2] {
+            let err = c
+                .forward(forward_request("the-secret", gone(from), from, Vec::new()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+            assert!(err.message().contains(&format!("node {from}")), "{err:?}");
+        }
+        // Nor may it speak for a node that is not a member.
+        let err = c
+            .forward(forward_request("the-secret", gone(9), 9, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        // Speaking for itself, it is heard (this node is no leader: it says so).
+        let r = c
+            .forward(forward_request("the-secret", gone(3), 3, Vec::new()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(r.error_kind, "rejected", "{}", r.error);
         node.shutdown().await;
     }
 

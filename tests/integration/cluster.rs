@@ -52,11 +52,25 @@ impl Cluster {
         snapshot_every: u64,
         tls: Vec<Option<eddy::tls::TlsIdentity>>,
     ) -> Self {
+        Self::build(n, snapshot_every, tls, |_| {}).await
+    }
+
+    /// A cluster whose settings `configure` adjusts before any node starts.
+    pub(crate) async fn configured(n: u64, configure: impl FnOnce(&mut Cluster)) -> Self {
+        Self::build(n, 20_000, vec![None; n as usize], configure).await
+    }
+
+    async fn build(
+        n: u64,
+        snapshot_every: u64,
+        tls: Vec<Option<eddy::tls::TlsIdentity>>,
+        configure: impl FnOnce(&mut Cluster),
+    ) -> Self {
         let peers: Vec<Peer> = (1..=n)
             .map(|id| Peer {
                 id,
                 raft_addr: format!("127.0.0.1:{}", free_port()),
-                api_addr: String::new(),
+                api_addr: format!("127.0.0.1:{}", free_port()),
             })
             .collect();
         let mut c = Cluster {
@@ -65,11 +79,17 @@ impl Cluster {
             nodes: Vec::new(),
             snapshot_every,
             tls,
-            admin_token: String::new(),
+            // A member of a cluster of several nodes needs an admin token.
+            admin_token: if n > 1 {
+                "test-admin-token".into()
+            } else {
+                String::new()
+            },
             listener: eddy::api::ListenerLimits::default(),
             status_token: String::new(),
             client_tls: None,
         };
+        configure(&mut c);
         for id in 1..=n {
             let node = c.start_node(id).await;
             c.nodes.push(Some(node));
@@ -87,7 +107,7 @@ impl Cluster {
         self.peers.push(Peer {
             id,
             raft_addr: format!("127.0.0.1:{}", free_port()),
-            api_addr: String::new(),
+            api_addr: format!("127.0.0.1:{}", free_port()),
         });
         let node = self.start_with(id, true).await;
         self.nodes.push(Some(node));
@@ -95,11 +115,16 @@ impl Cluster {
     }
 
     async fn start_with(&self, id: u64, join: bool) -> RunningNode {
+        start(self.settings(id, join)).await.unwrap()
+    }
+
+    /// The settings node `id` starts with.
+    pub(crate) fn settings(&self, id: u64, join: bool) -> ServeSettings {
         let me = &self.peers[(id - 1) as usize];
-        let settings = ServeSettings {
+        ServeSettings {
             id,
             data_dir: self.dir.path().join(format!("node-{id}")),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: me.api_addr.parse().unwrap(),
             raft_listen: me.raft_addr.parse::<SocketAddr>().unwrap(),
             advertise_http: String::new(),
             advertise_raft: me.raft_addr.clone(),
@@ -121,8 +146,7 @@ impl Cluster {
             max_memory_bytes: u64::MAX,
             services: Vec::new(),
             default_service: None,
-        };
-        start(settings).await.unwrap()
+        }
     }
 
     pub(crate) fn node(&self, id: u64) -> &RunningNode {
@@ -153,6 +177,19 @@ impl Cluster {
     pub(crate) async fn restart(&mut self, id: u64) {
         let n = self.start_node(id).await;
         self.nodes[(id - 1) as usize] = Some(n);
+    }
+
+    /// Restart node `id` with its settings changed by `change`.
+    pub(crate) async fn restart_with(
+        &mut self,
+        id: u64,
+        change: impl FnOnce(&mut ServeSettings),
+    ) -> anyhow::Result<()> {
+        let mut settings = self.settings(id, false);
+        change(&mut settings);
+        let n = start(settings).await?;
+        self.nodes[(id - 1) as usize] = Some(n);
+        Ok(())
     }
 }
 
@@ -339,7 +376,7 @@ async fn membership_add_and_remove() {
 
 /// A CA and one certificate for 127.0.0.1, shared by the nodes that use it.
 fn tls_identity(dir: &std::path::Path) -> eddy::tls::TlsIdentity {
-    eddy::tls::generate(dir, &["node".to_string()], &[], false, false).unwrap();
+    eddy::tls::generate(dir, None, &["node".to_string()], &[], false, false).unwrap();
     eddy::tls::TlsIdentity::load(
         &dir.join("node.pem"),
         &dir.join("node-key.pem"),

@@ -6,6 +6,8 @@ mod cluster;
 mod delivery;
 #[path = "../security/admin.rs"]
 mod security_admin;
+#[path = "../security/cluster_auth.rs"]
+mod security_cluster_auth;
 #[path = "../security/limits.rs"]
 mod security_limits;
 #[path = "../security/process.rs"]

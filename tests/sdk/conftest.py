@@ -60,6 +60,8 @@ class Node:
         self.peers = peers or []
         self.extra = extra or []
         self.proc = None
+        # Sent with admin calls when set (a cluster member needs one).
+        self.admin_token = None
         self.log_path = os.path.join(data_dir, f"node-{node_id}.log")
 
     @property
@@ -98,8 +100,10 @@ class Node:
 
     def admin(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if self.admin_token:
+            headers["authorization"] = self.admin_token
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read() or b"null")
 
@@ -130,10 +134,14 @@ class Cluster:
     def __init__(self, data_dir, size=3, extra=None):
         ports = [(free_port(), free_port()) for _ in range(size)]
         peers = [f"{i + 1}@127.0.0.1:{r}@127.0.0.1:{h}" for i, (h, r) in enumerate(ports)]
-        # A cluster of more than one node refuses to start without a secret.
-        extra = ["--cluster-secret", uuid.uuid4().hex] + (extra or [])
+        # A cluster member refuses to start without a cluster secret and an
+        # admin token (the same on every node).
+        self.admin_token = uuid.uuid4().hex
+        extra = ["--cluster-secret", uuid.uuid4().hex, "--admin-token", self.admin_token] + (extra or [])
         self.nodes = [Node(data_dir, node_id=i + 1, peers=peers, extra=extra, http_port=h, raft_port=r)
                       for i, (h, r) in enumerate(ports)]
+        for n in self.nodes:
+            n.admin_token = self.admin_token
 
     def start(self):
         procs = []

@@ -65,8 +65,11 @@ def test_kubernetes_objects_are_complete_and_consistent():
     assert env["EDDY_PEER_TLS_CERT"]["value"] == f"{secret_dir}/$(POD_NAME).{sts['serviceName']}.pem"
     assert env["EDDY_PEER_TLS_KEY"]["value"] == f"{secret_dir}/$(POD_NAME).{sts['serviceName']}-key.pem"
     assert env["EDDY_PEER_TLS_CA"]["value"] == f"{secret_dir}/ca.pem"
-    admin = env["EDDY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert admin["name"] == certs["secret"]["secretName"] and admin["optional"] is True
+    # The admin token is mandatory on a cluster member: a file from the same
+    # Secret (`eddy certs generate` writes `admin-token`), never optional.
+    assert "EDDY_ADMIN_TOKEN" not in env
+    assert env["EDDY_ADMIN_TOKEN_FILE"]["value"] == f"{secret_dir}/admin-token"
+    assert "items" not in certs["secret"] and certs["secret"].get("optional") is not True
 
     # One peer per replica, ids = ordinal + 1, addressed through the headless service.
     peers = env["EDDY_PEERS"]["value"].split(",")
@@ -88,6 +91,7 @@ def test_compose_file_runs_three_nodes_an_engine_and_a_model():
     with open(os.path.join(ROOT, "docker-compose.yml")) as f:
         compose = yaml.safe_load(f)
     services = compose["services"]
+    secrets = compose["secrets"]
     nodes = [n for n in services if n.startswith("eddy-")]
     assert sorted(nodes) == ["eddy-1", "eddy-2", "eddy-3"]
     peers = services["eddy-1"]["environment"]["EDDY_PEERS"]
@@ -96,12 +100,55 @@ def test_compose_file_runs_three_nodes_an_engine_and_a_model():
         assert env["EDDY_NODE_ID"] == str(i)
         assert env["EDDY_PEERS"] == peers
         assert f"{i}@{n}:9090" in peers
-        # Peers authenticate with a secret file and mutual TLS by default.
-        assert env["EDDY_CLUSTER_SECRET_FILE"].startswith("/certs/")
-        assert env["EDDY_PEER_TLS_CERT"] == f"/certs/{n}.pem"
-        assert env["EDDY_PEER_TLS_KEY"] == f"/certs/{n}-key.pem"
-        assert "EDDY_CLUSTER_SECRET" not in env
+        # What the node is given: Compose secrets, mounted at
+        # /run/secrets/<target>, each from one file.
+        given = {}
+        for s in services[n]["secrets"]:
+            source, target = (s, s) if isinstance(s, str) else (s["source"], s.get("target", s["source"]))
+            given["/run/secrets/" + target] = secrets[source]["file"]
+        # Peers authenticate with a secret file and mutual TLS, and the admin
+        # API needs a token from a file, by default.
+        certs = "./deploy/compose-certs/"
+        assert given[env["EDDY_CLUSTER_SECRET_FILE"]] == certs + "cluster-secret"
+        assert given[env["EDDY_ADMIN_TOKEN_FILE"]] == certs + "admin-token"
+        assert given[env["EDDY_PEER_TLS_CA"]] == certs + "ca.pem"
+        assert given[env["EDDY_PEER_TLS_CERT"]] == certs + f"{n}.pem"
+        assert given[env["EDDY_PEER_TLS_KEY"]] == certs + f"{n}-key.pem"
+        assert "EDDY_CLUSTER_SECRET" not in env and "EDDY_ADMIN_TOKEN" not in env
+        # No CA key, no other node's key, and no directory is mounted: a
+        # bind of the certificates' directory would carry the CA key along.
+        assert len(given) == 5, given
+        for source in given.values():
+            assert "ca-key" not in source and "private" not in source, source
+        for volume in services[n].get("volumes", []):
+            assert not volume.split(":")[0].startswith((".", "/")), f"{n} binds {volume}"
+    for name, s in services.items():
+        if not name.startswith("eddy-"):
+            assert "secrets" not in s and not s.get("volumes"), f"{name} is given files"
     assert services["engine"]["command"][0] == "engine"
     assert services["demo-model"]["command"][0] == "demo-model"
     if shutil.which("docker-compose"):
         subprocess.run(["docker-compose", "-f", os.path.join(ROOT, "docker-compose.yml"), "config", "-q"], check=True)
+
+
+def test_build_script_makes_the_files_compose_mounts_and_keeps_the_ca_key_apart(tmp_path):
+    """`eddy certs generate` as deploy/build-image.sh runs it writes every
+    file docker-compose.yml gives the nodes, and the CA key only outside
+    them."""
+    from conftest import eddy_binary
+    with open(os.path.join(ROOT, "deploy", "build-image.sh")) as f:
+        script = f.read()
+    [line] = [l for l in script.splitlines() if "certs generate" in l]
+    nodes = re.search(r"--nodes (\S+)", line).group(1).split(",")
+    out = tmp_path / "compose-certs"
+    subprocess.run([eddy_binary(), "certs", "generate", "--out", str(out), "--nodes", ",".join(nodes)],
+                   check=True, capture_output=True)
+    with open(os.path.join(ROOT, "docker-compose.yml")) as f:
+        compose = yaml.safe_load(f)
+    wanted = {os.path.basename(s["file"]) for s in compose["secrets"].values()}
+    top = {p.name for p in out.iterdir() if p.is_file()}
+    assert wanted <= top, wanted - top
+    assert not any(name.startswith("ca-key") for name in top), top
+    assert (out / "private" / "ca-key.pem").read_text().startswith("-----BEGIN PRIVATE KEY")
+    assert (out / "private").stat().st_mode & 0o077 == 0
+    assert len((out / "admin-token").read_text().strip()) == 64
