@@ -18,8 +18,10 @@
 //! are void when applied in another term; `NodeLost` is decided only while
 //! the leader holds its lease (a quorum acknowledged it recently).
 //!
-//! The lease ([`RaftNode::holds_lease`]): a follower that has not accepted
-//! replication from a leader, or a leader not acknowledged by a quorum, for
+//! The lease ([`RaftNode::holds_lease`]): a leader not acknowledged by a
+//! quorum, or a follower whose leader was not (the leader sends the age of
+//! its last quorum acknowledgement with every replication request, and the
+//! follower counts from the last request it accepted minus that age), for
 //! [`RaftNode::lease`] (shorter than `node_lost_ms`) closes its watchers
 //! and is not ready, before any leader would move its consumers' items.
 
@@ -768,8 +770,9 @@ impl RaftNode {
 
     /// Whether this node is in touch with a working cluster: a leader whose
     /// quorum acknowledged it within the lease, or a follower that accepted
-    /// replication within the lease. A node without it must not push items:
-    /// the rest of the cluster may be redelivering them.
+    /// replication from a leader that a quorum acknowledged within the lease
+    /// ([`Self::note_leader_contact`]). A node without it must not push
+    /// items: the rest of the cluster may be redelivering them.
     pub fn holds_lease(&self) -> bool {
         let m = self.raft.metrics().borrow_watched().clone();
         let lease = self.lease();
