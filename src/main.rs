@@ -323,7 +323,9 @@ struct ServeArgs {
     /// Do not form a cluster: wait to be added (`eddy cluster add`).
     #[arg(long, env = "EDDY_JOIN", default_value_t = false)]
     join: bool,
-    /// A watcher that answers no ping for this long is dropped.
+    /// A watcher that answers no ping, or takes no frame, for this long is
+    /// dropped; client connections whose peer host is gone are aborted
+    /// within about this long (TCP keepalive and user timeout).
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
     /// When set, `/metrics` and `/admin/cluster` need this token (or the
@@ -740,6 +742,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_connections,
             header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
             body_timeout: std::time::Duration::from_millis(a.http_body_timeout_ms),
+            // Follows --watch-idle-ms (set by the server).
+            dead_peer_timeout: None,
         },
         peer_listener: eddy::raft::PeerListenerLimits {
             max_connections: max_peer_connections,
@@ -898,6 +902,7 @@ async fn engine(a: EngineArgs) -> anyhow::Result<()> {
         duplicates = s.duplicates.load(Relaxed),
         failed_calls = s.failed_calls.load(Relaxed),
         handed_back = s.handed_back.load(Relaxed),
+        not_written = s.not_written.load(Relaxed),
         "engine stopped"
     );
     Ok(())

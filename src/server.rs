@@ -198,7 +198,12 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         memory: MemoryBudget::new(settings.max_memory_bytes),
     });
     let app = router(state.clone());
-    let listener = settings.listener;
+    let mut listener = settings.listener;
+    // A watch whose peer is gone is found within about the watch idle limit
+    // even when nothing is sent to it.
+    listener
+        .dead_peer_timeout
+        .get_or_insert(Duration::from_millis(settings.watch_idle_ms.max(300)));
     let client_tls = settings.client_tls.clone();
     let server = tokio::spawn(async move {
         if let Err(e) =

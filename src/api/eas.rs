@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -17,7 +17,7 @@ use http_body_util::BodyExt as _;
 use prost::Message as _;
 
 use super::params::{Query, identity, priority};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ConnectionCloser};
 use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{
     Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes, validate_request_id,
@@ -100,8 +100,11 @@ pub struct Request {
     pub headers: HeaderMap,
     pub body: Body,
     pub ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    /// Ends the request's connection (HTTP/1 through [`super::serve_with`]).
+    pub closer: Option<ConnectionCloser>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn predict(
     State(state): State<Arc<AppState>>,
     method: Method,
@@ -109,6 +112,7 @@ async fn predict(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    closer: Option<Extension<ConnectionCloser>>,
     body: Body,
 ) -> Response {
     let query = match Query::parse(query.as_deref()) {
@@ -121,6 +125,7 @@ async fn predict(
         headers,
         body,
         ws,
+        closer: closer.map(|Extension(c)| c),
     };
     match resolve(&rest) {
         Ok(target) => handle(state, target, req)
@@ -130,6 +135,7 @@ async fn predict(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn bare(
     state: Arc<AppState>,
     kind: QueueKind,
@@ -137,6 +143,7 @@ async fn bare(
     query: Option<String>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    closer: Option<Extension<ConnectionCloser>>,
     body: Body,
 ) -> Response {
     let Some(service) = state.default_service.clone() else {
@@ -155,6 +162,7 @@ async fn bare(
         headers,
         body,
         ws,
+        closer: closer.map(|Extension(c)| c),
     };
     let target = Target {
         queue: QueueRef::new(service, kind),
@@ -171,9 +179,20 @@ async fn bare_input(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    closer: Option<Extension<ConnectionCloser>>,
     body: Body,
 ) -> Response {
-    bare(state, QueueKind::Input, method, query, headers, ws, body).await
+    bare(
+        state,
+        QueueKind::Input,
+        method,
+        query,
+        headers,
+        ws,
+        closer,
+        body,
+    )
+    .await
 }
 
 async fn bare_sink(
@@ -182,9 +201,20 @@ async fn bare_sink(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    closer: Option<Extension<ConnectionCloser>>,
     body: Body,
 ) -> Response {
-    bare(state, QueueKind::Sink, method, query, headers, ws, body).await
+    bare(
+        state,
+        QueueKind::Sink,
+        method,
+        query,
+        headers,
+        ws,
+        closer,
+        body,
+    )
+    .await
 }
 
 /// Check the service exists and the token matches (constant time).

@@ -54,9 +54,11 @@ pub struct AppState {
 /// replicated state must not depend on them.
 ///
 /// The estimate is the payload bytes the state holds, plus
-/// [`ITEM_OVERHEAD_BYTES`] per stored item, plus the payloads of puts that
-/// were admitted and are still being proposed (so concurrent puts cannot
-/// all pass the same check).
+/// [`ITEM_OVERHEAD_BYTES`] per stored item, plus what the de-duplication
+/// table holds (ids remembered for retries and the take replies kept with
+/// their items: [`crate::queue::QueueState::dedup_bytes`]), plus the
+/// payloads of puts that were admitted and are still being proposed (so
+/// concurrent puts cannot all pass the same check).
 pub struct MemoryBudget {
     pub max_bytes: u64,
     in_flight: std::sync::atomic::AtomicU64,
@@ -79,22 +81,28 @@ impl MemoryBudget {
     /// is released when the guard drops (the put was applied or failed).
     pub fn admit(&self, node: &RaftNode, size: u64) -> Result<Admitted<'_>, ApiError> {
         use std::sync::atomic::Ordering;
-        let held = node.read(|s| {
+        let now = crate::raft::now_ms();
+        let (items_held, dedup) = node.read(|s| {
             let items: u64 = s
                 .services
                 .values()
                 .map(|svc| (svc.input.len() + svc.sink.len()) as u64)
                 .sum();
-            s.payload_bytes_held() + items * ITEM_OVERHEAD_BYTES
+            (
+                s.payload_bytes_held() + items * ITEM_OVERHEAD_BYTES,
+                s.dedup_bytes(now),
+            )
         });
+        let held = items_held + dedup;
         let cost = size + ITEM_OVERHEAD_BYTES;
         let before = self.in_flight.fetch_add(cost, Ordering::AcqRel);
         let guard = Admitted { budget: self, cost };
         if held.saturating_add(before).saturating_add(cost) > self.max_bytes {
             return Err(ApiError::Full(format!(
-                "node memory limit reached: items held take about {held} bytes and this put \
-                 {cost} more, over the node's limit of {} bytes (--max-memory-bytes); \
-                 consume or delete items, or retry later",
+                "node memory limit reached: items held take about {items_held} bytes, \
+                 replies kept for retries {dedup} bytes (for 30 s), and this put {cost} more, \
+                 over the node's limit of {} bytes (--max-memory-bytes); consume or delete \
+                 items, or retry later",
                 self.max_bytes
             )));
         }
@@ -234,6 +242,15 @@ pub struct ListenerLimits {
     /// headers: a body sent slowly or never finished cannot hold a
     /// connection (and the memory of what it sent) for ever.
     pub body_timeout: std::time::Duration,
+    /// When set, a connection whose peer stopped answering at the TCP level
+    /// (its host died, the network between was cut) is aborted by the
+    /// kernel within about this long, even when nothing is being sent: TCP
+    /// keepalive probes start after half of it, and `TCP_USER_TIMEOUT`
+    /// aborts once data or probes went unacknowledged for all of it. A
+    /// watch holding items it already received is otherwise silent on an
+    /// HTTP stream, and only this detects the dead peer. A peer whose host
+    /// is up acknowledges both however stuck its process is.
+    pub dead_peer_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ListenerLimits {
@@ -242,7 +259,53 @@ impl Default for ListenerLimits {
             max_connections: 4096,
             header_read_timeout: std::time::Duration::from_secs(10),
             body_timeout: std::time::Duration::from_secs(60),
+            dead_peer_timeout: None,
         }
+    }
+}
+
+/// Set keepalive and `TCP_USER_TIMEOUT` on an accepted connection so that a
+/// dead peer is found within about `timeout` (see
+/// [`ListenerLimits::dead_peer_timeout`]).
+pub fn detect_dead_peer(
+    stream: &tokio::net::TcpStream,
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    use std::time::Duration;
+    // Keepalive counts in whole seconds: probe after half the limit, then
+    // about six times within it; the user timeout ends the connection once
+    // the limit has passed without an answer.
+    let secs = timeout.as_secs().max(2);
+    let idle = Duration::from_secs(secs / 2);
+    let interval = Duration::from_secs((secs / 6).max(1));
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(((secs - idle.as_secs()) / interval.as_secs()).max(1) as u32 + 1),
+    )?;
+    sock.set_tcp_user_timeout(Some(timeout.max(Duration::from_secs(1))))
+}
+
+/// Lets a handler end the HTTP/1 connection its request came on, at once
+/// and whatever the connection is doing: a response body whose client
+/// stopped reading cannot be finished (the end of a chunked body is one
+/// more write to a full socket), and the connection would keep its slot of
+/// [`ListenerLimits::max_connections`] for as long as the client stays
+/// silent. Present in a request's extensions for HTTP/1 requests only (an
+/// HTTP/2 connection carries other requests' streams).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionCloser(Arc<tokio::sync::Notify>);
+
+impl ConnectionCloser {
+    /// Abort the connection (a TCP reset: what is still unsent is dropped).
+    pub fn close(&self) {
+        self.0.notify_one();
+    }
+
+    async fn closed(&self) {
+        self.0.notified().await;
     }
 }
 
@@ -354,8 +417,16 @@ pub async fn serve_with(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        if let Some(timeout) = limits.dead_peer_timeout
+            && let Err(e) = detect_dead_peer(&stream, timeout)
+        {
+            tracing::debug!(error = %e, %peer, "could not set keepalive on a connection");
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let closer = ConnectionCloser::default();
         let app = app.clone();
         let body_timeout = limits.body_timeout;
+        let request_closer = closer.clone();
         let service = tower::ServiceBuilder::new()
             .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
                 use hyper::body::Body as _;
@@ -371,6 +442,9 @@ pub async fn serve_with(
                     })
                 };
                 req.extensions_mut().insert(ConnectInfo(peer));
+                if req.version() <= axum::http::Version::HTTP_11 {
+                    req.extensions_mut().insert(request_closer.clone());
+                }
                 req
             })
             .service(app);
@@ -384,14 +458,14 @@ pub async fn serve_with(
                 None => {
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    serve_until_closed(watcher.watch(conn.into_owned()), &closer, fd).await
                 }
                 Some(tls) => {
                     match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
+                            serve_until_closed(watcher.watch(conn.into_owned()), &closer, fd).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %peer, "TLS handshake failed");
@@ -411,6 +485,26 @@ pub async fn serve_with(
         });
     }
     graceful.shutdown().await;
+    Ok(())
+}
+
+/// Drive one connection until it ends, or until a handler asks for it to
+/// be closed: then reset it (socket `fd`, still open while `conn` lives) and
+/// drop it, which frees its descriptor and its connection slot.
+async fn serve_until_closed<E>(
+    conn: impl std::future::Future<Output = Result<(), E>>,
+    closer: &ConnectionCloser,
+    fd: std::os::fd::RawFd,
+) -> Result<(), E> {
+    tokio::pin!(conn);
+    tokio::select! {
+        result = &mut conn => return result,
+        () = closer.closed() => {}
+    }
+    // SAFETY: `conn` owns the socket and is alive until this returns, so
+    // `fd` is open and is this connection's.
+    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
     Ok(())
 }
 

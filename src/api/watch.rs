@@ -13,16 +13,24 @@
 //! - Every connection's buffer in the hub is bounded, by frames
 //!   ([`MAX_BUFFERED_FRAMES`]) and bytes ([`MAX_BUFFERED_BYTES`]). A
 //!   connection whose client reads too slowly to stay under the bound is
-//!   closed (WebSocket close code 1008, "consumer too slow") and detached.
-//!   With a window, that bound is rarely reached and the consumer's
-//!   uncommitted items go back to the group after the grace period. With
-//!   `_auto_commit_` an item counts as consumed when the state machine hands
-//!   it to the connection (at-most-once delivery, as the protocol defines
-//!   auto-commit), so the frames still buffered for a closed auto-commit
-//!   connection are dropped with it, exactly as if its socket had broken;
-//!   the hub no longer holds them, so the memory is given back and further
-//!   items stay in the queue (where memory and length limits apply) instead
-//!   of piling up in a buffer no limit sees.
+//!   closed (WebSocket close code 1008, "consumer too slow") and detached;
+//!   what it held goes back to its group after the grace period. Every
+//!   consumer holds a bounded number of items (its window, or the
+//!   auto-commit window), so the bound is reached only with large items.
+//! - Auto-commit is lossless within the node: the state machine keeps an
+//!   auto-commit consumer's items in flight like any other's (within
+//!   [`crate::queue::AUTO_COMMIT_WINDOW`] items and
+//!   [`crate::queue::AUTO_COMMIT_WINDOW_BYTES`]), and the session proposes
+//!   their `Commit` only once their frames are written: to the socket for a
+//!   WebSocket (the send flushed), to the HTTP connection's writer for a
+//!   stream (the body took the frame's last piece). The commits of one
+//!   connection go out in batches, one proposal at a time, and its `Detach`
+//!   follows its last commit. Frames still buffered when a connection ends
+//!   were never committed and return to the group with the consumer's other
+//!   items; only a frame written to a connection whose client then never
+//!   reads it is gone with the connection (auto-commit promises no more),
+//!   and a node failing between a write and its commit delivers the item
+//!   again.
 //! - No send waits longer than the idle limit (`--watch-idle-ms`): a
 //!   WebSocket send (frame, ping or close) that cannot complete in that time
 //!   ends the connection, so a client that stopped reading cannot keep its
@@ -32,7 +40,15 @@
 //!   liveness rule is the write: frames are handed to the response body in
 //!   pieces of at most [`STREAM_PIECE`] bytes, and a piece the body does not
 //!   take within the idle limit (the client stopped reading and every buffer
-//!   on the way is full) ends the stream and detaches the consumer.
+//!   on the way is full) ends the stream, detaches the consumer and resets
+//!   the TCP connection: the end of the body could never be written to the
+//!   full socket, and the connection would keep its slot of the listener's
+//!   connection limit. A stream that ends for any other reason answers with
+//!   `Connection: close` and is reset if its end is not written within the
+//!   idle limit. A client that holds its items and reads nothing more (all it
+//!   was sent fitted in the socket buffers) is found only when its host or
+//!   network is gone (TCP keepalive, [`super::ListenerLimits::dead_peer_timeout`]);
+//!   a live but stuck process is indistinguishable from an idle consumer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,7 +65,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::eas::{Request, frame_proto};
 use super::params::identity;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ConnectionCloser};
 use crate::queue::{Command, ConsumerSpec, Event, Frame, QueueRef, Reply};
 use crate::raft::RaftNode;
 
@@ -287,44 +303,81 @@ impl Hub {
 
 struct Session {
     state: Arc<AppState>,
-    queue: QueueRef,
-    group: String,
-    user: String,
     connection: u64,
+    auto_commit: bool,
+    /// Indexes whose frames were written, for [`settle`] to commit.
+    written: mpsc::UnboundedSender<u64>,
 }
 
 impl Session {
-    /// Propose the detach; runs even when the handler future is dropped.
+    /// Stop routing deliveries here; [`settle`] then commits what was
+    /// written and proposes the detach. Runs even when the handler future
+    /// is dropped.
     fn end(self) {
-        let Session {
-            state,
-            queue,
-            group,
-            user,
-            connection,
-        } = self;
-        state.hub.unregister(connection);
-        tokio::spawn(async move {
-            let cmd = Command::Detach {
-                queue,
-                group,
-                user,
-                connection,
-            };
-            if let Err(e) = state.node.propose(cmd).await {
-                tracing::warn!(error = %e, connection, "detach not applied");
-            }
-        });
+        self.state.hub.unregister(self.connection);
     }
 }
 
 struct SessionGuard(Option<Session>);
+
+impl SessionGuard {
+    /// The frame of item `index` was written to the connection: an
+    /// auto-commit consumer's item is committed now.
+    fn written(&self, index: u64) {
+        if let Some(s) = &self.0
+            && s.auto_commit
+        {
+            let _ = s.written.send(index);
+        }
+    }
+}
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Some(s) = self.0.take() {
             s.end();
         }
+    }
+}
+
+/// The consumer's side of a session in the replicated state: commits the
+/// items whose frames were written (auto-commit; in batches, one proposal
+/// at a time), and once the session has ended and its last commit was
+/// proposed, detaches the consumer. The channel holds at most the
+/// consumer's auto-commit window of indexes: no further item is dispatched
+/// to it before some of these commits apply.
+async fn settle(
+    state: Arc<AppState>,
+    queue: QueueRef,
+    group: String,
+    user: String,
+    connection: u64,
+    mut written: mpsc::UnboundedReceiver<u64>,
+) {
+    while let Some(first) = written.recv().await {
+        let mut indexes = vec![first];
+        while let Ok(index) = written.try_recv() {
+            indexes.push(index);
+        }
+        let cmd = Command::Commit {
+            queue: queue.clone(),
+            group: group.clone(),
+            indexes,
+        };
+        // Not committed, the items stay with the consumer and return to the
+        // group after it leaves: delivered again rather than lost.
+        if let Err(e) = state.node.propose(cmd).await {
+            tracing::warn!(error = %e, connection, "auto-commit not applied");
+        }
+    }
+    let cmd = Command::Detach {
+        queue,
+        group,
+        user,
+        connection,
+    };
+    if let Err(e) = state.node.propose(cmd).await {
+        tracing::warn!(error = %e, connection, "detach not applied");
     }
 }
 
@@ -373,7 +426,7 @@ pub async fn watch(
             .max_message_size(MAX_CLIENT_MESSAGE)
             .max_frame_size(MAX_CLIENT_MESSAGE)
             .on_upgrade(move |socket| serve_socket(state, queue, socket, spec))),
-        Err(_) => serve_stream(state, queue, spec).await,
+        Err(_) => serve_stream(state, queue, spec, req.closer).await,
     }
 }
 
@@ -385,13 +438,11 @@ async fn attach(
     let (connection, rx) = state.hub.register();
     let mut consumer = spec(connection);
     consumer.node = state.node.id;
-    let session = Session {
-        state: state.clone(),
-        queue: queue.clone(),
-        group: consumer.group.clone(),
-        user: consumer.user.clone(),
-        connection,
-    };
+    let (group, user, auto_commit) = (
+        consumer.group.clone(),
+        consumer.user.clone(),
+        consumer.auto_commit,
+    );
     match state
         .node
         .propose(Command::Attach {
@@ -404,7 +455,24 @@ async fn attach(
             state.hub.unregister(connection);
             Err(r.into())
         }
-        Ok(_) => Ok((SessionGuard(Some(session)), rx)),
+        Ok(_) => {
+            let (written, to_settle) = mpsc::unbounded_channel();
+            tokio::spawn(settle(
+                state.clone(),
+                queue.clone(),
+                group,
+                user,
+                connection,
+                to_settle,
+            ));
+            let session = Session {
+                state: state.clone(),
+                connection,
+                auto_commit,
+                written,
+            };
+            Ok((SessionGuard(Some(session)), rx))
+        }
         Err(e) => {
             state.hub.unregister(connection);
             Err(e.into())
@@ -453,10 +521,13 @@ async fn serve_socket(
         tokio::select! {
             push = inbox.recv() => match push {
                 Ok(frame) => {
+                    let index = frame.index;
                     let bytes = frame_proto(frame).encode_to_vec();
                     let overflowed = inbox.overflowed();
                     tokio::select! {
-                        sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if !sent {
+                        sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if sent {
+                            guard.written(index);
+                        } else {
                             tracing::info!(connection, "watch client does not take frames; dropping");
                             break;
                         },
@@ -496,6 +567,7 @@ async fn serve_stream(
     state: Arc<AppState>,
     queue: QueueRef,
     spec: impl Fn(u64) -> ConsumerSpec,
+    closer: Option<ConnectionCloser>,
 ) -> Result<Response, ApiError> {
     let idle = idle_limit(&state);
     let (guard, mut inbox) = attach(&state, &queue, spec).await?;
@@ -505,6 +577,8 @@ async fn serve_stream(
     let (body_tx, mut body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     tokio::spawn(async move {
         let connection = guard.0.as_ref().map(|s| s.connection);
+        // Whether the client stalled: its connection cannot be ended cleanly.
+        let mut stalled = false;
         'pump: loop {
             let push = tokio::select! {
                 p = inbox.recv() => p,
@@ -515,15 +589,16 @@ async fn serve_stream(
                 Ok(frame) => frame,
                 Err(closed) => {
                     if closed == Closed::Overflow {
-                        // An error aborts the response instead of ending it
-                        // cleanly, so the client sees a broken stream.
-                        let err =
-                            std::io::Error::other("consumer too slow: its send buffer is full");
-                        let _ = body_tx.try_send(Err(err));
+                        tracing::info!(
+                            connection,
+                            "watch stream client too slow: its send buffer is full"
+                        );
+                        stalled = true;
                     }
                     break;
                 }
             };
+            let index = frame.index;
             let body = frame_proto(frame).encode_to_vec();
             let mut chunk = Vec::with_capacity(body.len() + 4);
             chunk.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -540,18 +615,60 @@ async fn serve_stream(
                         Ok(Err(_)) => break 'pump,
                         Err(_) => {
                             tracing::info!(connection, "watch stream not read for the idle limit; dropping");
+                            stalled = true;
                             break 'pump;
                         }
                     },
-                    _ = overflowed => break 'pump,
+                    _ = overflowed => {
+                        stalled = true;
+                        break 'pump;
+                    }
+                }
+            }
+            // Room in the channel again: the body took the last piece, so
+            // the whole frame is with the connection's writer.
+            match tokio::time::timeout(idle, body_tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    drop(permit);
+                    guard.written(index);
+                }
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!(
+                        connection,
+                        "watch stream not read for the idle limit; dropping"
+                    );
+                    stalled = true;
+                    break;
                 }
             }
         }
         drop(guard);
+        if stalled {
+            // Without a closer (HTTP/2), an error resets the response's
+            // stream, if there is room to say so.
+            let err = std::io::Error::other("watch client stopped reading");
+            let _ = body_tx.try_send(Err(err));
+        }
+        if let Some(closer) = closer {
+            if stalled {
+                closer.close();
+            } else if !body_tx.is_closed() {
+                // The body ends here; its end must still reach the socket.
+                drop(body_tx);
+                tokio::time::sleep(idle).await;
+                closer.close();
+            }
+        }
     });
     let stream = futures::stream::poll_fn(move |cx| body_rx.poll_recv(cx));
     Ok((
-        [(header::CONTENT_TYPE, crate::proto::PROTOBUF_MEDIA_TYPE)],
+        [
+            (header::CONTENT_TYPE, crate::proto::PROTOBUF_MEDIA_TYPE),
+            // The stream's connection is not reused: it is reset when the
+            // client stops reading, and a late reset must hit no other request.
+            (header::CONNECTION, "close"),
+        ],
         Body::from_stream(stream.boxed()),
     )
         .into_response())

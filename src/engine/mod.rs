@@ -17,6 +17,9 @@
 //!   dead-letters it.
 //! - A full sink (429) is retried while the engine keeps the item's slot,
 //!   so the engine stops taking input until there is room.
+//! - An input item that is gone (`_complete_` answers 410: deleted, evicted,
+//!   dead-lettered) or that is another one (409) ends the item's work with
+//!   one warning: nothing is retried or handed back.
 //! - On shutdown the engine stops taking items, finishes what it holds and
 //!   hands back (negative commit, code `Shutdown`) what it never started.
 //!
@@ -71,6 +74,9 @@ pub struct EngineStats {
     pub duplicates: AtomicU64,
     pub failed_calls: AtomicU64,
     pub handed_back: AtomicU64,
+    /// Results not written because the input item was gone or was another
+    /// one (`_complete_` answered 410 or 409).
+    pub not_written: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +333,26 @@ impl Engine {
                     // Sink full: hold the slot (backpressure) and retry.
                     attempt = (attempt + 1).min(5);
                 }
+                Err(ClientError::Status {
+                    status: status @ (409 | 410),
+                    body: text,
+                }) => {
+                    // Final answers, not refusals: the input item at this
+                    // index carries another request id (409), or it is gone
+                    // (410: deleted, evicted, consumed or dead-lettered) and
+                    // no result exists. Nothing was written and nothing was
+                    // committed; retrying or handing the item back cannot
+                    // change that.
+                    tracing::warn!(
+                        status,
+                        reason = %text.trim(),
+                        index,
+                        request_id,
+                        "result not written: the input item is not there to complete"
+                    );
+                    self.stats.not_written.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 Err(ClientError::Status { status, body: text }) if (400..500).contains(&status) => {
                     tracing::error!(status, error = %text, index, "result refused; handing the item back");
                     let _ = self
@@ -362,5 +388,127 @@ impl Engine {
     pub fn token_matches(&self, given: &[u8]) -> bool {
         self.settings.token.is_empty()
             || crate::secret::matches(given, self.settings.token.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    /// A stand-in for Eddy that answers every request with `status` and
+    /// records each request line.
+    async fn fake_eddy(status: u16) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        log.lock().unwrap().push(line.trim().to_string());
+                        let mut length = 0;
+                        loop {
+                            let mut header = String::new();
+                            stream.read_line(&mut header).await.unwrap();
+                            if header.trim().is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = header.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                length = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        stream.read_exact(&mut body).await.unwrap();
+                        let text = "input item 7 is gone\n";
+                        let reply = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{text}",
+                            text.len()
+                        );
+                        stream.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Log lines written while the returned guard lives (this thread).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        #[derive(Clone)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Delivery under faults, the engine: `_complete_` answered 409 (another
+    /// request's input) or 410 (the input is gone) is a final outcome: one
+    /// warning naming the reason, no retry, no hand-back (old code: an
+    /// error and a negative commit of the index, which for 409 sent the
+    /// item round again until it was dead-lettered).
+    #[tokio::test]
+    async fn a_complete_answered_409_or_410_is_final() {
+        for status in [409u16, 410] {
+            let (addr, seen) = fake_eddy(status).await;
+            let engine = Engine::new(EngineSettings {
+                endpoints: vec![addr],
+                service: "svc".into(),
+                token: String::new(),
+                model: "http://127.0.0.1:9".into(),
+                concurrency: 1,
+                group: "engines".into(),
+                instance: "e1".into(),
+                request_timeout: Duration::from_secs(5),
+                drain_timeout: Duration::from_secs(1),
+                eddy_timeouts: Timeouts::default(),
+            })
+            .unwrap();
+            let (logs, guard) = capture_logs();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                engine.finish(7, "req-7", BTreeMap::new(), Bytes::from_static(b"out")),
+            )
+            .await
+            .expect("a final answer ends the item's work at once");
+            drop(guard);
+            let requests = seen.lock().unwrap().clone();
+            assert_eq!(requests.len(), 1, "{status}: {requests:?}");
+            assert!(
+                requests[0].starts_with("POST /api/predict/svc/sink?_complete_=7"),
+                "{requests:?}"
+            );
+            assert_eq!(engine.stats.not_written.load(Ordering::Relaxed), 1);
+            let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+            let lines: Vec<&str> = logs.lines().collect();
+            assert_eq!(lines.len(), 1, "{logs}");
+            assert!(lines[0].contains("WARN"), "{logs}");
+            assert!(lines[0].contains(&status.to_string()), "{logs}");
+            assert!(lines[0].contains("input item 7 is gone"), "{logs}");
+        }
     }
 }

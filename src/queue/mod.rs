@@ -25,10 +25,10 @@ mod tests;
 pub use attributes::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, attributes};
 pub use command::*;
 pub use queue::{
-    Consumer, ConsumerStatus, Group, Item, MAX_REQUEST_ID_BYTES, PATH_TAG, Queue, REQUEST_ID_TAG,
-    tags_match, validate_request_id,
+    AUTO_COMMIT_WINDOW, AUTO_COMMIT_WINDOW_BYTES, Consumer, ConsumerStatus, Group, Item,
+    MAX_REQUEST_ID_BYTES, PATH_TAG, Queue, REQUEST_ID_TAG, tags_match, validate_request_id,
 };
 pub use state::{
-    DEDUP_MAX_ENTRIES, DEDUP_MAX_REPLY_BYTES, DEDUP_WINDOW_MS, QueueState, Service,
-    validate_service_name,
+    DEDUP_ENTRY_BYTES, DEDUP_MAX_ENTRIES, DEDUP_MAX_REPLY_BYTES, DEDUP_WINDOW_MS, QueueState,
+    Service, validate_service_name,
 };

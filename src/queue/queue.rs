@@ -6,15 +6,32 @@
 //!   not in that group's ready set;
 //! - a consumer without auto-commit never holds more than `window` items
 //!   (a takeover with a smaller window may leave it above until commits);
+//! - a consumer with auto-commit holds at most [`AUTO_COMMIT_WINDOW`] items,
+//!   and takes another only while the items it holds count for less than
+//!   [`AUTO_COMMIT_WINDOW_BYTES`];
 //! - an item leaves the queue only by commit of every group that sees it,
 //!   by delete/truncate/take/eviction, or by dead-lettering.
 //!
 //! - `bytes_held` is the sum of the payload sizes of `items` and `dead`
 //!   (checked after every step of the property tests).
 //!
-//! The ready set of a group, the request-id index and the byte count are
-//! derived state: they are rebuilt after a snapshot is restored rather than
-//! stored.
+//! The ready set of a group, the request-id index, the byte count and the
+//! bytes each consumer holds are derived state: they are rebuilt after a
+//! snapshot is restored rather than stored.
+//!
+//! Auto-commit. The protocol says an auto-commit item is committed once it
+//! is sent, and ignores `_window_`. Here an auto-commit consumer holds its
+//! items in flight exactly like any other consumer, within a window of its
+//! own ([`AUTO_COMMIT_WINDOW`] items, [`AUTO_COMMIT_WINDOW_BYTES`]); the node
+//! that holds its connection proposes the `Commit` once a frame has been
+//! written to the connection. So an item the node could not write (the
+//! client stopped reading, the connection closed) is still in flight when
+//! the consumer detaches and goes back to its group like any other, and
+//! what a node buffers for an auto-commit connection is bounded by the
+//! window rather than by the queue's backlog. Committing after the write
+//! rather than at dispatch can deliver an item twice when a node fails
+//! between the write and the commit; an item that was written and that the
+//! client never read is gone with its connection, as the protocol implies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -84,10 +101,32 @@ impl Item {
     fn order_key(&self) -> ReadyKey {
         (u32::MAX - self.priority, self.index)
     }
+
+    /// What the item counts for in the bytes a consumer holds: its payload
+    /// (which never changes) and a fixed overhead.
+    pub fn held_bytes(&self) -> u64 {
+        self.data.len() as u64 + HELD_ITEM_OVERHEAD
+    }
 }
 
 /// Dispatch order: higher priority first, then lower index.
 type ReadyKey = (u32, u64);
+
+/// Most items an auto-commit consumer holds between dispatch and the
+/// commit its node proposes once they are written: enough to keep a
+/// consumer busy across a commit's round trip, few enough that a consumer
+/// that stops reading ties up little of the queue.
+pub const AUTO_COMMIT_WINDOW: u32 = 256;
+
+/// An auto-commit consumer takes no further item while the items it holds
+/// count for this many bytes or more ([`Item::held_bytes`]); a single larger
+/// item still goes to a consumer that holds nothing. Well below what a
+/// node buffers for one connection, so a reader that keeps up is never
+/// closed for its buffer.
+pub const AUTO_COMMIT_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+
+/// What a held item counts for beyond its payload.
+const HELD_ITEM_OVERHEAD: u64 = 128;
 
 /// Whether `tags` contains every pair of `filter`.
 pub fn tags_match(tags: &Tags, filter: &Tags) -> bool {
@@ -118,11 +157,22 @@ pub struct Consumer {
     pub pending: u32,
     pub last_index: u64,
     pub last_active_ms: u64,
+    /// [`Item::held_bytes`] of the items it holds (derived).
+    #[serde(skip)]
+    pub pending_bytes: u64,
 }
 
 impl Consumer {
-    fn has_free_slot(&self) -> bool {
-        self.status == ConsumerStatus::Running && (self.auto_commit || self.pending < self.window)
+    pub fn has_free_slot(&self) -> bool {
+        if self.status != ConsumerStatus::Running {
+            return false;
+        }
+        if self.auto_commit {
+            self.pending < AUTO_COMMIT_WINDOW
+                && (self.pending == 0 || self.pending_bytes < AUTO_COMMIT_WINDOW_BYTES)
+        } else {
+            self.pending < self.window
+        }
     }
 
     fn accepts(&self, item: &Item) -> bool {
@@ -159,6 +209,16 @@ impl Group {
 
     fn waits_for(&self, item: &Item) -> bool {
         self.is_active() && self.sees(item) && !self.acked.contains(&item.index)
+    }
+
+    /// Take `item` out of flight, from whichever consumer holds it.
+    fn release(&mut self, item: &Item) {
+        if let Some(user) = self.in_flight.remove(&item.index)
+            && let Some(c) = self.consumers.get_mut(&user)
+        {
+            c.pending = c.pending.saturating_sub(1);
+            c.pending_bytes = c.pending_bytes.saturating_sub(item.held_bytes());
+        }
     }
 }
 
@@ -224,6 +284,16 @@ impl Queue {
                 })
                 .map(Item::order_key)
                 .collect();
+            for c in group.consumers.values_mut() {
+                c.pending_bytes = 0;
+            }
+            for (index, user) in &group.in_flight {
+                if let (Some(item), Some(c)) =
+                    (self.items.get(index), group.consumers.get_mut(user))
+                {
+                    c.pending_bytes += item.held_bytes();
+                }
+            }
         }
     }
 
@@ -350,11 +420,7 @@ impl Queue {
         for group in self.groups.values_mut() {
             group.ready.remove(&key);
             group.acked.remove(&index);
-            if let Some(user) = group.in_flight.remove(&index)
-                && let Some(c) = group.consumers.get_mut(&user)
-            {
-                c.pending = c.pending.saturating_sub(1);
-            }
+            group.release(&item);
         }
         Some(item)
     }
@@ -490,11 +556,7 @@ impl Queue {
         let key = item.order_key();
         match self.groups.get_mut(group_id) {
             Some(group) => {
-                if let Some(user) = group.in_flight.remove(&index)
-                    && let Some(c) = group.consumers.get_mut(&user)
-                {
-                    c.pending = c.pending.saturating_sub(1);
-                }
+                group.release(item);
                 group.ready.remove(&key);
                 group.acked.insert(index);
             }
@@ -559,14 +621,11 @@ impl Queue {
         let Some(group) = self.groups.get_mut(group_id) else {
             return;
         };
-        if let Some(user) = group.in_flight.remove(&index)
-            && let Some(c) = group.consumers.get_mut(&user)
-        {
-            c.pending = c.pending.saturating_sub(1);
-        }
         let Some(item) = self.items.get(&index) else {
+            group.in_flight.remove(&index);
             return;
         };
+        group.release(item);
         if max_delivery > 0 && item.deliveries >= max_delivery {
             if let Some(item) = self.remove_item(index) {
                 self.bytes_held += item.data.len() as u64;
@@ -611,6 +670,7 @@ impl Queue {
             pending: 0,
             last_index: 0,
             last_active_ms: now_ms,
+            pending_bytes: 0,
         };
         match group.consumers.get_mut(&spec.user) {
             Some(existing) => {
@@ -622,10 +682,11 @@ impl Queue {
                         connection: existing.connection,
                     });
                 }
-                let pending = existing.pending;
+                let (pending, pending_bytes) = (existing.pending, existing.pending_bytes);
                 let last_index = existing.last_index;
                 *existing = Consumer {
                     pending,
+                    pending_bytes,
                     last_index,
                     ..fresh
                 };
@@ -869,14 +930,11 @@ impl Queue {
             queue: target.queue.clone(),
             frame: item.frame(!consumer.index_only),
         });
-        if consumer.auto_commit {
-            group.acked.insert(index);
-            self.commits_total += 1;
-            self.release_if_consumed(index);
-        } else {
-            consumer.pending += 1;
-            group.in_flight.insert(index, user.to_string());
-        }
+        // Auto-commit items too stay in flight: the consumer's node commits
+        // them once their frames are written (see the module docs).
+        consumer.pending += 1;
+        consumer.pending_bytes += item.held_bytes();
+        group.in_flight.insert(index, user.to_string());
     }
 
     // ---- reads -------------------------------------------------------------

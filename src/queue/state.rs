@@ -36,6 +36,10 @@ pub const DEDUP_MAX_ENTRIES: usize = 500_000;
 /// Most payload bytes of take replies kept for retries.
 pub const DEDUP_MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 
+/// What a remembered id costs in memory besides the items of its reply
+/// (id, time, map node, a small reply): see [`DEDUP_MAX_ENTRIES`].
+pub const DEDUP_ENTRY_BYTES: u64 = 176;
+
 /// Bytes a frame of a kept reply is counted for besides its payload (tags,
 /// record): keeps many tiny frames from escaping the byte bound.
 const KEPT_FRAME_OVERHEAD: u64 = 128;
@@ -107,12 +111,27 @@ pub struct QueueState {
     /// The latest envelope time applied: time as `apply` sees it never goes
     /// backwards, whatever the clocks of successive leaders say.
     clock_ms: u64,
-    /// Ids whose kept reply holds items, in log order, and the bytes they
-    /// are counted for (derived).
+    /// Ids whose kept reply holds items, in log order (derived).
     #[serde(skip)]
-    kept_items: VecDeque<(u128, u64)>,
+    kept_items: VecDeque<Kept>,
+    /// Bytes of the replies in `kept_items`.
     #[serde(skip)]
     kept_item_bytes: u64,
+    /// Bytes of every reply ever added to `kept_items` (derived): the bytes
+    /// of the replies from any entry on are this minus the entry's `start`.
+    #[serde(skip)]
+    kept_added: u64,
+}
+
+/// A kept reply with items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Kept {
+    id: u128,
+    /// Envelope time it was applied at.
+    at_ms: u64,
+    bytes: u64,
+    /// `kept_added` before it was added.
+    start: u64,
 }
 
 /// Bytes a reply's items are counted for in the de-duplication table.
@@ -150,15 +169,45 @@ impl QueueState {
             svc.input.rebuild_derived();
             svc.sink.rebuild_derived();
         }
-        self.kept_items = self
-            .recent_ids
-            .iter()
-            .filter_map(|(id, _)| {
-                let bytes = kept_bytes(self.recent_replies.get(id)?);
-                (bytes > 0).then_some((*id, bytes))
-            })
-            .collect();
-        self.kept_item_bytes = self.kept_items.iter().map(|(_, b)| b).sum();
+        self.kept_items.clear();
+        self.kept_item_bytes = 0;
+        self.kept_added = 0;
+        for (id, at_ms) in &self.recent_ids {
+            let Some(reply) = self.recent_replies.get(id) else {
+                continue;
+            };
+            let bytes = kept_bytes(reply);
+            if bytes > 0 {
+                self.kept_items.push_back(Kept {
+                    id: *id,
+                    at_ms: *at_ms,
+                    bytes,
+                    start: self.kept_added,
+                });
+                self.kept_item_bytes += bytes;
+                self.kept_added += bytes;
+            }
+        }
+    }
+
+    /// Memory the de-duplication table holds for ids that are still within
+    /// [`DEDUP_WINDOW_MS`] at `now_ms` (or at the latest time applied, if
+    /// later): [`DEDUP_ENTRY_BYTES`] per id and the kept replies' items.
+    /// Older ids are dropped by the next command applied, so they are not
+    /// counted: a node refusing puts for this memory admits them again once
+    /// the ids age out. For the node's memory admission, beside
+    /// [`Self::payload_bytes_held`].
+    pub fn dedup_bytes(&self, now_ms: u64) -> u64 {
+        let now_ms = now_ms.max(self.clock_ms);
+        let expired = |at_ms: u64| now_ms.saturating_sub(at_ms) >= DEDUP_WINDOW_MS;
+        // Both are in log order, and apply's time never goes back.
+        let ids = self.recent_ids.len() - self.recent_ids.partition_point(|(_, at)| expired(*at));
+        let first_kept = self.kept_items.partition_point(|k| expired(k.at_ms));
+        let kept = self
+            .kept_items
+            .get(first_kept)
+            .map_or(0, |k| self.kept_added - k.start);
+        ids as u64 * DEDUP_ENTRY_BYTES + kept
     }
 
     /// Payload bytes held by every queue of every service (items and dead
@@ -219,10 +268,10 @@ impl QueueState {
             }
             self.recent_ids.pop_front();
             self.recent_replies.remove(&old);
-            if self.kept_items.front().is_some_and(|(k, _)| *k == old)
-                && let Some((_, bytes)) = self.kept_items.pop_front()
+            if self.kept_items.front().is_some_and(|k| k.id == old)
+                && let Some(k) = self.kept_items.pop_front()
             {
-                self.kept_item_bytes -= bytes;
+                self.kept_item_bytes -= k.bytes;
             }
         }
         let bytes = kept_bytes(&reply);
@@ -230,19 +279,25 @@ impl QueueState {
             without_items(reply)
         } else {
             if bytes > 0 {
-                self.kept_items.push_back((id, bytes));
+                self.kept_items.push_back(Kept {
+                    id,
+                    at_ms: now_ms,
+                    bytes,
+                    start: self.kept_added,
+                });
                 self.kept_item_bytes += bytes;
+                self.kept_added += bytes;
             }
             reply
         };
         // Past the byte bound the oldest kept replies lose their items.
         while self.kept_item_bytes > DEDUP_MAX_REPLY_BYTES {
-            let Some((old, bytes)) = self.kept_items.pop_front() else {
+            let Some(k) = self.kept_items.pop_front() else {
                 break;
             };
-            self.kept_item_bytes -= bytes;
-            if let Some(kept) = self.recent_replies.remove(&old) {
-                self.recent_replies.insert(old, without_items(kept));
+            self.kept_item_bytes -= k.bytes;
+            if let Some(kept) = self.recent_replies.remove(&k.id) {
+                self.recent_replies.insert(k.id, without_items(kept));
             }
         }
         self.recent_ids.push_back((id, now_ms));
@@ -524,8 +579,7 @@ impl QueueState {
     }
 
     /// Whether a delivery to `connection` of item `index` is still current:
-    /// the consumer on that connection holds the item (or takes items with
-    /// auto-commit, which keeps nothing in flight).
+    /// the consumer on that connection holds the item.
     pub fn delivery_is_current(&self, queue: &QueueRef, connection: u64, index: u64) -> bool {
         let Some(q) = self.queue(queue) else {
             return false;
@@ -533,8 +587,7 @@ impl QueueState {
         q.groups.values().any(|g| {
             g.consumers.iter().any(|(user, c)| {
                 c.connection == connection
-                    && (c.auto_commit
-                        || g.in_flight.get(&index).is_some_and(|holder| holder == user))
+                    && g.in_flight.get(&index).is_some_and(|holder| holder == user)
             })
         })
     }

@@ -273,14 +273,110 @@ fn negative_commit_redelivers_then_dead_letters() {
 }
 
 #[test]
-fn auto_commit_ignores_window_and_consumes() {
+fn auto_commit_ignores_window_and_consumes_what_its_node_commits() {
     let mut h = Harness::new(ServiceConfig::default());
     for i in 0..10 {
         h.put(&i.to_string(), 0);
     }
     h.attach("eas", "u", 1, 2, true);
-    assert_eq!(h.delivered(1).len(), 10);
+    let delivered = h.delivered(1);
+    assert_eq!(delivered.len(), 10);
+    // Held until the node says the frames were written.
+    assert_eq!(h.queue().len(), 10);
+    h.commit("eas", delivered);
     assert!(h.queue().is_empty());
+}
+
+/// Delivery under faults, auto-commit: an auto-commit consumer holds a
+/// bounded window of items that are not yet written to its connection
+/// (old code: it was handed the whole backlog, each item consumed at
+/// dispatch, so whatever its node could not write was lost); what was not
+/// written returns to the group when it leaves.
+#[test]
+fn an_auto_commit_consumer_holds_a_bounded_window_and_unwritten_items_return() {
+    let config = ServiceConfig {
+        consumer_grace_ms: 1_000,
+        ..Default::default()
+    };
+    let mut h = Harness::new(config);
+    let total = 3 * AUTO_COMMIT_WINDOW as usize;
+    for i in 0..total {
+        h.put(&i.to_string(), 0);
+    }
+    h.attach("eas", "stalled", 1, 0, true);
+    let first = h.delivered(1);
+    assert_eq!(first.len(), AUTO_COMMIT_WINDOW as usize);
+    assert_eq!(h.queue().len(), total);
+    // Its node wrote a hundred frames and committed them: as many more come.
+    h.commit("eas", first[..100].to_vec());
+    assert_eq!(h.delivered(1).len(), 100);
+    assert_eq!(h.queue().len(), total - 100);
+    let c = &h.queue().groups["eas"].consumers["stalled"];
+    assert_eq!(c.pending, AUTO_COMMIT_WINDOW);
+    // The connection ends; after the grace period another consumer gets
+    // every item that was not written, and nothing else.
+    let connection = c.connection;
+    h.run(Command::Detach {
+        queue: input(),
+        group: "eas".into(),
+        user: "stalled".into(),
+        connection,
+    });
+    h.now += 1_000;
+    h.run(Command::Tick);
+    h.attach("eas", "other", 2, 1_000, false);
+    let rest = h.delivered(2);
+    assert_eq!(rest.len(), total - 100);
+    let written: BTreeSet<u64> = first[..100].iter().copied().collect();
+    assert!(rest.iter().all(|i| !written.contains(i)));
+}
+
+#[test]
+fn an_auto_commit_consumer_takes_items_up_to_its_window_bytes() {
+    let mut config = ServiceConfig::default();
+    config.input.max_payload_bytes = 16 * 1024 * 1024;
+    let mut h = Harness::new(config);
+    let mib = "x".repeat(1024 * 1024);
+    for i in 0..20 {
+        h.run(Command::Put {
+            queue: input(),
+            item: NewItem {
+                request_id: format!("r{i}"),
+                tags: Tags::new(),
+                data: Bytes::from(mib.clone()),
+                priority: 0,
+                path: String::new(),
+            },
+        });
+    }
+    h.attach("eas", "u", 1, 0, true);
+    let held = h.delivered(1);
+    assert_eq!(held.len() as u64, AUTO_COMMIT_WINDOW_BYTES / (1024 * 1024));
+    let c = &h.queue().groups["eas"].consumers["u"];
+    assert!(c.pending_bytes >= AUTO_COMMIT_WINDOW_BYTES);
+    h.commit("eas", vec![held[0]]);
+    assert_eq!(h.delivered(1).len(), 1);
+    // One item larger than the window still goes to a consumer holding none.
+    let mut h = Harness::new(ServiceConfig {
+        input: QueueLimits {
+            max_payload_bytes: 16 * 1024 * 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    h.run(Command::Put {
+        queue: input(),
+        item: NewItem {
+            request_id: "big".into(),
+            tags: Tags::new(),
+            data: Bytes::from("x".repeat(AUTO_COMMIT_WINDOW_BYTES as usize + 1)),
+            priority: 0,
+            path: String::new(),
+        },
+    });
+    h.put("small", 0);
+    h.attach("eas", "u", 1, 0, true);
+    assert_eq!(h.delivered(1).len(), 1);
 }
 
 #[test]
@@ -504,7 +600,8 @@ proptest! {
                     let exists = h.queue().groups.get(&g).is_some_and(|gr| gr.consumers.contains_key(&u));
                     // Consumers of one group share their tag filter.
                     if let Some(gr) = h.queue().groups.get(&g) { tags = gr.tags.clone(); }
-                    let spec = ConsumerSpec { group: g.clone(), user: u.clone(), node: 1 + u64::from(user % 2), connection: next_conn, window: window_of(user), auto_commit: false, index_only: false, tags, start_index: Some(0) };
+                    // User 2 watches with auto-commit: its node commits what it wrote.
+                    let spec = ConsumerSpec { group: g.clone(), user: u.clone(), node: 1 + u64::from(user % 2), connection: next_conn, window: window_of(user), auto_commit: user == 2, index_only: false, tags, start_index: Some(0) };
                     let _ = exists;
                     model.connections.insert(next_conn, (g.clone(), u.clone()));
                     // A takeover moves what the old connection held to the new one.
@@ -588,7 +685,10 @@ proptest! {
                 for (uid, c) in &group.consumers {
                     let held = group.in_flight.values().filter(|u| *u == uid).count() as u32;
                     prop_assert_eq!(c.pending, held);
-                    prop_assert!(c.pending <= c.window, "{}.{} holds {} > window {}", gid, uid, c.pending, c.window);
+                    let held_bytes: u64 = group.in_flight.iter().filter(|(_, u)| *u == uid).map(|(i, _)| queue.items[i].held_bytes()).sum();
+                    prop_assert_eq!(c.pending_bytes, held_bytes);
+                    let window = if c.auto_commit { AUTO_COMMIT_WINDOW } else { c.window };
+                    prop_assert!(c.pending <= window, "{}.{} holds {} > window {}", gid, uid, c.pending, window);
                 }
                 for (index, uid) in &group.in_flight {
                     let conn = model.holder.get(&(gid.clone(), *index));
@@ -598,7 +698,7 @@ proptest! {
                 // Dispatch is work-conserving: no running consumer with a free
                 // slot sits beside a ready item it accepts.
                 for (uid, c) in &group.consumers {
-                    if c.status == ConsumerStatus::Running && c.pending < c.window {
+                    if c.has_free_slot() {
                         let idle_item = queue.items.values().find(|it| {
                             tags_match(&it.tags, &group.tags) && tags_match(&it.tags, &c.tags)
                                 && !group.in_flight.contains_key(&it.index) && !group.acked.contains(&it.index)
@@ -933,6 +1033,63 @@ fn finding5_take_replies_past_the_byte_bound_are_refused_not_emptied() {
     let (env, reply) = replies.last().unwrap();
     assert_eq!(&h.state.apply(env).0, reply);
     assert_eq!(h.queue().len(), 1);
+}
+
+/// Delivery under faults, memory: the de-duplication table reports what it
+/// holds for ids still within the window (for the node's memory limit),
+/// and stops counting them once they have aged out.
+#[test]
+fn the_dedup_table_reports_the_memory_of_ids_and_replies_within_the_window() {
+    let mut config = ServiceConfig::default();
+    config.input.max_payload_bytes = 8 * 1024 * 1024;
+    let mut h = Harness::new(config);
+    let base = h.state.dedup_bytes(h.now);
+    let mib = "x".repeat(1024 * 1024);
+    for i in 0..10 {
+        h.run(Command::Put {
+            queue: input(),
+            item: item(&format!("r{i}"), &mib),
+        });
+        let reply = h.run(Command::Take {
+            queue: input(),
+            selector: take_all(),
+        });
+        assert!(matches!(&reply, Reply::Items(f) if f.len() == 1));
+    }
+    assert!(h.queue().is_empty());
+    let held = h.state.dedup_bytes(h.now);
+    assert!(
+        held >= base + 10 * 1024 * 1024 + 20 * DEDUP_ENTRY_BYTES,
+        "{held}"
+    );
+    assert!(held < base + 11 * 1024 * 1024, "{held}");
+    // The same after a snapshot round trip.
+    let bytes = postcard::to_allocvec(&h.state).unwrap();
+    let mut restored: QueueState = postcard::from_bytes(&bytes).unwrap();
+    restored.rebuild_derived();
+    assert_eq!(restored.dedup_bytes(h.now), held);
+    // Replies past the byte bound lose their items and stop counting them.
+    for i in 0..70 {
+        h.run(Command::Put {
+            queue: input(),
+            item: item(&format!("s{i}"), &mib),
+        });
+        h.run(Command::Take {
+            queue: input(),
+            selector: take_all(),
+        });
+    }
+    let full = h.state.dedup_bytes(h.now);
+    assert!(
+        full <= DEDUP_MAX_REPLY_BYTES + 200 * DEDUP_ENTRY_BYTES,
+        "{full}"
+    );
+    assert!(full > DEDUP_MAX_REPLY_BYTES - 2 * 1024 * 1024, "{full}");
+    // Aged out: not counted even before the next command drops them.
+    assert_eq!(h.state.dedup_bytes(h.now + DEDUP_WINDOW_MS), 0);
+    h.now += DEDUP_WINDOW_MS;
+    h.run(Command::Tick);
+    assert_eq!(h.state.dedup_bytes(h.now), DEDUP_ENTRY_BYTES);
 }
 
 #[test]

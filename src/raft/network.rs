@@ -110,6 +110,44 @@ pub fn authorized<T>(secret: &str, msg: T, timeout: Option<Duration>) -> tonic::
 pub struct Network {
     pub channels: Channels,
     pub secret: Arc<String>,
+    pub quorum: Arc<LeaderQuorum>,
+}
+
+/// The leader's part of its followers' lease: how long ago a quorum last
+/// acknowledged this node as leader, sent with every replication request
+/// (see [`super::RaftNode::holds_lease`]).
+#[derive(Default)]
+pub struct LeaderQuorum(
+    std::sync::OnceLock<
+        openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
+    >,
+);
+
+impl LeaderQuorum {
+    /// Read this node's metrics from now on (once Raft runs).
+    pub fn set(
+        &self,
+        metrics: openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
+    ) {
+        let _ = self.0.set(metrics);
+    }
+
+    /// Milliseconds since a quorum last acknowledged this node as leader:
+    /// 0 when it is the only voter, `u64::MAX` when no quorum has yet.
+    pub fn age_ms(&self) -> u64 {
+        use openraft::Instant as _;
+        use openraft::async_runtime::WatchReceiver as _;
+        let Some(metrics) = self.0.get() else {
+            return u64::MAX;
+        };
+        let m = metrics.borrow_watched();
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return 0;
+        }
+        m.last_quorum_acked
+            .as_ref()
+            .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64)
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -121,6 +159,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.clone(),
             channels: self.channels.clone(),
             secret: self.secret.clone(),
+            quorum: self.quorum.clone(),
         }
     }
 }
@@ -130,6 +169,7 @@ pub struct PeerConnection {
     addr: String,
     channels: Channels,
     secret: Arc<String>,
+    quorum: Arc<LeaderQuorum>,
 }
 
 fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig, E> {
@@ -160,6 +200,7 @@ impl PeerConnection {
             RaftRequest {
                 target: self.target,
                 body: body.into(),
+                leader_quorum_age_ms: Some(self.quorum.age_ms()),
             },
             Some(option.soft_ttl()),
         )
@@ -227,12 +268,14 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     {
         let target = self.target;
         let secret = self.secret.clone();
+        let quorum = self.quorum.clone();
         let client = self.client();
         Box::pin(async move {
             let mut client = client?;
             let requests = input.map(move |r| RaftRequest {
                 target,
                 body: encode(&r).into(),
+                leader_quorum_age_ms: Some(quorum.age_ms()),
             });
             let call = client.stream_append(authorized(&secret, requests, None));
             let response = tokio::time::timeout(option.soft_ttl(), call)

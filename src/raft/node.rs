@@ -18,8 +18,10 @@
 //! are void when applied in another term; `NodeLost` is decided only while
 //! the leader holds its lease (a quorum acknowledged it recently).
 //!
-//! The lease ([`RaftNode::holds_lease`]): a follower that has not accepted
-//! replication from a leader, or a leader not acknowledged by a quorum, for
+//! The lease ([`RaftNode::holds_lease`]): a leader not acknowledged by a
+//! quorum, or a follower whose leader was not (the leader sends the age of
+//! its last quorum acknowledgement with every replication request, and the
+//! follower counts from the last request it accepted minus that age), for
 //! [`RaftNode::lease`] (shorter than `node_lost_ms`) closes its watchers
 //! and is not ready, before any leader would move its consumers' items.
 
@@ -38,7 +40,7 @@ use tokio::sync::mpsc;
 use super::StorageHealth;
 use super::disk_guard::DiskGuard;
 use super::log_store::LogStore;
-use super::network::{Channels, Network, authorized, decode, encode};
+use super::network::{Channels, LeaderQuorum, Network, authorized, decode, encode};
 use super::pb::ForwardRequest;
 use super::pb::raft_client::RaftClient;
 use super::service::Service;
@@ -206,11 +208,14 @@ impl RaftNode {
         }
         .validate()?;
         let channels = Channels::new(settings.peer_tls.as_ref());
+        let quorum = Arc::new(LeaderQuorum::default());
         let network = Network {
             channels: channels.clone(),
             secret: Arc::new(settings.secret.clone()),
+            quorum: quorum.clone(),
         };
         let raft = Raft::new(settings.id, Arc::new(config), network, log.clone(), sm).await?;
+        quorum.set(raft.metrics());
         let node = Arc::new(Self {
             id: settings.id,
             raft,
@@ -578,6 +583,7 @@ impl RaftNode {
                     super::pb::RaftRequest {
                         target: l,
                         body: Default::default(),
+                        leader_quorum_age_ms: None,
                     },
                     Some(timeout),
                 );
@@ -729,9 +735,27 @@ impl RaftNode {
             && self.holds_lease()
     }
 
-    /// This node accepted replication from a leader just now.
-    pub(crate) fn note_leader_contact(&self) {
-        *self.leader_contact.lock().unwrap() = Some(std::time::Instant::now());
+    /// This node accepted replication from a leader just now. The leader
+    /// said a quorum last acknowledged it `quorum_age_ms` ago (a leader
+    /// that does not say is taken to have just now): the follower's lease
+    /// runs from then, so that a follower cut off together with a leader
+    /// that lost its quorum (a minority of two or more, in a cluster of
+    /// five or more) gives up its lease as that leader does, and its
+    /// watchers reconnect to the majority. Contact never moves back.
+    pub(crate) fn note_leader_contact(&self, quorum_age_ms: Option<u64>) {
+        let now = std::time::Instant::now();
+        let at = match quorum_age_ms {
+            None => now,
+            // A leader no quorum acknowledged yet (just elected) extends
+            // nothing, and takes nothing away either.
+            Some(u64::MAX) => return,
+            Some(age) => match now.checked_sub(Duration::from_millis(age)) {
+                Some(at) => at,
+                None => return,
+            },
+        };
+        let mut contact = self.leader_contact.lock().unwrap();
+        *contact = Some(contact.map_or(at, |before| before.max(at)));
     }
 
     /// `peer` forwarded a command just now.
@@ -759,8 +783,9 @@ impl RaftNode {
 
     /// Whether this node is in touch with a working cluster: a leader whose
     /// quorum acknowledged it within the lease, or a follower that accepted
-    /// replication within the lease. A node without it must not push items:
-    /// the rest of the cluster may be redelivering them.
+    /// replication from a leader that a quorum acknowledged within the lease
+    /// ([`Self::note_leader_contact`]). A node without it must not push
+    /// items: the rest of the cluster may be redelivering them.
     pub fn holds_lease(&self) -> bool {
         let m = self.raft.metrics().borrow_watched().clone();
         let lease = self.lease();

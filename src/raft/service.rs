@@ -195,10 +195,11 @@ impl RaftService for Service {
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        let quorum_age = req.get_ref().leader_quorum_age_ms;
         let rpc = self.open(req)?;
         let result = self.node.raft.append_entries(rpc).await;
         if result.as_ref().is_ok_and(|r| r.is_success()) {
-            self.node.note_leader_contact();
+            self.node.note_leader_contact(quorum_age);
         }
         reply(result)
     }
@@ -210,18 +211,25 @@ impl RaftService for Service {
         req: Request<Streaming<RaftRequest>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
         let id = self.node.id;
-        let input = req.into_inner().filter_map(move |m| async move {
-            let m = m.ok()?;
-            if m.target != id {
-                return None;
+        // The leader's quorum age of the latest request read.
+        let quorum_age = Arc::new(std::sync::Mutex::new(None));
+        let latest = quorum_age.clone();
+        let input = req.into_inner().filter_map(move |m| {
+            let latest = latest.clone();
+            async move {
+                let m = m.ok()?;
+                if m.target != id {
+                    return None;
+                }
+                *latest.lock().unwrap() = m.leader_quorum_age_ms;
+                decode(&m.body).ok()
             }
-            decode(&m.body).ok()
         });
         let node = self.node.clone();
         let output = self.node.raft.stream_append(Box::pin(input)).map(move |r| {
             // Accepted replication: this node is in touch with a leader.
             if r.is_ok() {
-                node.note_leader_contact();
+                node.note_leader_contact(*quorum_age.lock().unwrap());
             }
             Ok(raft_reply(r))
         });

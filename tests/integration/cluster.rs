@@ -40,6 +40,10 @@ pub(crate) struct Cluster {
     pub(crate) listener: eddy::api::ListenerLimits,
     /// TLS on every node's client port.
     pub(crate) client_tls: Option<eddy::tls::ClientPortTls>,
+    /// `--watch-idle-ms` of every node.
+    pub(crate) watch_idle_ms: u64,
+    /// `--max-memory-bytes` of every node.
+    pub(crate) max_memory_bytes: u64,
 }
 
 impl Cluster {
@@ -88,6 +92,8 @@ impl Cluster {
             listener: eddy::api::ListenerLimits::default(),
             status_token: String::new(),
             client_tls: None,
+            watch_idle_ms: 10_000,
+            max_memory_bytes: u64::MAX,
         };
         configure(&mut c);
         for id in 1..=n {
@@ -142,8 +148,8 @@ impl Cluster {
             listener: self.listener,
             peer_listener: Default::default(),
             client_tls: self.client_tls.clone(),
-            watch_idle_ms: 10_000,
-            max_memory_bytes: u64::MAX,
+            watch_idle_ms: self.watch_idle_ms,
+            max_memory_bytes: self.max_memory_bytes,
             services: Vec::new(),
             default_service: None,
         }

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use eddy::queue::{Command, ConsumerSpec, Envelope, QueueKind, QueueRef, Reply, Tags};
+use eddy::queue::{
+    Command, ConsumerSpec, Envelope, NewItem, QueueKind, QueueRef, Reply, ServiceConfig, Tags,
+};
 
 use crate::cluster::{Cluster, create_service};
 
@@ -153,4 +155,432 @@ async fn every_envelope_carries_the_leaders_clock() {
             "applied at {clock}, the follower said {skewed}, the leader's clock {before}.."
         );
     }
+}
+
+/// A service "svc" with `config`, created through `node`.
+async fn create_service_with(node: &eddy::server::RunningNode, config: ServiceConfig) {
+    let cmd = Command::CreateService {
+        name: "svc".into(),
+        config,
+    };
+    assert_eq!(node.node.propose_admin(cmd).await.unwrap(), Reply::Done);
+}
+
+async fn put_item(node: &eddy::server::RunningNode, data: Vec<u8>) -> u64 {
+    let item = NewItem {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        tags: Tags::new(),
+        data: bytes::Bytes::from(data),
+        priority: 0,
+        path: String::new(),
+    };
+    match node
+        .node
+        .propose(Command::Put {
+            queue: svc_input(),
+            item,
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Put { index, .. } => index,
+        other => panic!("put: {other:?}"),
+    }
+}
+
+/// A TCP connection to `addr` with a small receive buffer, so that a client
+/// that does not read stalls the sender soon.
+async fn small_buffer_connection(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// The consumer `user` of group "g", if attached.
+fn consumer(node: &eddy::server::RunningNode, user: &str) -> Option<eddy::queue::Consumer> {
+    node.node.read(|s| {
+        s.queue(&svc_input())
+            .and_then(|q| q.groups.get("g"))
+            .and_then(|g| g.consumers.get(user).cloned())
+    })
+}
+
+/// Delivery under faults, auto-commit: a watcher with `_auto_commit_` that
+/// stops reading loses no item. The node holds at most the auto-commit
+/// window for it (old code: the whole backlog, dispatched and committed at
+/// once, until the buffer overflowed and the connection was closed with
+/// the buffered frames); once the node gives up on it, what the client did
+/// receive plus what another watcher then gets is every item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_commit_watcher_that_stops_reading_loses_no_item() {
+    use futures::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut c = Cluster::new(1, 20_000).await;
+    c.watch_idle_ms = 1_500;
+    c.stop(1).await;
+    c.restart(1).await;
+    let node = c.node(1);
+    create_service_with(
+        node,
+        ServiceConfig {
+            consumer_grace_ms: 300,
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually("node takes watchers", Duration::from_secs(10), || {
+        node.node.accepts_watchers()
+    })
+    .await;
+    // 40 MiB of items: more than a connection's buffer in the node.
+    let total = 640u64;
+    let mut all = std::collections::BTreeSet::new();
+    for i in 0..total {
+        let mut data = vec![(i % 251) as u8; 64 * 1024];
+        data[..8].copy_from_slice(&i.to_be_bytes());
+        all.insert(put_item(node, data).await);
+    }
+    let url = format!(
+        "ws://{}/api/predict/svc?_watch_=true&_index_=0&_window_=1&_auto_commit_=true",
+        node.http_addr
+    );
+    let watch_request = |user: &str| {
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("X-EAS-QueueService-Redis-Uid", user.parse().unwrap());
+        req.headers_mut()
+            .insert("X-EAS-QueueService-Redis-Gid", "g".parse().unwrap());
+        req
+    };
+    let tcp = small_buffer_connection(node.http_addr).await;
+    let (mut stalled, _) = tokio_tungstenite::client_async(watch_request("stalled"), tcp)
+        .await
+        .unwrap();
+    eventually("stalled watcher attached", Duration::from_secs(10), || {
+        consumer(node, "stalled").is_some()
+    })
+    .await;
+    // The client reads nothing: the node holds a bounded part of the queue
+    // for it, and the rest stays in the queue.
+    let mut peak_buffered = 0;
+    let mut peak_held = 0;
+    let gone = eventually(
+        "the node gave up on the stalled watcher",
+        Duration::from_secs(20),
+        || {
+            peak_buffered = peak_buffered.max(node.hub.buffered_bytes());
+            let held = consumer(node, "stalled").map_or(0, |c| c.pending);
+            peak_held = peak_held.max(held);
+            consumer(node, "stalled")
+                .is_none_or(|c| c.status != eddy::queue::ConsumerStatus::Running)
+        },
+    )
+    .await;
+    println!(
+        "stalled watcher detached after {gone:?}: node buffered at most {peak_buffered} bytes, \
+         it held at most {peak_held} items"
+    );
+    assert!(
+        peak_buffered as u64 <= eddy::queue::AUTO_COMMIT_WINDOW_BYTES + 128 * 1024,
+        "the node buffered {peak_buffered} bytes for a client that reads nothing"
+    );
+    assert!(peak_held <= eddy::queue::AUTO_COMMIT_WINDOW, "{peak_held}");
+    // What reached the client's socket is still readable there.
+    let mut received = std::collections::BTreeSet::new();
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), stalled.next()).await
+    {
+        if let Message::Binary(bytes) = msg {
+            let frame = eddy::proto::DataFrameProto::decode(bytes).unwrap();
+            assert_eq!(
+                u64::from_be_bytes(frame.data[..8].try_into().unwrap()) + 1,
+                frame.index
+            );
+            received.insert(frame.index);
+        }
+    }
+    // Another watcher gets everything else, once the grace period is over.
+    let (mut other, _) = tokio_tungstenite::connect_async(watch_request("other"))
+        .await
+        .unwrap();
+    let mut later = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.len() + later.len() < all.len() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), other.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => {
+                later.insert(eddy::proto::DataFrameProto::decode(bytes).unwrap().index);
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    let _ = other.close(None).await;
+    let missing: Vec<u64> = all
+        .iter()
+        .filter(|i| !received.contains(i) && !later.contains(i))
+        .copied()
+        .collect();
+    println!(
+        "stalled client received {}, the other watcher {}, missing {}",
+        received.len(),
+        later.len(),
+        missing.len()
+    );
+    assert!(missing.is_empty(), "lost items: {missing:?}");
+    // Everything was committed once written: the queue drains.
+    eventually("queue empty", Duration::from_secs(10), || {
+        node.node
+            .read(|s| s.queue(&svc_input()).map_or(0, |q| q.len()))
+            == 0
+    })
+    .await;
+    let _ = stalled.send(Message::Close(None)).await;
+}
+
+/// Delivery under faults, connection slots: an HTTP stream ended by the
+/// idle check (its client stopped reading) is reset, so its connection
+/// gives back its slot of the listener's limit (old code: the end of the
+/// body waited on the full socket for ever, holding the slot, and every
+/// later connection waited in the backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http_stream_ended_by_the_idle_check_frees_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut c = Cluster::new(1, 20_000).await;
+    c.watch_idle_ms = 1_000;
+    c.listener = eddy::api::ListenerLimits {
+        max_connections: 1,
+        ..Default::default()
+    };
+    c.stop(1).await;
+    c.restart(1).await;
+    let node = c.node(1);
+    create_service_with(
+        node,
+        ServiceConfig {
+            consumer_grace_ms: 60_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually("node takes watchers", Duration::from_secs(10), || {
+        node.node.accepts_watchers()
+    })
+    .await;
+    let mut stalled = small_buffer_connection(node.http_addr).await;
+    stalled
+        .write_all(
+            b"GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
+              X-EAS-QueueService-Redis-Uid: stalled\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    eventually("stream attached", Duration::from_secs(10), || {
+        consumer(node, "stalled").is_some()
+    })
+    .await;
+    put_item(node, vec![7; 8 * 1024 * 1024]).await;
+    eventually(
+        "the idle check ended the stream",
+        Duration::from_secs(15),
+        || {
+            consumer(node, "stalled")
+                .is_some_and(|c| c.status != eddy::queue::ConsumerStatus::Running)
+        },
+    )
+    .await;
+    let ended = Instant::now();
+    // The only connection slot is free again: another request is served.
+    let mut next = tokio::net::TcpStream::connect(node.http_addr)
+        .await
+        .unwrap();
+    next.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), next.read_to_end(&mut answer))
+        .await
+        .expect("a request after the stalled stream is served")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    println!("slot free {:?} after the stream ended", ended.elapsed());
+    // And the stalled client's connection is over: reading it ends.
+    let mut sink = vec![0; 1 << 16];
+    let over = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stalled.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(over.is_ok(), "the stalled stream's connection stayed open");
+}
+
+/// Delivery under faults, memory: the replies the de-duplication table keeps
+/// for retries count against the node's memory limit, so a node whose
+/// table is full answers puts 429 (old code: the table, up to 64 MiB of
+/// take replies, was not counted and puts went on being admitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dedup_table_makes_puts_answer_429() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    let limit = 24 * 1024 * 1024;
+    let mut c = Cluster::new(1, 20_000).await;
+    c.max_memory_bytes = limit;
+    c.stop(1).await;
+    c.restart(1).await;
+    let node = c.node(1);
+    create_service_with(node, ServiceConfig::default()).await;
+    let app = eddy::api::router(node.app_state.clone());
+    let call = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 8 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let mib = vec![b'x'; 1024 * 1024];
+    let mut refused = None;
+    for round in 0..80 {
+        let (status, body) = call(
+            Request::post("/api/predict/svc")
+                .body(Body::from(mib.clone()))
+                .unwrap(),
+        )
+        .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some((round, body));
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // Taken at once: the queue stays empty, the take's reply is kept.
+        let (status, _) = call(
+            Request::get("/api/predict/svc?_index_=0&_length_=1&_auto_delete_=true&_raw_=false")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let held = node
+        .node
+        .read(|s| s.dedup_bytes(eddy::raft::now_ms()) + s.payload_bytes_held());
+    let (round, body) = refused.expect("puts were admitted while the dedup table grew");
+    println!("refused at round {round} with {held} bytes held: {body}");
+    assert!(body.contains("replies kept for retries"), "{body}");
+    assert_eq!(
+        node.node
+            .read(|s| s.queue(&svc_input()).map_or(0, |q| q.len())),
+        0
+    );
+    assert!(held <= limit, "{held} held past the limit {limit}");
+    assert!(round >= 15, "refused too early: round {round}");
+}
+
+/// Delivery under faults, the lease in a cluster of five: a follower cut
+/// off together with the leader (a minority of two) keeps accepting that
+/// leader's replication, but the leader no longer has a quorum; the
+/// follower gives up its lease as the leader does, before the majority
+/// would move its consumers' items (old code: it kept its lease, and its
+/// watchers, for as long as the leader kept sending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_left_with_a_leader_without_quorum_gives_up_its_lease() {
+    let mut c = Cluster::new(5, 20_000).await;
+    let leader = c.leader().await;
+    let follower = (1..=5).find(|i| *i != leader).unwrap();
+    let node_lost = Duration::from_millis(1_000); // the cluster's node_lost_ms
+    eventually("follower holds its lease", Duration::from_secs(10), || {
+        c.node(follower).node.holds_lease()
+    })
+    .await;
+    let others: Vec<u64> = (1..=5).filter(|i| *i != leader && *i != follower).collect();
+    for id in &others {
+        c.stop(*id).await;
+    }
+    let cut_off_at = Instant::now();
+    let took = eventually("follower gave up its lease", Duration::from_secs(5), || {
+        !c.node(follower).node.holds_lease()
+    })
+    .await;
+    println!("follower beside a leader without quorum gave up its lease after {took:?}");
+    assert!(
+        cut_off_at.elapsed() < node_lost + Duration::from_millis(100),
+        "the lease outlived node-lost: {:?}",
+        cut_off_at.elapsed()
+    );
+    assert!(!c.node(leader).node.holds_lease());
+    assert!(!c.node(follower).node.accepts_watchers());
+    // It was still hearing from that leader all along.
+    assert_eq!(c.node(follower).node.status().leader, Some(leader));
+}
+
+/// Delivery under faults, dead peers: every accepted HTTP connection has
+/// TCP keepalive and a user timeout derived from the watch idle limit, so a
+/// watch whose host died is aborted by the kernel within about that limit
+/// even when the node has nothing to send it (old code: neither was set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_detect_a_dead_peer_within_the_watch_idle_limit() {
+    use std::os::fd::BorrowedFd;
+
+    let mut c = Cluster::new(1, 20_000).await;
+    c.watch_idle_ms = 6_000;
+    c.stop(1).await;
+    c.restart(1).await;
+    let server = c.node(1).http_addr;
+    let client = tokio::net::TcpStream::connect(server).await.unwrap();
+    let ours = client.local_addr().unwrap();
+    // The node's end of this connection, among this process's descriptors.
+    let mut found = None;
+    for _ in 0..100 {
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // SAFETY: only read through, while the descriptor table is
+            // not changed by this test for the connection looked for.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&borrowed);
+            let matches = sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(server)
+                && sock.peer_addr().ok().and_then(|a| a.as_socket()) == Some(ours);
+            if matches {
+                found = Some((
+                    sock.keepalive().unwrap(),
+                    sock.tcp_keepalive_time().unwrap(),
+                    sock.tcp_keepalive_interval().unwrap(),
+                    sock.tcp_keepalive_retries().unwrap(),
+                    sock.tcp_user_timeout().unwrap(),
+                ));
+            }
+        }
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (on, time, interval, retries, user_timeout) =
+        found.expect("the node's end of the connection");
+    println!(
+        "keepalive {on}, after {time:?}, every {interval:?}, {retries} probes, user timeout {user_timeout:?}"
+    );
+    assert!(on, "no keepalive on an accepted connection");
+    assert_eq!(user_timeout, Some(Duration::from_millis(6_000)));
+    // The first probe goes out well within the limit, and probing outlasts it
+    // (the user timeout, not the probe count, ends the connection).
+    assert!(time <= Duration::from_secs(3), "{time:?}");
+    assert!(time + interval * retries >= Duration::from_secs(6));
+    drop(client);
 }
