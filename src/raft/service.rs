@@ -826,7 +826,10 @@ mod tests {
 
         use super::super::super::network::{decode, encode};
         use super::super::super::types::{Entry, SnapshotMeta, Vote};
-        use crate::queue::{Command, Envelope, NewItem, QueueKind, QueueRef, Tags};
+        use crate::queue::{
+            Command, Envelope, Frame, NewItem, QueueKind, QueueRef, QueueState, Rejection, Reply,
+            Tags,
+        };
 
         type AppendRequest =
             openraft::raft::AppendEntriesRequest<super::super::super::types::TypeConfig>;
@@ -878,6 +881,42 @@ mod tests {
             let _ = decode::<Vec<Entry>>(bytes);
         }
 
+        /// Forwarded answers, and the de-duplication table that snapshots
+        /// carry (the queue state, decoded with the same types).
+        fn sample_replies() -> Vec<Vec<u8>> {
+            let frame = Frame {
+                index: 4,
+                tags: Tags::from([("k".to_string(), "v".to_string())]),
+                data: bytes::Bytes::from_static(b"payload"),
+                path: "/p".into(),
+                message: String::new(),
+            };
+            let put = Reply::Put {
+                index: 3,
+                request_id: "r-1".into(),
+            };
+            let items = Reply::Items(vec![frame]);
+            let rejected = Reply::Rejected(Rejection::TooLarge { size: 9, limit: 1 });
+            [
+                put.clone(),
+                items.clone(),
+                Reply::batch(vec![put, items, rejected]),
+                Reply::Done,
+            ]
+            .iter()
+            .map(encode)
+            .collect()
+        }
+
+        fn check_reply(bytes: &[u8]) {
+            if let Ok(r) = decode::<Reply>(bytes) {
+                assert!(!r.has_nested_batch(), "a nested reply batch was decoded");
+                let again: Reply = decode(&encode(&r)).expect("re-encoded reply decodes");
+                assert_eq!(again, r);
+            }
+            let _ = decode::<QueueState>(bytes);
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
 
@@ -887,6 +926,7 @@ mod tests {
             ) {
                 check_envelope(&bytes);
                 check_raft_messages(&bytes);
+                check_reply(&bytes);
             }
 
             #[test]
@@ -911,6 +951,31 @@ mod tests {
                 check_envelope(&bytes);
                 check_envelope(&spliced);
                 check_raft_messages(&spliced);
+            }
+
+            #[test]
+            fn mutated_replies_decode_to_flat_replies_or_errors(
+                which in 0usize..4,
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                cut in any::<prop::sample::Index>(),
+                nest in 0usize..64,
+            ) {
+                let mut bytes = sample_replies()[which].clone();
+                for (at, value) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+                // Sometimes splice reply batch openings into the middle.
+                let open = {
+                    let one = encode(&Reply::batch(vec![Reply::Done]));
+                    one[..one.len() - encode(&Reply::Done).len()].to_vec()
+                };
+                let at = cut.index(bytes.len());
+                let mut spliced = bytes[..at].to_vec();
+                spliced.extend_from_slice(&open.repeat(nest));
+                spliced.extend_from_slice(&bytes[at..]);
+                check_reply(&bytes);
+                check_reply(&spliced);
             }
         }
     }
