@@ -333,28 +333,49 @@ pub enum Command {
 }
 
 thread_local! {
-    /// Set while the elements of a batch are being decoded.
+    /// Set while the elements of a command batch are being decoded.
     static DECODING_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set while the elements of a reply batch are being decoded.
+    static DECODING_REPLY_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Decode a batch's commands, refusing a batch inside them before descending
-/// into it (deserialization is synchronous, so a thread-local flag marks the
-/// enclosing batch).
+/// Decode the elements of a batch, refusing a batch inside them before
+/// descending into it (deserialization is synchronous, so a thread-local
+/// flag marks the enclosing batch).
+fn deserialize_flat<'de, D, T>(
+    d: D,
+    decoding: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Reset(&'static std::thread::LocalKey<std::cell::Cell<bool>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    if decoding.replace(true) {
+        return Err(serde::de::Error::custom(what));
+    }
+    let _reset = Reset(decoding);
+    Vec::<T>::deserialize(d)
+}
+
 fn deserialize_flat_batch<'de, D>(d: D) -> Result<Vec<Command>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            DECODING_BATCH.set(false);
-        }
-    }
-    if DECODING_BATCH.replace(true) {
-        return Err(serde::de::Error::custom("nested command batch"));
-    }
-    let _reset = Reset;
-    Vec::<Command>::deserialize(d)
+    deserialize_flat(d, &DECODING_BATCH, "nested command batch")
+}
+
+fn deserialize_flat_reply_batch<'de, D>(d: D) -> Result<Vec<Reply>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    deserialize_flat(d, &DECODING_REPLY_BATCH, "nested reply batch")
 }
 
 impl Command {
@@ -460,7 +481,38 @@ pub enum Reply {
         duplicate: bool,
     },
     Rejected(Rejection),
-    Batch(Vec<Reply>),
+    /// The replies of a [`Command::Batch`], in order. Like command batches,
+    /// reply batches never nest: [`Reply::batch`] builds one, and a nested
+    /// one is refused when decoded (replies come from peers, in forwarded
+    /// answers and in the de-duplication table of snapshots), so decoding
+    /// never recurses deeper than one level.
+    Batch(#[serde(deserialize_with = "deserialize_flat_reply_batch")] Vec<Reply>),
+}
+
+impl Reply {
+    /// The reply of a batch: `replies` in order, any batch among them
+    /// replaced by a rejection (a batch reply never holds another).
+    pub fn batch(replies: Vec<Reply>) -> Reply {
+        Reply::Batch(
+            replies
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Batch(_) => {
+                        Reply::Rejected(Rejection::Invalid("nested reply batch".into()))
+                    }
+                    r => r,
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether this is a batch holding another batch (never valid).
+    pub fn has_nested_batch(&self) -> bool {
+        match self {
+            Reply::Batch(replies) => replies.iter().any(|r| matches!(r, Reply::Batch(_))),
+            _ => false,
+        }
+    }
 }
 
 /// Side effects of an applied command, for the node that owns the

@@ -153,7 +153,7 @@ fn kept_bytes(reply: &Reply) -> u64 {
 fn without_items(reply: Reply) -> Reply {
     match reply {
         Reply::Items(frames) if !frames.is_empty() => Reply::Rejected(Rejection::ReplyNotKept),
-        Reply::Batch(replies) => Reply::Batch(replies.into_iter().map(without_items).collect()),
+        Reply::Batch(replies) => Reply::batch(replies.into_iter().map(without_items).collect()),
         other => other,
     }
 }
@@ -552,7 +552,7 @@ impl QueueState {
                 svc.queue_mut(queue.kind).purge_dead_letters();
                 Ok(Reply::Done)
             }
-            Command::Batch(commands) => Ok(Reply::Batch(
+            Command::Batch(commands) => Ok(Reply::batch(
                 commands
                     .iter()
                     .map(|c| match c {

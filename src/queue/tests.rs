@@ -747,6 +747,73 @@ fn a_flat_batch_decodes_and_a_nested_one_is_refused_at_decode_without_recursing(
     assert!(matches!(again, Command::Batch(_)));
 }
 
+/// The encoding of `depth` reply batches nested around a `Done`, built by
+/// hand like [`nested_batch_bytes`].
+fn nested_reply_bytes(depth: usize) -> Vec<u8> {
+    let done = postcard::to_allocvec(&Reply::Done).unwrap();
+    let one = postcard::to_allocvec(&Reply::batch(vec![Reply::Done])).unwrap();
+    let open = &one[..one.len() - done.len()];
+    let mut bytes = open.repeat(depth);
+    bytes.extend_from_slice(&done);
+    bytes
+}
+
+#[test]
+fn a_nested_reply_batch_is_refused_at_decode_and_at_construction_without_recursing() {
+    let flat: Reply = postcard::from_bytes(&nested_reply_bytes(1)).unwrap();
+    assert_eq!(flat, Reply::Batch(vec![Reply::Done]));
+    for depth in [2, 1_900, 5_000, 200_000] {
+        let err = postcard::from_bytes::<Reply>(&nested_reply_bytes(depth));
+        assert!(err.is_err(), "depth {depth} must be refused");
+    }
+    let again: Reply = postcard::from_bytes(&nested_reply_bytes(1)).unwrap();
+    assert!(matches!(again, Reply::Batch(_)));
+
+    let built = Reply::batch(vec![Reply::Done, Reply::batch(vec![Reply::Done])]);
+    assert!(!built.has_nested_batch());
+    match built {
+        Reply::Batch(replies) => {
+            assert_eq!(replies[0], Reply::Done);
+            assert!(matches!(replies[1], Reply::Rejected(Rejection::Invalid(_))));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Snapshots carry the de-duplication table, batch replies included: a
+/// snapshot whose kept reply is deeply nested is refused when decoded.
+#[test]
+fn a_snapshot_whose_dedup_table_holds_a_nested_reply_is_refused() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let reply = h.run(Command::Batch(vec![Command::Truncate {
+        queue: input(),
+        before: 1,
+    }]));
+    assert_eq!(reply, Reply::Batch(vec![Reply::Done]));
+    let state = postcard::to_allocvec(&h.state).unwrap();
+    let kept = postcard::to_allocvec(&reply).unwrap();
+    // The table is encoded after the services and ids, before the clock.
+    let at = state
+        .windows(kept.len())
+        .rposition(|w| w == kept)
+        .expect("the kept reply is in the snapshot");
+    let splice = |depth: usize| {
+        let mut forged = state[..at].to_vec();
+        forged.extend_from_slice(&nested_reply_bytes(depth));
+        forged.extend_from_slice(&state[at + kept.len()..]);
+        forged
+    };
+    let mut same: QueueState = postcard::from_bytes(&splice(1)).unwrap();
+    same.rebuild_derived();
+    assert_eq!(same, h.state, "the splice replaces the kept reply");
+    for depth in [2, 200_000] {
+        assert!(
+            postcard::from_bytes::<QueueState>(&splice(depth)).is_err(),
+            "depth {depth} must be refused"
+        );
+    }
+}
+
 #[test]
 fn applying_a_nested_batch_rejects_the_inner_batch_and_applies_the_rest() {
     let mut h = Harness::new(ServiceConfig::default());

@@ -30,7 +30,7 @@ use super::pb::{RaftRequest, SnapshotChunk};
 use super::types::{NodeInfo, Snapshot, TypeConfig, Vote};
 
 pub const SECRET_HEADER: &str = "x-eddy-cluster-secret";
-const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+pub(super) const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 /// Chunks read ahead of the gRPC stream while sending a snapshot.
 const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
 /// The deadline of a snapshot transfer with no data; openraft's

@@ -43,7 +43,7 @@ use super::log_store::LogStore;
 use super::network::{Channels, LeaderQuorum, Network, authorized, decode, encode};
 use super::pb::ForwardRequest;
 use super::pb::raft_client::RaftClient;
-use super::service::Service;
+use super::service::{PeerServer, Service};
 use super::state_machine::{SharedState, StateMachine};
 use super::types::{NodeInfo, Raft};
 use crate::queue::{Command, Envelope, Event, QueueState, Reply};
@@ -53,8 +53,10 @@ use crate::queue::{Command, Envelope, Event, QueueState, Reply};
 /// payloads must not pile up in the log's memory.
 const SNAPSHOT_LOG_BYTES: u64 = 256 * 1024 * 1024;
 
-/// Largest peer message decoded. Replication reads are capped by bytes
-/// well below this, and a single entry is at most one payload.
+/// Largest peer message decoded: replies, and the replication calls.
+/// Replication reads are capped by bytes well below this, and a single entry
+/// is at most one payload. Other calls have smaller limits (see
+/// `service::PeerServer`).
 pub(crate) const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// A cluster member as configured: id, Raft (gRPC) address, HTTP address.
@@ -232,10 +234,10 @@ impl RaftNode {
             peer_contact: std::sync::Mutex::new(BTreeMap::new()),
         });
 
+        // The secret is checked on the headers first; each method's decode
+        // limit then applies to the messages of an authenticated call.
         let service = tonic::service::interceptor::InterceptedService::new(
-            super::pb::raft_server::RaftServer::new(Service { node: node.clone() })
-                .max_decoding_message_size(MAX_PEER_MESSAGE)
-                .max_encoding_message_size(MAX_PEER_MESSAGE),
+            PeerServer::new(Service { node: node.clone() }),
             super::service::authenticate(settings.secret.clone()),
         );
         let limits = settings.peer_listener;

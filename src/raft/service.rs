@@ -1,16 +1,22 @@
 //! The server side of node-to-node gRPC: Raft messages into the local
 //! openraft instance, and forwarded client commands into the local proposer
 //! when this node leads.
+//!
+//! A call is authenticated by the cluster secret on its headers, then each
+//! of its messages is held to its method's size limit on its length prefix,
+//! then decoded: nothing unauthenticated or oversized is buffered.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
+use tonic::codegen::Service as TowerService;
+use tonic::codegen::http::Request as HttpRequest;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::StorageHealth;
-use super::network::{SECRET_HEADER, decode, encode};
-use super::node::{ProposeError, RaftNode};
-use super::pb::raft_server::Raft as RaftService;
+use super::network::{SECRET_HEADER, SNAPSHOT_CHUNK, decode, encode};
+use super::node::{MAX_PEER_MESSAGE, ProposeError, RaftNode};
+use super::pb::raft_server::{Raft as RaftService, RaftServer};
 use super::pb::{ForwardReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk};
 use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{SnapshotMeta, Vote};
@@ -38,6 +44,113 @@ pub(super) fn authenticate(
         } else {
             Err(Status::unauthenticated("cluster secret mismatch"))
         }
+    }
+}
+
+/// Largest message of the small peer calls (`Vote`, `PreVote`,
+/// `ReadIndex`): a vote and a log id, a few dozen bytes encoded.
+pub(super) const CONTROL_MESSAGE_LIMIT: usize = 4 * 1024;
+
+/// Largest forwarded command: one payload at the ceiling plus its request
+/// id, tags and sub-path (tens of KiB at most), with ample room.
+pub(super) const FORWARD_MESSAGE_LIMIT: usize =
+    crate::queue::MAX_PAYLOAD_CEILING as usize + 1024 * 1024;
+
+/// Largest snapshot chunk: [`SNAPSHOT_CHUNK`] bytes of data, or the first
+/// chunk's vote and snapshot meta (the membership: small).
+pub(super) const SNAPSHOT_MESSAGE_LIMIT: usize = SNAPSHOT_CHUNK + 1024 * 1024;
+
+/// The peer calls grouped by how large a message each legitimately carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallSize {
+    Control,
+    Forward,
+    /// `AppendEntries` and `StreamAppend`: a replication read is cut after
+    /// 8 MiB of entries but holds at least one, and an entry is at most one
+    /// payload, so these keep the general peer limit.
+    Replication,
+    Snapshot,
+}
+
+impl CallSize {
+    const ALL: [CallSize; 4] = [
+        CallSize::Control,
+        CallSize::Forward,
+        CallSize::Replication,
+        CallSize::Snapshot,
+    ];
+
+    /// The size class of the call at gRPC path `path`. Unknown methods are
+    /// answered `Unimplemented` by any server; they get the smallest limit.
+    fn of(path: &str) -> Self {
+        match path.strip_prefix("/eddy.raft.Raft/") {
+            Some("Forward") => CallSize::Forward,
+            Some("AppendEntries" | "StreamAppend") => CallSize::Replication,
+            Some("InstallSnapshot") => CallSize::Snapshot,
+            _ => CallSize::Control,
+        }
+    }
+
+    fn decode_limit(self) -> usize {
+        match self {
+            CallSize::Control => CONTROL_MESSAGE_LIMIT,
+            CallSize::Forward => FORWARD_MESSAGE_LIMIT,
+            CallSize::Replication => MAX_PEER_MESSAGE,
+            CallSize::Snapshot => SNAPSHOT_MESSAGE_LIMIT,
+        }
+    }
+}
+
+/// The peer gRPC service with a decode limit per method: one generated
+/// server per size class, all sharing one [`Service`], and each call routed
+/// by its path to the server of its class. tonic checks every message's
+/// length prefix against its server's limit before buffering the message,
+/// so an oversized message costs the node nothing but its first bytes.
+/// Callers are authenticated before any of this (see [`authenticate`]).
+#[derive(Clone)]
+pub(super) struct PeerServer {
+    by_size: [RaftServer<Service>; 4],
+}
+
+impl PeerServer {
+    pub(super) fn new(service: Service) -> Self {
+        let service = Arc::new(service);
+        Self {
+            by_size: CallSize::ALL.map(|size| {
+                RaftServer::from_arc(service.clone())
+                    .max_decoding_message_size(size.decode_limit())
+                    .max_encoding_message_size(MAX_PEER_MESSAGE)
+            }),
+        }
+    }
+}
+
+impl tonic::server::NamedService for PeerServer {
+    const NAME: &'static str = super::pb::raft_server::SERVICE_NAME;
+}
+
+impl<B> TowerService<HttpRequest<B>> for PeerServer
+where
+    RaftServer<Service>: TowerService<HttpRequest<B>>,
+{
+    type Response = <RaftServer<Service> as TowerService<HttpRequest<B>>>::Response;
+    type Error = <RaftServer<Service> as TowerService<HttpRequest<B>>>::Error;
+    type Future = <RaftServer<Service> as TowerService<HttpRequest<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The generated servers are always ready; poll each anyway.
+        for server in &mut self.by_size {
+            std::task::ready!(server.poll_ready(cx))?;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest<B>) -> Self::Future {
+        // `by_size` is in the order of `CallSize::ALL`, the declaration order.
+        self.by_size[CallSize::of(req.uri().path()) as usize].call(req)
     }
 }
 
@@ -645,6 +758,245 @@ mod tests {
         node.shutdown().await;
     }
 
+    /// A gRPC call to `method` whose single message declares `declared`
+    /// bytes, of which `payload` is sent. Unless `finish`, the request body
+    /// then stays open, as from a client still sending. Returns the gRPC
+    /// status code the node answers with.
+    async fn half_sent_call(
+        node: &RaftNode,
+        secret: &str,
+        method: &str,
+        declared: u32,
+        payload: &[u8],
+        finish: bool,
+    ) -> Option<tonic::Code> {
+        use tonic::codegen::http;
+        let channel = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            node.settings_raft_addr()
+        ))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        let mut message = vec![0u8];
+        message.extend_from_slice(&declared.to_be_bytes());
+        message.extend_from_slice(payload);
+        let first = futures::stream::once(async move {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(message)))
+        });
+        let frames = if finish {
+            first.boxed()
+        } else {
+            first.chain(futures::stream::pending()).boxed()
+        };
+        let req = http::Request::post(format!(
+            "http://{}/eddy.raft.Raft/{method}",
+            node.settings_raft_addr()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(SECRET_HEADER, secret)
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+        .unwrap();
+        let mut channel = channel;
+        std::future::poll_fn(|cx| {
+            TowerService::<http::Request<tonic::body::Body>>::poll_ready(&mut channel, cx)
+        })
+        .await
+        .unwrap();
+        let resp = TowerService::call(&mut channel, req).await.unwrap();
+        let code = |headers: &http::HeaderMap| {
+            headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+                .map(tonic::Code::from_i32)
+        };
+        if let Some(c) = code(resp.headers()) {
+            return Some(c);
+        }
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.ok()?;
+        body.trailers().and_then(code)
+    }
+
+    /// Each peer method has a decode limit that fits what it carries,
+    /// checked on the message's length prefix: with the right secret, a
+    /// message over its method's limit (but under the 64 MiB that every
+    /// method used to allow) is refused while the client is still sending
+    /// it, so the node never buffers it; the node keeps serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_messages_are_refused_by_method_before_they_arrive() {
+        use prost::Message as _;
+        let (node, _dir) = single_node("the-secret", "").await;
+        node.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "single node leads")
+            .await
+            .unwrap();
+        let over = |limit: usize| (limit + 1) as u32;
+        for (method, declared) in [
+            ("Vote", 16 << 20),
+            ("PreVote", over(CONTROL_MESSAGE_LIMIT)),
+            ("ReadIndex", 16 << 20),
+            ("InstallSnapshot", 16 << 20),
+            ("Forward", 40 << 20),
+        ] {
+            let started = std::time::Instant::now();
+            let code = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                half_sent_call(
+                    &node,
+                    "the-secret",
+                    method,
+                    declared,
+                    &[0x5a; 64 * 1024],
+                    false,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{method}: a {declared}-byte message was awaited, not refused")
+            });
+            println!(
+                "{method}: {declared}-byte message refused with {code:?} after {:?}",
+                started.elapsed()
+            );
+            assert_eq!(code, Some(tonic::Code::OutOfRange), "{method}");
+        }
+        // The secret is still checked first.
+        let code = half_sent_call(&node, "wrong", "Vote", 16 << 20, &[0x5a; 1024], false).await;
+        assert_eq!(code, Some(tonic::Code::Unauthenticated));
+        // A message at the limit reaches the method (and is refused there as
+        // no vote, not for its size).
+        let at_limit = RaftRequest {
+            target: 1,
+            body: vec![0xff; CONTROL_MESSAGE_LIMIT - 5].into(),
+        }
+        .encode_to_vec();
+        assert_eq!(at_limit.len(), CONTROL_MESSAGE_LIMIT);
+        let code = half_sent_call(
+            &node,
+            "the-secret",
+            "Vote",
+            at_limit.len() as u32,
+            &at_limit,
+            true,
+        );
+        assert_eq!(code.await, Some(tonic::Code::InvalidArgument));
+
+        // The node still serves peers.
+        let mut c = client(&node).await;
+        let r = c
+            .read_index(super::super::network::authorized(
+                "the-secret",
+                RaftRequest {
+                    target: 1,
+                    body: Default::default(),
+                },
+                None,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.error, "");
+        let put = encode(&Envelope {
+            id: 11,
+            now_ms: 1,
+            command: Command::Truncate {
+                queue: QueueRef::new("s", QueueKind::Input),
+                before: 1,
+            },
+        });
+        let r = c
+            .forward(forward_request("the-secret", put, 1, Vec::new()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(r.error_kind, "unavailable", "{}", r.error);
+        node.shutdown().await;
+    }
+
+    /// Every method's limit admits the largest message it legitimately
+    /// carries: a forwarded put of a payload at the ceiling with the most
+    /// and largest tags, a full snapshot chunk, a vote.
+    #[test]
+    fn method_limits_fit_the_largest_legitimate_messages() {
+        use crate::queue::{MAX_PAYLOAD_CEILING, NewItem, Tags};
+        use prost::Message as _;
+        assert_eq!(CallSize::of("/eddy.raft.Raft/Vote"), CallSize::Control);
+        assert_eq!(CallSize::of("/eddy.raft.Raft/Forward"), CallSize::Forward);
+        assert_eq!(
+            CallSize::of("/eddy.raft.Raft/StreamAppend"),
+            CallSize::Replication
+        );
+        assert_eq!(
+            CallSize::of("/eddy.raft.Raft/InstallSnapshot"),
+            CallSize::Snapshot
+        );
+        assert_eq!(CallSize::of("/other.Svc/Forward"), CallSize::Control);
+
+        let tags: Tags = (0..32)
+            .map(|i| (format!("{i:0>128}"), "v".repeat(1024)))
+            .collect();
+        let item = NewItem {
+            request_id: "r".repeat(128),
+            tags,
+            data: bytes::Bytes::from(vec![0u8; MAX_PAYLOAD_CEILING as usize]),
+            priority: u32::MAX,
+            path: "p".repeat(1024),
+        };
+        let largest = [
+            Command::Put {
+                queue: QueueRef::new("s".repeat(128), QueueKind::Input),
+                item: item.clone(),
+            },
+            Command::Complete {
+                service: "s".repeat(128),
+                group: "g".repeat(128),
+                input_index: u64::MAX,
+                result: Some(item),
+            },
+        ];
+        for command in largest {
+            let request = ForwardRequest {
+                command: encode(&Envelope {
+                    id: u128::MAX,
+                    now_ms: u64::MAX,
+                    command,
+                })
+                .into(),
+                from: u64::MAX,
+                admin_proof: vec![0u8; 32].into(),
+            };
+            assert!(request.encoded_len() <= FORWARD_MESSAGE_LIMIT);
+        }
+        let chunk = SnapshotChunk {
+            target: u64::MAX,
+            meta: Default::default(),
+            data: vec![0u8; SNAPSHOT_CHUNK].into(),
+        };
+        assert!(chunk.encoded_len() <= SNAPSHOT_MESSAGE_LIMIT);
+        let vote = openraft::raft::VoteRequest::<super::super::types::TypeConfig> {
+            vote: Vote::new(u64::MAX, u64::MAX),
+            last_log_id: Some(
+                openraft::testing::log_id::<super::super::types::TypeConfig>(
+                    u64::MAX,
+                    u64::MAX,
+                    u64::MAX,
+                ),
+            ),
+            leadership_transfer: true,
+        };
+        let request = RaftRequest {
+            target: u64::MAX,
+            body: encode(&vote).into(),
+        };
+        assert!(request.encoded_len() <= CONTROL_MESSAGE_LIMIT);
+    }
+
     mod decode_fuzz {
         //! The peer message decoder on arbitrary and mutated input (bounded
         //! case counts, so a CI run takes seconds): it never panics or
@@ -653,7 +1005,10 @@ mod tests {
 
         use super::super::super::network::{decode, encode};
         use super::super::super::types::{Entry, SnapshotMeta, Vote};
-        use crate::queue::{Command, Envelope, NewItem, QueueKind, QueueRef, Tags};
+        use crate::queue::{
+            Command, Envelope, Frame, NewItem, QueueKind, QueueRef, QueueState, Rejection, Reply,
+            Tags,
+        };
 
         type AppendRequest =
             openraft::raft::AppendEntriesRequest<super::super::super::types::TypeConfig>;
@@ -705,6 +1060,42 @@ mod tests {
             let _ = decode::<Vec<Entry>>(bytes);
         }
 
+        /// Forwarded answers, and the de-duplication table that snapshots
+        /// carry (the queue state, decoded with the same types).
+        fn sample_replies() -> Vec<Vec<u8>> {
+            let frame = Frame {
+                index: 4,
+                tags: Tags::from([("k".to_string(), "v".to_string())]),
+                data: bytes::Bytes::from_static(b"payload"),
+                path: "/p".into(),
+                message: String::new(),
+            };
+            let put = Reply::Put {
+                index: 3,
+                request_id: "r-1".into(),
+            };
+            let items = Reply::Items(vec![frame]);
+            let rejected = Reply::Rejected(Rejection::TooLarge { size: 9, limit: 1 });
+            [
+                put.clone(),
+                items.clone(),
+                Reply::batch(vec![put, items, rejected]),
+                Reply::Done,
+            ]
+            .iter()
+            .map(encode)
+            .collect()
+        }
+
+        fn check_reply(bytes: &[u8]) {
+            if let Ok(r) = decode::<Reply>(bytes) {
+                assert!(!r.has_nested_batch(), "a nested reply batch was decoded");
+                let again: Reply = decode(&encode(&r)).expect("re-encoded reply decodes");
+                assert_eq!(again, r);
+            }
+            let _ = decode::<QueueState>(bytes);
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
 
@@ -714,6 +1105,7 @@ mod tests {
             ) {
                 check_envelope(&bytes);
                 check_raft_messages(&bytes);
+                check_reply(&bytes);
             }
 
             #[test]
@@ -738,6 +1130,31 @@ mod tests {
                 check_envelope(&bytes);
                 check_envelope(&spliced);
                 check_raft_messages(&spliced);
+            }
+
+            #[test]
+            fn mutated_replies_decode_to_flat_replies_or_errors(
+                which in 0usize..4,
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                cut in any::<prop::sample::Index>(),
+                nest in 0usize..64,
+            ) {
+                let mut bytes = sample_replies()[which].clone();
+                for (at, value) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+                // Sometimes splice reply batch openings into the middle.
+                let open = {
+                    let one = encode(&Reply::batch(vec![Reply::Done]));
+                    one[..one.len() - encode(&Reply::Done).len()].to_vec()
+                };
+                let at = cut.index(bytes.len());
+                let mut spliced = bytes[..at].to_vec();
+                spliced.extend_from_slice(&open.repeat(nest));
+                spliced.extend_from_slice(&bytes[at..]);
+                check_reply(&bytes);
+                check_reply(&spliced);
             }
         }
     }
