@@ -144,6 +144,9 @@ struct EngineArgs {
     /// Serve synchronous `POST /api/predict/{service}` here (optional).
     #[arg(long, env = "EDDY_ENGINE_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Largest body of a synchronous request (HTTP 413 beyond).
+    #[arg(long, env = "EDDY_ENGINE_SYNC_MAX_BODY_BYTES", default_value_t = eddy::api::DEFAULT_SYNC_MAX_BODY_BYTES)]
+    sync_max_body_bytes: u64,
     /// How long shutdown waits for items in progress, in milliseconds.
     #[arg(long, env = "EDDY_ENGINE_DRAIN_MS", default_value_t = 30_000)]
     drain_ms: u64,
@@ -882,7 +885,7 @@ async fn engine(a: EngineArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listen) = a.listen {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        let app = eddy::api::sync_router(engine.clone(), a.service);
+        let app = eddy::api::sync_router(engine.clone(), a.service, a.sync_max_body_bytes);
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
             let stop = async move {

@@ -6,16 +6,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 
+use super::ApiError;
 use crate::engine::{Engine, ModelError, SyncError};
 
-/// `POST /api/predict/{service}[/path]` answered by calling the model directly.
-pub fn sync_router(engine: Arc<Engine>, service: String) -> Router {
+/// Default of the largest synchronous request body: the default payload
+/// limit of a service, which the same request sent through the queue meets.
+pub const DEFAULT_SYNC_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+
+/// `POST /api/predict/{service}[/path]` answered by calling the model
+/// directly. Before a byte of the body is read, the caller must hold the
+/// service token (401), declare no more than `max_body_bytes` (413) and get
+/// one of the engine's synchronous places (429); the body is then read up
+/// to `max_body_bytes` (413 beyond).
+pub fn sync_router(engine: Arc<Engine>, service: String, max_body_bytes: u64) -> Router {
     let svc = Arc::new(service);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -25,49 +34,67 @@ pub fn sync_router(engine: Arc<Engine>, service: String) -> Router {
                 move |State(engine): State<Arc<Engine>>,
                       Path(rest): Path<String>,
                       headers: HeaderMap,
-                      body: Bytes| {
+                      body: Body| {
                     let svc = svc.clone();
                     async move {
-                        let (name, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
-                        if name != svc.as_str() {
-                            return (StatusCode::NOT_FOUND, format!("this engine serves {svc}\n"))
-                                .into_response();
-                        }
-                        let given = headers
-                            .get(header::AUTHORIZATION)
-                            .map(|v| v.as_bytes())
-                            .unwrap_or_default();
-                        if !engine.token_matches(given) {
-                            return (
-                                StatusCode::UNAUTHORIZED,
-                                "invalid or missing token in Authorization\n",
-                            )
-                                .into_response();
-                        }
-                        match engine.predict_sync(path, body).await {
-                            Ok(r) => (
-                                StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY),
-                                r.body,
-                            )
-                                .into_response(),
-                            Err(SyncError::Busy) => (
-                                StatusCode::TOO_MANY_REQUESTS,
-                                "the engine is busy; retry later\n",
-                            )
-                                .into_response(),
-                            Err(SyncError::Model(ModelError::Timeout(_))) => {
-                                (StatusCode::GATEWAY_TIMEOUT, "model timed out\n").into_response()
-                            }
-                            Err(SyncError::Model(e @ ModelError::BadPath(_))) => {
-                                (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
-                            }
-                            Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
-                        }
+                        sync_predict(&engine, &svc, &rest, &headers, body, max_body_bytes)
+                            .await
+                            .unwrap_or_else(IntoResponse::into_response)
                     }
                 },
             ),
         )
         .with_state(engine)
+}
+
+async fn sync_predict(
+    engine: &Engine,
+    service: &str,
+    rest: &str,
+    headers: &HeaderMap,
+    body: Body,
+    max_body_bytes: u64,
+) -> Result<Response, ApiError> {
+    let (name, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if name != service {
+        return Err(ApiError::NotFound(format!("this engine serves {service}")));
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !engine.token_matches(given) {
+        return Err(ApiError::Unauthorized(
+            "invalid or missing token in Authorization".into(),
+        ));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body_bytes) {
+        return Err(ApiError::TooLarge(format!(
+            "payload exceeds the limit of {max_body_bytes} bytes"
+        )));
+    }
+    let place = engine
+        .sync_place()
+        .map_err(|_| ApiError::Full("the engine is busy; retry later".into()))?;
+    let body = super::eas::read_body(body, max_body_bytes).await?;
+    match engine.predict_sync(place, path, body).await {
+        Ok(r) => Ok((
+            StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            r.body,
+        )
+            .into_response()),
+        Err(SyncError::Busy) => Err(ApiError::Full("the engine is busy; retry later".into())),
+        Err(SyncError::Model(ModelError::Timeout(_))) => {
+            Ok((StatusCode::GATEWAY_TIMEOUT, "model timed out\n").into_response())
+        }
+        Err(SyncError::Model(e @ ModelError::BadPath(_))) => {
+            Err(ApiError::BadRequest(e.to_string()))
+        }
+        Err(e) => Ok((StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response()),
+    }
 }
 
 /// Behaviour of the demo model.

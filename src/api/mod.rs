@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use crate::queue::Rejection;
 use crate::raft::{ProposeError, RaftNode};
 
-pub use engine_http::{DemoModel, demo_model_router, sync_router};
+pub use engine_http::{DEFAULT_SYNC_MAX_BODY_BYTES, DemoModel, demo_model_router, sync_router};
 pub use watch::Hub;
 
 /// Shared by every handler.

@@ -94,7 +94,8 @@ pub struct Engine {
     pub model: ModelClient,
     /// Concurrency budget shared by queue work and synchronous requests.
     pub permits: Arc<Semaphore>,
-    /// Synchronous calls waiting for or holding a slot.
+    /// Places of synchronous requests: reading their body, waiting for a
+    /// slot, or at the model.
     sync_waiters: Arc<Semaphore>,
     pub stats: EngineStats,
     stopping: AtomicBool,
@@ -102,6 +103,12 @@ pub struct Engine {
 
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(5)).min(2_000))
+}
+
+/// One synchronous request's place (see [`Engine::sync_place`]), freed when
+/// dropped.
+pub struct SyncPlace {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Why a synchronous call was not answered by the model.
@@ -371,15 +378,28 @@ impl Engine {
         }
     }
 
-    /// Call the model directly for a synchronous request, sharing the
-    /// concurrency budget with queue work. At most `concurrency` synchronous
-    /// calls are waiting or running; more are refused at once (`Busy`), so a
-    /// flood of them cannot queue up without bound.
-    pub async fn predict_sync(&self, path: &str, body: Bytes) -> Result<ModelResponse, SyncError> {
-        let _waiting = self
-            .sync_waiters
-            .try_acquire()
-            .map_err(|_| SyncError::Busy)?;
+    /// A place for one synchronous request, or `Busy` at once when
+    /// `concurrency` requests already hold one (their bodies being read,
+    /// waiting for a slot of the concurrency budget, or at the model): a
+    /// flood of them can neither queue up nor buffer bodies without bound.
+    pub fn sync_place(&self) -> Result<SyncPlace, SyncError> {
+        self.sync_waiters
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| SyncPlace { _permit: permit })
+            .map_err(|_| SyncError::Busy)
+    }
+
+    /// Call the model directly for a synchronous request that holds a
+    /// place, sharing the concurrency budget with queue work. The budget's
+    /// slot is taken only now, once the body is in: a caller that sends its
+    /// body slowly holds its place, never a slot queue work needs.
+    pub async fn predict_sync(
+        &self,
+        _place: SyncPlace,
+        path: &str,
+        body: Bytes,
+    ) -> Result<ModelResponse, SyncError> {
         let _permit = self.permits.acquire().await.expect("semaphore open");
         Ok(self.model.call(path, body).await?)
     }

@@ -220,3 +220,167 @@ async fn long_hand_back_reason_is_cut_to_fit() {
     assert_eq!(eddy::client::truncate("éé", 3), "é");
     c.stop(1).await;
 }
+
+/// Send `head` and the first `body` bytes of a request on a new connection
+/// and leave it open (the rest of the body never comes).
+async fn half_sent(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    s
+}
+
+/// The status line of the answer on `s`, if the headers of one arrive
+/// within `limit`.
+async fn status_within(
+    s: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    text.lines()
+        .next()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+}
+
+/// The engine's synchronous endpoint checks the token and takes a place
+/// before it reads a byte of the body, then reads at most its limit: an
+/// unauthenticated request is answered 401 while its body is still on the
+/// way, one declaring more than the limit 413, and callers beyond the
+/// engine's concurrency 429 at once even while the places are held by
+/// bodies that never finish. Those callers hold no slot of the concurrency
+/// budget, so queue work goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
+    use std::time::Duration;
+
+    let mut c = Cluster::new(1, 20_000).await;
+    crate::cluster::create_service(c.node(1)).await;
+    let serve = |app: axum::Router| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(eddy::api::serve(listener, app, std::future::pending()));
+        addr
+    };
+    let model = serve(eddy::api::demo_model_router(eddy::api::DemoModel {
+        delay: Duration::from_millis(200),
+        ..Default::default()
+    }))
+    .await;
+    let engine = eddy::engine::Engine::new(eddy::engine::EngineSettings {
+        endpoints: vec![c.node(1).http_addr.to_string()],
+        service: "svc".into(),
+        token: "svc-token".into(),
+        model: format!("http://{model}"),
+        concurrency: 2,
+        group: "engine".into(),
+        instance: "engine-1".into(),
+        request_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(1),
+        eddy_timeouts: Default::default(),
+    })
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(engine.clone().run(async move {
+        let _ = stopped.await;
+    }));
+    let limit = 1024 * 1024;
+    let sync = serve(eddy::api::sync_router(engine.clone(), "svc".into(), limit)).await;
+    let request = |token: &str, length: u64| {
+        format!(
+            "POST /api/predict/svc HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\
+             Content-Length: {length}\r\n\r\n"
+        )
+    };
+    let prompt = Duration::from_secs(3);
+
+    // No token, a body within the limit still on the way: 401 now.
+    let mut s = half_sent(sync, &request("wrong", 512 * 1024), &[b'x'; 64 * 1024]).await;
+    let status = status_within(&mut s, prompt).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 401 Unauthorized"));
+    // More than the limit declared: 413 before reading.
+    let mut s = half_sent(sync, &request("svc-token", limit + 1), b"[").await;
+    let status = status_within(&mut s, prompt).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 413 Payload Too Large"));
+
+    // Both places taken by bodies that never finish.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(half_sent(sync, &request("svc-token", 512 * 1024), b"[{").await);
+    }
+    let body = br#"[{"a": 1}]"#;
+    let full = |token: &str| {
+        format!(
+            "{}{}",
+            request(token, body.len() as u64),
+            String::from_utf8_lossy(body)
+        )
+    };
+    let mut refused = None;
+    for _ in 0..50 {
+        // The held requests take their places as soon as they are parsed.
+        let mut s = half_sent(sync, &full("svc-token"), b"").await;
+        refused = status_within(&mut s, prompt).await;
+        if refused.as_deref() == Some("HTTP/1.1 429 Too Many Requests") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused.as_deref(), Some("HTTP/1.1 429 Too Many Requests"));
+
+    // Queue work is served meanwhile: an item put now gets its result.
+    let client = eddy::client::QueueClient::new(&c.node(1).http_addr.to_string(), "svc", "");
+    client
+        .put(
+            bytes::Bytes::from_static(br#"[{"x": 1}]"#),
+            &Default::default(),
+            0,
+        )
+        .await
+        .unwrap();
+    let sink_len = || {
+        c.node(1)
+            .node
+            .read(|s| s.service("svc").map_or(0, |svc| svc.sink.len()))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink_len() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sink_len(),
+        1,
+        "queue work waited for the synchronous callers"
+    );
+
+    // Once the held callers go, their places are free again.
+    drop(held);
+    let mut served = None;
+    for _ in 0..50 {
+        let mut s = half_sent(sync, &full("svc-token"), b"").await;
+        served = status_within(&mut s, prompt).await;
+        if served.as_deref() == Some("HTTP/1.1 200 OK") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+    c.stop(1).await;
+}
