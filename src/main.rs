@@ -621,12 +621,6 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(path) => read_secret_file(path, "the admin token")?,
         None => a.admin_token.clone(),
     };
-    if cluster_secret.is_empty() && (peers.len() > 1 || a.join) {
-        bail!(
-            "a cluster of more than one node needs a cluster secret: set --cluster-secret-file \
-             (or EDDY_CLUSTER_SECRET) to the same random value on every node"
-        );
-    }
     if admin_token.is_empty() {
         tracing::warn!(
             "no --admin-token: the admin API answers callers on this machine only (loopback)"

@@ -82,6 +82,12 @@ impl ServeSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error(
+        "this node is a member of a cluster of more than one node and has no cluster secret: \
+         set --cluster-secret-file (EDDY_CLUSTER_SECRET_FILE) or --cluster-secret \
+         (EDDY_CLUSTER_SECRET) to the same random value on every node"
+    )]
+    ClusterSecretRequired,
+    #[error(
         "this node is a member of a cluster of more than one node and has no admin token: \
          set --admin-token-file (EDDY_ADMIN_TOKEN_FILE) or --admin-token (EDDY_ADMIN_TOKEN) \
          to the same random value on every node. Without a token the admin API would trust \
@@ -95,12 +101,39 @@ pub enum SettingsError {
          client port)"
     )]
     ClientTlsCaRequired,
+    #[error(
+        "timings that would evict healthy workers: the lease ({lease_ms} ms, derived from \
+         --node-lost-ms and --election-timeout-ms) must be at least three heartbeats \
+         ({heartbeat_ms} ms each), and --node-lost-ms ({node_lost_ms}) must exceed \
+         --election-timeout-ms ({election_timeout_ms})"
+    )]
+    Timings {
+        lease_ms: u64,
+        heartbeat_ms: u64,
+        node_lost_ms: u64,
+        election_timeout_ms: u64,
+    },
 }
 
 /// Refuse settings that would leave a cluster open. A single node may run
 /// without an admin token (its admin API then answers loopback callers
 /// only, for the quick start on one machine); a cluster member may not.
 pub fn check_settings(settings: &ServeSettings) -> Result<(), SettingsError> {
+    let lease = crate::raft::lease_for(settings.node_lost_ms, settings.election_timeout_ms);
+    if settings.has_peers()
+        && (lease.as_millis() < 3 * u128::from(settings.heartbeat_ms)
+            || settings.node_lost_ms <= settings.election_timeout_ms)
+    {
+        return Err(SettingsError::Timings {
+            lease_ms: lease.as_millis() as u64,
+            heartbeat_ms: settings.heartbeat_ms,
+            node_lost_ms: settings.node_lost_ms,
+            election_timeout_ms: settings.election_timeout_ms,
+        });
+    }
+    if settings.has_peers() && settings.cluster_secret.is_empty() {
+        return Err(SettingsError::ClusterSecretRequired);
+    }
     if settings.has_peers() && settings.admin_token.is_empty() {
         return Err(SettingsError::AdminTokenRequired);
     }

@@ -9,7 +9,10 @@ echo "== cargo build --release"
 cargo build --release --locked
 
 echo "== Rust tests (state machine, storage, in-process clusters)"
-cargo test --release --locked
+cargo test --release --locked -- --skip security_
+
+echo "== Security tests (tests/security: admin, peers, limits, floods; fuzzing runs in the unit tests)"
+cargo test --release --locked --test integration security_
 
 echo "== Python SDK tests"
 VENV=target/venv

@@ -168,6 +168,24 @@ pub struct RaftNode {
     peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
 }
 
+/// The lease a node holds with these timings: shorter than node-lost by a
+/// third of it (at least 250 ms), and at most two election timeouts.
+///
+/// The cap is what makes a partitioned leader safe: openraft refuses to vote
+/// for `election_timeout_max` (two election timeouts, set in `start`) after
+/// a voter last heard its leader, so no new leader exists before the old
+/// one's lease has run out; the new leader then waits one more election
+/// timeout before releasing the old leader's consumers (housekeeping).
+pub fn lease_for(node_lost_ms: u64, election_timeout_ms: u64) -> Duration {
+    let margin = (node_lost_ms / 3).max(250);
+    Duration::from_millis(
+        node_lost_ms
+            .saturating_sub(margin)
+            .min(election_timeout_ms.saturating_mul(2))
+            .max(1),
+    )
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -197,6 +215,8 @@ impl RaftNode {
             cluster_name: "eddy".into(),
             heartbeat_interval: settings.heartbeat_ms,
             election_timeout_min: settings.election_timeout_ms,
+            // Also openraft's leader lease (votes refused this long after
+            // the last heartbeat), which `lease_for` stays within.
             election_timeout_max: settings.election_timeout_ms * 2,
             enable_pre_vote: Some(true),
             broadcast_submitted_on_append: Some(true),
@@ -773,13 +793,9 @@ impl RaftNode {
     /// Shorter than `node_lost_ms` by a margin, so that a cut-off node has
     /// closed its watchers before any leader redelivers their items.
     pub fn lease(&self) -> Duration {
-        let node_lost = self.settings.node_lost_ms;
-        let margin = (node_lost / 3).max(250);
-        Duration::from_millis(
-            node_lost
-                .saturating_sub(margin)
-                .min(2 * self.settings.election_timeout_ms)
-                .max(1),
+        lease_for(
+            self.settings.node_lost_ms,
+            self.settings.election_timeout_ms,
         )
     }
 

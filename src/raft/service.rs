@@ -874,6 +874,7 @@ mod tests {
         let at_limit = RaftRequest {
             target: 1,
             body: vec![0xff; CONTROL_MESSAGE_LIMIT - 5].into(),
+            leader_quorum_age_ms: None,
         }
         .encode_to_vec();
         assert_eq!(at_limit.len(), CONTROL_MESSAGE_LIMIT);
@@ -895,6 +896,7 @@ mod tests {
                 RaftRequest {
                     target: 1,
                     body: Default::default(),
+                    leader_quorum_age_ms: None,
                 },
                 None,
             ))
@@ -993,6 +995,7 @@ mod tests {
         let request = RaftRequest {
             target: u64::MAX,
             body: encode(&vote).into(),
+            leader_quorum_age_ms: None,
         };
         assert!(request.encoded_len() <= CONTROL_MESSAGE_LIMIT);
     }

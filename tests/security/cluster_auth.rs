@@ -79,6 +79,8 @@ impl Serve {
             .env_remove("EDDY_ADMIN_TOKEN")
             .env_remove("EDDY_ADMIN_TOKEN_FILE")
             .env_remove("EDDY_PEERS")
+            .env_remove("EDDY_CLUSTER_SECRET")
+            .env_remove("EDDY_CLUSTER_SECRET_FILE")
             .envs(envs.iter().copied())
             .env("EDDY_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
@@ -212,6 +214,65 @@ async fn a_cluster_member_needs_an_admin_token_even_on_loopback() {
         .await
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// A node with peers refuses to start without a cluster secret, whether
+/// its peer list names itself or only the others, and an empty secret file
+/// is no secret; a secret read from a file forms a working node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_member_needs_a_cluster_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let peer = |i: usize| {
+        format!(
+            "{}@127.0.0.1:{}@127.0.0.1:{}",
+            i + 1,
+            ports[i].1,
+            ports[i].0
+        )
+    };
+    let all = (0..3).map(peer).collect::<Vec<_>>().join(",");
+    let others = (1..3).map(peer).collect::<Vec<_>>().join(",");
+    let (http_port, raft_port) = ports[0];
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "the-admin-token\n").unwrap();
+    let empty = dir.path().join("empty-secret");
+    std::fs::write(&empty, "\n").unwrap();
+    let secret = dir.path().join("cluster-secret");
+    std::fs::write(&secret, "s3cret-from-a-file\n").unwrap();
+    let admin = ["--admin-token-file", token.to_str().unwrap()];
+
+    for (peers, extra) in [
+        (&all, vec![]),
+        (&others, vec![]),
+        (&all, vec!["--cluster-secret-file", empty.to_str().unwrap()]),
+    ] {
+        let mut args = vec!["--id", "1", "--peers", peers.as_str()];
+        args.extend(admin);
+        args.extend(extra.iter().copied());
+        let mut node = Serve::spawn(dir.path(), http_port, raft_port, &args, &[]);
+        let status = node.exit_status(Duration::from_secs(20));
+        let log = node.log();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "a cluster member started without a secret ({args:?}): {log}"
+        );
+        assert!(
+            log.contains("--cluster-secret-file") || log.contains("is empty"),
+            "the refusal does not name the setting: {log}"
+        );
+    }
+
+    let mut args = vec!["--id", "1", "--peers", all.as_str()];
+    args.extend(admin);
+    let node = Serve::spawn(
+        dir.path(),
+        http_port,
+        raft_port,
+        &args,
+        &[("EDDY_CLUSTER_SECRET_FILE", secret.to_str().unwrap())],
+    );
+    node.wait_for("/healthz", "200").await;
 }
 
 /// The quick start: `eddy serve` and then `eddy service create` on the
