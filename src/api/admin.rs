@@ -24,6 +24,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/cluster", get(cluster))
+        .route("/admin/cluster/digest", get(state_digest))
         .route("/admin/cluster/members", axum::routing::post(add_member))
         .route(
             "/admin/cluster/members/{id}",
@@ -581,6 +582,17 @@ impl FromRequestParts<Arc<AppState>> for StatusReader {
 
 async fn cluster(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
     axum::Json(state.node.status()).into_response()
+}
+
+/// The fingerprint of this node's applied state with the index it is at:
+/// nodes at the same index must show the same digest.
+async fn state_digest(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
+    let shared = state.node.shared.clone();
+    match tokio::task::spawn_blocking(move || shared.digest()).await {
+        Ok(Ok(digest)) => axum::Json(digest).into_response(),
+        Ok(Err(e)) => ApiError::Internal(e.to_string()).into_response(),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
 }
 
 /// Liveness: false only once storage failed (the process is then about to

@@ -220,6 +220,13 @@ impl RaftNode {
             election_timeout_max: settings.election_timeout_ms * 2,
             enable_pre_vote: Some(true),
             broadcast_submitted_on_append: Some(true),
+            // A restarted leader stands for election like any node. Entries
+            // go to followers before the leader's own write of them is
+            // durable; a leader killed before that write and restored in its
+            // old term would hand out log ids (term, index) that a follower
+            // already holds for other entries, and that follower would apply
+            // its own entry where the others apply the new one.
+            enable_leader_restore: Some(false),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
             purge_batch_size: 256,

@@ -34,7 +34,7 @@ use super::StorageHealth;
 use super::crashsafe;
 use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::queue::{Event, QueueState, Reply};
+use crate::queue::{Envelope, Event, QueueState, Reply};
 
 /// What the rest of the node may look at.
 pub struct Applied {
@@ -49,6 +49,40 @@ pub struct SharedState {
     /// The index of the last applied entry; waiters use it for long polls
     /// and read-your-writes.
     pub applied_index: watch::Sender<u64>,
+}
+
+/// The applied state's fingerprint at one log index: replicas that applied
+/// the same log hold equal states, so equal indexes with different digests
+/// mean the replicas diverged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StateDigest {
+    pub applied: Option<u64>,
+    /// CRC-32 of the state's encoding (as in a snapshot).
+    pub crc32: u32,
+}
+
+impl SharedState {
+    /// Fingerprint the applied state. Encodes the whole state under the read
+    /// lock (applying waits meanwhile): for diagnostics, not a hot path.
+    pub fn digest(&self) -> io::Result<StateDigest> {
+        struct Hashing(crc32fast::Hasher);
+        impl io::Write for Hashing {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let a = self.applied.read().unwrap();
+        let mut w = Hashing(crc32fast::Hasher::new());
+        postcard::to_io(&a.state, &mut w).map_err(io::Error::other)?;
+        Ok(StateDigest {
+            applied: a.last_applied.as_ref().map(|l| l.index()),
+            crc32: w.0.finalize(),
+        })
+    }
 }
 
 /// Publishes snapshot files in one directory, one at a time, never going
@@ -261,6 +295,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
             };
+            if tracing::enabled!(target: "eddy::applied", tracing::Level::TRACE) {
+                let envelope = match &entry.payload {
+                    EntryPayload::Normal(envelope) => Some(envelope),
+                    _ => None,
+                };
+                trace_applied(envelope, log_id, &reply, &events);
+            }
             if !events.is_empty() {
                 let _ = self.events.send(events);
             }
@@ -329,6 +370,55 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         blocking(move || publisher.check("reading the current snapshot", publisher.current()))
             .await?
     }
+}
+
+/// One line per applied entry at trace level: what replicas must agree on
+/// (entry, reply, deliveries), without payloads, so that the logs of two
+/// replicas can be compared line by line.
+fn trace_applied(envelope: Option<&Envelope>, log_id: LogId, reply: &Reply, events: &[Event]) {
+    fn summary(reply: &Reply) -> String {
+        match reply {
+            Reply::Items(frames) => {
+                let indexes: Vec<u64> = frames.iter().map(|f| f.index).collect();
+                format!("items{indexes:?}")
+            }
+            Reply::Batch(replies) => {
+                let parts: Vec<String> = replies.iter().map(summary).collect();
+                format!("batch[{}]", parts.join(","))
+            }
+            other => format!("{other:?}"),
+        }
+    }
+    let command = match envelope {
+        None => "blank-or-membership".to_string(),
+        Some(envelope) => {
+            format!(
+                "{} {:032x} at {}",
+                envelope.command.name(),
+                envelope.id,
+                envelope.now_ms
+            )
+        }
+    };
+    let delivered: Vec<(u64, u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deliver {
+                node,
+                connection,
+                frame,
+                ..
+            } => Some((*node, *connection, frame.index)),
+            _ => None,
+        })
+        .collect();
+    tracing::trace!(
+        target: "eddy::applied",
+        "{} {} {command} -> {} deliver{delivered:?}",
+        log_id.index(),
+        log_id.leader_id.term,
+        summary(reply),
+    );
 }
 
 #[cfg(test)]

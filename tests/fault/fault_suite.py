@@ -41,6 +41,7 @@ iptables in a node's network namespace (nsenter).
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -71,6 +72,8 @@ FRESH_S = 2.0
 # scheduling between a frame's arrival and its record.
 CLOCK_TOLERANCE_S = 0.2
 PARTITIONS = ("partition leader", "partition follower")
+FAULT_KINDS = ["kill -9 leader", "kill -9 follower", "SIGSTOP leader", "partition leader", "partition follower",
+               "full restart"]
 # Container ids, once the cluster is up (they survive kills and restarts).
 CONTAINERS = {}
 
@@ -79,7 +82,13 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
+# Every node logs each entry it applies (eddy::applied): replicas that
+# disagree are compared line by line.
+APPLIED_LOG = "info,openraft=warn,eddy::applied=trace"
+
+
 def compose(*args, check=True):
+    os.environ["EDDY_LOG"] = APPLIED_LOG
     cmd = ["docker-compose", "-p", PROJECT, "-f", os.path.join(ROOT, "docker-compose.yml"), *args]
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
@@ -428,7 +437,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="leave the cluster running")
+    ap.add_argument("--faults", default=",".join(FAULT_KINDS),
+                    help="comma-separated fault kinds to inject, in the usual order (default: all)")
     args = ap.parse_args()
+    kinds = set(args.faults.split(","))
+    if not kinds <= set(FAULT_KINDS):
+        ap.error(f"unknown fault kinds {sorted(kinds - set(FAULT_KINDS))}; known: {FAULT_KINDS}")
     h = History()
     stop_producers, stop_workers = threading.Event(), threading.Event()
     compose("down", "-v", check=False)
@@ -450,17 +464,23 @@ def main():
             t.start()
         time.sleep(SLOW_HOLD_S)
         for _ in range(args.rounds):
-            ld = leader()
-            inject(h, workers, "kill -9 leader", [ld], kill([ld]), start([ld]), 4)
-            fl = next(n for n in NODES if n != leader())
-            inject(h, workers, "kill -9 follower", [fl], kill([fl]), start([fl]), 4)
-            ld = leader()
-            inject(h, workers, "SIGSTOP leader", [ld], kill([ld], "STOP"), kill([ld], "CONT"), 5)
-            ld = leader()
-            inject(h, workers, "partition leader", [ld], *partition(ld), 8)
-            fl = next(n for n in NODES if n != leader())
-            inject(h, workers, "partition follower", [fl], *partition(fl), 8)
-            inject(h, workers, "full restart", list(NODES), kill(NODES), start(NODES), 1, fresh=False)
+            if "kill -9 leader" in kinds:
+                ld = leader()
+                inject(h, workers, "kill -9 leader", [ld], kill([ld]), start([ld]), 4)
+            if "kill -9 follower" in kinds:
+                fl = next(n for n in NODES if n != leader())
+                inject(h, workers, "kill -9 follower", [fl], kill([fl]), start([fl]), 4)
+            if "SIGSTOP leader" in kinds:
+                ld = leader()
+                inject(h, workers, "SIGSTOP leader", [ld], kill([ld], "STOP"), kill([ld], "CONT"), 5)
+            if "partition leader" in kinds:
+                ld = leader()
+                inject(h, workers, "partition leader", [ld], *partition(ld), 8)
+            if "partition follower" in kinds:
+                fl = next(n for n in NODES if n != leader())
+                inject(h, workers, "partition follower", [fl], *partition(fl), 8)
+            if "full restart" in kinds:
+                inject(h, workers, "full restart", list(NODES), kill(NODES), start(NODES), 1, fresh=False)
         time.sleep(3)
         log("faults done; stopping producers and draining")
         stop_producers.set()
@@ -496,7 +516,9 @@ def main():
             json.dump({"acked": {i: t for i, (_, t) in acked.items()}, "deliveries": h.deliveries,
                        "connections": h.connections, "commit_sent": [[c, i, t] for (c, i), t in h.commit_sent.items()],
                        "commit_acked": h.commit_acked, "faults": h.faults}, f)
-        ok = check(h, acked)
+        ok = check(h, acked, kinds)
+        agree = replicas_agree()
+        ok = ok and agree
         if not ok:
             for n in NODES:
                 try:
@@ -527,7 +549,59 @@ def still_queued(index):
     return True
 
 
-def check(h, acked):
+def replicas_agree(timeout=30):
+    """Whether every node that applied the same log holds the same state:
+    once the nodes stand at one applied index, their state digests must be
+    equal. Prints the digests; false if they differ, or if the nodes never
+    stood still together within `timeout`."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        try:
+            seen = {n: json.loads(http(n, "GET", "/admin/cluster/digest", timeout=10)[1]) for n in NODES}
+        except Exception as e:
+            seen = {"unavailable": str(e)}
+            time.sleep(1)
+            continue
+        if len({d["applied"] for d in seen.values()}) == 1:
+            same = len({d["crc32"] for d in seen.values()}) == 1
+            print("REPLICAS " + ("AGREE " if same else "DIVERGED ") + json.dumps(seen), flush=True)
+            if not same:
+                first_difference_in_applied_logs()
+            return same
+        time.sleep(0.5)
+    print("REPLICAS never at one applied index together:", seen, flush=True)
+    return False
+
+
+def first_difference_in_applied_logs():
+    """Print the first log index at which two nodes, or one node before and
+    after a restart, applied different entries or got different results."""
+    applied = {}  # index -> {line: [(node, start)]}
+    for n in NODES:
+        out = docker("logs", CONTAINERS[n], check=False)
+        start = 0
+        for line in (out.stdout + out.stderr).splitlines():
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            if "eddy::applied" not in line:
+                if "starting" in line.lower():
+                    start += 1
+                continue
+            text = line.split("eddy::applied:", 1)[-1].strip()
+            index = text.split(" ", 1)[0]
+            if index.isdigit():
+                applied.setdefault(int(index), {}).setdefault(text, []).append((n, start))
+    for index in sorted(applied):
+        if len(applied[index]) > 1:
+            print(f"APPLIED DIFFERENTLY at index {index}:")
+            for i in range(index - 3, index + 4):
+                for text, where in applied.get(i, {}).items():
+                    print(f"  {sorted(set(where))}: {text[:400]}")
+            return
+    print("applied logs: no index applied differently (lines seen for", len(applied), "indexes)")
+
+
+def check(h, acked, kinds):
     per_index = {}
     for index, wid, conn, t in h.deliveries:
         per_index.setdefault(index, []).append((t, wid, conn))
@@ -638,12 +712,12 @@ def check(h, acked):
                 round(e["hold_end"] - e["start"], 2), e["redelivered_to"]) for e in concurrent[:10]])
     # Each kind of fault must have caught items in flight to its node, or
     # its redelivery went unmeasured.
-    unmeasured = sorted(k for k, v in redelivery_by_kind.items() if v["n"] == 0)
+    unmeasured = sorted(k for k in kinds if redelivery_by_kind.get(k, {}).get("n", 0) == 0)
     if unmeasured:
         print("no item held at these faults, redelivery not measured:", unmeasured)
     # And each partition must have caught items still worked on when the
     # node closed their connection, or concurrent_holds checked nothing.
-    untested = [k for k in PARTITIONS if redelivery_by_kind.get(k, {}).get("held_until_closed", 0) == 0]
+    untested = [k for k in PARTITIONS if k in kinds and redelivery_by_kind.get(k, {}).get("held_until_closed", 0) == 0]
     if untested:
         print("no item still held when the partitioned node closed its watchers:", untested)
     return (not lost and not late and not window_violations and not held_forever and not concurrent

@@ -129,7 +129,7 @@ impl Cluster {
         let me = &self.peers[(id - 1) as usize];
         ServeSettings {
             id,
-            data_dir: self.dir.path().join(format!("node-{id}")),
+            data_dir: self.data_dir(id),
             http_listen: me.api_addr.parse().unwrap(),
             raft_listen: me.raft_addr.parse::<SocketAddr>().unwrap(),
             advertise_http: String::new(),
@@ -153,6 +153,11 @@ impl Cluster {
             services: Vec::new(),
             default_service: None,
         }
+    }
+
+    /// Where node `id` keeps its data.
+    pub(crate) fn data_dir(&self, id: u64) -> std::path::PathBuf {
+        self.dir.path().join(format!("node-{id}"))
     }
 
     pub(crate) fn node(&self, id: u64) -> &RunningNode {
@@ -291,6 +296,105 @@ async fn election_forwarding_failover_and_restart() {
     assert_eq!(frames[0].data, Bytes::from_static(b"f0"));
 }
 
+/// Until every running node stands at one applied index, then whether
+/// their states are equal there (digest per node on failure).
+pub(crate) async fn replicas_agree(c: &Cluster, ids: &[u64]) -> Result<(), String> {
+    let mut seen = Vec::new();
+    for _ in 0..400 {
+        seen = ids
+            .iter()
+            .map(|id| c.node(*id).node.shared.digest().unwrap())
+            .collect::<Vec<_>>();
+        if seen.iter().all(|d| d.applied == seen[0].applied) {
+            return if seen.iter().all(|d| d.crc32 == seen[0].crc32) {
+                Ok(())
+            } else {
+                Err(format!("replicas diverged: {seen:?}"))
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(format!("never at one applied index together: {seen:?}"))
+}
+
+/// The length to cut node log file `wal` to so that it ends right after the
+/// batch holding entry `index`, before any later record (the commit of that
+/// entry among them), as if the node had stopped right then.
+fn length_ending_after_entry(wal: &std::path::Path, index: u64) -> u64 {
+    let bytes = std::fs::read(wal).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = scratch.path().join("raft.wal");
+    for len in 1..=bytes.len() {
+        std::fs::write(&copy, &bytes[..len]).unwrap();
+        // Shorter than the file header: not a log file yet.
+        let Ok(report) = eddy::raft::check_wal(scratch.path()) else {
+            continue;
+        };
+        if matches!(report.tail, eddy::raft::WalTail::Clean) && report.last_index == Some(index) {
+            let committed = report
+                .committed
+                .as_deref()
+                .and_then(|c| c.rsplit('.').next()?.parse().ok());
+            assert!(
+                committed.is_none_or(|c: u64| c < index),
+                "entry {index} and its commit share a batch"
+            );
+            return len as u64;
+        }
+    }
+    panic!("no batch ends with entry {index} in {}", wal.display());
+}
+
+/// A leader sends entries to its followers before its own write of them is
+/// durable. Killed before that write, it comes back without an entry that a
+/// follower holds uncommitted: the log ids it then hands out must never be
+/// ones that follower holds for other entries (which a leader restored in
+/// its old term would do), or the follower applies its own entry where the
+/// others apply the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let (behind, ahead) = (followers[0], followers[1]);
+    for i in 0..5 {
+        put(c.node(leader), &format!("both{i}")).await;
+    }
+    for id in 1..=3 {
+        wait_for_length(c.node(id), 5).await;
+    }
+    c.stop(behind).await;
+    let wal = {
+        let dirs: Vec<_> = (1..=3).map(|id| c.data_dir(id)).collect();
+        move |id: u64| dirs[(id - 1) as usize].join("raft").join("raft.wal")
+    };
+    let leader_wrote = std::fs::metadata(wal(leader)).unwrap().len();
+    put(c.node(leader), "only-on-the-follower").await;
+    let lost = c.node(leader).node.status().last_log_index.unwrap();
+    c.stop(leader).await;
+    c.stop(ahead).await;
+    // The state a kill leaves when the leader had sent entry `lost` but not
+    // written it: the follower wrote it and heard of no commit, the leader
+    // and the other follower never had it.
+    let cut = |id, len| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(wal(id))
+            .unwrap()
+            .set_len(len)
+            .unwrap()
+    };
+    cut(leader, leader_wrote);
+    cut(ahead, length_ending_after_entry(&wal(ahead), lost));
+    c.restart(leader).await;
+    c.restart(ahead).await;
+    c.restart(behind).await;
+    c.leader().await;
+    put(c.node(leader), "after").await;
+    replicas_agree(&c, &[1, 2, 3]).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_is_caught_up_by_snapshot() {
     let mut c = Cluster::new(3, 50).await;
@@ -420,4 +524,37 @@ async fn mutual_tls_replicates_and_shuts_out_a_node_of_another_ca() {
     for id in 1..=3 {
         c.stop(id).await;
     }
+}
+
+/// Call node `id`'s router in process as a caller at `from` (the address
+/// the admin and status routes see), with an optional `Authorization`.
+pub(crate) async fn call(
+    c: &Cluster,
+    id: u64,
+    from: [u8; 4],
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (axum::http::StatusCode, String) {
+    use axum::extract::connect_info::MockConnectInfo;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let app = eddy::api::router(c.node(id).app_state.clone())
+        .layer(MockConnectInfo(SocketAddr::from((from, 40_000))));
+    let mut req = axum::http::Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header("authorization", t);
+    }
+    if !body.is_empty() {
+        req = req.header("content-type", "application/json");
+    }
+    let resp = app
+        .oneshot(req.body(axum::body::Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
