@@ -390,6 +390,11 @@ impl Engine {
             .map_err(|_| SyncError::Busy)
     }
 
+    /// Synchronous places free now (for readiness checks and tests).
+    pub fn sync_places_free(&self) -> usize {
+        self.sync_waiters.available_permits()
+    }
+
     /// Call the model directly for a synchronous request that holds a
     /// place, sharing the concurrency budget with queue work. The budget's
     /// slot is taken only now, once the body is in: a caller that sends its

@@ -484,14 +484,31 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let addr = format!("127.0.0.1:{port}");
-        let settings = RaftSettings {
+        let settings = node_settings(
+            dir.path(),
+            &format!("127.0.0.1:{port}"),
+            secret,
+            admin_token,
+        );
+        let (node, _events) = RaftNode::start(settings).await.unwrap();
+        (node, dir)
+    }
+
+    /// Node 1, alone and without TLS, listening on `raft_addr`, with short
+    /// timings; tests that need peers or TLS adjust the result.
+    fn node_settings(
+        dir: &std::path::Path,
+        raft_addr: &str,
+        secret: &str,
+        admin_token: &str,
+    ) -> RaftSettings {
+        RaftSettings {
             id: 1,
-            data_dir: dir.path().to_path_buf(),
-            raft_listen: addr.parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            raft_listen: raft_addr.parse().unwrap(),
             advertise: Peer {
                 id: 1,
-                raft_addr: addr.clone(),
+                raft_addr: raft_addr.into(),
                 api_addr: "127.0.0.1:1".into(),
             },
             peers: Vec::new(),
@@ -505,9 +522,7 @@ mod tests {
             min_free_disk_bytes: 0,
             peer_tls: None,
             peer_listener: Default::default(),
-        };
-        let (node, _events) = RaftNode::start(settings).await.unwrap();
-        (node, dir)
+        }
     }
 
     async fn client(node: &RaftNode) -> RaftClient<tonic::transport::Channel> {
@@ -674,21 +689,15 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let settings = RaftSettings {
-            id: 1,
-            data_dir: dir.path().to_path_buf(),
-            raft_listen: peers[0].raft_addr.parse().unwrap(),
             advertise: peers[0].clone(),
             peers: peers.clone(),
-            secret: "the-secret".into(),
-            admin_token: "the-admin-token".into(),
-            heartbeat_ms: 50,
-            election_timeout_ms: 300,
-            node_lost_ms: 1_000,
-            snapshot_every: 1_000,
-            join: false,
-            min_free_disk_bytes: 0,
             peer_tls: Some(identity(&hosts[0])),
-            peer_listener: Default::default(),
+            ..node_settings(
+                dir.path(),
+                &peers[0].raft_addr,
+                "the-secret",
+                "the-admin-token",
+            )
         };
         // Only node 1 runs: it formed the cluster, so it knows all three.
         let (node, _events) = RaftNode::start(settings).await.unwrap();

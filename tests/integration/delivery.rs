@@ -231,10 +231,7 @@ async fn an_auto_commit_watcher_that_stops_reading_loses_no_item() {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    let mut c = Cluster::new(1, 20_000).await;
-    c.watch_idle_ms = 1_500;
-    c.stop(1).await;
-    c.restart(1).await;
+    let c = Cluster::configured(1, |c| c.watch_idle_ms = 1_500).await;
     let node = c.node(1);
     create_service_with(
         node,
@@ -369,14 +366,14 @@ async fn an_auto_commit_watcher_that_stops_reading_loses_no_item() {
 async fn a_stalled_http_stream_ended_by_the_idle_check_frees_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let mut c = Cluster::new(1, 20_000).await;
-    c.watch_idle_ms = 1_000;
-    c.listener = eddy::api::ListenerLimits {
-        max_connections: 1,
-        ..Default::default()
-    };
-    c.stop(1).await;
-    c.restart(1).await;
+    let c = Cluster::configured(1, |c| {
+        c.watch_idle_ms = 1_000;
+        c.listener = eddy::api::ListenerLimits {
+            max_connections: 1,
+            ..Default::default()
+        };
+    })
+    .await;
     let node = c.node(1);
     create_service_with(
         node,
@@ -456,10 +453,7 @@ async fn a_full_dedup_table_makes_puts_answer_429() {
     use tower::ServiceExt;
 
     let limit = 24 * 1024 * 1024;
-    let mut c = Cluster::new(1, 20_000).await;
-    c.max_memory_bytes = limit;
-    c.stop(1).await;
-    c.restart(1).await;
+    let c = Cluster::configured(1, |c| c.max_memory_bytes = limit).await;
     let node = c.node(1);
     create_service_with(node, ServiceConfig::default()).await;
     let app = eddy::api::router(node.app_state.clone());
@@ -557,10 +551,7 @@ async fn a_follower_left_with_a_leader_without_quorum_gives_up_its_lease() {
 async fn accepted_connections_detect_a_dead_peer_within_the_watch_idle_limit() {
     use std::os::fd::BorrowedFd;
 
-    let mut c = Cluster::new(1, 20_000).await;
-    c.watch_idle_ms = 6_000;
-    c.stop(1).await;
-    c.restart(1).await;
+    let c = Cluster::configured(1, |c| c.watch_idle_ms = 6_000).await;
     let server = c.node(1).http_addr;
     let client = tokio::net::TcpStream::connect(server).await.unwrap();
     let ours = client.local_addr().unwrap();

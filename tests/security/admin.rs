@@ -1,41 +1,9 @@
 //! Security of the admin API, driven through the HTTP router in process
 //! (`MockConnectInfo` stands in for the caller's address).
 
-use std::net::SocketAddr;
+use axum::http::StatusCode;
 
-use axum::body::Body;
-use axum::extract::connect_info::MockConnectInfo;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
-
-use crate::cluster::Cluster;
-
-async fn call(
-    c: &Cluster,
-    from: [u8; 4],
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (StatusCode, String) {
-    let app = eddy::api::router(c.node(1).app_state.clone())
-        .layer(MockConnectInfo(SocketAddr::from((from, 40_000))));
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(t) = token {
-        req = req.header("authorization", t);
-    }
-    if !body.is_empty() {
-        req = req.header("content-type", "application/json");
-    }
-    let resp = app
-        .oneshot(req.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
+use crate::cluster::{Cluster, call};
 
 const LOCAL: [u8; 4] = [127, 0, 0, 1];
 const REMOTE: [u8; 4] = [10, 1, 2, 3];
@@ -45,13 +13,22 @@ const REMOTE: [u8; 4] = [10, 1, 2, 3];
 async fn without_an_admin_token_only_local_callers_are_admins() {
     let mut c = Cluster::new(1, 20_000).await;
     let body = r#"{"name":"demo","token":"t"}"#;
-    let (status, text) = call(&c, REMOTE, "POST", "/admin/services", None, body).await;
+    let (status, text) = call(&c, 1, REMOTE, "POST", "/admin/services", None, body).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
     assert!(text.contains("--admin-token"), "{text}");
-    let (status, _) = call(&c, REMOTE, "DELETE", "/admin/cluster/members/1", None, "").await;
+    let (status, _) = call(
+        &c,
+        1,
+        REMOTE,
+        "DELETE",
+        "/admin/cluster/members/1",
+        None,
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(c.node(1).node.read(|s| s.service("demo").is_none()));
-    let (status, text) = call(&c, LOCAL, "POST", "/admin/services", None, body).await;
+    let (status, text) = call(&c, 1, LOCAL, "POST", "/admin/services", None, body).await;
     assert_eq!(status, StatusCode::CREATED, "{text}");
     c.stop(1).await;
 }
@@ -69,10 +46,11 @@ async fn an_existing_service_cannot_be_taken_over_by_re_creating_it() {
     let create = r#"{"name":"demo","token":"owner"}"#;
     let takeover = r#"{"name":"demo","token":"intruder"}"#;
     for from in [LOCAL, REMOTE] {
-        let (status, _) = call(&c, from, "POST", "/admin/services", None, create).await;
+        let (status, _) = call(&c, 1, from, "POST", "/admin/services", None, create).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (status, _) = call(
             &c,
+            1,
             from,
             "POST",
             "/admin/services",
@@ -82,9 +60,9 @@ async fn an_existing_service_cannot_be_taken_over_by_re_creating_it() {
         .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let (status, text) = call(&c, REMOTE, "POST", "/admin/services", admin, create).await;
+    let (status, text) = call(&c, 1, REMOTE, "POST", "/admin/services", admin, create).await;
     assert_eq!(status, StatusCode::CREATED, "{text}");
-    let (status, text) = call(&c, REMOTE, "POST", "/admin/services", admin, takeover).await;
+    let (status, text) = call(&c, 1, REMOTE, "POST", "/admin/services", admin, takeover).await;
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
     let token = |c: &Cluster| {
         c.node(1)
@@ -92,7 +70,16 @@ async fn an_existing_service_cannot_be_taken_over_by_re_creating_it() {
             .read(|s| s.service("demo").map(|s| s.config.token.clone()))
     };
     assert_eq!(token(&c).as_deref(), Some("owner"));
-    let (status, text) = call(&c, REMOTE, "PUT", "/admin/services/demo", admin, takeover).await;
+    let (status, text) = call(
+        &c,
+        1,
+        REMOTE,
+        "PUT",
+        "/admin/services/demo",
+        admin,
+        takeover,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(token(&c).as_deref(), Some("intruder"));
     c.stop(1).await;
@@ -107,10 +94,11 @@ async fn admin_bodies_are_small_and_read_only_after_authentication() {
     c.stop(1).await;
     c.restart(1).await;
     let big = format!(r#"{{"name":"demo","token":"{}"}}"#, "x".repeat(1 << 20));
-    let (status, _) = call(&c, REMOTE, "POST", "/admin/services", None, &big).await;
+    let (status, _) = call(&c, 1, REMOTE, "POST", "/admin/services", None, &big).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = call(
         &c,
+        1,
         REMOTE,
         "POST",
         "/admin/services",
@@ -129,7 +117,7 @@ async fn status_routes_can_require_a_token() {
     let mut c = Cluster::new(1, 20_000).await;
     for path in ["/metrics", "/admin/cluster"] {
         assert_eq!(
-            call(&c, REMOTE, "GET", path, None, "").await.0,
+            call(&c, 1, REMOTE, "GET", path, None, "").await.0,
             StatusCode::OK
         );
     }
@@ -139,19 +127,21 @@ async fn status_routes_can_require_a_token() {
     c.restart(1).await;
     for path in ["/metrics", "/admin/cluster"] {
         assert_eq!(
-            call(&c, REMOTE, "GET", path, None, "").await.0,
+            call(&c, 1, REMOTE, "GET", path, None, "").await.0,
             StatusCode::UNAUTHORIZED
         );
         assert_eq!(
-            call(&c, REMOTE, "GET", path, Some("nope"), "").await.0,
+            call(&c, 1, REMOTE, "GET", path, Some("nope"), "").await.0,
             StatusCode::UNAUTHORIZED
         );
         assert_eq!(
-            call(&c, REMOTE, "GET", path, Some("scraper"), "").await.0,
+            call(&c, 1, REMOTE, "GET", path, Some("scraper"), "")
+                .await
+                .0,
             StatusCode::OK
         );
         assert_eq!(
-            call(&c, REMOTE, "GET", path, Some("admin-secret"), "")
+            call(&c, 1, REMOTE, "GET", path, Some("admin-secret"), "")
                 .await
                 .0,
             StatusCode::OK

@@ -4,50 +4,17 @@
 //! machine still runs without one; and admin calls a follower passes to
 //! the leader go over TLS when the client ports use it.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::connect_info::MockConnectInfo;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tower::ServiceExt;
 
-use crate::cluster::{Cluster, free_port};
+use crate::cluster::{Cluster, call, free_port};
 
 const LOCAL: [u8; 4] = [127, 0, 0, 1];
-
-/// Call node `id`'s router in process as a caller at `from`.
-async fn call(
-    c: &Cluster,
-    id: u64,
-    from: [u8; 4],
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (StatusCode, String) {
-    let app = eddy::api::router(c.node(id).app_state.clone())
-        .layer(MockConnectInfo(SocketAddr::from((from, 40_000))));
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(t) = token {
-        req = req.header("authorization", t);
-    }
-    if !body.is_empty() {
-        req = req.header("content-type", "application/json");
-    }
-    let resp = app
-        .oneshot(req.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
 
 /// A `eddy serve` process; killed when dropped.
 struct Serve {

@@ -266,6 +266,18 @@ async fn status_within(
 /// budget, so queue work goes on meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
+    /// Until `done` holds, checked every 10 ms for at most 10 s.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     use std::time::Duration;
 
     let mut c = Cluster::new(1, 20_000).await;
@@ -330,16 +342,10 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
             String::from_utf8_lossy(body)
         )
     };
-    let mut refused = None;
-    for _ in 0..50 {
-        // The held requests take their places as soon as they are parsed.
-        let mut s = half_sent(sync, &full("svc-token"), b"").await;
-        refused = status_within(&mut s, prompt).await;
-        if refused.as_deref() == Some("HTTP/1.1 429 Too Many Requests") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The held requests take their places as soon as they are parsed.
+    wait_until("both places held", || engine.sync_places_free() == 0).await;
+    let mut s = half_sent(sync, &full("svc-token"), b"").await;
+    let refused = status_within(&mut s, prompt).await;
     assert_eq!(refused.as_deref(), Some("HTTP/1.1 429 Too Many Requests"));
 
     // Queue work is served meanwhile: an item put now gets its result.
@@ -369,15 +375,9 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
 
     // Once the held callers go, their places are free again.
     drop(held);
-    let mut served = None;
-    for _ in 0..50 {
-        let mut s = half_sent(sync, &full("svc-token"), b"").await;
-        served = status_within(&mut s, prompt).await;
-        if served.as_deref() == Some("HTTP/1.1 200 OK") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("both places free", || engine.sync_places_free() == 2).await;
+    let mut s = half_sent(sync, &full("svc-token"), b"").await;
+    let served = status_within(&mut s, prompt).await;
     assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
 
     let _ = stop.send(());
