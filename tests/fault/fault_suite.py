@@ -23,6 +23,9 @@ Every operation is recorded; a checker then asserts over the history:
 - no item held on a partitioned node is delivered elsewhere before the
   node closed its holder's connection (concurrent_holds; 200 ms tolerance:
   every clock here is this process's);
+- at the end, the nodes at one applied index hold one state (digest); if
+  not, the first log index applied differently (across nodes, or by one node
+  before and after a restart) is printed from the nodes' eddy::applied logs;
 and prints the figures: faults, puts acknowledged, items lost, duplicate
 deliveries, and the time from each fault to the redelivery of the items the
 faulted node's workers held, per fault kind (n, p50, max). A kind of fault
@@ -33,7 +36,7 @@ of holder and redelivery is only counted (overlapping_holds). The history
 is left in target/fault-suite-history.json, the nodes' logs in
 target/fault-suite-cluster.log.
 
-Usage: fault_suite.py [--rounds 1] [--keep]
+Usage: fault_suite.py [--rounds 1] [--faults KIND,KIND...] [--keep]
 Needs the image (deploy/build-image.sh), docker-compose, and root for
 iptables in a node's network namespace (nsenter).
 """
