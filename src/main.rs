@@ -331,6 +331,11 @@ struct ServeArgs {
     /// within about this long (TCP keepalive and user timeout).
     #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
     watch_idle_ms: u64,
+    /// A watcher still holding an item this long after it was sent is
+    /// dropped and its items go to others (0: no limit). The only bound on
+    /// a stuck client of the HTTP stream, which cannot be pinged.
+    #[arg(long, env = "EDDY_WATCH_MAX_HOLD_MS", default_value_t = 1_800_000)]
+    watch_max_hold_ms: u64,
     /// When set, `/metrics` and `/admin/cluster` need this token (or the
     /// admin token) in `Authorization`.
     #[arg(
@@ -747,6 +752,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         watch_idle_ms: a.watch_idle_ms,
+        watch_max_hold_ms: a.watch_max_hold_ms,
         max_memory_bytes: a
             .max_memory_bytes
             .unwrap_or_else(eddy::server::default_max_memory_bytes),

@@ -42,6 +42,8 @@ pub struct ServeSettings {
     /// TLS on the client port (`--tls-cert`, `--tls-key`).
     pub client_tls: Option<crate::tls::ClientPortTls>,
     pub watch_idle_ms: u64,
+    /// See [`crate::api::AppState::watch_max_hold_ms`].
+    pub watch_max_hold_ms: u64,
     /// Node memory admission limit (see [`crate::api::MemoryBudget`]).
     pub max_memory_bytes: u64,
     /// Services to create (or update) once the cluster has a leader.
@@ -228,6 +230,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
         status_token: settings.status_token.clone(),
         client_tls: settings.client_tls.clone(),
         watch_idle_ms: settings.watch_idle_ms,
+        watch_max_hold_ms: settings.watch_max_hold_ms,
         memory: MemoryBudget::new(settings.max_memory_bytes),
     });
     let app = router(state.clone());

@@ -44,6 +44,9 @@ pub struct AppState {
     pub client_tls: Option<crate::tls::ClientPortTls>,
     /// How long a watch may stay silent after pinging before it is dropped.
     pub watch_idle_ms: u64,
+    /// A watch still holding an item this long after its frame was written
+    /// is ended (0: never).
+    pub watch_max_hold_ms: u64,
     /// Admission control of this node: puts are refused (429) once the
     /// estimated memory of the items held would pass this.
     pub memory: MemoryBudget,

@@ -49,6 +49,12 @@
 //!   was sent fitted in the socket buffers) is found only when its host or
 //!   network is gone (TCP keepalive, [`super::ListenerLimits::dead_peer_timeout`]);
 //!   a live but stuck process is indistinguishable from an idle consumer.
+//!   What bounds that case (and a worker whose process answers pings while
+//!   its work hangs) is the hold limit (`--watch-max-hold-ms`): a connection
+//!   still holding an item that longer after its frame was written is
+//!   ended like a stalled one, and the item goes back to its group after the
+//!   grace period. Auto-commit items are committed once written, so only
+//!   items that wait for the client's commit count.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -484,6 +490,53 @@ fn idle_limit(state: &AppState) -> Duration {
     Duration::from_millis(state.watch_idle_ms.max(300))
 }
 
+/// When a connection's frames were written, in order, for the hold limit.
+struct HoldClock {
+    limit: Option<Duration>,
+    written: std::collections::VecDeque<(u64, tokio::time::Instant)>,
+}
+
+impl HoldClock {
+    fn new(state: &AppState, auto_commit: bool) -> Self {
+        Self {
+            limit: (state.watch_max_hold_ms > 0 && !auto_commit)
+                .then(|| Duration::from_millis(state.watch_max_hold_ms)),
+            written: Default::default(),
+        }
+    }
+
+    /// How often to look: a tenth of the limit, between 100 ms and 10 s.
+    fn interval(&self) -> Duration {
+        self.limit.map_or(Duration::from_secs(3600), |l| {
+            (l / 10).clamp(Duration::from_millis(100), Duration::from_secs(10))
+        })
+    }
+
+    fn written(&mut self, index: u64) {
+        if self.limit.is_some() {
+            self.written.push_back((index, tokio::time::Instant::now()));
+        }
+    }
+
+    /// Whether `connection` still holds an item whose frame was written
+    /// longer than the limit ago (items it no longer holds are forgotten).
+    fn overdue(&mut self, state: &AppState, queue: &QueueRef, connection: u64) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        while let Some(&(index, at)) = self.written.front() {
+            if state
+                .node
+                .read(|s| s.delivery_is_current(queue, connection, index))
+            {
+                return at.elapsed() > limit;
+            }
+            self.written.pop_front();
+        }
+        false
+    }
+}
+
 /// Send one message, or fail when the client does not take it within
 /// `limit` (it stopped reading and the socket's buffers are full).
 async fn send_within(socket: &mut WebSocket, msg: Message, limit: Duration) -> bool {
@@ -512,6 +565,9 @@ async fn serve_socket(
         }
     };
     let connection = guard.0.as_ref().map(|s| s.connection);
+    let mut hold = HoldClock::new(&state, guard.0.as_ref().is_some_and(|s| s.auto_commit));
+    let mut hold_check = tokio::time::interval(hold.interval());
+    hold_check.tick().await;
     // Every conforming WebSocket client answers pings; one that stops
     // answering (and sends nothing else) for the idle limit is gone.
     let mut last_heard = tokio::time::Instant::now();
@@ -527,6 +583,7 @@ async fn serve_socket(
                     tokio::select! {
                         sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if sent {
                             guard.written(index);
+                            hold.written(index);
                         } else {
                             tracing::info!(connection, "watch client does not take frames; dropping");
                             break;
@@ -548,6 +605,17 @@ async fn serve_socket(
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
             },
+            _ = hold_check.tick() => {
+                if connection.is_some_and(|c| hold.overdue(&state, &queue, c)) {
+                    tracing::info!(connection, "watch held an item past the hold limit; dropping");
+                    let frame = axum::extract::ws::CloseFrame {
+                        code: 1008,
+                        reason: "an item was held past the hold limit".into(),
+                    };
+                    send_within(&mut socket, Message::Close(Some(frame)), idle).await;
+                    break;
+                }
+            }
             _ = ping.tick() => {
                 if last_heard.elapsed() > idle {
                     tracing::info!(connection, "watch stopped answering pings; dropping");
@@ -575,8 +643,11 @@ async fn serve_stream(
     // each piece, so a client that stops reading stalls it within the
     // response body's and the socket's buffers.
     let (body_tx, mut body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let mut hold = HoldClock::new(&state, guard.0.as_ref().is_some_and(|s| s.auto_commit));
     tokio::spawn(async move {
         let connection = guard.0.as_ref().map(|s| s.connection);
+        let mut hold_check = tokio::time::interval(hold.interval());
+        hold_check.tick().await;
         // Whether the client stalled: its connection cannot be ended cleanly.
         let mut stalled = false;
         'pump: loop {
@@ -584,6 +655,14 @@ async fn serve_stream(
                 p = inbox.recv() => p,
                 // The client went away (the body was dropped).
                 _ = body_tx.closed() => break,
+                _ = hold_check.tick() => {
+                    if connection.is_some_and(|c| hold.overdue(&state, &queue, c)) {
+                        tracing::info!(connection, "watch stream held an item past the hold limit; dropping");
+                        stalled = true;
+                        break;
+                    }
+                    continue;
+                }
             };
             let frame = match push {
                 Ok(frame) => frame,
@@ -631,6 +710,7 @@ async fn serve_stream(
                 Ok(Ok(permit)) => {
                     drop(permit);
                     guard.written(index);
+                    hold.written(index);
                 }
                 Ok(Err(_)) => break,
                 Err(_) => {

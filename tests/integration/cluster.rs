@@ -42,6 +42,8 @@ pub(crate) struct Cluster {
     pub(crate) client_tls: Option<eddy::tls::ClientPortTls>,
     /// `--watch-idle-ms` of every node.
     pub(crate) watch_idle_ms: u64,
+    /// `--watch-max-hold-ms` of every node.
+    pub(crate) watch_max_hold_ms: u64,
     /// `--max-memory-bytes` of every node.
     pub(crate) max_memory_bytes: u64,
 }
@@ -93,6 +95,7 @@ impl Cluster {
             status_token: String::new(),
             client_tls: None,
             watch_idle_ms: 10_000,
+            watch_max_hold_ms: 0,
             max_memory_bytes: u64::MAX,
         };
         configure(&mut c);
@@ -149,6 +152,7 @@ impl Cluster {
             peer_listener: Default::default(),
             client_tls: self.client_tls.clone(),
             watch_idle_ms: self.watch_idle_ms,
+            watch_max_hold_ms: self.watch_max_hold_ms,
             max_memory_bytes: self.max_memory_bytes,
             services: Vec::new(),
             default_service: None,

@@ -596,3 +596,110 @@ async fn accepted_connections_detect_a_dead_peer_within_the_watch_idle_limit() {
     assert!(time + interval * retries >= Duration::from_secs(6));
     drop(client);
 }
+
+/// Delivery finding 1b: an HTTP-stream watcher whose process is stuck (its
+/// host and TCP connection alive, so keepalive is answered, the small item
+/// fitted in the socket buffers, and the stream has no way to ping) holds
+/// the item until the hold limit, then the node ends its connection and the
+/// item goes to another watcher of the group after the grace period (old
+/// code: held for as long as the connection lived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_http_stream_watcher_gives_up_its_item_at_the_hold_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let hold = Duration::from_millis(1_500);
+    let c = Cluster::configured(1, |c| c.watch_max_hold_ms = hold.as_millis() as u64).await;
+    let node = c.node(1);
+    create_service_with(
+        node,
+        ServiceConfig {
+            consumer_grace_ms: 200,
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually("node takes watchers", Duration::from_secs(10), || {
+        node.node.accepts_watchers()
+    })
+    .await;
+    let watch = |user: &str| {
+        format!(
+            "GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
+             X-EAS-QueueService-Redis-Uid: {user}\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n"
+        )
+    };
+    let mut stuck = tokio::net::TcpStream::connect(node.http_addr)
+        .await
+        .unwrap();
+    stuck.write_all(watch("a-stuck").as_bytes()).await.unwrap();
+    eventually("stuck stream attached", Duration::from_secs(10), || {
+        consumer(node, "a-stuck").is_some()
+    })
+    .await;
+    let index = put_item(node, b"small".to_vec()).await;
+    let held = || {
+        node.node.read(|s| {
+            s.queue(&svc_input())
+                .and_then(|q| q.groups.get("g"))
+                .and_then(|g| g.in_flight.get(&index).cloned())
+        })
+    };
+    eventually(
+        "item held by the stuck watcher",
+        Duration::from_secs(5),
+        || held().as_deref() == Some("a-stuck"),
+    )
+    .await;
+    let held_at = Instant::now();
+    // A second watcher of the group, idle until the item comes back.
+    let mut healthy = tokio::net::TcpStream::connect(node.http_addr)
+        .await
+        .unwrap();
+    healthy
+        .write_all(watch("b-healthy").as_bytes())
+        .await
+        .unwrap();
+    eventually("healthy stream attached", Duration::from_secs(10), || {
+        consumer(node, "b-healthy").is_some()
+    })
+    .await;
+    // The stuck client reads nothing more, and commits nothing.
+    let took = eventually(
+        "the item moved to the healthy watcher",
+        hold + Duration::from_secs(10),
+        || held().as_deref() == Some("b-healthy"),
+    )
+    .await;
+    assert!(
+        held_at.elapsed() >= hold,
+        "moved after {:?}, before the hold limit",
+        held_at.elapsed()
+    );
+    println!(
+        "item moved {:?} after it was held (hold limit {hold:?})",
+        took
+    );
+    // The stuck watcher's connection was ended by the node.
+    let mut sink = vec![0; 1 << 16];
+    let over = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stuck.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(over.is_ok(), "the stuck watcher's connection stayed open");
+    // The healthy watcher got the item's frame.
+    let mut got = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        while !got.windows(5).any(|w| w == b"small") {
+            let n = healthy.read(&mut sink).await.unwrap();
+            assert!(n > 0, "healthy stream ended");
+            got.extend_from_slice(&sink[..n]);
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "the healthy watcher did not get the item");
+}
