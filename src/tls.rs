@@ -123,7 +123,8 @@ impl ClientPortTls {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Invalid(format!("TLS certificate and key: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // The client port speaks HTTP/1.1 (and WebSocket) only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
             connector: None,

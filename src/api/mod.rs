@@ -372,6 +372,120 @@ where
     }
 }
 
+/// The client port's connection before its first request, which the
+/// server starts by reading up to the length of the HTTP/2 preface to tell
+/// the protocol version, with no timeout of its own. Reads fail with
+/// `TimedOut` once the deadline has passed before those bytes arrived (a
+/// client that connects and says nothing, or half a preface, would
+/// otherwise hold its connection slot for ever; past them, the header-read
+/// timeout applies), and with `InvalidData` if they are the HTTP/2 preface:
+/// the port speaks HTTP/1.1 (every SDK does, and WebSocket upgrades from
+/// it), and an HTTP/2 connection without streams that answers pings would
+/// keep its slot for ever.
+struct FirstByteDeadline<S> {
+    inner: S,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// How many of the bytes read so far are the HTTP/2 preface's first.
+    seen: usize,
+    /// Whether a byte read so far differs from the preface.
+    not_h2: bool,
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl<S> FirstByteDeadline<S> {
+    fn new(inner: S, within: std::time::Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+            seen: 0,
+            not_h2: false,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if self.deadline.is_none() {
+            return std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let fresh = buf.filled()[before..].to_vec();
+            for byte in fresh {
+                if self.seen == H2_PREFACE.len() {
+                    break;
+                }
+                self.not_h2 |= byte != H2_PREFACE[self.seen];
+                self.seen += 1;
+            }
+            // A byte off the preface makes it HTTP/1: from here on the
+            // header-read timeout applies.
+            if self.not_h2 {
+                self.deadline = None;
+            } else if self.seen == H2_PREFACE.len() {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "HTTP/2 is not served on this port",
+                )));
+            }
+            return read;
+        }
+        if let (Poll::Pending, Some(deadline)) = (&read, self.deadline.as_mut())
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the header-read timeout",
+            )));
+        }
+        read
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// Serve `app` on `listener` until `shutdown` resolves, within `limits`
 /// (a request body must arrive within the body timeout), over TLS when `tls` is given (the handshake, too, must finish within the
 /// header-read timeout). Each request carries the caller's address
@@ -391,16 +505,13 @@ pub async fn serve_with(
 
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only (see `FirstByteDeadline`); an idle HTTP/1 connection is
+    // closed by the header-read timeout.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(limits.header_read_timeout))
-        .keep_alive_timeout(limits.header_read_timeout);
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -459,6 +570,7 @@ pub async fn serve_with(
         tokio::spawn(async move {
             let result = match tls {
                 None => {
+                    let stream = FirstByteDeadline::new(stream, handshake_timeout);
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     serve_until_closed(watcher.watch(conn.into_owned()), &closer, fd).await
@@ -466,6 +578,7 @@ pub async fn serve_with(
                 Some(tls) => {
                     match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
+                            let stream = FirstByteDeadline::new(stream, handshake_timeout);
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
                             serve_until_closed(watcher.watch(conn.into_owned()), &closer, fd).await

@@ -128,6 +128,69 @@ async fn half_sent_requests_time_out_and_connections_are_limited() {
     c.stop(1).await;
 }
 
+/// Security finding 5, the connections that send no request: ones that
+/// say nothing at all, one that starts an HTTP/2 preface, and one that
+/// speaks HTTP/2 (it would answer pings for ever) are all closed within the
+/// header-read timeout, and a request waiting behind them is served (old
+/// code: the protocol version was read with no timeout and idle HTTP/2
+/// connections were kept, so they held every slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_no_request_give_up_their_slots() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let c = Cluster::configured(1, |c| {
+        c.listener = eddy::api::ListenerLimits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+    })
+    .await;
+    let addr = c.node(1).http_addr;
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut preface = TcpStream::connect(addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    idle.push(preface);
+    let mut h2 = TcpStream::connect(addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    idle.push(h2);
+    // Every slot is held: a complete request waits.
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for (i, s) in idle.iter_mut().enumerate() {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "connection {i} without a request was kept open: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    let closed_after = started.elapsed();
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+        .await
+        .expect("the waiting request was served")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
 /// A put whose headers declare 1 MiB but whose body stops after a few bytes
 /// is answered 408 and closed once the body timeout has passed, and
 /// nothing is stored.
