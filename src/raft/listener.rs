@@ -12,12 +12,17 @@
 //!   HTTP/2 keep-alive only starts after the HTTP/2 handshake, so this is
 //!   what closes a client that connects and never sends its preface. Live
 //!   peers ping every second (see `Channels::get`) and answer the server's
-//!   keep-alive pings, so they are never idle that long.
+//!   keep-alive pings, so they are never idle that long;
+//! - until a call on it passed the cluster secret ([`PeerContacts::authenticated`]),
+//!   what a connection sends does not extend its time: it is closed the idle
+//!   time after it was accepted, so a client without the secret cannot keep
+//!   a slot by answering pings or repeating refused calls.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,11 +53,39 @@ impl Default for PeerListenerLimits {
     }
 }
 
+/// The accepted connections no call has authenticated yet, by the peer's
+/// address; the interceptor that checks the cluster secret marks them.
+#[derive(Default)]
+pub(crate) struct PeerContacts {
+    pending: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<AtomicBool>>>,
+}
+
+impl PeerContacts {
+    fn register(&self, peer: std::net::SocketAddr) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.pending.lock().unwrap().insert(peer, flag.clone());
+        flag
+    }
+
+    fn forget(&self, peer: &std::net::SocketAddr) {
+        self.pending.lock().unwrap().remove(peer);
+    }
+
+    /// A call from `peer` passed the cluster secret: its connection's
+    /// traffic now keeps it open.
+    pub(crate) fn authenticated(&self, peer: std::net::SocketAddr) {
+        if let Some(flag) = self.pending.lock().unwrap().remove(&peer) {
+            flag.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// Accepted connections of `listener`, never more than
 /// `limits.max_connections` alive at once.
 pub(crate) fn bounded_incoming(
     listener: TcpListener,
     limits: PeerListenerLimits,
+    contacts: Arc<PeerContacts>,
 ) -> impl Stream<Item = io::Result<PeerConn>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -61,41 +94,68 @@ pub(crate) fn bounded_incoming(
         // A peer that vanished without a FIN (power loss, partition) is
         // noticed by the kernel too.
         .with_keepalive(Some(Duration::from_secs(30)));
-    futures::stream::unfold((incoming, slots), move |(mut incoming, slots)| async move {
-        use futures::StreamExt;
-        // Wait for a free slot before accepting: the client stays in the
-        // backlog meanwhile.
-        let slot = slots.clone().acquire_owned().await.ok()?;
-        let accepted = match incoming.next().await? {
-            Ok(stream) => Ok(PeerConn::new(stream, slot, limits.idle)),
-            Err(e) => {
-                // Out of descriptors, say: back off instead of spinning
-                // (the server retries at once).
-                tracing::warn!(error = %e, "peer accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Err(e)
-            }
-        };
-        Some((accepted, (incoming, slots)))
+    futures::stream::unfold((incoming, slots), move |(mut incoming, slots)| {
+        let contacts = contacts.clone();
+        async move {
+            use futures::StreamExt;
+            // Wait for a free slot before accepting: the client stays in the
+            // backlog meanwhile.
+            let slot = slots.clone().acquire_owned().await.ok()?;
+            let accepted = match incoming.next().await? {
+                Ok(stream) => Ok(PeerConn::new(stream, slot, limits.idle, &contacts)),
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of spinning
+                    // (the server retries at once).
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(e)
+                }
+            };
+            Some((accepted, (incoming, slots)))
+        }
     })
 }
 
 /// An accepted peer connection holding its slot; reads fail with
-/// `TimedOut` once nothing was read for the idle time.
+/// `TimedOut` once nothing was read for the idle time, or, before a call on
+/// it was authenticated, once the idle time since it was accepted passed.
 pub(crate) struct PeerConn {
     io: TcpStream,
     _slot: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    authenticated: Arc<AtomicBool>,
+    /// Where it is registered in `contacts` until authenticated.
+    registered: Option<(std::net::SocketAddr, Arc<PeerContacts>)>,
 }
 
 impl PeerConn {
-    fn new(io: TcpStream, slot: OwnedSemaphorePermit, idle: Duration) -> Self {
+    fn new(
+        io: TcpStream,
+        slot: OwnedSemaphorePermit,
+        idle: Duration,
+        contacts: &Arc<PeerContacts>,
+    ) -> Self {
+        let (authenticated, registered) = match io.peer_addr() {
+            Ok(peer) => (contacts.register(peer), Some((peer, contacts.clone()))),
+            // Not addressable: no call can vouch for it.
+            Err(_) => (Arc::new(AtomicBool::new(false)), None),
+        };
         Self {
             io,
             _slot: slot,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            authenticated,
+            registered,
+        }
+    }
+}
+
+impl Drop for PeerConn {
+    fn drop(&mut self) {
+        if let Some((peer, contacts)) = &self.registered {
+            contacts.forget(peer);
         }
     }
 }
@@ -117,7 +177,7 @@ impl AsyncRead for PeerConn {
         let before = buf.filled().len();
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
+                if buf.filled().len() > before && self.authenticated.load(Ordering::Acquire) {
                     let next = Instant::now() + self.idle;
                     self.deadline.as_mut().reset(next);
                 }
@@ -182,7 +242,7 @@ mod tests {
             idle: Duration::from_millis(200),
             handshake: Duration::from_secs(1),
         };
-        let mut incoming = Box::pin(bounded_incoming(listener, limits));
+        let mut incoming = Box::pin(bounded_incoming(listener, limits, Default::default()));
         let _first_client = TcpStream::connect(addr).await.unwrap();
         let started = std::time::Instant::now();
         let mut first = incoming.next().await.unwrap().unwrap();
@@ -206,5 +266,60 @@ mod tests {
             .await
             .expect("the freed slot admits the waiting connection");
         assert!(second.unwrap().is_ok());
+    }
+
+    /// Security finding 5 on the peer port: a client that keeps sending (as
+    /// one answering HTTP/2 pings, or repeating calls refused for want of
+    /// the secret) but whose calls never passed the secret is closed the
+    /// idle time after it was accepted; once a call on a connection was
+    /// authenticated, its traffic keeps it open (old code: any byte read
+    /// kept every connection open).
+    #[tokio::test]
+    async fn only_authenticated_connections_are_kept_open_by_their_traffic() {
+        use tokio::io::AsyncWriteExt;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = PeerListenerLimits {
+            max_connections: 4,
+            idle: Duration::from_millis(400),
+            handshake: Duration::from_secs(1),
+        };
+        let contacts = Arc::new(PeerContacts::default());
+        let mut incoming = Box::pin(bounded_incoming(listener, limits, contacts.clone()));
+        let mut stranger = TcpStream::connect(addr).await.unwrap();
+        let mut stranger_conn = incoming.next().await.unwrap().unwrap();
+        let mut member = TcpStream::connect(addr).await.unwrap();
+        let mut member_conn = incoming.next().await.unwrap().unwrap();
+        contacts.authenticated(member.local_addr().unwrap());
+        let started = std::time::Instant::now();
+        // Both keep talking, a byte every 50 ms, for three idle times.
+        let mut buf = [0u8; 8];
+        let mut stranger_closed = None;
+        while started.elapsed() < limits.idle * 3 {
+            let _ = stranger.write_all(b"x").await;
+            member.write_all(b"x").await.unwrap();
+            if stranger_closed.is_none() {
+                match tokio::time::timeout(Duration::from_millis(50), stranger_conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Err(e)) => {
+                        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                        stranger_closed = Some(started.elapsed());
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+            }
+            let read =
+                tokio::time::timeout(Duration::from_millis(50), member_conn.read(&mut buf)).await;
+            assert!(
+                !matches!(read, Ok(Err(_))),
+                "the authenticated connection was closed after {:?}",
+                started.elapsed()
+            );
+        }
+        let closed =
+            stranger_closed.expect("the unauthenticated connection was kept open by its traffic");
+        assert!(closed < limits.idle * 2, "closed after {closed:?}");
     }
 }

@@ -263,9 +263,10 @@ impl RaftNode {
 
         // The secret is checked on the headers first; each method's decode
         // limit then applies to the messages of an authenticated call.
+        let contacts = Arc::new(super::listener::PeerContacts::default());
         let service = tonic::service::interceptor::InterceptedService::new(
             PeerServer::new(Service { node: node.clone() }),
-            super::service::authenticate(settings.secret.clone()),
+            super::service::authenticate(settings.secret.clone(), contacts.clone()),
         );
         let limits = settings.peer_listener;
         let mut server = tonic::transport::Server::builder()
@@ -288,7 +289,7 @@ impl RaftNode {
             // No per-request timeout: a snapshot upload may rightly take
             // long (the sender bounds it by its size), and a caller without
             // the cluster secret is refused before its body is read.
-            let incoming = super::listener::bounded_incoming(listener, limits);
+            let incoming = super::listener::bounded_incoming(listener, limits, contacts);
             if let Err(e) = server
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped)

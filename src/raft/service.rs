@@ -27,6 +27,7 @@ use crate::queue::{Command, Envelope};
 /// no peer calls at all.
 pub(super) fn authenticate(
     secret: String,
+    contacts: Arc<super::listener::PeerContacts>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         if secret.is_empty() {
@@ -40,6 +41,9 @@ pub(super) fn authenticate(
             .map(|v| v.as_bytes())
             .unwrap_or_default();
         if crate::secret::matches(given, secret.as_bytes()) {
+            if let Some(peer) = req.remote_addr() {
+                contacts.authenticated(peer);
+            }
             Ok(req)
         } else {
             Err(Status::unauthenticated("cluster secret mismatch"))
