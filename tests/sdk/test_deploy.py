@@ -125,6 +125,11 @@ def test_compose_file_runs_three_nodes_an_engine_and_a_model():
     for name, s in services.items():
         if not name.startswith("eddy-"):
             assert "secrets" not in s and not s.get("volumes"), f"{name} is given files"
+    # The demo service has no token: what is published is reachable from
+    # this machine only.
+    for name, s in services.items():
+        for port in s.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
     assert services["engine"]["command"][0] == "engine"
     assert services["demo-model"]["command"][0] == "demo-model"
     if shutil.which("docker-compose"):
