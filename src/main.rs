@@ -214,11 +214,13 @@ struct ServeArgs {
     /// Where the Raft log and snapshots live.
     #[arg(long, env = "EDDY_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// HTTP (EAS protocol, admin, metrics) listen address.
-    #[arg(long, env = "EDDY_LISTEN", default_value = "0.0.0.0:8080")]
+    /// HTTP (EAS protocol, admin, metrics) listen address. This machine
+    /// only by default: the quick start's demo service has no token (the
+    /// container image listens on every interface).
+    #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Node-to-node gRPC listen address.
-    #[arg(long, env = "EDDY_RAFT_LISTEN", default_value = "0.0.0.0:9090")]
+    /// Node-to-node gRPC listen address (this machine only by default).
+    #[arg(long, env = "EDDY_RAFT_LISTEN", default_value = "127.0.0.1:9090")]
     raft_listen: SocketAddr,
     /// How peers reach this node's gRPC port (host:port).
     #[arg(long, env = "EDDY_ADVERTISE_RAFT")]
