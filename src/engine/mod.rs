@@ -145,7 +145,7 @@ impl Engine {
         Ok(Arc::new(Self {
             model: ModelClient::new(&settings.model, settings.request_timeout),
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
-            sync_waiters: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
+            sync_waiters: Arc::new(Semaphore::new(sync_places(settings.concurrency))),
             settings,
             inputs,
             sinks,
@@ -395,6 +395,11 @@ impl Engine {
         self.sync_waiters.available_permits()
     }
 
+    /// Synchronous places in all.
+    pub fn sync_places(&self) -> usize {
+        sync_places(self.settings.concurrency)
+    }
+
     /// Call the model directly for a synchronous request that holds a
     /// place, sharing the concurrency budget with queue work. The budget's
     /// slot is taken only now, once the body is in: a caller that sends its
@@ -536,4 +541,11 @@ mod tests {
             assert!(lines[0].contains("input item 7 is gone"), "{logs}");
         }
     }
+}
+
+/// How many synchronous requests may be in the engine at once: half its
+/// concurrency (at least one), so that synchronous callers, who share the
+/// concurrency budget with queue work, never take all of it.
+fn sync_places(concurrency: u32) -> usize {
+    (concurrency as usize / 2).max(1)
 }
