@@ -585,8 +585,14 @@ async fn cluster(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
 }
 
 /// The fingerprint of this node's applied state with the index it is at:
-/// nodes at the same index must show the same digest.
-async fn state_digest(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
+/// nodes at the same index must show the same digest. For administrators,
+/// one at a time: encoding the whole state holds up applying meanwhile.
+async fn state_digest(State(state): State<Arc<AppState>>, _admin: Admin) -> Response {
+    static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(_turn) = ONE_AT_A_TIME.try_acquire() else {
+        return ApiError::Full("a state digest is being computed; retry later".into())
+            .into_response();
+    };
     let shared = state.node.shared.clone();
     match tokio::task::spawn_blocking(move || shared.digest()).await {
         Ok(Ok(digest)) => axum::Json(digest).into_response(),

@@ -53,8 +53,9 @@
 //!   its work hangs) is the hold limit (`--watch-max-hold-ms`): a connection
 //!   still holding an item that longer after its frame was written is
 //!   ended like a stalled one, and the item goes back to its group after the
-//!   grace period. Auto-commit items are committed once written, so only
-//!   items that wait for the client's commit count.
+//!   grace period. An item sent again (given back, then dispatched to the
+//!   same connection) counts from its latest send; an auto-commit item
+//!   counts until its commit applies (one whose commit failed is held).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -497,9 +498,9 @@ struct HoldClock {
 }
 
 impl HoldClock {
-    fn new(state: &AppState, auto_commit: bool) -> Self {
+    fn new(state: &AppState) -> Self {
         Self {
-            limit: (state.watch_max_hold_ms > 0 && !auto_commit)
+            limit: (state.watch_max_hold_ms > 0)
                 .then(|| Duration::from_millis(state.watch_max_hold_ms)),
             written: Default::default(),
         }
@@ -512,8 +513,11 @@ impl HoldClock {
         })
     }
 
+    /// The frame of `index` was written: its time starts now, also when it
+    /// was written before (given back and sent again).
     fn written(&mut self, index: u64) {
         if self.limit.is_some() {
+            self.written.retain(|(i, _)| *i != index);
             self.written.push_back((index, tokio::time::Instant::now()));
         }
     }
@@ -565,7 +569,7 @@ async fn serve_socket(
         }
     };
     let connection = guard.0.as_ref().map(|s| s.connection);
-    let mut hold = HoldClock::new(&state, guard.0.as_ref().is_some_and(|s| s.auto_commit));
+    let mut hold = HoldClock::new(&state);
     let mut hold_check = tokio::time::interval(hold.interval());
     hold_check.tick().await;
     // Every conforming WebSocket client answers pings; one that stops
@@ -643,7 +647,7 @@ async fn serve_stream(
     // each piece, so a client that stops reading stalls it within the
     // response body's and the socket's buffers.
     let (body_tx, mut body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let mut hold = HoldClock::new(&state, guard.0.as_ref().is_some_and(|s| s.auto_commit));
+    let mut hold = HoldClock::new(&state);
     tokio::spawn(async move {
         let connection = guard.0.as_ref().map(|s| s.connection);
         let mut hold_check = tokio::time::interval(hold.interval());

@@ -104,10 +104,13 @@ def container(node):
     return compose("ps", "-q", node).stdout.strip()
 
 
-def http(node, method, path, body=None, timeout=3):
+def http(node, method, path, body=None, timeout=3, admin=False):
+    headers = {"X-EAS-QueueService-Redis-Gid": GID, "X-EAS-QueueService-Redis-Uid": "checker"}
+    if admin:
+        with open(os.path.join(ROOT, "deploy", "compose-certs", "admin-token")) as f:
+            headers["Authorization"] = f.read().strip()
     req = urllib.request.Request(f"http://127.0.0.1:{PORTS[node]}{path}", data=body, method=method,
-                                 headers={"X-EAS-QueueService-Redis-Gid": GID,
-                                          "X-EAS-QueueService-Redis-Uid": "checker"})
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, r.read(), r.headers
 
@@ -561,7 +564,7 @@ def replicas_agree(timeout=30):
     seen = None
     while time.monotonic() < deadline:
         try:
-            seen = {n: json.loads(http(n, "GET", "/admin/cluster/digest", timeout=10)[1]) for n in NODES}
+            seen = {n: json.loads(http(n, "GET", "/admin/cluster/digest", timeout=10, admin=True)[1]) for n in NODES}
         except Exception as e:
             seen = {"unavailable": str(e)}
             time.sleep(1)

@@ -149,3 +149,32 @@ async fn status_routes_can_require_a_token() {
     }
     c.stop(1).await;
 }
+
+/// The state digest encodes the whole state under the apply lock: only an
+/// administrator may ask for it (a remote caller without the token gets 401
+/// even where status routes are open), and it answers the applied index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_digest_is_for_administrators() {
+    let c = Cluster::configured(1, |c| c.admin_token = "the-admin-token".into()).await;
+    let (status, _) = call(&c, 1, REMOTE, "GET", "/admin/cluster", None, "").await;
+    assert_eq!(status, StatusCode::OK, "status routes are open here");
+    let (status, _) = call(&c, 1, REMOTE, "GET", "/admin/cluster/digest", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, text) = call(
+        &c,
+        1,
+        REMOTE,
+        "GET",
+        "/admin/cluster/digest",
+        Some("the-admin-token"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let digest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        digest["applied"].as_u64(),
+        c.node(1).node.status().applied,
+        "{text}"
+    );
+}
