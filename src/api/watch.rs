@@ -31,6 +31,11 @@
 //!   reads it is gone with the connection (auto-commit promises no more),
 //!   and a node failing between a write and its commit delivers the item
 //!   again.
+//! - A close decided by the node or the state machine (the lease lost, a
+//!   consumer taken over, a snapshot installed) takes effect at once, ahead
+//!   of the frames buffered for the connection and in the middle of a frame
+//!   being written: once the cluster may be redelivering its items, the
+//!   connection pushes nothing more.
 //! - No send waits longer than the idle limit (`--watch-idle-ms`): a
 //!   WebSocket send (frame, ping or close) that cannot complete in that time
 //!   ends the connection, so a client that stopped reading cannot keep its
@@ -91,7 +96,6 @@ pub const STREAM_PIECE: usize = 64 * 1024;
 
 enum Push {
     Frame(Frame),
-    Close,
 }
 
 /// Why a connection ends on the server's side.
@@ -107,42 +111,58 @@ enum Closed {
 struct Outbox {
     tx: mpsc::Sender<Push>,
     bytes: Arc<AtomicUsize>,
-    overflow: watch::Sender<bool>,
+    /// Set once the connection must close, and why.
+    end: watch::Sender<Option<Closed>>,
+}
+
+impl Outbox {
+    /// Tell the connection to close now, ahead of what is buffered (the
+    /// first reason given stays).
+    fn end(&self, why: Closed) {
+        self.end.send_if_modified(|end| {
+            let first = end.is_none();
+            if first {
+                *end = Some(why);
+            }
+            first
+        });
+    }
 }
 
 /// The connection's end: frames in order, or why it must close.
 struct Inbox {
     rx: mpsc::Receiver<Push>,
     bytes: Arc<AtomicUsize>,
-    overflow: watch::Receiver<bool>,
+    end: watch::Receiver<Option<Closed>>,
 }
 
 impl Inbox {
     async fn recv(&mut self) -> Result<Frame, Closed> {
-        // An overflow closes at once: the buffered frames are what the client
-        // could not take.
+        // An end comes before anything buffered: after an overflow the
+        // buffered frames are what the client could not take, and a node
+        // that lost its lease or a consumer taken over must push no more.
         tokio::select! {
             biased;
-            _ = self.overflow.wait_for(|o| *o) => Err(Closed::Overflow),
+            why = self.end.wait_for(Option::is_some) => {
+                Err(why.ok().and_then(|w| *w).unwrap_or(Closed::Ended))
+            }
             push = self.rx.recv() => match push {
                 Some(Push::Frame(frame)) => {
                     self.bytes.fetch_sub(frame_cost(&frame), Ordering::Relaxed);
                     Ok(frame)
                 }
-                Some(Push::Close) | None => Err(Closed::Ended),
+                None => Err(Closed::Ended),
             },
         }
     }
-}
 
-impl Inbox {
-    /// Resolves once the hub found this connection's buffer full; a send
-    /// in progress races it, so a slow client is closed without waiting out
-    /// the send.
-    fn overflowed(&self) -> impl Future<Output = ()> + use<> {
-        let mut overflow = self.overflow.clone();
+    /// Resolves once the connection must close; a send in progress races
+    /// it, so neither a slow client nor a frame being written keeps the
+    /// connection after its end.
+    fn ended(&self) -> impl Future<Output = ()> + use<> {
+        let mut end = self.end.clone();
         async move {
-            let _ = overflow.wait_for(|o| *o).await;
+            let _ = end.wait_for(Option::is_some).await;
         }
     }
 }
@@ -206,7 +226,7 @@ impl Hub {
                         }
                     }
                     Event::Close { node, connection } if node == self.node_id => {
-                        self.push(connection, Push::Close);
+                        self.end(connection);
                     }
                     Event::Changed { .. } => changed = true,
                     Event::Resync => {
@@ -231,7 +251,6 @@ impl Hub {
         };
         let cost = match &msg {
             Push::Frame(f) => frame_cost(f),
-            Push::Close => 0,
         };
         let held = out.bytes.fetch_add(cost, Ordering::Relaxed);
         let fits = held == 0 || held + cost <= MAX_BUFFERED_BYTES;
@@ -239,19 +258,26 @@ impl Hub {
             return;
         }
         out.bytes.fetch_sub(cost, Ordering::Relaxed);
-        if !*out.overflow.borrow() {
+        if out.end.borrow().is_none() {
             tracing::warn!(
                 connection,
                 buffered_bytes = held,
                 "watch client reads too slowly: buffer full, closing the connection"
             );
-            out.overflow.send_replace(true);
+        }
+        out.end(Closed::Overflow);
+    }
+
+    /// Close `connection` now, ahead of the frames buffered for it.
+    fn end(&self, connection: u64) {
+        if let Some(out) = self.connections.lock().unwrap().get(&connection) {
+            out.end(Closed::Ended);
         }
     }
 
     fn register(&self) -> (u64, Inbox) {
         let (tx, rx) = mpsc::channel(MAX_BUFFERED_FRAMES);
-        let (overflow_tx, overflow_rx) = watch::channel(false);
+        let (end_tx, end_rx) = watch::channel(None);
         let bytes = Arc::new(AtomicUsize::new(0));
         let mut map = self.connections.lock().unwrap();
         let mut id = uuid::Uuid::new_v4().as_u64_pair().0;
@@ -263,7 +289,7 @@ impl Hub {
             Outbox {
                 tx,
                 bytes: bytes.clone(),
-                overflow: overflow_tx,
+                end: end_tx,
             },
         );
         (
@@ -271,7 +297,7 @@ impl Hub {
             Inbox {
                 rx,
                 bytes,
-                overflow: overflow_rx,
+                end: end_rx,
             },
         )
     }
@@ -280,11 +306,12 @@ impl Hub {
         self.connections.lock().unwrap().remove(&connection);
     }
 
-    /// Close every local connection (this node lost touch with the leader).
+    /// Close every local connection now, ahead of what is buffered and
+    /// in the middle of a frame being written (this node lost touch with
+    /// the leader: the cluster may be redelivering these items already).
     pub fn close_all(&self) {
-        let all: Vec<u64> = self.connections.lock().unwrap().keys().copied().collect();
-        for c in all {
-            self.push(c, Push::Close);
+        for out in self.connections.lock().unwrap().values() {
+            out.end(Closed::Ended);
         }
     }
 
@@ -583,7 +610,7 @@ async fn serve_socket(
                 Ok(frame) => {
                     let index = frame.index;
                     let bytes = frame_proto(frame).encode_to_vec();
-                    let overflowed = inbox.overflowed();
+                    let overflowed = inbox.ended();
                     tokio::select! {
                         sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if sent {
                             guard.written(index);
@@ -691,7 +718,7 @@ async fn serve_stream(
             while at < chunk.len() {
                 let piece = chunk.slice(at..(at + STREAM_PIECE).min(chunk.len()));
                 at += piece.len();
-                let overflowed = inbox.overflowed();
+                let overflowed = inbox.ended();
                 tokio::select! {
                     sent = tokio::time::timeout(idle, body_tx.send(Ok(piece))) => match sent {
                         Ok(Ok(())) => {}

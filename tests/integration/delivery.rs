@@ -768,3 +768,72 @@ async fn a_leader_without_its_lease_declares_no_member_lost() {
         after.state, after.term
     );
 }
+
+/// Delivery under faults: a node that loses its lease closes its watchers
+/// at once, also one whose frame is being written (an 8 MiB item to a
+/// client that reads nothing), so it stops pushing before the leader
+/// redelivers the item elsewhere (old code: the close waited behind the
+/// frame, up to the 10 s idle limit of the stalled write, and a client
+/// that read on got the whole item after the lease was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let other = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
+    create_service_with(c.node(leader), ServiceConfig::default()).await;
+    eventually("follower takes watchers", Duration::from_secs(10), || {
+        c.node(follower).node.accepts_watchers()
+    })
+    .await;
+    let mut client = small_buffer_connection(c.node(follower).http_addr).await;
+    client
+        .write_all(
+            b"GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
+              X-EAS-QueueService-Redis-Uid: reader\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    eventually("stream attached", Duration::from_secs(10), || {
+        consumer(c.node(leader), "reader").is_some()
+    })
+    .await;
+    let size = 8 * 1024 * 1024;
+    put_item(c.node(leader), vec![7; size]).await;
+    eventually(
+        "the follower holds the item for the reader",
+        Duration::from_secs(5),
+        || consumer(c.node(follower), "reader").is_some_and(|c| c.pending == 1),
+    )
+    .await;
+    let hub = c.node(follower).app_state.hub.clone();
+    assert_eq!(hub.connection_count(), 1);
+    c.stop(leader).await;
+    c.stop(other).await;
+    let cut = Instant::now();
+    let node_lost = Duration::from_millis(1_000);
+    eventually("the follower dropped its watcher", node_lost, || {
+        hub.connection_count() == 0
+    })
+    .await;
+    println!("watcher dropped {:?} after the cut", cut.elapsed());
+    // What reaches the client now is what was on the way: not the item.
+    let mut got = 0usize;
+    let mut buf = vec![0; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    assert!(
+        got < size,
+        "the whole {size}-byte item was written after the lease was lost ({got} bytes)"
+    );
+}
