@@ -220,10 +220,11 @@ impl Hub {
                         connection,
                         frame,
                         queue,
-                    } if n == self.node_id => {
-                        if node.read(|s| s.delivery_is_current(&queue, connection, frame.index)) {
-                            self.push(connection, Push::Frame(frame));
-                        }
+                    } if n == self.node_id
+                        && node
+                            .read(|s| s.delivery_is_current(&queue, connection, frame.index)) =>
+                    {
+                        self.push(connection, Push::Frame(frame));
                     }
                     Event::Close { node, connection } if node == self.node_id => {
                         self.end(connection);

@@ -421,6 +421,13 @@ impl Engine {
     }
 }
 
+/// How many synchronous requests may be in the engine at once: half its
+/// concurrency (at least one), so that synchronous callers, who share the
+/// concurrency budget with queue work, never take all of it.
+fn sync_places(concurrency: u32) -> usize {
+    (concurrency as usize / 2).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,11 +548,4 @@ mod tests {
             assert!(lines[0].contains("input item 7 is gone"), "{logs}");
         }
     }
-}
-
-/// How many synchronous requests may be in the engine at once: half its
-/// concurrency (at least one), so that synchronous callers, who share the
-/// concurrency budget with queue work, never take all of it.
-fn sync_places(concurrency: u32) -> usize {
-    (concurrency as usize / 2).max(1)
 }

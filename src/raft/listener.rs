@@ -299,16 +299,13 @@ mod tests {
         while started.elapsed() < limits.idle * 3 {
             let _ = stranger.write_all(b"x").await;
             member.write_all(b"x").await.unwrap();
-            if stranger_closed.is_none() {
-                match tokio::time::timeout(Duration::from_millis(50), stranger_conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Err(e)) => {
-                        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-                        stranger_closed = Some(started.elapsed());
-                    }
-                    Ok(Ok(_)) | Err(_) => {}
-                }
+            if stranger_closed.is_none()
+                && let Ok(Err(e)) =
+                    tokio::time::timeout(Duration::from_millis(50), stranger_conn.read(&mut buf))
+                        .await
+            {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                stranger_closed = Some(started.elapsed());
             }
             let read =
                 tokio::time::timeout(Duration::from_millis(50), member_conn.read(&mut buf)).await;
