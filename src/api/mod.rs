@@ -382,29 +382,28 @@ where
 /// the port speaks HTTP/1.1 (every SDK does, and WebSocket upgrades from
 /// it), and an HTTP/2 connection without streams that answers pings would
 /// keep its slot for ever.
-struct FirstByteDeadline<S> {
+struct PrefaceGuard<S> {
     inner: S,
+    /// Until a byte read differs from the HTTP/2 preface; then the
+    /// connection is HTTP/1 and reads pass straight through.
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// How many of the bytes read so far are the HTTP/2 preface's first.
+    /// How many bytes of the HTTP/2 preface were read so far.
     seen: usize,
-    /// Whether a byte read so far differs from the preface.
-    not_h2: bool,
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-impl<S> FirstByteDeadline<S> {
+impl<S> PrefaceGuard<S> {
     fn new(inner: S, within: std::time::Duration) -> Self {
         Self {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
             seen: 0,
-            not_h2: false,
         }
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline<S> {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PrefaceGuard<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -417,24 +416,21 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline
         }
         let before = buf.filled().len();
         let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let fresh = buf.filled()[before..].to_vec();
-            for byte in fresh {
-                if self.seen == H2_PREFACE.len() {
-                    break;
-                }
-                self.not_h2 |= byte != H2_PREFACE[self.seen];
-                self.seen += 1;
-            }
-            // A byte off the preface makes it HTTP/1: from here on the
-            // header-read timeout applies.
-            if self.not_h2 {
+        let fresh = &buf.filled()[before..];
+        if !fresh.is_empty() {
+            let seen = self.seen;
+            let compared = fresh.len().min(H2_PREFACE.len() - seen);
+            if fresh[..compared] != H2_PREFACE[seen..seen + compared] {
+                // Not HTTP/2: from here on the header-read timeout applies.
                 self.deadline = None;
-            } else if self.seen == H2_PREFACE.len() {
-                return std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "HTTP/2 is not served on this port",
-                )));
+            } else {
+                self.seen += compared;
+                if self.seen == H2_PREFACE.len() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "HTTP/2 is not served on this port",
+                    )));
+                }
             }
             return read;
         }
@@ -450,7 +446,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadline<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PrefaceGuard<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -505,7 +501,7 @@ pub async fn serve_with(
 
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    // HTTP/1.1 only (see `FirstByteDeadline`); an idle HTTP/1 connection is
+    // HTTP/1.1 only (see `PrefaceGuard`); an idle HTTP/1 connection is
     // closed by the header-read timeout.
     let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
@@ -570,7 +566,7 @@ pub async fn serve_with(
         tokio::spawn(async move {
             let result = match tls {
                 None => {
-                    let stream = FirstByteDeadline::new(stream, handshake_timeout);
+                    let stream = PrefaceGuard::new(stream, handshake_timeout);
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     serve_until_closed(watcher.watch(conn.into_owned()), &closer, fd).await
@@ -578,7 +574,7 @@ pub async fn serve_with(
                 Some(tls) => {
                     match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let stream = FirstByteDeadline::new(stream, handshake_timeout);
+                            let stream = PrefaceGuard::new(stream, handshake_timeout);
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
                             serve_until_closed(watcher.watch(conn.into_owned()), &closer, fd).await

@@ -94,10 +94,6 @@ const FRAME_OVERHEAD: usize = 128;
 /// body's own buffering stops taking pieces when the client stops reading.
 pub const STREAM_PIECE: usize = 64 * 1024;
 
-enum Push {
-    Frame(Frame),
-}
-
 /// Why a connection ends on the server's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closed {
@@ -109,7 +105,7 @@ enum Closed {
 
 /// The hub's end of one connection.
 struct Outbox {
-    tx: mpsc::Sender<Push>,
+    tx: mpsc::Sender<Frame>,
     bytes: Arc<AtomicUsize>,
     /// Set once the connection must close, and why.
     end: watch::Sender<Option<Closed>>,
@@ -131,7 +127,7 @@ impl Outbox {
 
 /// The connection's end: frames in order, or why it must close.
 struct Inbox {
-    rx: mpsc::Receiver<Push>,
+    rx: mpsc::Receiver<Frame>,
     bytes: Arc<AtomicUsize>,
     end: watch::Receiver<Option<Closed>>,
 }
@@ -147,7 +143,7 @@ impl Inbox {
                 Err(why.ok().and_then(|w| *w).unwrap_or(Closed::Ended))
             }
             push = self.rx.recv() => match push {
-                Some(Push::Frame(frame)) => {
+                Some(frame) => {
                     self.bytes.fetch_sub(frame_cost(&frame), Ordering::Relaxed);
                     Ok(frame)
                 }
@@ -224,7 +220,7 @@ impl Hub {
                         && node
                             .read(|s| s.delivery_is_current(&queue, connection, frame.index)) =>
                     {
-                        self.push(connection, Push::Frame(frame));
+                        self.push(connection, frame);
                     }
                     Event::Close { node, connection } if node == self.node_id => {
                         self.end(connection);
@@ -243,19 +239,17 @@ impl Hub {
         }
     }
 
-    /// Queue `msg` for `connection`; a connection whose buffer is full is
+    /// Queue `frame` for `connection`; a connection whose buffer is full is
     /// told to close instead (the frame is not kept).
-    fn push(&self, connection: u64, msg: Push) {
+    fn push(&self, connection: u64, frame: Frame) {
         let map = self.connections.lock().unwrap();
         let Some(out) = map.get(&connection) else {
             return;
         };
-        let cost = match &msg {
-            Push::Frame(f) => frame_cost(f),
-        };
+        let cost = frame_cost(&frame);
         let held = out.bytes.fetch_add(cost, Ordering::Relaxed);
         let fits = held == 0 || held + cost <= MAX_BUFFERED_BYTES;
-        if fits && out.tx.try_send(msg).is_ok() {
+        if fits && out.tx.try_send(frame).is_ok() {
             return;
         }
         out.bytes.fetch_sub(cost, Ordering::Relaxed);
@@ -611,7 +605,7 @@ async fn serve_socket(
                 Ok(frame) => {
                     let index = frame.index;
                     let bytes = frame_proto(frame).encode_to_vec();
-                    let overflowed = inbox.ended();
+                    let ended = inbox.ended();
                     tokio::select! {
                         sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if sent {
                             guard.written(index);
@@ -621,7 +615,7 @@ async fn serve_socket(
                             break;
                         },
                         // The socket is mid-message: no close frame can follow.
-                        _ = overflowed => break,
+                        _ = ended => break,
                     }
                 }
                 Err(closed) => {
@@ -719,7 +713,7 @@ async fn serve_stream(
             while at < chunk.len() {
                 let piece = chunk.slice(at..(at + STREAM_PIECE).min(chunk.len()));
                 at += piece.len();
-                let overflowed = inbox.ended();
+                let ended = inbox.ended();
                 tokio::select! {
                     sent = tokio::time::timeout(idle, body_tx.send(Ok(piece))) => match sent {
                         Ok(Ok(())) => {}
@@ -730,7 +724,7 @@ async fn serve_stream(
                             break 'pump;
                         }
                     },
-                    _ = overflowed => {
+                    _ = ended => {
                         stalled = true;
                         break 'pump;
                     }

@@ -390,7 +390,7 @@ impl Engine {
             .map_err(|_| SyncError::Busy)
     }
 
-    /// Synchronous places free now (for readiness checks and tests).
+    /// Synchronous places free now.
     pub fn sync_places_free(&self) -> usize {
         self.sync_waiters.available_permits()
     }
