@@ -44,7 +44,6 @@ iptables in a node's network namespace (nsenter).
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -91,9 +90,9 @@ APPLIED_LOG = "info,openraft=warn,eddy::applied=trace"
 
 
 def compose(*args, check=True):
-    os.environ["EDDY_LOG"] = APPLIED_LOG
     cmd = ["docker-compose", "-p", PROJECT, "-f", os.path.join(ROOT, "docker-compose.yml"), *args]
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True,
+                          env={**os.environ, "EDDY_LOG": APPLIED_LOG})
 
 
 def docker(*args, check=True):
@@ -583,26 +582,22 @@ def replicas_agree(timeout=30):
 def first_difference_in_applied_logs():
     """Print the first log index at which two nodes, or one node before and
     after a restart, applied different entries or got different results."""
-    applied = {}  # index -> {line: [(node, start)]}
+    applied = {}  # index -> {line: {nodes that logged it}}
     for n in NODES:
         out = docker("logs", CONTAINERS[n], check=False)
-        start = 0
         for line in (out.stdout + out.stderr).splitlines():
-            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-            if "eddy::applied" not in line:
-                if "starting" in line.lower():
-                    start += 1
+            if "eddy::applied:" not in line:
                 continue
-            text = line.split("eddy::applied:", 1)[-1].strip()
+            text = line.split("eddy::applied:", 1)[1].strip()
             index = text.split(" ", 1)[0]
             if index.isdigit():
-                applied.setdefault(int(index), {}).setdefault(text, []).append((n, start))
+                applied.setdefault(int(index), {}).setdefault(text, set()).add(n)
     for index in sorted(applied):
         if len(applied[index]) > 1:
             print(f"APPLIED DIFFERENTLY at index {index}:")
             for i in range(index - 3, index + 4):
-                for text, where in applied.get(i, {}).items():
-                    print(f"  {sorted(set(where))}: {text[:400]}")
+                for text, nodes in applied.get(i, {}).items():
+                    print(f"  {sorted(nodes)}: {text[:400]}")
             return
     print("applied logs: no index applied differently (lines seen for", len(applied), "indexes)")
 

@@ -25,6 +25,22 @@ pub(crate) fn free_port() -> u16 {
     }
 }
 
+/// Wait (bounded) until `f` holds, polling; how long it took.
+pub(crate) async fn eventually(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Duration {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if f() {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
 pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     peers: Vec<Peer>,

@@ -8,22 +8,10 @@ use eddy::queue::{
     Command, ConsumerSpec, Envelope, NewItem, QueueKind, QueueRef, Reply, ServiceConfig, Tags,
 };
 
-use crate::cluster::{Cluster, create_service};
+use crate::cluster::{Cluster, create_service, eventually};
 
 fn svc_input() -> QueueRef {
     QueueRef::new("svc", QueueKind::Input)
-}
-
-/// Wait (bounded) until `f` holds, polling.
-async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if f() {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {within:?}");
 }
 
 /// Delivery finding 1(a): a consumer the replicated state shows running on
@@ -209,6 +197,37 @@ async fn small_buffer_connection(addr: std::net::SocketAddr) -> tokio::net::TcpS
     socket.connect(addr).await.unwrap()
 }
 
+/// The request that opens an HTTP-stream watch of service "svc" as `user`
+/// of group "g", window 1, from the first item.
+fn stream_watch_request(user: &str) -> String {
+    format!(
+        "GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
+         X-EAS-QueueService-Redis-Uid: {user}\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n"
+    )
+}
+
+/// Read `connection` until it ends (end of stream or error): the bytes it
+/// still delivered, or `None` if it was open `within` later.
+async fn read_until_closed(
+    connection: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0; 1 << 16];
+    let mut got = 0;
+    tokio::time::timeout(within, async {
+        loop {
+            match connection.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
 /// The consumer `user` of group "g", if attached.
 fn consumer(node: &eddy::server::RunningNode, user: &str) -> Option<eddy::queue::Consumer> {
     node.node.read(|s| {
@@ -389,10 +408,7 @@ async fn a_stalled_http_stream_ended_by_the_idle_check_frees_its_connection() {
     .await;
     let mut stalled = small_buffer_connection(node.http_addr).await;
     stalled
-        .write_all(
-            b"GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
-              X-EAS-QueueService-Redis-Uid: stalled\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n",
-        )
+        .write_all(stream_watch_request("stalled").as_bytes())
         .await
         .unwrap();
     eventually("stream attached", Duration::from_secs(10), || {
@@ -429,17 +445,12 @@ async fn a_stalled_http_stream_ended_by_the_idle_check_frees_its_connection() {
     );
     println!("slot free {:?} after the stream ended", ended.elapsed());
     // And the stalled client's connection is over: reading it ends.
-    let mut sink = vec![0; 1 << 16];
-    let over = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stalled.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(over.is_ok(), "the stalled stream's connection stayed open");
+    assert!(
+        read_until_closed(&mut stalled, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the stalled stream's connection stayed open"
+    );
 }
 
 /// Delivery under faults, memory: the replies the de-duplication table keeps
@@ -622,16 +633,13 @@ async fn a_stuck_http_stream_watcher_gives_up_its_item_at_the_hold_limit() {
         node.node.accepts_watchers()
     })
     .await;
-    let watch = |user: &str| {
-        format!(
-            "GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
-             X-EAS-QueueService-Redis-Uid: {user}\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n"
-        )
-    };
     let mut stuck = tokio::net::TcpStream::connect(node.http_addr)
         .await
         .unwrap();
-    stuck.write_all(watch("a-stuck").as_bytes()).await.unwrap();
+    stuck
+        .write_all(stream_watch_request("a-stuck").as_bytes())
+        .await
+        .unwrap();
     eventually("stuck stream attached", Duration::from_secs(10), || {
         consumer(node, "a-stuck").is_some()
     })
@@ -656,7 +664,7 @@ async fn a_stuck_http_stream_watcher_gives_up_its_item_at_the_hold_limit() {
         .await
         .unwrap();
     healthy
-        .write_all(watch("b-healthy").as_bytes())
+        .write_all(stream_watch_request("b-healthy").as_bytes())
         .await
         .unwrap();
     eventually("healthy stream attached", Duration::from_secs(10), || {
@@ -680,18 +688,14 @@ async fn a_stuck_http_stream_watcher_gives_up_its_item_at_the_hold_limit() {
         took
     );
     // The stuck watcher's connection was ended by the node.
-    let mut sink = vec![0; 1 << 16];
-    let over = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stuck.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(over.is_ok(), "the stuck watcher's connection stayed open");
+    assert!(
+        read_until_closed(&mut stuck, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the stuck watcher's connection stayed open"
+    );
     // The healthy watcher got the item's frame.
+    let mut sink = vec![0; 1 << 16];
     let mut got = Vec::new();
     let found = tokio::time::timeout(Duration::from_secs(5), async {
         while !got.windows(5).any(|w| w == b"small") {
@@ -777,7 +781,7 @@ async fn a_leader_without_its_lease_declares_no_member_lost() {
 /// that read on got the whole item after the lease was gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     let mut c = Cluster::new(3, 20_000).await;
     let leader = c.leader().await;
@@ -790,10 +794,7 @@ async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
     .await;
     let mut client = small_buffer_connection(c.node(follower).http_addr).await;
     client
-        .write_all(
-            b"GET /api/predict/svc?_watch_=true&_index_=0&_window_=1 HTTP/1.1\r\nHost: x\r\n\
-              X-EAS-QueueService-Redis-Uid: reader\r\nX-EAS-QueueService-Redis-Gid: g\r\n\r\n",
-        )
+        .write_all(stream_watch_request("reader").as_bytes())
         .await
         .unwrap();
     eventually("stream attached", Duration::from_secs(10), || {
@@ -820,18 +821,9 @@ async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
     .await;
     println!("watcher dropped {:?} after the cut", cut.elapsed());
     // What reaches the client now is what was on the way: not the item.
-    let mut got = 0usize;
-    let mut buf = vec![0; 1 << 16];
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match client.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the connection stayed open");
+    let got = read_until_closed(&mut client, Duration::from_secs(5))
+        .await
+        .expect("the connection stayed open");
     assert!(
         got < size,
         "the whole {size}-byte item was written after the lease was lost ({got} bytes)"

@@ -6,7 +6,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, eventually};
 
 async fn call(c: &Cluster, req: Request<Body>) -> (StatusCode, String) {
     let resp = eddy::api::router(c.node(1).app_state.clone())
@@ -314,18 +314,6 @@ async fn status_within(
 /// budget, so queue work goes on meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
-    /// Until `done` holds, checked every 10 ms for at most 10 s.
-    async fn wait_until(what: &str, done: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: not within 10 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    }
-
     use std::time::Duration;
 
     let mut c = Cluster::new(1, 20_000).await;
@@ -393,7 +381,10 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
         )
     };
     // The held requests take their places as soon as they are parsed.
-    wait_until("every place held", || engine.sync_places_free() == 0).await;
+    eventually("every place held", Duration::from_secs(10), || {
+        engine.sync_places_free() == 0
+    })
+    .await;
     let mut s = half_sent(sync, &full("svc-token"), b"").await;
     let refused = status_within(&mut s, prompt).await;
     assert_eq!(refused.as_deref(), Some("HTTP/1.1 429 Too Many Requests"));
@@ -425,7 +416,7 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
 
     // Once the held callers go, their places are free again.
     drop(held);
-    wait_until("every place free", || {
+    eventually("every place free", Duration::from_secs(10), || {
         engine.sync_places_free() == engine.sync_places()
     })
     .await;
