@@ -7,7 +7,7 @@
 //! Raft payloads are postcard-encoded openraft structures inside protobuf
 //! envelopes, so only this module and `service.rs` know their shape.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,6 +111,60 @@ pub struct Network {
     pub channels: Channels,
     pub secret: Arc<String>,
     pub quorum: Arc<LeaderQuorum>,
+    pub links: LinkFaults,
+}
+
+/// Peers this node treats as unreachable whatever the network says: how a
+/// test partitions nodes that share one process (each side cuts the
+/// other). Nothing is cut unless [`LinkFaults::cut`] is called. A cut link
+/// fails every call this node starts to that peer, and ends the replication
+/// stream to it; since every exchange between nodes is a call one of them
+/// starts, cutting both ends isolates the pair.
+#[derive(Clone)]
+pub struct LinkFaults(Arc<tokio::sync::watch::Sender<BTreeSet<u64>>>);
+
+impl Default for LinkFaults {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(BTreeSet::new())))
+    }
+}
+
+impl LinkFaults {
+    /// Treat `peer` as unreachable from now on.
+    pub fn cut(&self, peer: u64) {
+        self.0.send_modify(|cut| {
+            cut.insert(peer);
+        });
+    }
+
+    /// Reach `peer` again.
+    pub fn heal(&self, peer: u64) {
+        self.0.send_modify(|cut| {
+            cut.remove(&peer);
+        });
+    }
+
+    pub fn is_cut(&self, peer: u64) -> bool {
+        self.0.borrow().contains(&peer)
+    }
+
+    /// Resolves once the link to `peer` is cut.
+    fn until_cut(&self, peer: u64) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|cut| cut.contains(&peer)).await;
+        }
+    }
+
+    fn check(&self, peer: u64) -> Result<(), Unreachable<TypeConfig>> {
+        if self.is_cut(peer) {
+            Err(Unreachable::from_string(format!(
+                "link to node {peer} is cut"
+            )))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// The leader's part of its followers' lease: how long ago a quorum last
@@ -160,6 +214,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             channels: self.channels.clone(),
             secret: self.secret.clone(),
             quorum: self.quorum.clone(),
+            links: self.links.clone(),
         }
     }
 }
@@ -170,6 +225,7 @@ pub struct PeerConnection {
     channels: Channels,
     secret: Arc<String>,
     quorum: Arc<LeaderQuorum>,
+    links: LinkFaults,
 }
 
 fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig, E> {
@@ -187,6 +243,7 @@ fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<TypeConfig,
 
 impl PeerConnection {
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+        self.links.check(self.target)?;
         let ch = self
             .channels
             .get(&self.addr)
@@ -270,13 +327,18 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let secret = self.secret.clone();
         let quorum = self.quorum.clone();
         let client = self.client();
+        let links = self.links.clone();
         Box::pin(async move {
             let mut client = client?;
-            let requests = input.map(move |r| RaftRequest {
-                target,
-                body: encode(&r).into(),
-                leader_quorum_age_ms: Some(quorum.age_ms()),
-            });
+            // A cut ends the stream: nothing more is sent, and replies still
+            // on the way are lost, as on a broken connection.
+            let requests = input
+                .map(move |r| RaftRequest {
+                    target,
+                    body: encode(&r).into(),
+                    leader_quorum_age_ms: Some(quorum.age_ms()),
+                })
+                .take_until(links.until_cut(target));
             let call = client.stream_append(authorized(&secret, requests, None));
             let response = tokio::time::timeout(option.soft_ttl(), call)
                 .await
@@ -284,7 +346,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                     RPCError::Unreachable(Unreachable::from_string("stream append: no answer"))
                 })?
                 .map_err(status_to_rpc)?;
-            let replies = response.into_inner().map(|r| match r {
+            let replies = response.into_inner().map(move |r| match r {
+                _ if links.is_cut(target) => Err(RPCError::Unreachable(Unreachable::from_string(
+                    format!("link to node {target} is cut"),
+                ))),
                 Ok(reply) => {
                     decode_reply::<StreamAppendResult<TypeConfig>>(Ok(tonic::Response::new(reply)))
                 }

@@ -10,6 +10,10 @@
 //!
 //! Time: the leader stamps every envelope with its clock as it appends it
 //! ([`RaftNode::write_local`]); the state machine never lets time go back.
+//! A leader's clock never reads behind the applied state's
+//! ([`RaftNode::leader_clock_ms`]): after a leader whose clock ran ahead,
+//! the next one counts on from where that one left off, so a grace period
+//! lasts as long as it says whatever the offsets between nodes' clocks.
 //!
 //! The leader also runs the housekeeping that needs a clock: it proposes
 //! `GraceExpired` when a leaving consumer's grace period ends, and
@@ -40,7 +44,7 @@ use tokio::sync::mpsc;
 use super::StorageHealth;
 use super::disk_guard::DiskGuard;
 use super::log_store::LogStore;
-use super::network::{Channels, LeaderQuorum, Network, authorized, decode, encode};
+use super::network::{Channels, LeaderQuorum, LinkFaults, Network, authorized, decode, encode};
 use super::pb::ForwardRequest;
 use super::pb::raft_client::RaftClient;
 use super::service::{PeerServer, Service};
@@ -155,6 +159,14 @@ pub struct RaftNode {
     pub disk: Arc<DiskGuard>,
     pub(crate) secret: String,
     channels: Channels,
+    /// Peers cut off on purpose (partition tests); see [`LinkFaults`].
+    links: LinkFaults,
+    /// How far this node's clock reads ahead of the system clock (behind
+    /// when negative); 0 except in tests that model clock offsets.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// How far ahead of this node's clock the applied state's clock has
+    /// been seen: the leader's clock counts on from there. Never shrinks.
+    clock_lead_ms: std::sync::atomic::AtomicU64,
     settings: RaftSettings,
     stopping: tokio::sync::watch::Sender<bool>,
     /// Set once this node announced that consumers it held before a restart
@@ -238,10 +250,12 @@ impl RaftNode {
         .validate()?;
         let channels = Channels::new(settings.peer_tls.as_ref());
         let quorum = Arc::new(LeaderQuorum::default());
+        let links = LinkFaults::default();
         let network = Network {
             channels: channels.clone(),
             secret: Arc::new(settings.secret.clone()),
             quorum: quorum.clone(),
+            links: links.clone(),
         };
         let raft = Raft::new(settings.id, Arc::new(config), network, log.clone(), sm).await?;
         quorum.set(raft.metrics());
@@ -254,6 +268,9 @@ impl RaftNode {
             disk,
             secret: settings.secret.clone(),
             channels,
+            links,
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            clock_lead_ms: std::sync::atomic::AtomicU64::new(0),
             settings: settings.clone(),
             stopping: tokio::sync::watch::Sender::new(false),
             watchers_welcome: std::sync::atomic::AtomicBool::new(false),
@@ -350,6 +367,41 @@ impl RaftNode {
         self.settings.data_dir.join("state")
     }
 
+    /// This node's clock: the system clock, plus the offset a test set.
+    fn wall_clock_ms(&self) -> u64 {
+        let offset = self
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        now_ms().saturating_add_signed(offset)
+    }
+
+    /// Run this node's clock `offset_ms` ahead of the system clock (behind
+    /// when negative): how tests model the offsets between nodes' clocks.
+    pub fn set_clock_offset_ms(&self, offset_ms: i64) {
+        self.clock_offset_ms
+            .store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The time a leader stamps on what it appends and judges expiry by:
+    /// this node's clock, moved ahead as far as the applied state's clock
+    /// was ever seen ahead of it. A predecessor whose clock ran ahead left
+    /// the state's clock there (applied time never goes back); counting on
+    /// from there, instead of waiting for this clock to catch up, keeps
+    /// every grace period its configured length. The lead only grows, so
+    /// this clock never goes back either, not even when the system clock
+    /// is stepped back.
+    pub fn leader_clock_ms(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let wall = self.wall_clock_ms();
+        let applied = self.read(|s| s.clock_ms());
+        let seen = applied.saturating_sub(wall);
+        let lead = self
+            .clock_lead_ms
+            .fetch_max(seen, Ordering::Relaxed)
+            .max(seen);
+        wall.saturating_add(lead)
+    }
+
     /// Read the applied state.
     pub fn read<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
         let applied = self.shared.applied.read().unwrap();
@@ -390,7 +442,7 @@ impl RaftNode {
     /// the state machine sees comes from leaders, never from the node that
     /// happened to receive a request.
     pub async fn write_local(&self, mut envelope: Envelope) -> Result<Reply, ProposeError> {
-        envelope.now_ms = now_ms();
+        envelope.now_ms = self.leader_clock_ms();
         match self.raft.client_write(envelope).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -418,7 +470,7 @@ impl RaftNode {
     async fn propose_as(&self, command: Command, origin: Origin) -> Result<Reply, ProposeError> {
         let envelope = Envelope {
             id: uuid::Uuid::new_v4().as_u128(),
-            now_ms: now_ms(),
+            now_ms: self.wall_clock_ms(),
             command,
         };
         self.propose_envelope_as(envelope, origin, Duration::from_secs(5))
@@ -496,6 +548,11 @@ impl RaftNode {
 
     /// A gRPC client for member `id`, over the cached channel to it.
     fn peer_client(&self, id: u64) -> Result<RaftClient<tonic::transport::Channel>, ProposeError> {
+        if self.links.is_cut(id) {
+            return Err(ProposeError::Unavailable(format!(
+                "link to node {id} is cut"
+            )));
+        }
         let addr = self
             .node_info(id)
             .map(|n| n.raft_addr)
@@ -834,6 +891,11 @@ impl RaftNode {
         }
     }
 
+    /// The links to peers this node treats as cut (partition tests).
+    pub fn links(&self) -> &LinkFaults {
+        &self.links
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
@@ -886,7 +948,7 @@ impl RaftNode {
             }
             let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
             let term = self.status().term;
-            let now = now_ms();
+            let now = self.leader_clock_ms();
             if self.read(|s| s.next_expiry()).is_some_and(|t| t <= now)
                 && let Err(e) = self
                     .propose_housekeeping(Command::GraceExpired { term })
@@ -939,7 +1001,7 @@ impl RaftNode {
     async fn propose_housekeeping(&self, command: Command) -> Result<Reply, ProposeError> {
         let envelope = Envelope {
             id: uuid::Uuid::new_v4().as_u128(),
-            now_ms: now_ms(),
+            now_ms: self.wall_clock_ms(),
             command,
         };
         let timeout = Duration::from_millis(self.settings.node_lost_ms);

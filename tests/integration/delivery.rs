@@ -158,6 +158,81 @@ async fn every_envelope_carries_the_leaders_clock() {
     }
 }
 
+/// Delivery finding 7, successive leaders: after a leader whose clock ran
+/// 30 s ahead, the next leader (clock right) ends a leaving consumer's
+/// 1 s grace period about 1 s after it began, not once its own clock has
+/// caught up (old code: held the item 30 s longer, since applied time
+/// never goes back and the new leader judged expiry by its own clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_period_lasts_its_length_after_a_leader_whose_clock_ran_ahead() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut c = Cluster::new(3, 20_000).await;
+    let ahead = c.leader().await;
+    c.node(ahead).node.set_clock_offset_ms(30_000);
+    let grace = Duration::from_millis(1_000);
+    create_service_with(
+        c.node(ahead),
+        ServiceConfig {
+            consumer_grace_ms: grace.as_millis() as u64,
+            ..Default::default()
+        },
+    )
+    .await;
+    let holder = (1..=3).find(|i| *i != ahead).unwrap();
+    eventually("holder takes watchers", Duration::from_secs(10), || {
+        c.node(holder).node.accepts_watchers()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(c.node(holder).http_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(stream_watch_request("leaver").as_bytes())
+        .await
+        .unwrap();
+    eventually("watcher attached", Duration::from_secs(10), || {
+        consumer(c.node(holder), "leaver").is_some()
+    })
+    .await;
+    put_item(c.node(ahead), b"held".to_vec()).await;
+    eventually("the watcher holds the item", Duration::from_secs(5), || {
+        consumer(c.node(holder), "leaver").is_some_and(|c| c.pending == 1)
+    })
+    .await;
+    // The worker goes away; its grace period starts on the fast clock.
+    drop(stream);
+    eventually("the consumer is leaving", Duration::from_secs(5), || {
+        consumer(c.node(holder), "leaver")
+            .is_some_and(|c| c.status != eddy::queue::ConsumerStatus::Running)
+    })
+    .await;
+    let left = Instant::now();
+    assert!(
+        c.node(holder).node.read(|s| s.clock_ms()) > eddy::raft::now_ms() + 20_000,
+        "the applied clock does not show the fast leader's time"
+    );
+    c.stop(ahead).await;
+    let took = eventually(
+        "the grace period ended under the next leader",
+        Duration::from_secs(10),
+        || consumer(c.node(holder), "leaver").is_none(),
+    )
+    .await;
+    println!(
+        "grace of {grace:?} ended {:?} after it began ({took:?} after the fast leader stopped)",
+        left.elapsed()
+    );
+    // The item is no longer held.
+    assert_eq!(
+        c.node(holder).node.read(|s| s
+            .queue(&svc_input())
+            .and_then(|q| q.groups.get("g"))
+            .map_or(0, |g| g.in_flight.len())),
+        0
+    );
+}
+
 /// A service "svc" with `config`, created through `node`.
 async fn create_service_with(node: &eddy::server::RunningNode, config: ServiceConfig) {
     let cmd = Command::CreateService {
@@ -827,5 +902,146 @@ async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
     assert!(
         got < size,
         "the whole {size}-byte item was written after the lease was lost ({got} bytes)"
+    );
+}
+
+/// Delivery finding 3: a leader cut off from both followers, healed after
+/// the majority elected a new leader and after node-lost had passed on the
+/// old leader's clock (inside the 5 s a proposal may take), evicts no
+/// consumer of the majority: its verdict that they were lost is never
+/// applied (old code: it proposed `NodeLost` for both followers, the
+/// proposal went to the new leader after the heal, and every consumer on
+/// the healthy nodes was removed, its items requeued). A consumer that
+/// attaches on the healed node right after is not declared lost either.
+///
+/// The followers' own watchers may close during the election (a node
+/// without a leader gives up its lease); they then keep their items through
+/// the grace period (60 s here), which is what is checked: still there,
+/// still holding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
+    use tokio::io::AsyncWriteExt;
+
+    let c = Cluster::new(3, 20_000).await;
+    let old = c.leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    create_service_with(
+        c.node(old),
+        ServiceConfig {
+            consumer_grace_ms: 60_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    // One watcher on each follower, each holding an item.
+    let mut watchers = Vec::new();
+    for f in &followers {
+        eventually("follower takes watchers", Duration::from_secs(10), || {
+            c.node(*f).node.accepts_watchers()
+        })
+        .await;
+        let mut stream = tokio::net::TcpStream::connect(c.node(*f).http_addr)
+            .await
+            .unwrap();
+        let user = format!("on-{f}");
+        stream
+            .write_all(stream_watch_request(&user).as_bytes())
+            .await
+            .unwrap();
+        eventually("watcher attached", Duration::from_secs(10), || {
+            consumer(c.node(old), &user).is_some()
+        })
+        .await;
+        put_item(c.node(old), b"held".to_vec()).await;
+        eventually("the watcher holds an item", Duration::from_secs(5), || {
+            consumer(c.node(old), &user).is_some_and(|c| c.pending == 1)
+        })
+        .await;
+        watchers.push((*f, user, stream));
+    }
+    let before: Vec<_> = watchers
+        .iter()
+        .map(|(_, user, _)| consumer(c.node(old), user).unwrap())
+        .collect();
+
+    for f in &followers {
+        c.node(old).node.links().cut(*f);
+        c.node(*f).node.links().cut(old);
+    }
+    let cut = Instant::now();
+    let new = {
+        let f = followers[0];
+        eventually(
+            "the majority elected a leader",
+            Duration::from_secs(10),
+            || {
+                let s = c.node(f).node.status();
+                s.leader.is_some_and(|l| l != old) && s.term > c.node(old).node.status().term
+            },
+        )
+        .await;
+        c.node(f).node.status().leader.unwrap()
+    };
+    // Past node-lost (1 s) on the old leader's clock, well inside the 5 s
+    // a proposal of its verdict could wait for a quorum.
+    let node_lost = Duration::from_millis(1_000);
+    tokio::time::sleep((node_lost + Duration::from_millis(500)).saturating_sub(cut.elapsed()))
+        .await;
+    assert_eq!(
+        c.node(old).node.status().leader,
+        Some(old),
+        "the old leader noticed the cut too early for this test"
+    );
+    for f in &followers {
+        c.node(old).node.links().heal(*f);
+        c.node(*f).node.links().heal(old);
+    }
+    println!("healed {:?} after the cut; new leader {new}", cut.elapsed());
+    eventually("the old leader follows", Duration::from_secs(10), || {
+        c.node(old).node.status().leader == Some(new)
+    })
+    .await;
+    // A consumer attaching on the healed node right away.
+    eventually(
+        "the healed node takes watchers",
+        Duration::from_secs(10),
+        || c.node(old).node.accepts_watchers(),
+    )
+    .await;
+    let mut rejoined = tokio::net::TcpStream::connect(c.node(old).http_addr)
+        .await
+        .unwrap();
+    rejoined
+        .write_all(stream_watch_request("on-healed").as_bytes())
+        .await
+        .unwrap();
+    eventually(
+        "watcher attached on the healed node",
+        Duration::from_secs(10),
+        || consumer(c.node(new), "on-healed").is_some(),
+    )
+    .await;
+    let attached = consumer(c.node(new), "on-healed").unwrap();
+    // Anything proposed before or at the heal has been applied by now, and
+    // a fresh verdict on the healed node would come within node-lost.
+    tokio::time::sleep(node_lost * 2).await;
+    for ((f, user, _), was) in watchers.iter().zip(&before) {
+        let now = consumer(c.node(new), user);
+        assert_eq!(
+            now.as_ref().map(|c| (c.node, c.connection, c.pending)),
+            Some((was.node, was.connection, 1)),
+            "the consumer on node {f} was evicted"
+        );
+    }
+    let now = consumer(c.node(new), "on-healed");
+    assert_eq!(
+        now.map(|c| (c.connection, c.status)),
+        Some((attached.connection, attached.status)),
+        "the consumer that attached on the healed node was declared lost"
+    );
+    assert_eq!(
+        read_until_closed(&mut rejoined, Duration::from_millis(100)).await,
+        None,
+        "the watcher on the healed node was closed"
     );
 }
