@@ -316,12 +316,12 @@ struct ServeArgs {
     max_delivery: u32,
     #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = 2_000)]
     consumer_grace_ms: u64,
-    #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = eddy::server::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
-    #[arg(long, env = "EDDY_ELECTION_TIMEOUT_MS", default_value_t = 500)]
+    #[arg(long, env = "EDDY_ELECTION_TIMEOUT_MS", default_value_t = eddy::server::DEFAULT_ELECTION_TIMEOUT_MS)]
     election_timeout_ms: u64,
     /// A member silent this long loses its consumers' items to others.
-    #[arg(long, env = "EDDY_NODE_LOST_MS", default_value_t = 1_500)]
+    #[arg(long, env = "EDDY_NODE_LOST_MS", default_value_t = eddy::server::DEFAULT_NODE_LOST_MS)]
     node_lost_ms: u64,
     #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = 20_000)]
     snapshot_every: u64,

@@ -285,6 +285,18 @@ pub fn default_max_memory_bytes() -> u64 {
 /// stops the node.
 pub const DESCRIPTOR_RESERVE: u64 = 256;
 
+/// The leader's heartbeat interval by default (`--heartbeat-ms`).
+pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
+/// The shortest election timeout by default (`--election-timeout-ms`);
+/// openraft draws each from between it and twice it.
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 500;
+/// How long a member may stay silent by default before its consumers'
+/// items move (`--node-lost-ms`). Long enough that the other members'
+/// lease outlasts the election after a leader dies (at least two election
+/// timeouts, usually a little more), so a leader's death closes no watcher
+/// on the other nodes.
+pub const DEFAULT_NODE_LOST_MS: u64 = 3_000;
+
 /// Raise this process's soft limit on open descriptors to its hard limit
 /// and return the limit in force (`None`: unlimited or unknown).
 pub fn raise_descriptor_limit() -> Option<u64> {

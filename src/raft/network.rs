@@ -329,7 +329,20 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let client = self.client();
         let links = self.links.clone();
         Box::pin(async move {
-            let mut client = client?;
+            // A stream that fails to start is retried at once, without the
+            // backoff openraft applies inside a running stream: a peer that
+            // refuses connections (dead, or cut) would be retried in a busy
+            // loop. Failing no sooner than one heartbeat after the attempt
+            // began paces the retries as the heartbeats are.
+            let retry_at = tokio::time::Instant::now() + option.soft_ttl();
+            let paced = |e: RPCError<TypeConfig>| async move {
+                tokio::time::sleep_until(retry_at).await;
+                e
+            };
+            let mut client = match client {
+                Ok(c) => c,
+                Err(e) => return Err(paced(RPCError::Unreachable(e)).await),
+            };
             // A cut ends the stream: nothing more is sent, and replies still
             // on the way are lost, as on a broken connection.
             let requests = input
@@ -340,12 +353,15 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 })
                 .take_until(links.until_cut(target));
             let call = client.stream_append(authorized(&secret, requests, None));
-            let response = tokio::time::timeout(option.soft_ttl(), call)
-                .await
-                .map_err(|_| {
-                    RPCError::Unreachable(Unreachable::from_string("stream append: no answer"))
-                })?
-                .map_err(status_to_rpc)?;
+            let response = match tokio::time::timeout(option.soft_ttl(), call).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(status)) => return Err(paced(status_to_rpc(status)).await),
+                Err(_) => {
+                    return Err(RPCError::Unreachable(Unreachable::from_string(
+                        "stream append: no answer",
+                    )));
+                }
+            };
             let replies = response.into_inner().map(move |r| match r {
                 _ if links.is_cut(target) => Err(RPCError::Unreachable(Unreachable::from_string(
                     format!("link to node {target} is cut"),

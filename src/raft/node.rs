@@ -23,11 +23,12 @@
 //! the leader holds its lease (a quorum acknowledged it recently).
 //!
 //! The lease ([`RaftNode::holds_lease`]): a leader not acknowledged by a
-//! quorum, or a follower whose leader was not (the leader sends the age of
-//! its last quorum acknowledgement with every replication request, and the
-//! follower counts from the last request it accepted minus that age), for
-//! [`RaftNode::lease`] (shorter than `node_lost_ms`) closes its watchers
-//! and is not ready, before any leader would move its consumers' items.
+//! quorum for [`RaftNode::leader_lease`], or another member whose leader
+//! was not for [`RaftNode::member_lease`] (the leader sends the age of its
+//! last quorum acknowledgement with every replication request, and the
+//! member counts from the last request it accepted minus that age), closes
+//! its watchers and is not ready, before any leader would move its
+//! consumers' items. Both are shorter than `node_lost_ms`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -180,8 +181,15 @@ pub struct RaftNode {
     peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
 }
 
-/// The lease a node holds with these timings: shorter than node-lost by a
-/// third of it (at least 250 ms), and at most two election timeouts.
+/// The margin by which a lease ends before anyone may move the items of
+/// the watchers it covers: a fifth of node-lost, at least 250 ms.
+fn lease_margin(node_lost_ms: u64) -> u64 {
+    (node_lost_ms / 5).max(250)
+}
+
+/// The lease a leader holds with these timings, counted from the last time
+/// a quorum acknowledged it: node-lost less the margin, and at most two
+/// election timeouts.
 ///
 /// The cap is what makes a partitioned leader safe: openraft refuses to vote
 /// for `election_timeout_max` (two election timeouts, set in `start`) after
@@ -189,11 +197,32 @@ pub struct RaftNode {
 /// one's lease has run out; the new leader then waits one more election
 /// timeout before releasing the old leader's consumers (housekeeping).
 pub fn lease_for(node_lost_ms: u64, election_timeout_ms: u64) -> Duration {
-    let margin = (node_lost_ms / 3).max(250);
     Duration::from_millis(
         node_lost_ms
-            .saturating_sub(margin)
+            .saturating_sub(lease_margin(node_lost_ms))
             .min(election_timeout_ms.saturating_mul(2))
+            .max(1),
+    )
+}
+
+/// The lease any other member holds, counted from the last time a quorum
+/// acknowledged the leader it last accepted replication from: node-lost
+/// less the margin.
+///
+/// No leader can release a member's consumers sooner: the leader it
+/// followed waits node-lost after the member's last acknowledgement, which
+/// came after that quorum acknowledgement; a new leader is elected only
+/// after it (a quorum stopped acknowledging the old leader to vote) and
+/// waits node-lost from its election. Only the previous leader gets a
+/// shorter wait, and a member that followed another leader since is not
+/// it. Longer than two election timeouts (the earliest a new leader can be
+/// elected) with the default timings, so the followers of a leader that
+/// dies keep their watchers through the election. Eddy never transfers
+/// leadership, which would skip the vote refusal these bounds rely on.
+pub fn member_lease_for(node_lost_ms: u64) -> Duration {
+    Duration::from_millis(
+        node_lost_ms
+            .saturating_sub(lease_margin(node_lost_ms))
             .max(1),
     )
 }
@@ -853,41 +882,47 @@ impl RaftNode {
             .insert(peer, std::time::Instant::now());
     }
 
-    /// How long a node may serve watchers after it last heard from a
-    /// leader that has a quorum (a follower) or from a quorum (the leader).
-    /// Shorter than `node_lost_ms` by a margin, so that a cut-off node has
-    /// closed its watchers before any leader redelivers their items.
-    pub fn lease(&self) -> Duration {
+    /// How long the leader may serve watchers after a quorum last
+    /// acknowledged it ([`lease_for`]).
+    pub fn leader_lease(&self) -> Duration {
         lease_for(
             self.settings.node_lost_ms,
             self.settings.election_timeout_ms,
         )
     }
 
+    /// How long any other member may serve watchers after the leader it
+    /// last accepted replication from was last acknowledged by a quorum
+    /// ([`member_lease_for`]).
+    pub fn member_lease(&self) -> Duration {
+        member_lease_for(self.settings.node_lost_ms)
+    }
+
     /// Whether this node is in touch with a working cluster: a leader whose
-    /// quorum acknowledged it within the lease, or a follower that accepted
-    /// replication from a leader that a quorum acknowledged within the lease
-    /// ([`Self::note_leader_contact`]). A node without it must not push
-    /// items: the rest of the cluster may be redelivering them.
+    /// quorum acknowledged it within the leader's lease, or a member that
+    /// accepted replication from a leader that a quorum acknowledged within
+    /// the member's lease ([`Self::note_leader_contact`]), whether it
+    /// follows that leader still or is voting in an election. A node
+    /// without it must not push items: the rest of the cluster may be
+    /// redelivering them.
     pub fn holds_lease(&self) -> bool {
         let m = self.raft.metrics().borrow_watched().clone();
-        let lease = self.lease();
         match m.state {
             ServerState::Leader => {
+                let lease = self.leader_lease();
                 m.membership_config.membership().voter_ids().count() <= 1
                     || m.last_quorum_acked
                         .as_ref()
                         .is_some_and(|t| t.elapsed() < lease)
             }
-            ServerState::Follower | ServerState::Learner => {
-                m.current_leader.is_some()
-                    && self
-                        .leader_contact
-                        .lock()
-                        .unwrap()
-                        .is_some_and(|t| t.elapsed() < lease)
+            ServerState::Shutdown => false,
+            _ => {
+                let lease = self.member_lease();
+                self.leader_contact
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| t.elapsed() < lease)
             }
-            _ => false,
         }
     }
 

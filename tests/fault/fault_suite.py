@@ -64,7 +64,7 @@ GID = "eas"
 # Fast workers keep the queue moving; each item is worked on this long.
 FAST_WINDOW, FAST_HOLD_S = 8, 0.02
 # Slow workers hold items for longer than a node's loss takes to be noticed
-# (node-lost 1.5 s, plus an election when the leader is lost), so that what
+# (node-lost 3 s, plus an election when the leader is lost), so that what
 # they hold at a fault is still held when it is redelivered.
 SLOW_WINDOW, SLOW_HOLD_S = 4, 6.0
 # A fault waits until the faulted node's slow worker holds items it got at

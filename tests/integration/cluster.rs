@@ -62,6 +62,9 @@ pub(crate) struct Cluster {
     pub(crate) watch_max_hold_ms: u64,
     /// `--max-memory-bytes` of every node.
     pub(crate) max_memory_bytes: u64,
+    /// `--heartbeat-ms`, `--election-timeout-ms` and `--node-lost-ms` of
+    /// every node (short ones by default, for quick tests).
+    pub(crate) timings: (u64, u64, u64),
 }
 
 impl Cluster {
@@ -88,6 +91,13 @@ impl Cluster {
         tls: Vec<Option<eddy::tls::TlsIdentity>>,
         configure: impl FnOnce(&mut Cluster),
     ) -> Self {
+        // `EDDY_LOG=...` shows the nodes' logs beside a failing test's output.
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let peers: Vec<Peer> = (1..=n)
             .map(|id| Peer {
                 id,
@@ -113,6 +123,7 @@ impl Cluster {
             watch_idle_ms: 10_000,
             watch_max_hold_ms: 0,
             max_memory_bytes: u64::MAX,
+            timings: (50, 300, 1_000),
         };
         configure(&mut c);
         for id in 1..=n {
@@ -158,9 +169,9 @@ impl Cluster {
             peer_tls: self.tls.get((id - 1) as usize).cloned().flatten(),
             admin_token: self.admin_token.clone(),
             status_token: self.status_token.clone(),
-            heartbeat_ms: 50,
-            election_timeout_ms: 300,
-            node_lost_ms: 1_000,
+            heartbeat_ms: self.timings.0,
+            election_timeout_ms: self.timings.1,
+            node_lost_ms: self.timings.2,
             snapshot_every: self.snapshot_every,
             join,
             min_free_disk_bytes: 0,

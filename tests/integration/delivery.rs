@@ -74,7 +74,7 @@ async fn a_cut_off_follower_gives_up_its_lease_before_items_are_redelivered() {
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     let other = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
     let node_lost = Duration::from_millis(1_000); // the cluster's node_lost_ms
-    let lease = c.node(follower).node.lease();
+    let lease = c.node(follower).node.member_lease();
     assert!(
         lease < node_lost,
         "lease {lease:?} not shorter than node-lost"
@@ -165,8 +165,6 @@ async fn every_envelope_carries_the_leaders_clock() {
 /// never goes back and the new leader judged expiry by its own clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grace_period_lasts_its_length_after_a_leader_whose_clock_ran_ahead() {
-    use tokio::io::AsyncWriteExt;
-
     let mut c = Cluster::new(3, 20_000).await;
     let ahead = c.leader().await;
     c.node(ahead).node.set_clock_offset_ms(30_000);
@@ -180,26 +178,7 @@ async fn a_grace_period_lasts_its_length_after_a_leader_whose_clock_ran_ahead() 
     )
     .await;
     let holder = (1..=3).find(|i| *i != ahead).unwrap();
-    eventually("holder takes watchers", Duration::from_secs(10), || {
-        c.node(holder).node.accepts_watchers()
-    })
-    .await;
-    let mut stream = tokio::net::TcpStream::connect(c.node(holder).http_addr)
-        .await
-        .unwrap();
-    stream
-        .write_all(stream_watch_request("leaver").as_bytes())
-        .await
-        .unwrap();
-    eventually("watcher attached", Duration::from_secs(10), || {
-        consumer(c.node(holder), "leaver").is_some()
-    })
-    .await;
-    put_item(c.node(ahead), b"held".to_vec()).await;
-    eventually("the watcher holds the item", Duration::from_secs(5), || {
-        consumer(c.node(holder), "leaver").is_some_and(|c| c.pending == 1)
-    })
-    .await;
+    let stream = watcher_holding_an_item(&c, holder, holder, "leaver").await;
     // The worker goes away; its grace period starts on the fast clock.
     drop(stream);
     eventually("the consumer is leaving", Duration::from_secs(5), || {
@@ -301,6 +280,86 @@ async fn read_until_closed(
     .await
     .ok()?;
     Some(got)
+}
+
+/// An HTTP-stream watch of "svc" as `user` through node `on`, over
+/// `connect`'s connection, once the node answered 200 (the response head is
+/// read). A node that answers otherwise (its lease lapsed under load between
+/// the check and the request, say) is asked again, as a client would.
+async fn open_stream_watch<F, Fut>(
+    c: &Cluster,
+    on: u64,
+    user: &str,
+    connect: F,
+) -> tokio::net::TcpStream
+where
+    F: Fn(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = tokio::net::TcpStream>,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..5 {
+        eventually("the node takes watchers", Duration::from_secs(10), || {
+            c.node(on).node.accepts_watchers()
+        })
+        .await;
+        let mut stream = connect(c.node(on).http_addr).await;
+        stream
+            .write_all(stream_watch_request(user).as_bytes())
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "node {on} sent no response head to {user}");
+        if head.starts_with(b"HTTP/1.1 200") {
+            return stream;
+        }
+        println!(
+            "watch of {user} on node {on} answered {}; asking again",
+            String::from_utf8_lossy(&head)
+                .lines()
+                .next()
+                .unwrap_or("nothing")
+        );
+    }
+    panic!("node {on} refused the watch of {user} five times");
+}
+
+async fn plain_connection(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(addr).await.unwrap()
+}
+
+/// An HTTP-stream watcher of "svc" as `user`, attached through node `on`,
+/// holding one item put for it (the state read on node `observer`).
+async fn watcher_holding_an_item(
+    c: &Cluster,
+    on: u64,
+    observer: u64,
+    user: &str,
+) -> tokio::net::TcpStream {
+    let stream = open_stream_watch(c, on, user, plain_connection).await;
+    eventually(
+        &format!("{user} attached on node {on}, seen on node {observer}"),
+        Duration::from_secs(10),
+        || consumer(c.node(observer), user).is_some(),
+    )
+    .await;
+    put_item(c.node(observer), b"held".to_vec()).await;
+    eventually(
+        &format!("{user} holds an item"),
+        Duration::from_secs(5),
+        || consumer(c.node(observer), user).is_some_and(|c| c.pending == 1),
+    )
+    .await;
+    stream
 }
 
 /// The consumer `user` of group "g", if attached.
@@ -829,7 +888,7 @@ async fn a_leader_without_its_lease_declares_no_member_lost() {
     for f in &followers {
         c.stop(*f).await;
     }
-    let lease = c.node(leader).node.lease();
+    let lease = c.node(leader).node.leader_lease();
     eventually(
         "the leader gave up its lease",
         Duration::from_secs(5),
@@ -856,8 +915,6 @@ async fn a_leader_without_its_lease_declares_no_member_lost() {
 /// that read on got the whole item after the lease was gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
-    use tokio::io::AsyncWriteExt;
-
     let mut c = Cluster::new(3, 20_000).await;
     let leader = c.leader().await;
     let follower = (1..=3).find(|i| *i != leader).unwrap();
@@ -867,11 +924,7 @@ async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
         c.node(follower).node.accepts_watchers()
     })
     .await;
-    let mut client = small_buffer_connection(c.node(follower).http_addr).await;
-    client
-        .write_all(stream_watch_request("reader").as_bytes())
-        .await
-        .unwrap();
+    let mut client = open_stream_watch(&c, follower, "reader", small_buffer_connection).await;
     eventually("stream attached", Duration::from_secs(10), || {
         consumer(c.node(leader), "reader").is_some()
     })
@@ -920,8 +973,6 @@ async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
 /// still holding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
-    use tokio::io::AsyncWriteExt;
-
     let c = Cluster::new(3, 20_000).await;
     let old = c.leader().await;
     let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
@@ -936,27 +987,8 @@ async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
     // One watcher on each follower, each holding an item.
     let mut watchers = Vec::new();
     for f in &followers {
-        eventually("follower takes watchers", Duration::from_secs(10), || {
-            c.node(*f).node.accepts_watchers()
-        })
-        .await;
-        let mut stream = tokio::net::TcpStream::connect(c.node(*f).http_addr)
-            .await
-            .unwrap();
         let user = format!("on-{f}");
-        stream
-            .write_all(stream_watch_request(&user).as_bytes())
-            .await
-            .unwrap();
-        eventually("watcher attached", Duration::from_secs(10), || {
-            consumer(c.node(old), &user).is_some()
-        })
-        .await;
-        put_item(c.node(old), b"held".to_vec()).await;
-        eventually("the watcher holds an item", Duration::from_secs(5), || {
-            consumer(c.node(old), &user).is_some_and(|c| c.pending == 1)
-        })
-        .await;
+        let stream = watcher_holding_an_item(&c, *f, old, &user).await;
         watchers.push((*f, user, stream));
     }
     let before: Vec<_> = watchers
@@ -1002,25 +1034,7 @@ async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
     })
     .await;
     // A consumer attaching on the healed node right away.
-    eventually(
-        "the healed node takes watchers",
-        Duration::from_secs(10),
-        || c.node(old).node.accepts_watchers(),
-    )
-    .await;
-    let mut rejoined = tokio::net::TcpStream::connect(c.node(old).http_addr)
-        .await
-        .unwrap();
-    rejoined
-        .write_all(stream_watch_request("on-healed").as_bytes())
-        .await
-        .unwrap();
-    eventually(
-        "watcher attached on the healed node",
-        Duration::from_secs(10),
-        || consumer(c.node(new), "on-healed").is_some(),
-    )
-    .await;
+    let mut rejoined = watcher_holding_an_item(&c, old, new, "on-healed").await;
     let attached = consumer(c.node(new), "on-healed").unwrap();
     // Anything proposed before or at the heal has been applied by now, and
     // a fresh verdict on the healed node would come within node-lost.
@@ -1044,4 +1058,89 @@ async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
         None,
         "the watcher on the healed node was closed"
     );
+}
+
+/// Delivery: a healthy worker is not disturbed by the death of the leader.
+/// With the default timings, the other members' lease (node-lost less its
+/// margin, from the dead leader's last quorum acknowledgement) outlasts the
+/// election, which cannot end before two election timeouts: their watchers
+/// stay open and keep their items (with a lease of at most two election
+/// timeouts, every follower closed every watcher at each leader failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_keep_their_watchers_when_the_leader_dies() {
+    use eddy::server::{DEFAULT_ELECTION_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_NODE_LOST_MS};
+
+    let mut c = Cluster::configured(3, |c| {
+        c.timings = (
+            DEFAULT_HEARTBEAT_MS,
+            DEFAULT_ELECTION_TIMEOUT_MS,
+            DEFAULT_NODE_LOST_MS,
+        )
+    })
+    .await;
+    let old = c.leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    create_service_with(
+        c.node(old),
+        ServiceConfig {
+            consumer_grace_ms: 60_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut watchers = Vec::new();
+    for f in &followers {
+        let user = format!("on-{f}");
+        let stream = watcher_holding_an_item(&c, *f, old, &user).await;
+        let was = consumer(c.node(old), &user).unwrap();
+        watchers.push((*f, user, stream, was));
+    }
+    c.stop(old).await;
+    let died = Instant::now();
+    // Watch the followers' leases and connections until a new leader has
+    // a quorum and both followers hold their lease under it.
+    let mut lapses = Vec::new();
+    let mut settled = None;
+    while died.elapsed() < Duration::from_secs(15) {
+        for f in &followers {
+            let node = c.node(*f);
+            if !node.node.holds_lease() || node.app_state.hub.connection_count() != 1 {
+                lapses.push((*f, died.elapsed()));
+            }
+        }
+        let leader = c.node(followers[0]).node.status().leader;
+        if let Some(new) = leader.filter(|l| *l != old)
+            && c.node(new).node.holds_lease()
+            && followers.iter().all(|f| {
+                c.node(*f).node.status().leader == Some(new) && c.node(*f).node.holds_lease()
+            })
+        {
+            settled = Some((new, died.elapsed()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (new, took) = settled.expect("no new leader with a quorum within 15 s");
+    println!(
+        "leader {old} died; leader {new} settled after {took:?} (member lease {:?})",
+        c.node(followers[0]).node.member_lease()
+    );
+    assert!(
+        lapses.is_empty(),
+        "followers lost their lease or a watcher during the election: {:?}",
+        &lapses[..lapses.len().min(5)]
+    );
+    for (f, user, stream, was) in watchers.iter_mut() {
+        let now = consumer(c.node(new), user);
+        assert_eq!(
+            now.as_ref().map(|c| (c.connection, c.status, c.pending)),
+            Some((was.connection, eddy::queue::ConsumerStatus::Running, 1)),
+            "the consumer on node {f} was disturbed"
+        );
+        assert_eq!(
+            read_until_closed(stream, Duration::from_millis(100)).await,
+            None,
+            "the watcher on node {f} was closed"
+        );
+    }
 }
