@@ -29,6 +29,6 @@ pub use queue::{
     MAX_REQUEST_ID_BYTES, PATH_TAG, Queue, REQUEST_ID_TAG, tags_match, validate_request_id,
 };
 pub use state::{
-    DEDUP_ENTRY_BYTES, DEDUP_MAX_ENTRIES, DEDUP_MAX_REPLY_BYTES, DEDUP_WINDOW_MS, QueueState,
-    Service, validate_service_name,
+    DEDUP_ENTRY_BYTES, DEDUP_MAX_ENTRIES, DEDUP_MAX_REPLY_BYTES, DEDUP_MIN_WINDOW_MS,
+    DEDUP_WINDOW_MS, QueueState, Service, validate_service_name,
 };

@@ -2,11 +2,13 @@
 //! recently applied command ids that makes retried commands idempotent.
 //!
 //! De-duplication invariants:
-//! - an envelope id is remembered, with its reply, for at least
+//! - an envelope id is remembered, with its reply, for
 //!   [`DEDUP_WINDOW_MS`] of envelope time after it was applied (well past the
-//!   propose deadline within which a proposer retries), whatever the rate,
-//!   unless more than [`DEDUP_MAX_ENTRIES`] ids arrive in that time (a memory
-//!   backstop only);
+//!   propose deadline within which a proposer retries); past
+//!   [`DEDUP_MAX_ENTRIES`] ids, the oldest are forgotten sooner, but never
+//!   before [`DEDUP_MIN_WINDOW_MS`]: a retry within the propose deadline is
+//!   applied once whatever the rate (the memory this takes is counted by
+//!   the nodes' memory admission, which refuses puts past its limit);
 //! - a remembered id is never applied again: a retry gets the first reply;
 //! - take replies keep their items for a retry while the items of all kept
 //!   replies stay within [`DEDUP_MAX_REPLY_BYTES`]; past it the oldest kept
@@ -27,11 +29,16 @@ use super::queue::{Queue, validate_request_id};
 /// successive leaders.
 pub const DEDUP_WINDOW_MS: u64 = 30_000;
 
-/// Most command ids remembered, whatever their age: a memory backstop that
-/// only rates above the fastest measured (14,000 puts/s on one node, 35 s
-/// of ids) reach. An entry with a small reply takes about 175 bytes, so the
-/// table stays under about 90 MB plus the take replies' bytes.
+/// Command ids beyond which the oldest are forgotten before
+/// [`DEDUP_WINDOW_MS`] (but after [`DEDUP_MIN_WINDOW_MS`]): only rates above
+/// the fastest measured (14,000 puts/s on one node, 35 s of ids) reach it.
+/// An entry with a small reply takes about 175 bytes, about 90 MB for this
+/// many.
 pub const DEDUP_MAX_ENTRIES: usize = 500_000;
+
+/// The least time an applied command id is remembered, whatever the rate:
+/// the propose deadline (5 s) and as much again for clock differences.
+pub const DEDUP_MIN_WINDOW_MS: u64 = 10_000;
 
 /// Most payload bytes of take replies kept for retries.
 pub const DEDUP_MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
@@ -262,8 +269,9 @@ impl QueueState {
     fn remember(&mut self, id: u128, now_ms: u64, reply: Reply) {
         // Forget what is old enough (or beyond the backstop) first.
         while let Some(&(old, at)) = self.recent_ids.front() {
-            let expired = now_ms.saturating_sub(at) >= DEDUP_WINDOW_MS;
-            if !expired && self.recent_ids.len() < DEDUP_MAX_ENTRIES {
+            let age = now_ms.saturating_sub(at);
+            let crowded = self.recent_ids.len() >= DEDUP_MAX_ENTRIES;
+            if age < DEDUP_WINDOW_MS && !(crowded && age >= DEDUP_MIN_WINDOW_MS) {
                 break;
             }
             self.recent_ids.pop_front();

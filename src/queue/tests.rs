@@ -1064,6 +1064,49 @@ fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
     assert_eq!(h.queue().len(), 1);
 }
 
+/// Delivery finding 5, above any rate: more ids than the table's cap
+/// within the propose deadline are all remembered, so a retry inside it is
+/// still applied once (old code: past the cap the oldest id was forgotten
+/// at once, whatever its age, and the retried put stored a second item).
+/// Past the least window the cap forgets the oldest again.
+#[test]
+fn finding5_dedup_holds_for_the_propose_deadline_above_the_id_cap() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let put = Envelope {
+        id: u128::MAX,
+        now_ms: h.now,
+        command: Command::Put {
+            queue: input(),
+            item: item("once", "x"),
+        },
+    };
+    h.state.apply(&put);
+    let start = h.now;
+    let burst = DEDUP_MAX_ENTRIES as u64 + 1_000;
+    for i in 0..burst {
+        h.now = start + i * 1_000 / burst;
+        h.run(Command::Tick);
+    }
+    h.commit("eas", vec![1]);
+    assert!(h.queue().is_empty());
+    h.state.apply(&Envelope {
+        now_ms: h.now,
+        ..put.clone()
+    });
+    assert!(
+        h.queue().is_empty(),
+        "a retry within a second was applied twice after {burst} commands"
+    );
+    // Past the least window, a crowded table forgets its oldest ids.
+    h.now = start + DEDUP_MIN_WINDOW_MS;
+    h.run(Command::Tick);
+    h.state.apply(&Envelope {
+        now_ms: h.now,
+        ..put
+    });
+    assert_eq!(h.queue().len(), 1);
+}
+
 #[test]
 fn finding5_take_replies_past_the_byte_bound_are_refused_not_emptied() {
     let mut config = ServiceConfig::default();
