@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{ApiError, AppState};
 use crate::queue::{Command, QueueKind, QueueLimits, QueueRef, Reply, ServiceConfig};
-use crate::raft::{FSYNC_BUCKETS_MICROS, now_ms};
+use crate::raft::FSYNC_BUCKETS_MICROS;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -650,7 +650,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
     let mut out = String::new();
-    let now = now_ms();
+    let now = state.node.cluster_clock_ms();
     let s = state.node.status();
     let _ = writeln!(
         out,

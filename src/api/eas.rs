@@ -22,7 +22,6 @@ use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF
 use crate::queue::{
     Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes, validate_request_id,
 };
-use crate::raft::now_ms;
 
 pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
 
@@ -666,6 +665,7 @@ async fn get(
 }
 
 fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let now = state.node.cluster_clock_ms();
     let map = state
         .node
         .read(|s| {
@@ -675,7 +675,7 @@ fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Resp
                     &svc.config,
                     queue.kind,
                     svc.queue(queue.kind),
-                    now_ms(),
+                    now,
                 )
             })
         })

@@ -11,7 +11,7 @@
 //! Time: the leader stamps every envelope with its clock as it appends it
 //! ([`RaftNode::write_local`]); the state machine never lets time go back.
 //! A leader's clock never reads behind the applied state's
-//! ([`RaftNode::leader_clock_ms`]): after a leader whose clock ran ahead,
+//! ([`RaftNode::cluster_clock_ms`]): after a leader whose clock ran ahead,
 //! the next one counts on from where that one left off, so a grace period
 //! lasts as long as it says whatever the offsets between nodes' clocks.
 //!
@@ -165,9 +165,9 @@ pub struct RaftNode {
     /// How far this node's clock reads ahead of the system clock (behind
     /// when negative); 0 except in tests that model clock offsets.
     clock_offset_ms: std::sync::atomic::AtomicI64,
-    /// How far ahead of this node's clock the applied state's clock has
-    /// been seen: the leader's clock counts on from there. Never shrinks.
-    clock_lead_ms: std::sync::atomic::AtomicU64,
+    /// The term, time and instant of this node's last cluster-clock
+    /// reading ([`RaftNode::cluster_clock_ms`]).
+    clock_anchor: std::sync::Mutex<Option<(u64, u64, std::time::Instant)>>,
     settings: RaftSettings,
     stopping: tokio::sync::watch::Sender<bool>,
     /// Set once this node announced that consumers it held before a restart
@@ -299,7 +299,7 @@ impl RaftNode {
             channels,
             links,
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
-            clock_lead_ms: std::sync::atomic::AtomicU64::new(0),
+            clock_anchor: std::sync::Mutex::new(None),
             settings: settings.clone(),
             stopping: tokio::sync::watch::Sender::new(false),
             watchers_welcome: std::sync::atomic::AtomicBool::new(false),
@@ -411,24 +411,31 @@ impl RaftNode {
             .store(offset_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The time a leader stamps on what it appends and judges expiry by:
-    /// this node's clock, moved ahead as far as the applied state's clock
-    /// was ever seen ahead of it. A predecessor whose clock ran ahead left
-    /// the state's clock there (applied time never goes back); counting on
-    /// from there, instead of waiting for this clock to catch up, keeps
-    /// every grace period its configured length. The lead only grows, so
-    /// this clock never goes back either, not even when the system clock
-    /// is stepped back.
-    pub fn leader_clock_ms(&self) -> u64 {
-        use std::sync::atomic::Ordering;
+    /// The time a leader stamps on what it appends and judges expiry by,
+    /// and every node reads state times against (ages, idle times): the
+    /// latest of this node's clock, the applied state's clock, and, within
+    /// one term, the previous reading plus the time since (on the monotonic
+    /// clock). A predecessor whose clock ran ahead left the state's clock
+    /// there (applied time never goes back); counting on from there,
+    /// instead of waiting for this node's clock to catch up, keeps every
+    /// grace period its configured length, and the reading never goes back
+    /// within a term, not even when the system clock is stepped back. Each
+    /// new term starts again from this node's and the state's clocks, so a
+    /// lead that is no longer needed is not carried on.
+    ///
+    /// Not to be called inside [`Self::read`]: it reads the state itself.
+    pub fn cluster_clock_ms(&self) -> u64 {
         let wall = self.wall_clock_ms();
         let applied = self.read(|s| s.clock_ms());
-        let seen = applied.saturating_sub(wall);
-        let lead = self
-            .clock_lead_ms
-            .fetch_max(seen, Ordering::Relaxed)
-            .max(seen);
-        wall.saturating_add(lead)
+        let term = self.raft.metrics().borrow_watched().current_term;
+        let mut anchor = self.clock_anchor.lock().unwrap();
+        let carried = match *anchor {
+            Some((t, ms, at)) if t == term => ms.saturating_add(at.elapsed().as_millis() as u64),
+            _ => 0,
+        };
+        let now = wall.max(applied).max(carried);
+        *anchor = Some((term, now, std::time::Instant::now()));
+        now
     }
 
     /// Read the applied state.
@@ -471,7 +478,7 @@ impl RaftNode {
     /// the state machine sees comes from leaders, never from the node that
     /// happened to receive a request.
     pub async fn write_local(&self, mut envelope: Envelope) -> Result<Reply, ProposeError> {
-        envelope.now_ms = self.leader_clock_ms();
+        envelope.now_ms = self.cluster_clock_ms();
         match self.raft.client_write(envelope).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -851,27 +858,39 @@ impl RaftNode {
             && self.holds_lease()
     }
 
-    /// This node accepted replication from a leader just now. The leader
-    /// said a quorum last acknowledged it `quorum_age_ms` ago (a leader
-    /// that does not say is taken to have just now): the follower's lease
-    /// runs from then, so that a follower cut off together with a leader
-    /// that lost its quorum (a minority of two or more, in a cluster of
-    /// five or more) gives up its lease as that leader does, and its
-    /// watchers reconnect to the majority. Contact never moves back.
-    pub(crate) fn note_leader_contact(&self, quorum_age_ms: Option<u64>) {
-        let now = std::time::Instant::now();
+    /// This node accepted replication from a leader, in a request it
+    /// received at `received`. The leader said a quorum last acknowledged
+    /// it `quorum_age_ms` before sending (a leader that does not say is
+    /// taken to have just then): the member's lease runs from then, so that
+    /// a follower cut off together with a leader that lost its quorum (a
+    /// minority of two or more, in a cluster of five or more) gives up its
+    /// lease as that leader does, and its watchers reconnect to the
+    /// majority. Counting from the receipt, not from the reply, keeps a
+    /// slow write of the entries from lengthening the lease. Contact never
+    /// moves back.
+    pub(crate) fn note_leader_contact(
+        &self,
+        received: std::time::Instant,
+        quorum_age_ms: Option<u64>,
+    ) {
         let at = match quorum_age_ms {
-            None => now,
+            None => received,
             // A leader no quorum acknowledged yet (just elected) extends
             // nothing, and takes nothing away either.
             Some(u64::MAX) => return,
-            Some(age) => match now.checked_sub(Duration::from_millis(age)) {
+            Some(age) => match received.checked_sub(Duration::from_millis(age)) {
                 Some(at) => at,
                 None => return,
             },
         };
         let mut contact = self.leader_contact.lock().unwrap();
         *contact = Some(contact.map_or(at, |before| before.max(at)));
+    }
+
+    /// Forget the contact with earlier leaders once this node leads: if it
+    /// steps down, only replication from the next leader gives it a lease.
+    fn forget_leader_contact(&self) {
+        *self.leader_contact.lock().unwrap() = None;
     }
 
     /// `peer` forwarded a command just now.
@@ -909,6 +928,7 @@ impl RaftNode {
         let m = self.raft.metrics().borrow_watched().clone();
         match m.state {
             ServerState::Leader => {
+                self.forget_leader_contact();
                 let lease = self.leader_lease();
                 m.membership_config.membership().voter_ids().count() <= 1
                     || m.last_quorum_acked
@@ -940,7 +960,9 @@ impl RaftNode {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut announced_restart = false;
         let mut last_size_snapshot = None;
-        let mut leader_since: Option<tokio::time::Instant> = None;
+        // The term this node leads, and since when (a node that lost and
+        // regained leadership between two ticks starts its wait again).
+        let mut leader_since: Option<(u64, tokio::time::Instant)> = None;
         // The leader before this node took over: it went silent long enough
         // for an election, so it needs less benefit of the doubt.
         let mut previous_leader: Option<u64> = None;
@@ -981,9 +1003,13 @@ impl RaftNode {
                 }
                 continue;
             }
-            let since = *leader_since.get_or_insert_with(tokio::time::Instant::now);
             let term = self.status().term;
-            let now = self.leader_clock_ms();
+            if leader_since.is_none_or(|(t, _)| t != term) {
+                leader_since = Some((term, tokio::time::Instant::now()));
+                self.forget_leader_contact();
+            }
+            let since = leader_since.map_or_else(tokio::time::Instant::now, |(_, at)| at);
+            let now = self.cluster_clock_ms();
             if self.read(|s| s.next_expiry()).is_some_and(|t| t <= now)
                 && let Err(e) = self
                     .propose_housekeeping(Command::GraceExpired { term })
@@ -1006,6 +1032,7 @@ impl RaftNode {
                 self.lost_members(limit)
             } else if since.elapsed() >= old_leader_limit
                 && let Some(old) = previous_leader
+                && self.silent_since(old, since.into_std())
             {
                 self.lost_members(old_leader_limit)
                     .into_iter()
@@ -1047,6 +1074,29 @@ impl RaftNode {
                 "no quorum acknowledged the decision in time".into(),
             )),
         }
+    }
+
+    /// Whether `node` has neither acknowledged this leader's replication
+    /// nor forwarded a command since `since` (this leader's election). Only
+    /// such an old leader gets the shorter wait: one that has since
+    /// followed this leader holds a member's lease, which only the full
+    /// node-lost wait outlasts.
+    fn silent_since(&self, node: u64, since: std::time::Instant) -> bool {
+        let acked = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .heartbeat
+            .as_ref()
+            .and_then(|h| h.get(&node).cloned().flatten())
+            .is_some();
+        let forwarded = self
+            .peer_contact
+            .lock()
+            .unwrap()
+            .get(&node)
+            .is_some_and(|t| *t >= since);
+        !acked && !forwarded
     }
 
     /// Members that host consumers and whose last ack is older than the

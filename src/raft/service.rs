@@ -312,11 +312,12 @@ impl RaftService for Service {
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        let received = std::time::Instant::now();
         let quorum_age = req.get_ref().leader_quorum_age_ms;
         let rpc = self.open(req)?;
         let result = self.node.raft.append_entries(rpc).await;
         if result.as_ref().is_ok_and(|r| r.is_success()) {
-            self.node.note_leader_contact(quorum_age);
+            self.node.note_leader_contact(received, quorum_age);
         }
         reply(result)
     }
@@ -328,25 +329,32 @@ impl RaftService for Service {
         req: Request<Streaming<RaftRequest>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
         let id = self.node.id;
-        // The leader's quorum age of the latest request read.
-        let quorum_age = Arc::new(std::sync::Mutex::new(None));
-        let latest = quorum_age.clone();
+        // When each request was read and the quorum age it carried, in
+        // order: openraft answers every request, in order, and may read
+        // ahead of its answers.
+        let pending = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let reading = pending.clone();
         let input = req.into_inner().filter_map(move |m| {
-            let latest = latest.clone();
+            let reading = reading.clone();
             async move {
                 let m = m.ok()?;
                 if m.target != id {
                     return None;
                 }
-                *latest.lock().unwrap() = m.leader_quorum_age_ms;
-                decode(&m.body).ok()
+                let rpc = decode(&m.body).ok()?;
+                reading
+                    .lock()
+                    .unwrap()
+                    .push_back((std::time::Instant::now(), m.leader_quorum_age_ms));
+                Some(rpc)
             }
         });
         let node = self.node.clone();
         let output = self.node.raft.stream_append(Box::pin(input)).map(move |r| {
+            let read = pending.lock().unwrap().pop_front();
             // Accepted replication: this node is in touch with a leader.
-            if r.is_ok() {
-                node.note_leader_contact(*quorum_age.lock().unwrap());
+            if let (Ok(Ok(_)), Some((received, quorum_age))) = (&r, read) {
+                node.note_leader_contact(received, quorum_age);
             }
             Ok(raft_reply(r))
         });
