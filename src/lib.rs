@@ -6,6 +6,7 @@
 //!   adapter, gRPC network, forwarding of writes to the leader.
 //! - `api`: the only module that knows axum; the EAS HTTP and WebSocket
 //!   protocol, admin routes, status codes.
+//! - [`protocol`]: the EAS vocabulary (headers, tag keys, defaults), named once.
 //! - `client`: a Rust client of the EAS protocol (CLI, engine, benchmark).
 //! - `engine`: the asynchronous inference worker.
 //! - [`tls`]: certificates: generation and the PEM files a node loads.
@@ -15,6 +16,7 @@ pub mod api;
 pub mod client;
 pub mod engine;
 pub mod proto;
+pub mod protocol;
 pub mod queue;
 pub mod raft;
 pub mod secret;

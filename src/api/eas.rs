@@ -23,7 +23,7 @@ use crate::queue::{
     Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes, validate_request_id,
 };
 
-pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
+use crate::protocol::{DUPLICATE_HEADER, REQUEST_ID_HEADER};
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -548,7 +548,7 @@ async fn complete(
                     .map_err(|e| ApiError::Internal(e.to_string()))?,
             );
             h.insert(
-                "x-eddy-duplicate",
+                DUPLICATE_HEADER,
                 HeaderValue::from_static(if duplicate { "true" } else { "false" }),
             );
             Ok(resp)

@@ -190,7 +190,7 @@ pub fn identity(headers: &HeaderMap) -> Result<(String, Option<String>), ApiErro
         Ok(Some(v.to_string()))
     };
     Ok((
-        get(HEADER_GROUP)?.unwrap_or_else(|| "eas".to_string()),
+        get(HEADER_GROUP)?.unwrap_or_else(|| crate::protocol::DEFAULT_GROUP.to_string()),
         get(HEADER_USER)?,
     ))
 }

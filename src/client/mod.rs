@@ -20,7 +20,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{HEADER_GROUP, HEADER_USER};
 
-pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
+pub use crate::protocol::REQUEST_ID_HEADER;
+use crate::protocol::{DEFAULT_GROUP, DUPLICATE_HEADER, REQUEST_ID_TAG};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -109,7 +110,7 @@ impl QueueClient {
             timeouts,
             url: format!("{}/api/predict/{}", base.trim_end_matches('/'), queue),
             token: token.to_string(),
-            group: "eas".into(),
+            group: DEFAULT_GROUP.into(),
             user: uuid::Uuid::new_v4().to_string(),
         }
     }
@@ -207,6 +208,18 @@ impl QueueClient {
         Self::check(resp).await.map(|_| ())
     }
 
+    /// Delete every item of the queue before `index`.
+    pub async fn truncate_before(&self, index: u64) -> Result<(), ClientError> {
+        let resp = self
+            .with_identity(self.http.delete(&self.url).query(&[
+                ("_index_", index.to_string()),
+                ("_trunc_", "true".to_string()),
+            ]))
+            .send()
+            .await?;
+        Self::check(resp).await.map(|_| ())
+    }
+
     pub async fn attributes(&self) -> Result<BTreeMap<String, String>, ClientError> {
         let resp = self
             .with_identity(self.http.get(&self.url).query(&[("_attrs_", "true")]))
@@ -257,7 +270,7 @@ impl QueueClient {
     ) -> Result<bool, ClientError> {
         let mut query: Vec<(String, String)> = vec![
             ("_complete_".into(), input_index.to_string()),
-            ("requestId".into(), request_id.to_string()),
+            (REQUEST_ID_TAG.into(), request_id.to_string()),
         ];
         query.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
         let resp = self
@@ -267,7 +280,7 @@ impl QueueClient {
         let resp = Self::check(resp).await?;
         Ok(resp
             .headers()
-            .get("x-eddy-duplicate")
+            .get(DUPLICATE_HEADER)
             .is_some_and(|v| v == "true"))
     }
 

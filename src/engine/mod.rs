@@ -45,7 +45,7 @@ use tokio::sync::Semaphore;
 
 use crate::client::{ClientError, QueueClient, Timeouts};
 use crate::proto::DataFrameProto;
-use crate::queue::{PATH_TAG, REQUEST_ID_TAG};
+use crate::protocol::{PATH_TAG, REQUEST_ID_TAG};
 pub use model::{ModelClient, ModelError, ModelResponse};
 
 #[derive(Debug, Clone)]

@@ -4,12 +4,10 @@
 use std::collections::BTreeMap;
 
 use super::command::{QueueKind, ServiceConfig};
-use super::queue::{ConsumerStatus, Queue};
+use super::one_queue::{ConsumerStatus, Queue};
 
 /// Header names the SDKs learn from the attributes.
-pub const HEADER_USER: &str = "X-EAS-QueueService-Redis-Uid";
-pub const HEADER_GROUP: &str = "X-EAS-QueueService-Redis-Gid";
-pub const HEADER_PRIORITY: &str = "X-EAS-QueueService-Priority";
+pub use crate::protocol::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
 
 fn format_idle(ms: u64) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)

@@ -11,8 +11,7 @@
 
 mod attributes;
 mod command;
-#[allow(clippy::module_inception)]
-mod queue;
+mod one_queue;
 mod state;
 
 #[cfg(test)]
@@ -24,7 +23,7 @@ mod tests;
 
 pub use attributes::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, attributes};
 pub use command::*;
-pub use queue::{
+pub use one_queue::{
     AUTO_COMMIT_WINDOW, AUTO_COMMIT_WINDOW_BYTES, Consumer, ConsumerStatus, Group, Item,
     MAX_REQUEST_ID_BYTES, PATH_TAG, Queue, REQUEST_ID_TAG, tags_match, validate_request_id,
 };

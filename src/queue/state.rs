@@ -20,9 +20,10 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::command::{
-    Command, Envelope, Event, QueueKind, QueueRef, Rejection, Reply, ServiceConfig,
+    Command, ConsumerSpec, Envelope, Event, NewItem, NodeId, QueueKind, QueueRef, Rejection, Reply,
+    ServiceConfig,
 };
-use super::queue::{Queue, validate_request_id};
+use super::one_queue::{Queue, validate_request_id};
 
 /// How long, in envelope time, an applied command id is remembered: the
 /// propose deadline (5 s) plus a wide margin for clock differences between
@@ -325,6 +326,8 @@ impl QueueState {
             .ok_or_else(|| Rejection::NoSuchService(name.to_string()))
     }
 
+    /// One command: the dispatcher. Each command's rules live in its own
+    /// method below; queue-level work is done by [`Queue`].
     fn try_apply(
         &mut self,
         command: &Command,
@@ -332,57 +335,10 @@ impl QueueState {
         events: &mut Vec<Event>,
     ) -> Result<Reply, Rejection> {
         match command {
-            Command::CreateService { name, config } => {
-                validate_service_name(name)?;
-                config.validate()?;
-                if self.services.contains_key(name) {
-                    return Err(Rejection::ServiceExists(name.clone()));
-                }
-                self.services
-                    .insert(name.clone(), Service::new(config.clone()));
-                Ok(Reply::Done)
-            }
-            Command::UpdateService { name, config } => {
-                config.validate()?;
-                let svc = self.service_mut(name)?;
-                svc.config = config.clone();
-                svc.trim_dead_letters();
-                Ok(Reply::Done)
-            }
-            Command::DeleteService { name } => {
-                let svc = self
-                    .services
-                    .remove(name)
-                    .ok_or_else(|| Rejection::NoSuchService(name.clone()))?;
-                for queue in [&svc.input, &svc.sink] {
-                    for group in queue.groups.values() {
-                        for c in group.consumers.values() {
-                            events.push(Event::Close {
-                                node: c.node,
-                                connection: c.connection,
-                            });
-                        }
-                    }
-                }
-                Ok(Reply::Done)
-            }
-            Command::Put { queue, item } => {
-                validate_request_id(&item.request_id)?;
-                let svc = self.service_mut(&queue.service)?;
-                let request_id = item.request_id.clone();
-                // On the input queue a request id is an idempotency key: a
-                // retried put answers the item the first one made.
-                if queue.kind == QueueKind::Input
-                    && let Some(index) = svc.input.index_of_request(&request_id)
-                {
-                    return Ok(Reply::Put { index, request_id });
-                }
-                let limits = svc.config.limits(queue.kind).clone();
-                let index =
-                    svc.queue_mut(queue.kind)
-                        .put(queue, &limits, item.clone(), now_ms, events)?;
-                Ok(Reply::Put { index, request_id })
-            }
+            Command::CreateService { name, config } => self.create_service(name, config),
+            Command::UpdateService { name, config } => self.update_service(name, config),
+            Command::DeleteService { name } => self.delete_service(name, events),
+            Command::Put { queue, item } => self.put(queue, item, now_ms, events),
             Command::Take { queue, selector } => {
                 let svc = self.service_mut(&queue.service)?;
                 Ok(Reply::Items(
@@ -406,27 +362,7 @@ impl QueueState {
                 indexes,
                 code,
                 reason,
-            } => {
-                let svc = self.service_mut(&queue.service)?;
-                let max_delivery = svc.config.max_delivery;
-                let message = match (code.is_empty(), reason.is_empty()) {
-                    (true, true) => String::new(),
-                    (false, true) => code.clone(),
-                    (true, false) => reason.clone(),
-                    (false, false) => format!("{code}: {reason}"),
-                };
-                svc.queue_mut(queue.kind).negative(
-                    queue,
-                    group,
-                    indexes,
-                    message,
-                    max_delivery,
-                    now_ms,
-                    events,
-                );
-                svc.trim_dead_letters();
-                Ok(Reply::Done)
-            }
+            } => self.negative(queue, group, indexes, (code, reason), now_ms, events),
             Command::Delete { queue, indexes } => {
                 let svc = self.service_mut(&queue.service)?;
                 svc.queue_mut(queue.kind)
@@ -444,117 +380,30 @@ impl QueueState {
                 svc.queue_mut(queue.kind).end(queue, *force, now_ms, events);
                 Ok(Reply::Done)
             }
-            Command::Attach { queue, consumer } => {
-                if consumer.group.is_empty() || consumer.user.is_empty() {
-                    return Err(Rejection::Invalid(
-                        "consumer group and user must be set".into(),
-                    ));
-                }
-                let svc = self.service_mut(&queue.service)?;
-                svc.queue_mut(queue.kind)
-                    .attach(queue, consumer.clone(), now_ms, events);
-                Ok(Reply::Done)
-            }
+            Command::Attach { queue, consumer } => self.attach(queue, consumer, now_ms, events),
             Command::Detach {
                 queue,
                 group,
                 user,
                 connection,
-            } => {
-                let svc = self.service_mut(&queue.service)?;
-                let (grace, max_delivery) = (svc.config.consumer_grace_ms, svc.config.max_delivery);
-                svc.queue_mut(queue.kind).detach(
-                    queue,
-                    group,
-                    user,
-                    *connection,
-                    grace,
-                    max_delivery,
-                    now_ms,
-                    events,
-                );
-                svc.trim_dead_letters();
-                Ok(Reply::Done)
-            }
+            } => self.detach(queue, group, user, *connection, now_ms, events),
             Command::NodeGone { node } | Command::NodeLost { node, .. } => {
-                for (name, svc) in self.services.iter_mut() {
-                    let max_delivery = svc.config.max_delivery;
-                    for kind in [QueueKind::Input, QueueKind::Sink] {
-                        let qref = QueueRef::new(name.clone(), kind);
-                        svc.queue_mut(kind)
-                            .node_gone(&qref, *node, max_delivery, now_ms, events);
-                    }
-                    svc.trim_dead_letters();
-                }
-                Ok(Reply::Done)
+                self.node_gone(*node, now_ms, events)
             }
-            Command::Tick | Command::GraceExpired { .. } => {
-                for (name, svc) in self.services.iter_mut() {
-                    let (grace, max_delivery) =
-                        (svc.config.consumer_grace_ms, svc.config.max_delivery);
-                    for kind in [QueueKind::Input, QueueKind::Sink] {
-                        let qref = QueueRef::new(name.clone(), kind);
-                        svc.queue_mut(kind)
-                            .expire(&qref, grace, max_delivery, now_ms, events);
-                    }
-                    svc.trim_dead_letters();
-                }
-                Ok(Reply::Done)
-            }
+            Command::Tick | Command::GraceExpired { .. } => self.expire(now_ms, events),
             Command::Complete {
                 service,
                 group,
                 input_index,
                 result,
-            } => {
-                let svc = self.service_mut(service)?;
-                let input_ref = QueueRef::new(service.clone(), QueueKind::Input);
-                let sink_ref = QueueRef::new(service.clone(), QueueKind::Sink);
-                let mut sink_index = None;
-                let mut duplicate = false;
-                if let Some(result) = result {
-                    validate_request_id(&result.request_id)?;
-                    let input = svc.input.items.get(input_index);
-                    if let Some(held) = input
-                        && held.request_id != result.request_id
-                    {
-                        return Err(Rejection::RequestMismatch {
-                            index: *input_index,
-                            held: held.request_id.clone(),
-                            given: result.request_id.clone(),
-                        });
-                    }
-                    if svc.sink.index_of_request(&result.request_id).is_some() {
-                        duplicate = true;
-                    } else if input.is_none() {
-                        return Err(Rejection::InputGone {
-                            index: *input_index,
-                            dead_lettered: svc.input.dead.contains_key(input_index),
-                        });
-                    } else {
-                        let limits = svc.config.sink.clone();
-                        if svc.sink.len() as u64 >= limits.max_length && !limits.evict_oldest {
-                            return Err(Rejection::SinkFull(service.clone()));
-                        }
-                        sink_index = Some(
-                            svc.sink
-                                .put(&sink_ref, &limits, result.clone(), now_ms, events)
-                                .map_err(|r| match r {
-                                    Rejection::Full(_) | Rejection::FullBytes { .. } => {
-                                        Rejection::SinkFull(service.clone())
-                                    }
-                                    other => other,
-                                })?,
-                        );
-                    }
-                }
-                svc.input
-                    .commit(&input_ref, group, &[*input_index], now_ms, events);
-                Ok(Reply::Completed {
-                    sink_index,
-                    duplicate,
-                })
-            }
+            } => self.complete(
+                service,
+                group,
+                *input_index,
+                result.as_ref(),
+                now_ms,
+                events,
+            ),
             Command::PurgeDeadLetters { queue } => {
                 let svc = self.service_mut(&queue.service)?;
                 svc.queue_mut(queue.kind).purge_dead_letters();
@@ -572,6 +421,238 @@ impl QueueState {
                     .collect(),
             )),
         }
+    }
+
+    fn create_service(&mut self, name: &str, config: &ServiceConfig) -> Result<Reply, Rejection> {
+        validate_service_name(name)?;
+        config.validate()?;
+        if self.services.contains_key(name) {
+            return Err(Rejection::ServiceExists(name.to_string()));
+        }
+        self.services
+            .insert(name.to_string(), Service::new(config.clone()));
+        Ok(Reply::Done)
+    }
+
+    fn update_service(&mut self, name: &str, config: &ServiceConfig) -> Result<Reply, Rejection> {
+        config.validate()?;
+        let svc = self.service_mut(name)?;
+        svc.config = config.clone();
+        svc.trim_dead_letters();
+        Ok(Reply::Done)
+    }
+
+    /// Remove a service; every watcher of its queues is closed.
+    fn delete_service(&mut self, name: &str, events: &mut Vec<Event>) -> Result<Reply, Rejection> {
+        let svc = self
+            .services
+            .remove(name)
+            .ok_or_else(|| Rejection::NoSuchService(name.to_string()))?;
+        for queue in [&svc.input, &svc.sink] {
+            for group in queue.groups.values() {
+                for c in group.consumers.values() {
+                    events.push(Event::Close {
+                        node: c.node,
+                        connection: c.connection,
+                    });
+                }
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    fn put(
+        &mut self,
+        queue: &QueueRef,
+        item: &NewItem,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, Rejection> {
+        validate_request_id(&item.request_id)?;
+        let svc = self.service_mut(&queue.service)?;
+        let request_id = item.request_id.clone();
+        // On the input queue a request id is an idempotency key: a retried
+        // put answers the item the first one made.
+        if queue.kind == QueueKind::Input
+            && let Some(index) = svc.input.index_of_request(&request_id)
+        {
+            return Ok(Reply::Put { index, request_id });
+        }
+        let limits = svc.config.limits(queue.kind).clone();
+        let index = svc
+            .queue_mut(queue.kind)
+            .put(queue, &limits, item.clone(), now_ms, events)?;
+        Ok(Reply::Put { index, request_id })
+    }
+
+    /// Hand items back; `(code, reason)` become the message a dead letter
+    /// keeps.
+    fn negative(
+        &mut self,
+        queue: &QueueRef,
+        group: &str,
+        indexes: &[u64],
+        (code, reason): (&str, &str),
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, Rejection> {
+        let svc = self.service_mut(&queue.service)?;
+        let max_delivery = svc.config.max_delivery;
+        let message = match (code.is_empty(), reason.is_empty()) {
+            (true, true) => String::new(),
+            (false, true) => code.to_string(),
+            (true, false) => reason.to_string(),
+            (false, false) => format!("{code}: {reason}"),
+        };
+        svc.queue_mut(queue.kind).negative(
+            queue,
+            group,
+            indexes,
+            message,
+            max_delivery,
+            now_ms,
+            events,
+        );
+        svc.trim_dead_letters();
+        Ok(Reply::Done)
+    }
+
+    fn attach(
+        &mut self,
+        queue: &QueueRef,
+        consumer: &ConsumerSpec,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, Rejection> {
+        if consumer.group.is_empty() || consumer.user.is_empty() {
+            return Err(Rejection::Invalid(
+                "consumer group and user must be set".into(),
+            ));
+        }
+        let svc = self.service_mut(&queue.service)?;
+        svc.queue_mut(queue.kind)
+            .attach(queue, consumer.clone(), now_ms, events);
+        Ok(Reply::Done)
+    }
+
+    fn detach(
+        &mut self,
+        queue: &QueueRef,
+        group: &str,
+        user: &str,
+        connection: u64,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, Rejection> {
+        let svc = self.service_mut(&queue.service)?;
+        let (grace, max_delivery) = (svc.config.consumer_grace_ms, svc.config.max_delivery);
+        svc.queue_mut(queue.kind).detach(
+            queue,
+            group,
+            user,
+            connection,
+            grace,
+            max_delivery,
+            now_ms,
+            events,
+        );
+        svc.trim_dead_letters();
+        Ok(Reply::Done)
+    }
+
+    /// Every consumer on `node` is gone at once (no grace): its items go
+    /// back to their groups.
+    fn node_gone(
+        &mut self,
+        node: NodeId,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, Rejection> {
+        for (name, svc) in self.services.iter_mut() {
+            let max_delivery = svc.config.max_delivery;
+            for kind in [QueueKind::Input, QueueKind::Sink] {
+                let qref = QueueRef::new(name.clone(), kind);
+                svc.queue_mut(kind)
+                    .node_gone(&qref, node, max_delivery, now_ms, events);
+            }
+            svc.trim_dead_letters();
+        }
+        Ok(Reply::Done)
+    }
+
+    /// Leaving consumers whose grace period ended are removed.
+    fn expire(&mut self, now_ms: u64, events: &mut Vec<Event>) -> Result<Reply, Rejection> {
+        for (name, svc) in self.services.iter_mut() {
+            let (grace, max_delivery) = (svc.config.consumer_grace_ms, svc.config.max_delivery);
+            for kind in [QueueKind::Input, QueueKind::Sink] {
+                let qref = QueueRef::new(name.clone(), kind);
+                svc.queue_mut(kind)
+                    .expire(&qref, grace, max_delivery, now_ms, events);
+            }
+            svc.trim_dead_letters();
+        }
+        Ok(Reply::Done)
+    }
+
+    /// A worker's result for input `input_index`: stored on the sink under
+    /// the input's request id (once: a second result for it is a
+    /// duplicate), and the input committed for `group`.
+    fn complete(
+        &mut self,
+        service: &str,
+        group: &str,
+        input_index: u64,
+        result: Option<&NewItem>,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Reply, Rejection> {
+        let svc = self.service_mut(service)?;
+        let input_ref = QueueRef::new(service.to_string(), QueueKind::Input);
+        let sink_ref = QueueRef::new(service.to_string(), QueueKind::Sink);
+        let mut sink_index = None;
+        let mut duplicate = false;
+        if let Some(result) = result {
+            validate_request_id(&result.request_id)?;
+            let input = svc.input.items.get(&input_index);
+            if let Some(held) = input
+                && held.request_id != result.request_id
+            {
+                return Err(Rejection::RequestMismatch {
+                    index: input_index,
+                    held: held.request_id.clone(),
+                    given: result.request_id.clone(),
+                });
+            }
+            if svc.sink.index_of_request(&result.request_id).is_some() {
+                duplicate = true;
+            } else if input.is_none() {
+                return Err(Rejection::InputGone {
+                    index: input_index,
+                    dead_lettered: svc.input.dead.contains_key(&input_index),
+                });
+            } else {
+                let limits = svc.config.sink.clone();
+                if svc.sink.len() as u64 >= limits.max_length && !limits.evict_oldest {
+                    return Err(Rejection::SinkFull(service.to_string()));
+                }
+                sink_index = Some(
+                    svc.sink
+                        .put(&sink_ref, &limits, result.clone(), now_ms, events)
+                        .map_err(|r| match r {
+                            Rejection::Full(_) | Rejection::FullBytes { .. } => {
+                                Rejection::SinkFull(service.to_string())
+                            }
+                            other => other,
+                        })?,
+                );
+            }
+        }
+        svc.input
+            .commit(&input_ref, group, &[input_index], now_ms, events);
+        Ok(Reply::Completed {
+            sink_index,
+            duplicate,
+        })
     }
 
     /// The earliest time at which a `Tick` would remove a leaving consumer.
@@ -608,7 +689,7 @@ impl QueueState {
             for kind in [QueueKind::Input, QueueKind::Sink] {
                 for (group, g) in &svc.queue(kind).groups {
                     for (user, c) in &g.consumers {
-                        if c.node == node && c.status == super::queue::ConsumerStatus::Running {
+                        if c.node == node && c.status == super::one_queue::ConsumerStatus::Running {
                             out.push((
                                 QueueRef::new(name.clone(), kind),
                                 group.clone(),

@@ -106,18 +106,18 @@ impl CallSize {
 }
 
 /// The peer gRPC service with a decode limit per method: one generated
-/// server per size class, all sharing one [`Service`], and each call routed
+/// server per size class, all sharing one [`PeerService`], and each call routed
 /// by its path to the server of its class. tonic checks every message's
 /// length prefix against its server's limit before buffering the message,
 /// so an oversized message costs the node nothing but its first bytes.
 /// Callers are authenticated before any of this (see [`authenticate`]).
 #[derive(Clone)]
 pub(super) struct PeerServer {
-    by_size: [RaftServer<Service>; 4],
+    by_size: [RaftServer<PeerService>; 4],
 }
 
 impl PeerServer {
-    pub(super) fn new(service: Service) -> Self {
+    pub(super) fn new(service: PeerService) -> Self {
         let service = Arc::new(service);
         Self {
             by_size: CallSize::ALL.map(|size| {
@@ -135,11 +135,11 @@ impl tonic::server::NamedService for PeerServer {
 
 impl<B> TowerService<HttpRequest<B>> for PeerServer
 where
-    RaftServer<Service>: TowerService<HttpRequest<B>>,
+    RaftServer<PeerService>: TowerService<HttpRequest<B>>,
 {
-    type Response = <RaftServer<Service> as TowerService<HttpRequest<B>>>::Response;
-    type Error = <RaftServer<Service> as TowerService<HttpRequest<B>>>::Error;
-    type Future = <RaftServer<Service> as TowerService<HttpRequest<B>>>::Future;
+    type Response = <RaftServer<PeerService> as TowerService<HttpRequest<B>>>::Response;
+    type Error = <RaftServer<PeerService> as TowerService<HttpRequest<B>>>::Error;
+    type Future = <RaftServer<PeerService> as TowerService<HttpRequest<B>>>::Future;
 
     fn poll_ready(
         &mut self,
@@ -199,11 +199,11 @@ fn forwardable(command: &Command, from: u64, admin: bool) -> Result<(), String> 
     }
 }
 
-pub struct Service {
+pub struct PeerService {
     pub node: Arc<RaftNode>,
 }
 
-impl Service {
+impl PeerService {
     /// Check the addressee and decode the Raft message (the caller was
     /// authenticated before its message was decoded: see [`authenticate`]).
     fn open<T: serde::de::DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
@@ -297,7 +297,7 @@ async fn blocking<T: Send + 'static>(
 type ReplyStream = futures::stream::BoxStream<'static, Result<RaftReply, Status>>;
 
 #[tonic::async_trait]
-impl RaftService for Service {
+impl RaftService for PeerService {
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let rpc = self.open(req)?;
         reply(self.node.raft.vote(rpc).await)

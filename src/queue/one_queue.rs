@@ -42,8 +42,7 @@ use super::command::{
     ConsumerSpec, Event, Frame, NewItem, NodeId, QueueLimits, QueueRef, Rejection, Selector, Tags,
 };
 
-/// Tag key under which every item carries its request id.
-pub const REQUEST_ID_TAG: &str = "requestId";
+pub use crate::protocol::{PATH_TAG, REQUEST_ID_TAG};
 
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -61,10 +60,6 @@ pub fn validate_request_id(id: &str) -> Result<(), Rejection> {
     }
     Ok(())
 }
-
-/// Tag key carrying the sub-path an item was put on, when there is one.
-/// Clients cannot set it: `_x_` query keys are control parameters.
-pub const PATH_TAG: &str = "_path_";
 
 /// A stored item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,8 +217,9 @@ impl Group {
     }
 }
 
-/// What a watch connection needs to know about a delivery target.
-struct Target<'a> {
+/// Where dispatch writes the deliveries it decides: the queue they are
+/// from, and the events the apply emits.
+struct Outbox<'a> {
     queue: &'a QueueRef,
     events: &'a mut Vec<Event>,
 }
@@ -873,7 +869,7 @@ impl Queue {
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
-        let mut target = Target {
+        let mut target = Outbox {
             queue: qref,
             events,
         };
@@ -910,7 +906,7 @@ impl Queue {
 
     fn assign(
         &mut self,
-        target: &mut Target<'_>,
+        target: &mut Outbox<'_>,
         group_id: &str,
         user: &str,
         index: u64,

@@ -1,0 +1,187 @@
+//! Services and cluster membership, through a node's admin API.
+
+use clap::{Args, Subcommand};
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use super::http_base;
+use super::serve::read_secret_file;
+
+#[derive(Args)]
+pub(crate) struct AdminArgs {
+    #[arg(
+        long,
+        short = 'e',
+        env = "EDDY_ENDPOINT",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub(crate) endpoint: String,
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) admin_token: String,
+    /// Read the admin token from this file.
+    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ServiceCmd {
+    Create(ServiceCreate),
+    List(AdminArgs),
+    Show(ServiceName),
+    Delete(ServiceName),
+}
+
+#[derive(Args)]
+pub(crate) struct ServiceName {
+    #[command(flatten)]
+    pub(crate) admin: AdminArgs,
+    pub(crate) name: String,
+}
+
+#[derive(Args)]
+pub(crate) struct ServiceCreate {
+    #[command(flatten)]
+    pub(crate) admin: AdminArgs,
+    pub(crate) name: String,
+    #[arg(long, default_value = "")]
+    pub(crate) token: String,
+    #[arg(long)]
+    pub(crate) max_length: Option<u64>,
+    #[arg(long)]
+    pub(crate) max_payload_bytes: Option<u64>,
+    #[arg(long)]
+    pub(crate) evict_oldest: bool,
+    #[arg(long)]
+    pub(crate) sink_max_length: Option<u64>,
+    #[arg(long)]
+    pub(crate) max_bytes: Option<u64>,
+    #[arg(long)]
+    pub(crate) max_dead_letters: Option<u64>,
+    #[arg(long)]
+    pub(crate) max_delivery: Option<u32>,
+    #[arg(long)]
+    pub(crate) consumer_grace_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClusterCmd {
+    /// Members, leader, term, commit and apply indexes.
+    Status(AdminArgs),
+    /// Add a node (started with --join): learner catch-up, then voter.
+    Add(MemberAdd),
+    /// Remove a node from the voters.
+    Remove(MemberRemove),
+}
+
+#[derive(Args)]
+pub(crate) struct MemberAdd {
+    #[command(flatten)]
+    pub(crate) admin: AdminArgs,
+    pub(crate) id: u64,
+    /// The new node's gRPC address (host:port).
+    pub(crate) raft_addr: String,
+    /// The new node's HTTP address (host:port).
+    #[arg(default_value = "")]
+    pub(crate) api_addr: String,
+}
+
+#[derive(Args)]
+pub(crate) struct MemberRemove {
+    #[command(flatten)]
+    pub(crate) admin: AdminArgs,
+    pub(crate) id: u64,
+}
+
+pub(crate) async fn admin_request(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let token = match &admin.admin_token_file {
+        Some(path) => read_secret_file(path, "the admin token")?,
+        None => admin.admin_token.clone(),
+    };
+    let http = reqwest::Client::new();
+    let mut rb = http
+        .request(method, format!("{}{path}", http_base(&admin.endpoint)))
+        .header("Authorization", token);
+    if let Some(b) = body {
+        rb = rb
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = rb.send().await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {}", text.trim());
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.trim().to_string())))
+}
+
+pub(crate) async fn service(cmd: ServiceCmd) -> anyhow::Result<()> {
+    let out = match cmd {
+        ServiceCmd::Create(s) => {
+            let body = serde_json::json!({
+                "name": s.name, "token": s.token, "max_length": s.max_length,
+                "max_payload_bytes": s.max_payload_bytes, "evict_oldest": s.evict_oldest,
+                "sink_max_length": s.sink_max_length, "max_delivery": s.max_delivery,
+                "consumer_grace_ms": s.consumer_grace_ms, "max_bytes": s.max_bytes,
+                "max_dead_letters": s.max_dead_letters,
+            });
+            admin_request(
+                &s.admin,
+                reqwest::Method::POST,
+                "/admin/services",
+                Some(body),
+            )
+            .await?
+        }
+        ServiceCmd::List(a) => {
+            admin_request(&a, reqwest::Method::GET, "/admin/services", None).await?
+        }
+        ServiceCmd::Show(s) => {
+            let path = format!("/admin/services/{}", s.name);
+            admin_request(&s.admin, reqwest::Method::GET, &path, None).await?
+        }
+        ServiceCmd::Delete(s) => {
+            let path = format!("/admin/services/{}", s.name);
+            admin_request(&s.admin, reqwest::Method::DELETE, &path, None).await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+pub(crate) async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+    let out = match cmd {
+        ClusterCmd::Status(a) => {
+            admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?
+        }
+        ClusterCmd::Add(m) => {
+            let body =
+                serde_json::json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr});
+            admin_request(
+                &m.admin,
+                reqwest::Method::POST,
+                "/admin/cluster/members",
+                Some(body),
+            )
+            .await?
+        }
+        ClusterCmd::Remove(m) => {
+            let path = format!("/admin/cluster/members/{}", m.id);
+            admin_request(&m.admin, reqwest::Method::DELETE, &path, None).await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

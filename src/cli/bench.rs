@@ -1,0 +1,221 @@
+//! `eddy bench`: put throughput and latency against a running node, or
+//! the asynchronous path through an engine.
+
+use anyhow::Context;
+use clap::Args;
+use eddy::client::QueueClient;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::queue::{QueueArgs, client};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) q: QueueArgs,
+    /// Concurrent producers, each with one put in flight.
+    #[arg(long, short = 'p', default_value_t = 4)]
+    pub(crate) producers: usize,
+    /// Total puts.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    pub(crate) count: usize,
+    /// Payload bytes.
+    #[arg(long, short = 's', default_value_t = 256)]
+    pub(crate) size: usize,
+    /// Leave the items on the queue; without it, the queue is truncated
+    /// up to the last item afterwards (whatever it held before the run).
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// Measure the asynchronous path instead: put → engine → model → sink,
+    /// from the put until the result arrives on the sink (an engine must be
+    /// running). With --model, also time direct calls to the model.
+    #[arg(long)]
+    pub(crate) e2e: bool,
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+}
+
+/// p50, p99 and max of latencies in microseconds, in milliseconds.
+pub(crate) fn percentiles(mut lat: Vec<u64>) -> (f64, f64, f64) {
+    if lat.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
+    (pct(0.5), pct(0.99), pct(1.0))
+}
+
+/// Put → engine → model → sink, timed per request id.
+pub(crate) async fn bench_e2e(a: BenchArgs) -> anyhow::Result<()> {
+    let input = client(&a.q);
+    let sink = QueueClient::new(
+        &a.q.ep.endpoint,
+        &format!("{}/sink", a.q.queue),
+        &a.q.ep.token,
+    );
+    let body = Bytes::from(format!(
+        "[{{\"x\": \"{}\"}}]",
+        "y".repeat(a.size.saturating_sub(12))
+    ));
+    let started = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        std::time::Instant,
+    >::new()));
+    let (done_tx, mut done_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(String, std::time::Instant)>();
+    let watcher = {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            sink.watch(256, true, |f| {
+                let tx = done_tx.clone();
+                async move {
+                    let rid = f
+                        .tags
+                        .get(eddy::protocol::REQUEST_ID_TAG)
+                        .cloned()
+                        .unwrap_or_default();
+                    tx.send((rid, std::time::Instant::now())).is_ok()
+                }
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let start = std::time::Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut producers = Vec::new();
+    for _ in 0..a.producers {
+        let (c, body, next, started, total) = (
+            input.clone(),
+            body.clone(),
+            next.clone(),
+            started.clone(),
+            a.count,
+        );
+        producers.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let t = std::time::Instant::now();
+                let (_, rid) = c.put(body.clone(), &BTreeMap::new(), 0).await?;
+                started.lock().unwrap().insert(rid, t);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut pending = Vec::new();
+    while lat.len() < a.count {
+        let (rid, at) = tokio::time::timeout(std::time::Duration::from_secs(60), done_rx.recv())
+            .await
+            .context("no result for 60 s: is an engine running?")?
+            .context("sink watch ended")?;
+        pending.push((rid, at));
+        pending.retain(|(rid, at)| match started.lock().unwrap().get(rid) {
+            Some(t) => {
+                lat.push(at.duration_since(*t).as_micros() as u64);
+                false
+            }
+            None => true,
+        });
+    }
+    let wall = start.elapsed().as_secs_f64();
+    for p in producers {
+        p.await??;
+    }
+    watcher.abort();
+    let n = lat.len();
+    let (p50, p99, max) = percentiles(lat);
+    println!(
+        "{n} requests through put → engine → model → sink by {} producers in {wall:.2} s: {:.0} requests/s, latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+        a.producers,
+        n as f64 / wall
+    );
+    if let Some(model) = &a.model {
+        let m = eddy::engine::ModelClient::new(model, std::time::Duration::from_secs(10));
+        let mut direct = Vec::new();
+        for _ in 0..2000 {
+            let t = std::time::Instant::now();
+            m.call("", body.clone()).await?;
+            direct.push(t.elapsed().as_micros() as u64);
+        }
+        let (d50, d99, _) = percentiles(direct);
+        println!(
+            "direct model calls (sequential): p50 {d50:.2} ms, p99 {d99:.2} ms; the queue adds p50 {:.2} ms",
+            p50 - d50
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.e2e {
+        return bench_e2e(a).await;
+    }
+    let c = client(&a.q);
+    let payload = Bytes::from(vec![b'x'; a.size]);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tags = BTreeMap::new();
+    // Warm up connections and the leader's caches.
+    for _ in 0..100 {
+        c.put(payload.clone(), &tags, 0).await?;
+    }
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.producers {
+        let (c, payload, next, tags, total) = (
+            c.clone(),
+            payload.clone(),
+            next.clone(),
+            tags.clone(),
+            a.count,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let t = std::time::Instant::now();
+                c.put(payload.clone(), &tags, 0).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let puts = lat.len();
+    let (p50, p99, max) = percentiles(lat);
+    let result = serde_json::json!({
+        "producers": a.producers, "puts": puts, "payload_bytes": a.size,
+        "wall_s": (wall * 1000.0).round() / 1000.0,
+        "puts_per_s": (puts as f64 / wall).round(),
+        "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+    });
+    if a.q.ep.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{} puts of {} B by {} producers in {:.2} s: {:.0} puts/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            puts,
+            a.size,
+            a.producers,
+            wall,
+            puts as f64 / wall,
+            p50,
+            p99,
+            max
+        );
+    }
+    if !a.keep
+        && let Some(last) = c
+            .attributes()
+            .await?
+            .get("stream.lastEntry")
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        c.truncate_before(last + 1).await?;
+    }
+    Ok(())
+}

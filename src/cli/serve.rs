@@ -1,0 +1,411 @@
+//! `eddy serve`: a node's settings from flags and environment, and its
+//! run until a signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use eddy::queue::{QueueLimits, ServiceConfig};
+use eddy::raft::Peer;
+use eddy::server::{ServeSettings, start};
+
+use super::terminated;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// Node id (unique in the cluster, > 0).
+    #[arg(long, env = "EDDY_NODE_ID", default_value_t = 1)]
+    pub(crate) id: u64,
+    /// Take the node id from the trailing ordinal of the host name (a
+    /// StatefulSet's `eddy-0` is node 1).
+    #[arg(long, env = "EDDY_ID_FROM_HOSTNAME", default_value_t = false)]
+    pub(crate) id_from_hostname: bool,
+    /// Where the Raft log and snapshots live.
+    #[arg(long, env = "EDDY_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// HTTP (EAS protocol, admin, metrics) listen address. This machine
+    /// only by default: the quick start's demo service has no token (the
+    /// container image listens on every interface).
+    #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub(crate) listen: SocketAddr,
+    /// Node-to-node gRPC listen address (this machine only by default).
+    #[arg(long, env = "EDDY_RAFT_LISTEN", default_value = "127.0.0.1:9090")]
+    pub(crate) raft_listen: SocketAddr,
+    /// How peers reach this node's gRPC port (host:port).
+    #[arg(long, env = "EDDY_ADVERTISE_RAFT")]
+    pub(crate) advertise_raft: Option<String>,
+    /// How clients reach this node's HTTP port (host:port).
+    #[arg(long, env = "EDDY_ADVERTISE_HTTP")]
+    pub(crate) advertise_http: Option<String>,
+    /// Initial members: `ID@HOST:RAFT_PORT[@HOST:HTTP_PORT]`, comma separated
+    /// (this node included). Empty: a single-node cluster.
+    #[arg(long, env = "EDDY_PEERS", value_delimiter = ',')]
+    pub(crate) peers: Vec<String>,
+    /// Shared secret that authenticates node-to-node calls. Required when
+    /// the cluster has more than one member; there is no default.
+    #[arg(
+        long,
+        env = "EDDY_CLUSTER_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) cluster_secret: String,
+    /// Mutual TLS between nodes: this node's certificate (PEM). With
+    /// `--peer-tls-key` and `--peer-tls-ca`; `eddy certs generate` makes them.
+    #[arg(long, env = "EDDY_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub(crate) peer_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "EDDY_PEER_TLS_KEY", requires = "peer_tls_cert")]
+    pub(crate) peer_tls_key: Option<PathBuf>,
+    /// The CA every peer's certificate must chain to (PEM).
+    #[arg(long, env = "EDDY_PEER_TLS_CA", requires = "peer_tls_cert")]
+    pub(crate) peer_tls_ca: Option<PathBuf>,
+    /// Serve the client port (HTTP, WebSocket) over TLS with this
+    /// certificate chain (PEM). With `--tls-key`.
+    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The client port's private key (PEM).
+    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// The CA that other nodes' client-port certificates chain to (PEM):
+    /// a node passes admin calls it cannot serve (membership changes) to
+    /// the leader's client port over TLS, verifying it with this CA.
+    /// Default: the peer CA (`--peer-tls-ca`).
+    #[arg(long, env = "EDDY_TLS_CA", requires = "tls_cert")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Read the cluster secret from this file (a mounted Kubernetes or
+    /// Compose secret); surrounding whitespace is ignored.
+    #[arg(
+        long,
+        env = "EDDY_CLUSTER_SECRET_FILE",
+        conflicts_with = "cluster_secret"
+    )]
+    pub(crate) cluster_secret_file: Option<PathBuf>,
+    /// Token for the admin routes. Required on a member of a cluster of
+    /// more than one node (the same on every node). A single node without
+    /// one answers admin calls from this machine only (loopback).
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) admin_token: String,
+    /// Read the admin token from this file (a mounted Kubernetes or Compose
+    /// secret); surrounding whitespace is ignored.
+    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+    /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
+    #[arg(
+        long = "service",
+        env = "EDDY_SERVICES",
+        hide_env_values = true,
+        value_delimiter = ',',
+        default_value = "demo"
+    )]
+    pub(crate) services: Vec<String>,
+    /// Limits of declared services.
+    #[arg(long, env = "EDDY_MAX_LENGTH", default_value_t = 100_000)]
+    pub(crate) max_length: u64,
+    #[arg(long, env = "EDDY_MAX_PAYLOAD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub(crate) max_payload_bytes: u64,
+    #[arg(long, env = "EDDY_EVICT_OLDEST", default_value_t = false)]
+    pub(crate) evict_oldest: bool,
+    /// Payload bytes each queue of a declared service may hold.
+    #[arg(long, env = "EDDY_MAX_BYTES", default_value_t = eddy::queue::DEFAULT_MAX_BYTES)]
+    pub(crate) max_bytes: u64,
+    /// Dead letters each queue of a declared service keeps (oldest dropped).
+    #[arg(long, env = "EDDY_MAX_DEAD_LETTERS", default_value_t = eddy::queue::DEFAULT_MAX_DEAD_LETTERS)]
+    pub(crate) max_dead_letters: u64,
+    /// This node refuses puts (429) once the items it holds would take more
+    /// memory than this. Default: half the cgroup's or the machine's memory.
+    #[arg(long, env = "EDDY_MAX_MEMORY_BYTES")]
+    pub(crate) max_memory_bytes: Option<u64>,
+    #[arg(long, env = "EDDY_MAX_DELIVERY", default_value_t = 5)]
+    pub(crate) max_delivery: u32,
+    #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = 2_000)]
+    pub(crate) consumer_grace_ms: u64,
+    #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = eddy::server::DEFAULT_HEARTBEAT_MS)]
+    pub(crate) heartbeat_ms: u64,
+    #[arg(long, env = "EDDY_ELECTION_TIMEOUT_MS", default_value_t = eddy::server::DEFAULT_ELECTION_TIMEOUT_MS)]
+    pub(crate) election_timeout_ms: u64,
+    /// A member silent this long loses its consumers' items to others.
+    #[arg(long, env = "EDDY_NODE_LOST_MS", default_value_t = eddy::server::DEFAULT_NODE_LOST_MS)]
+    pub(crate) node_lost_ms: u64,
+    #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = 20_000)]
+    pub(crate) snapshot_every: u64,
+    /// Do not form a cluster: wait to be added (`eddy cluster add`).
+    #[arg(long, env = "EDDY_JOIN", default_value_t = false)]
+    pub(crate) join: bool,
+    /// A watcher that answers no ping, or takes no frame, for this long is
+    /// dropped; client connections whose peer host is gone are aborted
+    /// within about this long (TCP keepalive and user timeout).
+    #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
+    pub(crate) watch_idle_ms: u64,
+    /// A watcher still holding an item this long after it was sent is
+    /// dropped and its items go to others (0: no limit). The only bound on
+    /// a stuck client of the HTTP stream, which cannot be pinged.
+    #[arg(long, env = "EDDY_WATCH_MAX_HOLD_MS", default_value_t = 1_800_000)]
+    pub(crate) watch_max_hold_ms: u64,
+    /// When set, `/metrics` and `/admin/cluster` need this token (or the
+    /// admin token) in `Authorization`.
+    #[arg(
+        long,
+        env = "EDDY_STATUS_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) status_token: String,
+    /// HTTP connections served at once (more wait in the backlog). Lowered
+    /// at start when it does not fit the descriptor limit.
+    #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub(crate) max_connections: usize,
+    /// Connections to the peer gRPC port held at once (more wait in the
+    /// backlog). Lowered at start when it does not fit the descriptor limit.
+    #[arg(long, env = "EDDY_MAX_PEER_CONNECTIONS", default_value_t = 512)]
+    pub(crate) max_peer_connections: usize,
+    /// A request's headers must arrive within this; also the idle limit of
+    /// a keep-alive connection.
+    #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub(crate) http_header_timeout_ms: u64,
+    /// A request's whole body must arrive within this (HTTP 408 after).
+    #[arg(long, env = "EDDY_HTTP_BODY_TIMEOUT_MS", default_value_t = 60_000)]
+    pub(crate) http_body_timeout_ms: u64,
+    /// New data is refused (HTTP 507) while less than this many bytes are
+    /// free on the data volume; 0 turns the check off.
+    #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub(crate) min_free_disk_bytes: u64,
+}
+
+pub(crate) fn parse_peer(s: &str) -> anyhow::Result<Peer> {
+    let mut parts = s.split('@');
+    let id: u64 = parts
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("peer {s:?}: id"))?;
+    let raft_addr = parts
+        .next()
+        .with_context(|| format!("peer {s:?}: expected ID@HOST:PORT"))?
+        .to_string();
+    let api_addr = match parts.next() {
+        Some(a) => a.to_string(),
+        None => {
+            let host = raft_addr
+                .rsplit_once(':')
+                .map_or(raft_addr.as_str(), |(h, _)| h);
+            format!("{host}:8080")
+        }
+    };
+    Ok(Peer {
+        id,
+        raft_addr,
+        api_addr,
+    })
+}
+
+/// A secret from a mounted file, without surrounding whitespace; an empty
+/// file is an error rather than a silently missing secret.
+pub(crate) fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let value = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} from {}", path.display()))?
+        .trim()
+        .to_string();
+    if value.is_empty() {
+        bail!("{} is empty: expected {what}", path.display());
+    }
+    Ok(value)
+}
+
+pub(crate) fn ordinal_from_hostname() -> anyhow::Result<u64> {
+    let host = std::env::var("HOSTNAME").context("HOSTNAME is not set")?;
+    let ordinal: u64 = host
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .with_context(|| format!("host name {host:?} has no trailing -N ordinal"))?;
+    Ok(ordinal + 1)
+}
+
+pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let id = if a.id_from_hostname {
+        ordinal_from_hostname()?
+    } else {
+        a.id
+    };
+    if id == 0 {
+        bail!("node id must be greater than 0");
+    }
+    let peers = a
+        .peers
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| parse_peer(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cluster_secret = match &a.cluster_secret_file {
+        Some(path) => read_secret_file(path, "the cluster secret")?,
+        None => a.cluster_secret.clone(),
+    };
+    let admin_token = match &a.admin_token_file {
+        Some(path) => read_secret_file(path, "the admin token")?,
+        None => a.admin_token.clone(),
+    };
+    if admin_token.is_empty() {
+        tracing::warn!(
+            "no --admin-token: the admin API answers callers on this machine only (loopback)"
+        );
+    }
+    let peer_tls = match (&a.peer_tls_cert, &a.peer_tls_key, &a.peer_tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(eddy::tls::TlsIdentity::load(cert, key, ca)?),
+        _ => None,
+    };
+    if peer_tls.is_none() && peers.len() > 1 {
+        tracing::warn!(
+            "node-to-node traffic is not encrypted: set --peer-tls-cert/--peer-tls-key/--peer-tls-ca \
+             (eddy certs generate makes them)"
+        );
+    }
+    let (max_connections, max_peer_connections) = match eddy::server::raise_descriptor_limit() {
+        Some(descriptors) => {
+            let fitted = eddy::server::fit_connection_limits(
+                descriptors,
+                a.max_connections,
+                a.max_peer_connections,
+            );
+            if fitted != (a.max_connections, a.max_peer_connections) {
+                tracing::warn!(
+                    descriptors,
+                    max_connections = fitted.0,
+                    max_peer_connections = fitted.1,
+                    requested_max_connections = a.max_connections,
+                    requested_max_peer_connections = a.max_peer_connections,
+                    "connection limits lowered to fit the descriptor limit (with {} kept for storage); \
+                     raise the hard limit (ulimit -Hn, LimitNOFILE) to serve more",
+                    eddy::server::DESCRIPTOR_RESERVE
+                );
+            } else {
+                tracing::info!(descriptors, "open-descriptor limit");
+            }
+            fitted
+        }
+        None => (a.max_connections, a.max_peer_connections),
+    };
+    let client_tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = eddy::tls::ClientPortTls::load(cert, key)?;
+            match a.tls_ca.as_ref().or(a.peer_tls_ca.as_ref()) {
+                Some(ca) => {
+                    let pem = std::fs::read(ca)
+                        .with_context(|| format!("reading the TLS CA {}", ca.display()))?;
+                    Some(tls.with_ca(&pem)?)
+                }
+                None => Some(tls),
+            }
+        }
+        _ => None,
+    };
+    let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
+        (Some(adv), _) => adv.clone(),
+        (None, Some(p)) => p.raft_addr.clone(),
+        (None, None) => format!("127.0.0.1:{}", a.raft_listen.port()),
+    };
+    let config = ServiceConfig {
+        token: String::new(),
+        input: QueueLimits {
+            max_length: a.max_length,
+            max_payload_bytes: a.max_payload_bytes,
+            evict_oldest: a.evict_oldest,
+            max_bytes: a.max_bytes,
+            max_dead_letters: a.max_dead_letters,
+        },
+        sink: QueueLimits {
+            max_length: a.max_length,
+            max_payload_bytes: a.max_payload_bytes,
+            evict_oldest: a.evict_oldest,
+            max_bytes: a.max_bytes,
+            max_dead_letters: a.max_dead_letters,
+        },
+        max_delivery: a.max_delivery,
+        consumer_grace_ms: a.consumer_grace_ms,
+    };
+    let services: Vec<(String, ServiceConfig)> = a
+        .services
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (name, token) = s.split_once(':').unwrap_or((s, ""));
+            (
+                name.to_string(),
+                ServiceConfig {
+                    token: token.to_string(),
+                    ..config.clone()
+                },
+            )
+        })
+        .collect();
+    let settings = ServeSettings {
+        id,
+        data_dir: a
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(format!("data/eddy-{id}"))),
+        http_listen: a.listen,
+        raft_listen: a.raft_listen,
+        advertise_http: a.advertise_http.clone().unwrap_or_default(),
+        advertise_raft,
+        peers,
+        cluster_secret,
+        peer_tls,
+        admin_token,
+        status_token: a.status_token,
+        heartbeat_ms: a.heartbeat_ms,
+        election_timeout_ms: a.election_timeout_ms,
+        node_lost_ms: a.node_lost_ms,
+        snapshot_every: a.snapshot_every,
+        join: a.join,
+        min_free_disk_bytes: a.min_free_disk_bytes,
+        client_tls,
+        listener: eddy::api::ListenerLimits {
+            max_connections,
+            header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
+            body_timeout: std::time::Duration::from_millis(a.http_body_timeout_ms),
+            // Follows --watch-idle-ms (set by the server).
+            dead_peer_timeout: None,
+        },
+        peer_listener: eddy::raft::PeerListenerLimits {
+            max_connections: max_peer_connections,
+            ..Default::default()
+        },
+        watch_idle_ms: a.watch_idle_ms,
+        watch_max_hold_ms: a.watch_max_hold_ms,
+        max_memory_bytes: a
+            .max_memory_bytes
+            .unwrap_or_else(eddy::server::default_max_memory_bytes),
+        default_service: services.first().map(|(n, _)| n.clone()),
+        services,
+    };
+    let running = start(settings.clone()).await?;
+    tracing::info!(
+        id,
+        http = %running.http_addr,
+        raft = %settings.raft_listen,
+        data = %settings.data_dir.display(),
+        services = ?settings.services.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        "eddy node serving"
+    );
+    let storage_failed = running.node.health.failed();
+    tokio::select! {
+        _ = terminated() => {}
+        reason = storage_failed => {
+            // Fail-stop: nothing on this disk can be trusted any more. Exit
+            // at once so that a supervisor restarts the node into recovery.
+            tracing::error!(%reason, "storage failed; exiting for recovery");
+            std::process::exit(STORAGE_FAILED_EXIT_CODE);
+        }
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Exit status of a node that stopped after a storage error.
+pub(crate) const STORAGE_FAILED_EXIT_CODE: i32 = 3;

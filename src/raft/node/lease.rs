@@ -1,0 +1,169 @@
+//! The lease: how long a node may serve watchers after it last heard from
+//! a quorum (the leader) or from a leader a quorum acknowledged (any other
+//! member), and the contacts it is counted from.
+
+use super::*;
+
+/// The margin by which a lease ends before anyone may move the items of
+/// the watchers it covers: a fifth of node-lost, at least 250 ms.
+pub(super) fn lease_margin(node_lost_ms: u64) -> u64 {
+    (node_lost_ms / 5).max(250)
+}
+
+/// The lease a leader holds with these timings, counted from the last time
+/// a quorum acknowledged it: node-lost less the margin, and at most two
+/// election timeouts.
+///
+/// The cap is what makes a partitioned leader safe: openraft refuses to vote
+/// for `election_timeout_max` (two election timeouts, set in `start`) after
+/// a voter last heard its leader, so no new leader exists before the old
+/// one's lease has run out; the new leader then waits one more election
+/// timeout before releasing the old leader's consumers (housekeeping).
+pub fn lease_for(node_lost_ms: u64, election_timeout_ms: u64) -> Duration {
+    Duration::from_millis(
+        node_lost_ms
+            .saturating_sub(lease_margin(node_lost_ms))
+            .min(election_timeout_ms.saturating_mul(2))
+            .max(1),
+    )
+}
+
+/// The lease any other member holds, counted from the last time a quorum
+/// acknowledged the leader it last accepted replication from: node-lost
+/// less the margin.
+///
+/// No leader can release a member's consumers sooner: the leader it
+/// followed waits node-lost after the member's last acknowledgement, which
+/// came after that quorum acknowledgement; a new leader is elected only
+/// after it (a quorum stopped acknowledging the old leader to vote) and
+/// waits node-lost from its election. Only the previous leader gets a
+/// shorter wait, and a member that followed another leader since is not
+/// it. Longer than two election timeouts (the earliest a new leader can be
+/// elected) with the default timings, so the followers of a leader that
+/// dies keep their watchers through the election. Eddy never transfers
+/// leadership, which would skip the vote refusal these bounds rely on.
+pub fn member_lease_for(node_lost_ms: u64) -> Duration {
+    Duration::from_millis(
+        node_lost_ms
+            .saturating_sub(lease_margin(node_lost_ms))
+            .max(1),
+    )
+}
+
+impl RaftNode {
+    /// Whether this node may take watch connections (it announced its
+    /// start, so no consumer state from before can be mistaken for new).
+    pub fn accepts_watchers(&self) -> bool {
+        self.watchers_welcome
+            .load(std::sync::atomic::Ordering::Acquire)
+            && self.holds_lease()
+    }
+
+    /// This node accepted replication from a leader, in a request it
+    /// received at `received`. The leader said a quorum last acknowledged
+    /// it `quorum_age_ms` before sending (a leader that does not say is
+    /// taken to have just then): the member's lease runs from then, so that
+    /// a follower cut off together with a leader that lost its quorum (a
+    /// minority of two or more, in a cluster of five or more) gives up its
+    /// lease as that leader does, and its watchers reconnect to the
+    /// majority. Counting from the receipt, not from the reply, keeps a
+    /// slow write of the entries from lengthening the lease. Contact never
+    /// moves back.
+    pub(crate) fn note_leader_contact(
+        &self,
+        received: std::time::Instant,
+        quorum_age_ms: Option<u64>,
+    ) {
+        let at = match quorum_age_ms {
+            None => received,
+            // A leader no quorum acknowledged yet (just elected) extends
+            // nothing, and takes nothing away either.
+            Some(u64::MAX) => return,
+            Some(age) => match received.checked_sub(Duration::from_millis(age)) {
+                Some(at) => at,
+                None => return,
+            },
+        };
+        let mut contact = self.leader_contact.lock().unwrap();
+        *contact = Some(contact.map_or(at, |before| before.max(at)));
+    }
+
+    /// Forget the contact with earlier leaders once this node leads: if it
+    /// steps down, only replication from the next leader gives it a lease,
+    /// and not before the wait in [`Self::holds_lease`].
+    pub(super) fn forget_leader_contact(&self) {
+        *self.leader_contact.lock().unwrap() = None;
+        *self.led_until.lock().unwrap() = Some(std::time::Instant::now());
+    }
+
+    /// `peer` forwarded a command just now.
+    pub(crate) fn note_peer_contact(&self, peer: u64) {
+        self.peer_contact
+            .lock()
+            .unwrap()
+            .insert(peer, std::time::Instant::now());
+    }
+
+    /// How long the leader may serve watchers after a quorum last
+    /// acknowledged it ([`lease_for`]).
+    pub fn leader_lease(&self) -> Duration {
+        lease_for(
+            self.settings.node_lost_ms,
+            self.settings.election_timeout_ms,
+        )
+    }
+
+    /// How long any other member may serve watchers after the leader it
+    /// last accepted replication from was last acknowledged by a quorum
+    /// ([`member_lease_for`]).
+    pub fn member_lease(&self) -> Duration {
+        member_lease_for(self.settings.node_lost_ms)
+    }
+
+    /// Whether this node is in touch with a working cluster: a leader whose
+    /// quorum acknowledged it within the leader's lease, or a member that
+    /// accepted replication from a leader that a quorum acknowledged within
+    /// the member's lease ([`Self::note_leader_contact`]), whether it
+    /// follows that leader still or is voting in an election. A node
+    /// without it must not push items: the rest of the cluster may be
+    /// redelivering them.
+    pub fn holds_lease(&self) -> bool {
+        let m = self.raft.metrics().borrow_watched().clone();
+        match m.state {
+            ServerState::Leader => {
+                self.forget_leader_contact();
+                let lease = self.leader_lease();
+                m.membership_config.membership().voter_ids().count() <= 1
+                    || m.last_quorum_acked
+                        .as_ref()
+                        .is_some_and(|t| t.elapsed() < lease)
+            }
+            ServerState::Shutdown => false,
+            _ => {
+                // A node that led lately is the next leader's predecessor,
+                // whose consumers that leader may release after the shorter
+                // wait (housekeeping) if no ack of it arrived by then: it
+                // takes no member lease until that wait has passed.
+                let predecessor_wait = Duration::from_millis(
+                    self.settings
+                        .node_lost_ms
+                        .min(self.settings.election_timeout_ms)
+                        + lease_margin(self.settings.node_lost_ms),
+                );
+                if self
+                    .led_until
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| t.elapsed() < predecessor_wait)
+                {
+                    return false;
+                }
+                let lease = self.member_lease();
+                self.leader_contact
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| t.elapsed() < lease)
+            }
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! A running Raft member: log store, state machine, openraft, the gRPC
+//! server for peers, and the proposer that turns queue commands into log
+//! entries on whichever node leads.
+//!
+//! Proposing: every command is wrapped in an [`Envelope`] with a fresh uuid
+//! and this node's clock. On the leader it goes straight into openraft;
+//! elsewhere it is forwarded once to the leader over gRPC. Retries after a
+//! lost answer reuse the envelope, and the state machine's de-duplication
+//! table applies it once.
+//!
+//! Time: the leader stamps every envelope with its clock as it appends it
+//! ([`RaftNode::write_local`]); the state machine never lets time go back.
+//! A leader's clock never reads behind the applied state's
+//! ([`RaftNode::cluster_clock_ms`]): after a leader whose clock ran ahead,
+//! the next one counts on from where that one left off, so a grace period
+//! lasts as long as it says whatever the offsets between nodes' clocks.
+//!
+//! The leader also runs the housekeeping that needs a clock: it proposes
+//! `GraceExpired` when a leaving consumer's grace period ends, and
+//! `NodeLost` for a member whose replication acks stopped (its consumers'
+//! items move on). Both carry the leader's term, are never forwarded, and
+//! are void when applied in another term; `NodeLost` is decided only while
+//! the leader holds its lease (a quorum acknowledged it recently).
+//!
+//! The lease ([`RaftNode::holds_lease`]): a leader not acknowledged by a
+//! quorum for [`RaftNode::leader_lease`], or another member whose leader
+//! was not for [`RaftNode::member_lease`] (the leader sends the age of its
+//! last quorum acknowledgement with every replication request, and the
+//! member counts from the last request it accepted minus that age), closes
+//! its watchers and is not ready, before any leader would move its
+//! consumers' items. Both are shorter than `node_lost_ms`.
+
+mod clock;
+mod housekeeping;
+mod lease;
+mod membership;
+mod propose;
+mod reads;
+mod status;
+
+pub use lease::{lease_for, member_lease_for};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{Config, ServerState, SnapshotPolicy};
+use tokio::sync::mpsc;
+
+use super::StorageHealth;
+use super::disk_guard::DiskGuard;
+use super::log_store::LogStore;
+use super::network::{Channels, LeaderQuorum, LinkFaults, Network, authorized, decode, encode};
+use super::pb::ForwardRequest;
+use super::pb::raft_client::RaftClient;
+use super::service::{PeerServer, PeerService};
+use super::state_machine::{SharedState, StateMachine};
+use super::types::{NodeInfo, Raft};
+use crate::queue::{Command, Envelope, Event, QueueState, Reply};
+
+/// Take a snapshot (and purge the log behind it) once the entries held in
+/// memory pass this many bytes, whatever `snapshot_every` says: large
+/// payloads must not pile up in the log's memory.
+const SNAPSHOT_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How long a stopping node's peer server may take to finish its calls.
+const PEER_SERVER_DRAIN: Duration = Duration::from_millis(500);
+
+/// Largest peer message decoded: replies, and the replication calls.
+/// Replication reads are capped by bytes well below this, and a single entry
+/// is at most one payload. Other calls have smaller limits (see
+/// `service::PeerServer`).
+pub(crate) const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// A cluster member as configured: id, Raft (gRPC) address, HTTP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+/// Everything a node needs to join or form its cluster.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// Where the gRPC server listens.
+    pub raft_listen: SocketAddr,
+    /// How peers reach this node's gRPC server and HTTP API.
+    pub advertise: Peer,
+    /// All initial members, including this node. Empty or just this node
+    /// means a single-node cluster.
+    pub peers: Vec<Peer>,
+    pub secret: String,
+    /// Mutual TLS between nodes: this node's certificate and key, and the
+    /// CA that peers' certificates must chain to.
+    pub peer_tls: Option<crate::tls::TlsIdentity>,
+    /// The admin token; admin commands forwarded to the leader carry proof
+    /// of it.
+    pub admin_token: String,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    /// A member silent this long is declared gone (its consumers' items move).
+    pub node_lost_ms: u64,
+    pub snapshot_every: u64,
+    /// Never form a cluster: wait to be added to an existing one.
+    pub join: bool,
+    /// New data is refused (507) while less than this is free on the data
+    /// volume; 0 turns the check off.
+    pub min_free_disk_bytes: u64,
+    /// Connection limit and timeouts of the peer gRPC port.
+    pub peer_listener: super::PeerListenerLimits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<u64> },
+    #[error("no leader is available: {0}")]
+    Unavailable(String),
+    /// The command is not acceptable (malformed or not allowed).
+    #[error("{0}")]
+    Refused(String),
+    /// The data volume is short of space (HTTP 507).
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// On whose behalf a command is proposed: forwarded admin commands carry
+/// proof of the admin token, which the leader checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    DataPlane,
+    Admin,
+}
+
+/// Cluster view for status endpoints and readiness.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    pub id: u64,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub committed: Option<u64>,
+    pub applied: Option<u64>,
+    /// Log entries up to here were purged after a snapshot.
+    pub purged: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub nodes: BTreeMap<u64, (String, String)>,
+    /// Per follower (on the leader): how far its log matches ours.
+    pub replication: BTreeMap<u64, Option<u64>>,
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+pub struct RaftNode {
+    pub id: u64,
+    pub raft: Raft,
+    pub shared: Arc<SharedState>,
+    pub log: LogStore,
+    /// Latched on the first storage I/O error: the node stops acknowledging.
+    pub health: Arc<StorageHealth>,
+    /// Refuses new data before the data volume runs full.
+    pub disk: Arc<DiskGuard>,
+    pub(crate) secret: String,
+    channels: Channels,
+    /// Peers cut off on purpose (partition tests); see [`LinkFaults`].
+    links: LinkFaults,
+    /// How far this node's clock reads ahead of the system clock (behind
+    /// when negative); 0 except in tests that model clock offsets.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// The peer gRPC server's task, awaited on shutdown.
+    peer_server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When this node last saw itself leading (see `holds_lease`).
+    led_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The term, time and instant of this node's last cluster-clock
+    /// reading ([`RaftNode::cluster_clock_ms`]).
+    clock_anchor: std::sync::Mutex<Option<(u64, u64, std::time::Instant)>>,
+    settings: RaftSettings,
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Set once this node announced that consumers it held before a restart
+    /// are gone; watches are refused on this node until then.
+    watchers_welcome: std::sync::atomic::AtomicBool,
+    /// When this node last accepted replication from a leader (a follower's
+    /// side of the lease).
+    leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When each peer last forwarded a command here: a peer that forwards
+    /// is alive, even while the leader's replication to it is backing off.
+    peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RaftNode {
+    /// Open storage, start openraft and the peer gRPC server, and form the
+    /// cluster if it was never formed. Returns the node and the stream of
+    /// state-machine events for the watch hub.
+    pub async fn start(
+        settings: RaftSettings,
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Event>>)> {
+        let health = StorageHealth::new();
+        std::fs::create_dir_all(&settings.data_dir)?;
+        let disk = DiskGuard::new(
+            settings.data_dir.clone(),
+            settings.min_free_disk_bytes,
+            vec![super::snapshot_file::current_path(
+                &settings.data_dir.join("state"),
+            )],
+        );
+        let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
+        let (sm, events) = StateMachine::open(&settings.data_dir.join("state"), health.clone())?;
+        let shared = sm.shared();
+        let config = Config {
+            cluster_name: "eddy".into(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: settings.election_timeout_ms,
+            // Also openraft's leader lease (votes refused this long after
+            // the last heartbeat), which `lease_for` stays within.
+            election_timeout_max: settings.election_timeout_ms * 2,
+            enable_pre_vote: Some(true),
+            broadcast_submitted_on_append: Some(true),
+            // A restarted leader stands for election like any node. Entries
+            // go to followers before the leader's own write of them is
+            // durable; a leader killed before that write and restored in its
+            // old term would hand out log ids (term, index) that a follower
+            // already holds for other entries, and that follower would apply
+            // its own entry where the others apply the new one.
+            enable_leader_restore: Some(false),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
+            purge_batch_size: 256,
+            // The base of a transfer's deadline; the network adds time
+            // for the snapshot's size.
+            install_snapshot_timeout: super::network::SNAPSHOT_TRANSFER_BASE.as_millis() as u64,
+            ..Default::default()
+        }
+        .validate()?;
+        let channels = Channels::new(settings.peer_tls.as_ref());
+        let quorum = Arc::new(LeaderQuorum::default());
+        let links = LinkFaults::default();
+        let network = Network {
+            channels: channels.clone(),
+            secret: Arc::new(settings.secret.clone()),
+            quorum: quorum.clone(),
+            links: links.clone(),
+        };
+        let raft = Raft::new(settings.id, Arc::new(config), network, log.clone(), sm).await?;
+        quorum.set(raft.metrics());
+        let node = Arc::new(Self {
+            id: settings.id,
+            raft,
+            shared,
+            log,
+            health,
+            disk,
+            secret: settings.secret.clone(),
+            channels,
+            links,
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            clock_anchor: std::sync::Mutex::new(None),
+            led_until: std::sync::Mutex::new(None),
+            peer_server: std::sync::Mutex::new(None),
+            settings: settings.clone(),
+            stopping: tokio::sync::watch::Sender::new(false),
+            watchers_welcome: std::sync::atomic::AtomicBool::new(false),
+            leader_contact: std::sync::Mutex::new(None),
+            peer_contact: std::sync::Mutex::new(BTreeMap::new()),
+        });
+
+        // The secret is checked on the headers first; each method's decode
+        // limit then applies to the messages of an authenticated call.
+        let contacts = Arc::new(super::listener::PeerContacts::default());
+        let service = tonic::service::interceptor::InterceptedService::new(
+            PeerServer::new(PeerService { node: node.clone() }),
+            super::service::authenticate(settings.secret.clone(), contacts.clone()),
+        );
+        let limits = settings.peer_listener;
+        let mut server = tonic::transport::Server::builder()
+            // The server pings a connection that stays quiet, and closes it
+            // when the ping is not answered.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(id) = &settings.peer_tls {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            server = server.tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&id.cert_pem, &id.key_pem))
+                    .client_ca_root(Certificate::from_pem(&id.ca_pem))
+                    .timeout(limits.handshake),
+            )?;
+        }
+        let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
+        let stopped = node.stopped();
+        let peer_server = tokio::spawn(async move {
+            // No per-request timeout: a snapshot upload may rightly take
+            // long (the sender bounds it by its size), and a caller without
+            // the cluster secret is refused before its body is read.
+            let incoming = super::listener::bounded_incoming(listener, limits, contacts);
+            if let Err(e) = server
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await
+            {
+                tracing::error!(error = %e, "raft gRPC server stopped");
+            }
+        });
+        *node.peer_server.lock().unwrap() = Some(peer_server);
+
+        node.initialize_if_pristine().await?;
+        tokio::spawn(node.clone().housekeeping());
+        tokio::spawn(node.disk.clone().run(node.stopped()));
+        Ok((node, events))
+    }
+
+    /// Resolves once [`RaftNode::shutdown`] was called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Stop Raft, the peer server and the background tasks.
+    pub async fn shutdown(&self) {
+        self.stopping.send_replace(true);
+        let _ = self.raft.shutdown().await;
+        // The peer server drains its calls, then lets go of its listener;
+        // a peer's replication stream may keep a call open, so it gets a
+        // moment and is then ended. Afterwards the port is free: a node
+        // restarted at once can bind it.
+        let server = self.peer_server.lock().unwrap().take();
+        if let Some(mut server) = server
+            && tokio::time::timeout(PEER_SERVER_DRAIN, &mut server)
+                .await
+                .is_err()
+        {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    fn members(&self) -> BTreeMap<u64, NodeInfo> {
+        let mut peers = self.settings.peers.clone();
+        if !peers.iter().any(|p| p.id == self.id) {
+            peers.push(self.settings.advertise.clone());
+        }
+        peers
+            .into_iter()
+            .map(|p| (p.id, NodeInfo::new(p.raft_addr, p.api_addr)))
+            .collect()
+    }
+
+    /// Only the lowest configured id forms the cluster, and only from an
+    /// empty log, so a cluster is initialised once whatever the start order.
+    async fn initialize_if_pristine(&self) -> anyhow::Result<()> {
+        let members = self.members();
+        let lowest = *members.keys().next().expect("at least this node");
+        if self.settings.join || lowest != self.id || self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => tracing::info!(id = self.id, "cluster initialised"),
+            Err(e) => tracing::info!(error = %e, "cluster initialisation skipped"),
+        }
+        Ok(())
+    }
+
+    /// Where snapshot files live; received ones are written here too.
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
+        self.settings.data_dir.join("state")
+    }
+
+    /// Read the applied state.
+    pub fn read<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
+        let applied = self.shared.applied.read().unwrap();
+        f(&applied.state)
+    }
+
+    /// Wait until the local state machine applied at least `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut rx = self.shared.applied_index.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn settings_raft_addr(&self) -> String {
+        self.settings.advertise.raft_addr.clone()
+    }
+
+    /// Whether `proof` shows knowledge of this node's admin token. A node
+    /// without one takes no forwarded admin command: only a single node
+    /// runs without a token, and nobody forwards to it.
+    pub(crate) fn admin_proof_matches(&self, proof: &[u8]) -> bool {
+        !self.settings.admin_token.is_empty()
+            && crate::secret::matches_digest(proof, self.settings.admin_token.as_bytes())
+    }
+
+    /// Whether peers talk to this node over mutual TLS.
+    pub(crate) fn uses_peer_tls(&self) -> bool {
+        self.settings.peer_tls.is_some()
+    }
+
+    pub fn node_info(&self, id: u64) -> Option<NodeInfo> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    /// The links to peers this node treats as cut (partition tests).
+    pub fn links(&self) -> &LinkFaults {
+        &self.links
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+}

@@ -1,0 +1,201 @@
+//! Proposing: admission on the entry node, writing on the leader (stamped
+//! with the cluster clock), forwarding to the leader from anywhere else,
+//! and retrying one envelope through elections until its deadline.
+
+use super::*;
+
+impl RaftNode {
+    /// Refuse a command this node must not write: any, once storage failed;
+    /// new data, while the data volume is short of space.
+    pub(super) fn admit(&self, command: &Command) -> Result<(), ProposeError> {
+        if let Some(reason) = self.health.failure() {
+            return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
+        }
+        if command.has_nested_batch() {
+            return Err(ProposeError::Refused("nested command batch".into()));
+        }
+        self.disk
+            .admit(command.added_bytes())
+            .map_err(|e| ProposeError::NoSpace(e.to_string()))
+    }
+
+    /// Propose a command forwarded by another node: this node's storage
+    /// admits it, then it goes to the local Raft.
+    pub async fn write_forwarded(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        self.admit(&envelope.command)?;
+        self.write_local(envelope).await
+    }
+
+    /// Propose a command on the leader. Only this node; no forwarding.
+    /// The envelope is stamped with this (the leader's) clock, so all time
+    /// the state machine sees comes from leaders, never from the node that
+    /// happened to receive a request.
+    pub async fn write_local(&self, mut envelope: Envelope) -> Result<Reply, ProposeError> {
+        envelope.now_ms = self.cluster_clock_ms();
+        match self.raft.client_write(envelope).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Err(RaftError::APIError(e)) => Err(ProposeError::Unavailable(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(ProposeError::Fatal(f.to_string())),
+        }
+    }
+
+    /// Propose `command` wherever the leader is, retrying through elections
+    /// for up to `deadline`.
+    pub async fn propose(&self, command: Command) -> Result<Reply, ProposeError> {
+        self.propose_as(command, Origin::DataPlane).await
+    }
+
+    /// Propose an admin command (create or delete a service) on behalf of a
+    /// caller the API authenticated as an administrator.
+    pub async fn propose_admin(&self, command: Command) -> Result<Reply, ProposeError> {
+        self.propose_as(command, Origin::Admin).await
+    }
+
+    pub(super) async fn propose_as(
+        &self,
+        command: Command,
+        origin: Origin,
+    ) -> Result<Reply, ProposeError> {
+        let envelope = Envelope {
+            id: uuid::Uuid::new_v4().as_u128(),
+            now_ms: self.wall_clock_ms(),
+            command,
+        };
+        self.propose_envelope_as(envelope, origin, Duration::from_secs(5))
+            .await
+    }
+
+    /// Propose a data-plane envelope as it is (a retry reuses its id, and
+    /// the state machine applies it once).
+    pub async fn propose_envelope(
+        &self,
+        envelope: Envelope,
+        deadline: Duration,
+    ) -> Result<Reply, ProposeError> {
+        self.propose_envelope_as(envelope, Origin::DataPlane, deadline)
+            .await
+    }
+
+    pub(super) async fn propose_envelope_as(
+        &self,
+        envelope: Envelope,
+        origin: Origin,
+        deadline: Duration,
+    ) -> Result<Reply, ProposeError> {
+        // The entry node stores the entry too: it checks its own disk
+        // before the leader checks its.
+        self.admit(&envelope.command)?;
+        let start = tokio::time::Instant::now();
+        let mut last_err;
+        loop {
+            // A leader without a quorum never commits: bound each attempt.
+            let remaining = deadline
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(remaining, self.write_local(envelope.clone()));
+            let local = match attempt.await {
+                Ok(r) => r,
+                Err(_) => Err(ProposeError::Unavailable(
+                    "no quorum acknowledged the write in time; outcome unknown".into(),
+                )),
+            };
+            let result = match local {
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.id => self.forward(leader, &envelope, origin).await,
+                other => other,
+            };
+            match result {
+                Ok(reply) => {
+                    return Ok(reply);
+                }
+                Err(
+                    e @ (ProposeError::Fatal(_)
+                    | ProposeError::NoSpace(_)
+                    | ProposeError::Refused(_)),
+                ) => return Err(e),
+                Err(e) => last_err = e,
+            }
+            if start.elapsed() >= deadline {
+                return Err(match last_err {
+                    ProposeError::NotLeader { .. } => {
+                        ProposeError::Unavailable("no leader elected".into())
+                    }
+                    e => e,
+                });
+            }
+            self.wait_for_leader_change(Duration::from_millis(200))
+                .await;
+        }
+    }
+
+    pub(super) async fn wait_for_leader_change(&self, max: Duration) {
+        let mut m = self.raft.metrics();
+        let _ = tokio::time::timeout(max, m.changed()).await;
+    }
+
+    /// A gRPC client for member `id`, over the cached channel to it.
+    pub(super) fn peer_client(
+        &self,
+        id: u64,
+    ) -> Result<RaftClient<tonic::transport::Channel>, ProposeError> {
+        if self.links.is_cut(id) {
+            return Err(ProposeError::Unavailable(format!(
+                "link to node {id} is cut"
+            )));
+        }
+        let addr = self
+            .node_info(id)
+            .map(|n| n.raft_addr)
+            .ok_or(ProposeError::NotLeader { leader: None })?;
+        let channel = self
+            .channels
+            .get(&addr)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        Ok(RaftClient::new(channel).max_decoding_message_size(MAX_PEER_MESSAGE))
+    }
+
+    pub(super) async fn forward(
+        &self,
+        leader: u64,
+        envelope: &Envelope,
+        origin: Origin,
+    ) -> Result<Reply, ProposeError> {
+        let mut client = self.peer_client(leader)?;
+        let admin_proof = match origin {
+            Origin::Admin => crate::secret::digest(self.settings.admin_token.as_bytes()).to_vec(),
+            Origin::DataPlane => Vec::new(),
+        };
+        let req = authorized(
+            &self.secret,
+            ForwardRequest {
+                command: encode(envelope).into(),
+                from: self.id,
+                admin_proof: admin_proof.into(),
+            },
+            Some(Duration::from_secs(5)),
+        );
+        let reply = client
+            .forward(req)
+            .await
+            .map_err(|s| {
+                ProposeError::Unavailable(format!("forward to node {leader}: {}", s.message()))
+            })?
+            .into_inner();
+        match reply.error_kind.as_str() {
+            "" => decode(&reply.reply).map_err(ProposeError::Unavailable),
+            "not_leader" => Err(ProposeError::NotLeader { leader: None }),
+            "rejected" => Err(ProposeError::Refused(reply.error)),
+            "no_space" => Err(ProposeError::NoSpace(format!(
+                "node {leader}: {}",
+                reply.error
+            ))),
+            _ => Err(ProposeError::Unavailable(reply.error)),
+        }
+    }
+}
