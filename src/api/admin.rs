@@ -593,8 +593,8 @@ async fn state_digest(State(state): State<Arc<AppState>>, _admin: Admin) -> Resp
         return ApiError::Full("a state digest is being computed; retry later".into())
             .into_response();
     };
-    let shared = state.node.shared.clone();
-    match tokio::task::spawn_blocking(move || shared.digest()).await {
+    let node = state.node.clone();
+    match tokio::task::spawn_blocking(move || node.state_digest()).await {
         Ok(Ok(digest)) => axum::Json(digest).into_response(),
         Ok(Err(e)) => ApiError::Internal(e.to_string()).into_response(),
         Err(e) => ApiError::Internal(e.to_string()).into_response(),
@@ -692,7 +692,7 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
         state.hub.connection_count()
     );
     {
-        let f = state.node.log.fsync_stats.lock().unwrap();
+        let f = state.node.fsync_stats();
         let _ = writeln!(out, "# TYPE eddy_fsync_seconds histogram");
         for (i, b) in FSYNC_BUCKETS_MICROS.iter().enumerate() {
             let _ = writeln!(

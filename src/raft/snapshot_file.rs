@@ -200,12 +200,9 @@ impl SnapshotFile {
         self.file.sync_all().map_err(io_at(&self.path))
     }
 
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn path(&self) -> &Path {

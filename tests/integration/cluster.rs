@@ -334,7 +334,7 @@ pub(crate) async fn replicas_agree(c: &Cluster, ids: &[u64]) -> Result<(), Strin
     for _ in 0..400 {
         seen = ids
             .iter()
-            .map(|id| c.node(*id).node.shared.digest().unwrap())
+            .map(|id| c.node(*id).node.state_digest().unwrap())
             .collect::<Vec<_>>();
         if seen.iter().all(|d| d.applied == seen[0].applied) {
             return if seen.iter().all(|d| d.crc32 == seen[0].crc32) {

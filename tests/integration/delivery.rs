@@ -367,6 +367,35 @@ async fn watcher_holding_an_item(
     stream
 }
 
+/// A watcher on each follower of `c`'s leader, each holding an item, in a
+/// service whose grace period (60 s) outlasts the test: the leader, and per
+/// follower its id, the watcher's user, its connection and the consumer as
+/// the leader saw it.
+async fn a_holding_watcher_on_each_follower(
+    c: &Cluster,
+) -> (
+    u64,
+    Vec<(u64, String, tokio::net::TcpStream, eddy::queue::Consumer)>,
+) {
+    let leader = c.leader().await;
+    create_service_with(
+        c.node(leader),
+        ServiceConfig {
+            consumer_grace_ms: 60_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut watchers = Vec::new();
+    for f in (1..=3).filter(|i| *i != leader) {
+        let user = format!("on-{f}");
+        let stream = watcher_holding_an_item(c, f, leader, &user).await;
+        let held = consumer(c.node(leader), &user).unwrap();
+        watchers.push((f, user, stream, held));
+    }
+    (leader, watchers)
+}
+
 /// The consumer `user` of group "g", if attached.
 fn consumer(node: &eddy::server::RunningNode, user: &str) -> Option<eddy::queue::Consumer> {
     node.node.read(|s| {
@@ -983,27 +1012,8 @@ async fn a_node_that_loses_its_lease_stops_a_frame_it_is_writing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
     let c = Cluster::new(3, 20_000).await;
-    let old = c.leader().await;
-    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
-    create_service_with(
-        c.node(old),
-        ServiceConfig {
-            consumer_grace_ms: 60_000,
-            ..Default::default()
-        },
-    )
-    .await;
-    // One watcher on each follower, each holding an item.
-    let mut watchers = Vec::new();
-    for f in &followers {
-        let user = format!("on-{f}");
-        let stream = watcher_holding_an_item(&c, *f, old, &user).await;
-        watchers.push((*f, user, stream));
-    }
-    let before: Vec<_> = watchers
-        .iter()
-        .map(|(_, user, _)| consumer(c.node(old), user).unwrap())
-        .collect();
+    let (old, watchers) = a_holding_watcher_on_each_follower(&c).await;
+    let followers: Vec<u64> = watchers.iter().map(|w| w.0).collect();
 
     for f in &followers {
         c.node(old).node.links().cut(*f);
@@ -1048,7 +1058,7 @@ async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
     // Anything proposed before or at the heal has been applied by now, and
     // a fresh verdict on the healed node would come within node-lost.
     tokio::time::sleep(node_lost * 2).await;
-    for ((f, user, _), was) in watchers.iter().zip(&before) {
+    for (f, user, _, was) in &watchers {
         let now = consumer(c.node(new), user);
         assert_eq!(
             now.as_ref().map(|c| (c.node, c.connection, c.pending)),
@@ -1087,23 +1097,8 @@ async fn followers_keep_their_watchers_when_the_leader_dies() {
         )
     })
     .await;
-    let old = c.leader().await;
-    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
-    create_service_with(
-        c.node(old),
-        ServiceConfig {
-            consumer_grace_ms: 60_000,
-            ..Default::default()
-        },
-    )
-    .await;
-    let mut watchers = Vec::new();
-    for f in &followers {
-        let user = format!("on-{f}");
-        let stream = watcher_holding_an_item(&c, *f, old, &user).await;
-        let was = consumer(c.node(old), &user).unwrap();
-        watchers.push((*f, user, stream, was));
-    }
+    let (old, mut watchers) = a_holding_watcher_on_each_follower(&c).await;
+    let followers: Vec<u64> = watchers.iter().map(|w| w.0).collect();
     c.stop(old).await;
     let died = Instant::now();
     // Watch the followers' leases and connections until a new leader has

@@ -128,7 +128,7 @@ impl Done {
 }
 
 /// Histogram of fsync durations, read by the metrics endpoint.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct FsyncStats {
     pub count: u64,
     pub total_micros: u64,

@@ -258,6 +258,7 @@ impl LogStore {
 
     /// The index of the last entry (or of the last purged one), as readable
     /// now.
+    #[cfg(test)]
     pub fn last_index(&self) -> Option<u64> {
         self.lock().contents.last_log_id().map(|id| id.index)
     }

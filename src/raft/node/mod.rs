@@ -164,9 +164,9 @@ pub struct ClusterStatus {
 
 pub struct RaftNode {
     pub id: u64,
-    pub raft: Raft,
-    pub shared: Arc<SharedState>,
-    pub log: LogStore,
+    pub(in crate::raft) raft: Raft,
+    pub(in crate::raft) shared: Arc<SharedState>,
+    pub(in crate::raft) log: LogStore,
     /// Latched on the first storage I/O error: the node stops acknowledging.
     pub health: Arc<StorageHealth>,
     /// Refuses new data before the data volume runs full.
@@ -381,6 +381,17 @@ impl RaftNode {
     /// Where snapshot files live; received ones are written here too.
     pub(crate) fn snapshot_dir(&self) -> PathBuf {
         self.settings.data_dir.join("state")
+    }
+
+    /// A fingerprint of the applied state (index and CRC-32). Encodes the
+    /// whole state while holding it: blocking, for diagnostics only.
+    pub fn state_digest(&self) -> std::io::Result<super::StateDigest> {
+        self.shared.digest()
+    }
+
+    /// The fsync durations of this node's log so far.
+    pub fn fsync_stats(&self) -> super::FsyncStats {
+        self.log.fsync_stats.lock().unwrap().clone()
     }
 
     /// Read the applied state.
