@@ -17,7 +17,9 @@ use super::StorageHealth;
 use super::network::{SECRET_HEADER, SNAPSHOT_CHUNK, decode, encode};
 use super::node::{MAX_PEER_MESSAGE, ProposeError, RaftNode};
 use super::pb::raft_server::{Raft as RaftService, RaftServer};
-use super::pb::{ForwardReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk};
+use super::pb::{
+    ForwardError, ForwardReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk,
+};
 use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{SnapshotMeta, Vote};
 use crate::queue::{Command, Envelope};
@@ -425,7 +427,7 @@ impl RaftService for PeerService {
         if let Err(why) = forwardable(&envelope.command, req.from, admin) {
             tracing::warn!(from = req.from, %why, "forwarded command refused");
             return Ok(Response::new(ForwardReply {
-                error_kind: "rejected".into(),
+                error_kind: ForwardError::Rejected.into(),
                 error: why,
                 ..Default::default()
             }));
@@ -436,23 +438,23 @@ impl RaftService for PeerService {
                 ..Default::default()
             },
             Err(ProposeError::NotLeader { leader }) => ForwardReply {
-                error_kind: "not_leader".into(),
+                error_kind: ForwardError::NotLeader.into(),
                 error: "not the leader".into(),
                 leader_hint: leader.unwrap_or(0),
                 ..Default::default()
             },
             Err(e @ ProposeError::Refused(_)) => ForwardReply {
-                error_kind: "rejected".into(),
+                error_kind: ForwardError::Rejected.into(),
                 error: e.to_string(),
                 ..Default::default()
             },
             Err(e @ ProposeError::NoSpace(_)) => ForwardReply {
-                error_kind: "no_space".into(),
+                error_kind: ForwardError::NoSpace.into(),
                 error: e.to_string(),
                 ..Default::default()
             },
             Err(e) => ForwardReply {
-                error_kind: "unavailable".into(),
+                error_kind: ForwardError::Unavailable.into(),
                 error: e.to_string(),
                 ..Default::default()
             },
@@ -614,7 +616,7 @@ mod tests {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(r.error_kind, "rejected", "{}", r.error);
+            assert_eq!(r.error_kind(), ForwardError::Rejected, "{}", r.error);
         }
         // With the proof the admin command reaches the state machine (which
         // answers that there is no such service).
@@ -633,7 +635,7 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.error_kind, "", "{}", r.error);
+        assert_eq!(r.error_kind(), ForwardError::None, "{}", r.error);
         node.shutdown().await;
     }
 
@@ -659,7 +661,7 @@ mod tests {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(r.error_kind, "rejected", "{}", r.error);
+            assert_eq!(r.error_kind(), ForwardError::Rejected, "{}", r.error);
             assert!(r.error.contains("admin token"), "{}", r.error);
         }
         node.shutdown().await;
@@ -763,7 +765,7 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        assert_ne!(r.error_kind, "rejected", "{}", r.error);
+        assert_ne!(r.error_kind(), ForwardError::Rejected, "{}", r.error);
         node.shutdown().await;
     }
 
@@ -938,7 +940,7 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        assert_ne!(r.error_kind, "unavailable", "{}", r.error);
+        assert_ne!(r.error_kind(), ForwardError::Unavailable, "{}", r.error);
         node.shutdown().await;
     }
 

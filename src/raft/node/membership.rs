@@ -3,21 +3,6 @@
 use super::*;
 
 impl RaftNode {
-    pub(super) fn write_error(
-        e: RaftError<
-            crate::raft::types::TypeConfig,
-            ClientWriteError<crate::raft::types::TypeConfig>,
-        >,
-    ) -> ProposeError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
-                leader: f.leader_id,
-            },
-            RaftError::APIError(e) => ProposeError::Unavailable(e.to_string()),
-            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
-        }
-    }
-
     /// On the leader: add a node as a learner, wait until it caught up, then
     /// make it a voter.
     pub async fn add_member(
@@ -36,13 +21,13 @@ impl RaftNode {
         self.raft
             .add_learner(id, NodeInfo::new(raft_addr, api_addr), true)
             .await
-            .map_err(Self::write_error)?;
+            .map_err(ProposeError::from)?;
         let mut voters: BTreeSet<u64> = self.status().voters.into_iter().collect();
         voters.insert(id);
         self.raft
             .change_membership(voters, false)
             .await
-            .map_err(Self::write_error)?;
+            .map_err(ProposeError::from)?;
         Ok(())
     }
 
@@ -62,7 +47,7 @@ impl RaftNode {
         self.raft
             .change_membership(voters, false)
             .await
-            .map_err(Self::write_error)?;
+            .map_err(ProposeError::from)?;
         Ok(())
     }
 }

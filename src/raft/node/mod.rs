@@ -48,7 +48,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, RaftError};
+use openraft::errors::RaftError;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
@@ -132,6 +132,26 @@ pub enum ProposeError {
     NoSpace(String),
     #[error("raft stopped: {0}")]
     Fatal(String),
+}
+
+/// The one mapping from openraft's errors: a redirect names the leader,
+/// an API error means no answer now, a fatal error means Raft stopped.
+impl<E> From<RaftError<super::types::TypeConfig, E>> for ProposeError
+where
+    E: std::error::Error
+        + openraft::TryAsRef<openraft::errors::ForwardToLeader<super::types::TypeConfig>>,
+{
+    fn from(e: RaftError<super::types::TypeConfig, E>) -> Self {
+        if let Some(f) = e.forward_to_leader() {
+            return ProposeError::NotLeader {
+                leader: f.leader_id,
+            };
+        }
+        match e {
+            RaftError::APIError(e) => ProposeError::Unavailable(e.to_string()),
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+        }
+    }
 }
 
 /// On whose behalf a command is proposed: forwarded admin commands carry

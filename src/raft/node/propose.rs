@@ -34,13 +34,7 @@ impl RaftNode {
         envelope.now_ms = self.cluster_clock_ms();
         match self.raft.client_write(envelope).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ProposeError::NotLeader {
-                    leader: f.leader_id,
-                })
-            }
-            Err(RaftError::APIError(e)) => Err(ProposeError::Unavailable(e.to_string())),
-            Err(RaftError::Fatal(f)) => Err(ProposeError::Fatal(f.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -187,15 +181,16 @@ impl RaftNode {
                 ProposeError::Unavailable(format!("forward to node {leader}: {}", s.message()))
             })?
             .into_inner();
-        match reply.error_kind.as_str() {
-            "" => decode(&reply.reply).map_err(ProposeError::Unavailable),
-            "not_leader" => Err(ProposeError::NotLeader { leader: None }),
-            "rejected" => Err(ProposeError::Refused(reply.error)),
-            "no_space" => Err(ProposeError::NoSpace(format!(
+        use crate::raft::pb::ForwardError;
+        match reply.error_kind() {
+            ForwardError::None => decode(&reply.reply).map_err(ProposeError::Unavailable),
+            ForwardError::NotLeader => Err(ProposeError::NotLeader { leader: None }),
+            ForwardError::Rejected => Err(ProposeError::Refused(reply.error)),
+            ForwardError::NoSpace => Err(ProposeError::NoSpace(format!(
                 "node {leader}: {}",
                 reply.error
             ))),
-            _ => Err(ProposeError::Unavailable(reply.error)),
+            ForwardError::Unavailable => Err(ProposeError::Unavailable(reply.error)),
         }
     }
 }

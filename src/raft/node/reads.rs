@@ -13,13 +13,7 @@ impl RaftNode {
             .await
         {
             Ok(read) => Ok(read.log_id().index()),
-            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(
-                f,
-            ))) => Err(ProposeError::NotLeader {
-                leader: f.leader_id,
-            }),
-            Err(RaftError::APIError(e)) => Err(ProposeError::Unavailable(e.to_string())),
-            Err(RaftError::Fatal(f)) => Err(ProposeError::Fatal(f.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 
