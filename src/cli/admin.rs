@@ -1,13 +1,9 @@
 //! Services and cluster membership, through a node's admin API.
 
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
-use std::path::PathBuf;
-
-use anyhow::bail;
-
-use super::http_base;
-use super::serve::read_secret_file;
+use super::{AdminToken, http_base};
 
 #[derive(Args)]
 pub(crate) struct AdminArgs {
@@ -18,16 +14,8 @@ pub(crate) struct AdminArgs {
         default_value = "127.0.0.1:8080"
     )]
     pub(crate) endpoint: String,
-    #[arg(
-        long,
-        env = "EDDY_ADMIN_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub(crate) admin_token: String,
-    /// Read the admin token from this file.
-    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
-    pub(crate) admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) admin_token: AdminToken,
 }
 
 #[derive(Subcommand)]
@@ -105,10 +93,7 @@ pub(crate) async fn admin_request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let token = match &admin.admin_token_file {
-        Some(path) => read_secret_file(path, "the admin token")?,
-        None => admin.admin_token.clone(),
-    };
+    let token = admin.admin_token.value()?;
     let http = reqwest::Client::new();
     let mut rb = http
         .request(method, format!("{}{path}", http_base(&admin.endpoint)))

@@ -90,6 +90,50 @@ pub(crate) struct Endpoint {
     pub(crate) json: bool,
 }
 
+/// The admin token, given directly or in a file; `eddy serve` and the admin
+/// commands take the same two flags.
+#[derive(Args, Clone)]
+pub(crate) struct AdminToken {
+    /// Token for the admin routes: the same on every node of a cluster
+    /// (required there); a single node without one answers admin calls
+    /// from this machine only (loopback).
+    #[arg(
+        long,
+        env = "EDDY_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) admin_token: String,
+    /// Read the admin token from this file (a mounted Kubernetes or Compose
+    /// secret); surrounding whitespace is ignored.
+    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub(crate) admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl AdminToken {
+    /// The token: read from the file if one is named (empty: none given).
+    pub(crate) fn value(&self) -> anyhow::Result<String> {
+        match &self.admin_token_file {
+            Some(path) => read_secret_file(path, "the admin token"),
+            None => Ok(self.admin_token.clone()),
+        }
+    }
+}
+
+/// A secret from a mounted file, without surrounding whitespace; an empty
+/// file is an error rather than a silently missing secret.
+pub(crate) fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let value = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} from {}", path.display()))?
+        .trim()
+        .to_string();
+    if value.is_empty() {
+        anyhow::bail!("{} is empty: expected {what}", path.display());
+    }
+    Ok(value)
+}
+
 pub(crate) fn http_base(endpoint: &str) -> String {
     if endpoint.contains("://") {
         endpoint.trim_end_matches('/').to_string()

@@ -10,7 +10,7 @@ use eddy::queue::{QueueLimits, ServiceConfig};
 use eddy::raft::Peer;
 use eddy::server::{ServeSettings, start};
 
-use super::terminated;
+use super::{AdminToken, read_secret_file, terminated};
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -82,20 +82,8 @@ pub(crate) struct ServeArgs {
         conflicts_with = "cluster_secret"
     )]
     pub(crate) cluster_secret_file: Option<PathBuf>,
-    /// Token for the admin routes. Required on a member of a cluster of
-    /// more than one node (the same on every node). A single node without
-    /// one answers admin calls from this machine only (loopback).
-    #[arg(
-        long,
-        env = "EDDY_ADMIN_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub(crate) admin_token: String,
-    /// Read the admin token from this file (a mounted Kubernetes or Compose
-    /// secret); surrounding whitespace is ignored.
-    #[arg(long, env = "EDDY_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
-    pub(crate) admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) admin_token: AdminToken,
     /// Services to declare at start-up: `NAME` or `NAME:TOKEN`, comma separated.
     #[arg(
         long = "service",
@@ -205,19 +193,6 @@ pub(crate) fn parse_peer(s: &str) -> anyhow::Result<Peer> {
     })
 }
 
-/// A secret from a mounted file, without surrounding whitespace; an empty
-/// file is an error rather than a silently missing secret.
-pub(crate) fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
-    let value = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {what} from {}", path.display()))?
-        .trim()
-        .to_string();
-    if value.is_empty() {
-        bail!("{} is empty: expected {what}", path.display());
-    }
-    Ok(value)
-}
-
 pub(crate) fn ordinal_from_hostname() -> anyhow::Result<u64> {
     let host = std::env::var("HOSTNAME").context("HOSTNAME is not set")?;
     let ordinal: u64 = host
@@ -246,10 +221,7 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(path) => read_secret_file(path, "the cluster secret")?,
         None => a.cluster_secret.clone(),
     };
-    let admin_token = match &a.admin_token_file {
-        Some(path) => read_secret_file(path, "the admin token")?,
-        None => a.admin_token.clone(),
-    };
+    let admin_token = a.admin_token.value()?;
     if admin_token.is_empty() {
         tracing::warn!(
             "no --admin-token: the admin API answers callers on this machine only (loopback)"

@@ -1025,9 +1025,8 @@ fn finding5_a_retried_take_gets_the_same_items() {
     assert_eq!(restored.apply(&env).0, first);
 }
 
-#[test]
-fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
-    let mut h = Harness::new(ServiceConfig::default());
+/// A put of one item, applied once; a retry re-applies this envelope.
+fn applied_put(h: &mut Harness) -> Envelope {
     let put = Envelope {
         id: u128::MAX,
         now_ms: h.now,
@@ -1037,6 +1036,13 @@ fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
         },
     };
     h.state.apply(&put);
+    put
+}
+
+#[test]
+fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let put = applied_put(&mut h);
     // Far more commands than the old count-based window (20,000), all
     // within a second of envelope time.
     for i in 0..25_000u64 {
@@ -1072,15 +1078,7 @@ fn finding5_dedup_holds_for_the_window_whatever_the_rate() {
 #[test]
 fn finding5_dedup_holds_for_the_propose_deadline_above_the_id_cap() {
     let mut h = Harness::new(ServiceConfig::default());
-    let put = Envelope {
-        id: u128::MAX,
-        now_ms: h.now,
-        command: Command::Put {
-            queue: input(),
-            item: item("once", "x"),
-        },
-    };
-    h.state.apply(&put);
+    let put = applied_put(&mut h);
     let start = h.now;
     let burst = DEDUP_MAX_ENTRIES as u64 + 1_000;
     for i in 0..burst {
