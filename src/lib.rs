@@ -1,6 +1,8 @@
 //! Eddy: a replicated queue service for asynchronous ML inference.
 //!
 //! Module map:
+//! - [`config`]: a node's configuration, built once, with its defaults and
+//!   the timing relations (leases) derived from it.
 //! - [`queue`]: the pure state machine (items, groups, consumers, dispatch).
 //! - `raft`: the only module that knows openraft; log store, state-machine
 //!   adapter, gRPC network, forwarding of writes to the leader.
@@ -14,6 +16,7 @@
 
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod engine;
 pub mod proto;
 pub mod protocol;

@@ -2,55 +2,23 @@
 //! declared at start-up.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{AppState, Hub, MemoryBudget, router};
-use crate::queue::{Command, Rejection, Reply, ServiceConfig};
-use crate::raft::{Peer, RaftNode, RaftSettings};
+use crate::queue::{Command, Rejection, Reply};
+use crate::config::NodeConfig;
+use crate::raft::{Peer, RaftNode};
 
-#[derive(Debug, Clone)]
-pub struct ServeSettings {
-    pub id: u64,
-    pub data_dir: PathBuf,
-    pub http_listen: SocketAddr,
-    pub raft_listen: SocketAddr,
-    /// Addresses peers and clients use to reach this node (defaults to the
-    /// listen addresses).
-    pub advertise_http: String,
-    pub advertise_raft: String,
-    pub peers: Vec<Peer>,
-    pub cluster_secret: String,
-    /// Mutual TLS between nodes.
-    pub peer_tls: Option<crate::tls::TlsIdentity>,
-    pub admin_token: String,
-    /// When set, `/metrics` and `/admin/cluster` require it.
-    pub status_token: String,
-    pub heartbeat_ms: u64,
-    pub election_timeout_ms: u64,
-    pub node_lost_ms: u64,
-    pub snapshot_every: u64,
-    /// Wait to be added to an existing cluster instead of forming one.
-    pub join: bool,
-    /// Refuse new data while less than this is free on the data volume.
-    pub min_free_disk_bytes: u64,
-    /// Connection limit and header-read timeout of the HTTP listener.
-    pub listener: crate::api::ListenerLimits,
-    /// Connection limit and timeouts of the peer gRPC port.
-    pub peer_listener: crate::raft::PeerListenerLimits,
-    /// TLS on the client port (`--tls-cert`, `--tls-key`).
-    pub client_tls: Option<crate::tls::ClientPortTls>,
-    pub watch_idle_ms: u64,
-    /// See [`crate::api::AppState::watch_max_hold_ms`].
-    pub watch_max_hold_ms: u64,
-    /// Node memory admission limit (see [`crate::api::MemoryBudget`]).
-    pub max_memory_bytes: u64,
-    /// Services to create (or update) once the cluster has a leader.
-    pub services: Vec<(String, ServiceConfig)>,
-    /// Served at the bare `/` and `/sink` paths.
-    pub default_service: Option<String>,
-}
+/// How often a node checks its lease (watchers are closed within this of
+/// losing it).
+const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a node compares the consumers the replicated state shows on
+/// it with the connections it holds.
+const ORPHAN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the declaration of start-up services waits for a leader
+/// between tries.
+const SERVICE_DECLARATION_RETRY: Duration = Duration::from_millis(500);
 
 pub struct RunningNode {
     pub node: Arc<RaftNode>,
@@ -72,124 +40,33 @@ impl RunningNode {
     }
 }
 
-impl ServeSettings {
-    /// Whether this node is configured as a member of a cluster of more than
-    /// one node: it has peers besides itself, or waits to join a cluster.
-    pub fn has_peers(&self) -> bool {
-        self.join || self.peers.iter().any(|p| p.id != self.id)
-    }
-}
-
-/// Why a node refuses to start with the settings it was given.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    #[error(
-        "this node is a member of a cluster of more than one node and has no cluster secret: \
-         set --cluster-secret-file (EDDY_CLUSTER_SECRET_FILE) or --cluster-secret \
-         (EDDY_CLUSTER_SECRET) to the same random value on every node"
-    )]
-    ClusterSecretRequired,
-    #[error(
-        "this node is a member of a cluster of more than one node and has no admin token: \
-         set --admin-token-file (EDDY_ADMIN_TOKEN_FILE) or --admin-token (EDDY_ADMIN_TOKEN) \
-         to the same random value on every node. Without a token the admin API would trust \
-         any caller on loopback, which includes a sidecar and `kubectl port-forward`"
-    )]
-    AdminTokenRequired,
-    #[error(
-        "this node serves its client port over TLS and has peers, but no CA to verify theirs: \
-         set --tls-ca (EDDY_TLS_CA) or --peer-tls-ca to the CA of the nodes' client-port \
-         certificates (admin calls such as membership changes are passed to the leader's \
-         client port)"
-    )]
-    ClientTlsCaRequired,
-    #[error(
-        "timings that would evict healthy workers: the lease ({lease_ms} ms, derived from \
-         --node-lost-ms and --election-timeout-ms) must be at least three heartbeats \
-         ({heartbeat_ms} ms each), and --node-lost-ms ({node_lost_ms}) must exceed \
-         --election-timeout-ms ({election_timeout_ms})"
-    )]
-    Timings {
-        lease_ms: u64,
-        heartbeat_ms: u64,
-        node_lost_ms: u64,
-        election_timeout_ms: u64,
-    },
-}
-
-/// Refuse settings that would leave a cluster open. A single node may run
-/// without an admin token (its admin API then answers loopback callers
-/// only, for the quick start on one machine); a cluster member may not.
-pub fn check_settings(settings: &ServeSettings) -> Result<(), SettingsError> {
-    let lease = crate::raft::lease_for(settings.node_lost_ms, settings.election_timeout_ms);
-    if settings.has_peers()
-        && (lease.as_millis() < 3 * u128::from(settings.heartbeat_ms)
-            || settings.node_lost_ms <= settings.election_timeout_ms)
-    {
-        return Err(SettingsError::Timings {
-            lease_ms: lease.as_millis() as u64,
-            heartbeat_ms: settings.heartbeat_ms,
-            node_lost_ms: settings.node_lost_ms,
-            election_timeout_ms: settings.election_timeout_ms,
-        });
-    }
-    if settings.has_peers() && settings.cluster_secret.is_empty() {
-        return Err(SettingsError::ClusterSecretRequired);
-    }
-    if settings.has_peers() && settings.admin_token.is_empty() {
-        return Err(SettingsError::AdminTokenRequired);
-    }
-    if settings.has_peers()
-        && settings
-            .client_tls
-            .as_ref()
-            .is_some_and(|t| !t.verifies_other_nodes())
-    {
-        return Err(SettingsError::ClientTlsCaRequired);
-    }
-    Ok(())
-}
-
-pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
-    check_settings(&settings)?;
-    let http = tokio::net::TcpListener::bind(settings.http_listen).await?;
+/// Start a node with `config` (checked first): its Raft member, its watch
+/// hub and housekeeping tasks, and its HTTP API, which serves until
+/// [`RunningNode::shutdown`].
+pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
+    config.check()?;
+    let http = tokio::net::TcpListener::bind(config.http_listen).await?;
     let http_addr = http.local_addr()?;
-    let raft_settings = RaftSettings {
-        id: settings.id,
-        data_dir: settings.data_dir.clone(),
-        raft_listen: settings.raft_listen,
-        advertise: Peer {
-            id: settings.id,
-            raft_addr: settings.advertise_raft.clone(),
-            api_addr: if settings.advertise_http.is_empty() {
-                http_addr.to_string()
-            } else {
-                settings.advertise_http.clone()
-            },
-        },
-        peers: settings.peers.clone(),
-        secret: settings.cluster_secret.clone(),
-        admin_token: settings.admin_token.clone(),
-        peer_tls: settings.peer_tls.clone(),
-        heartbeat_ms: settings.heartbeat_ms,
-        election_timeout_ms: settings.election_timeout_ms,
-        node_lost_ms: settings.node_lost_ms,
-        snapshot_every: settings.snapshot_every,
-        join: settings.join,
-        min_free_disk_bytes: settings.min_free_disk_bytes,
-        peer_listener: settings.peer_listener,
+    let advertise = Peer {
+        id: config.id,
+        raft_addr: config.advertise_raft.clone(),
+        api_addr: config
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| http_addr.to_string()),
     };
-    let (node, events) = RaftNode::start(raft_settings).await?;
-    let hub = Hub::new(settings.id);
+    let config = Arc::new(config);
+    let (node, events) = RaftNode::start(config.clone(), advertise).await?;
+    let hub = Hub::new(config.id);
     tokio::spawn(hub.clone().run(node.clone(), events));
     tokio::spawn(close_watchers_without_lease(node.clone(), hub.clone()));
     tokio::spawn(detach_consumers_without_connection(
         node.clone(),
         hub.clone(),
     ));
-    if !settings.services.is_empty() {
+    if !config.services.is_empty() {
         let node = node.clone();
-        let services = settings.services.clone();
+        let services = config.services.clone();
         tokio::spawn(async move {
             for (name, config) in services {
                 loop {
@@ -215,7 +92,7 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
                         }
                         Err(e) => {
                             tracing::info!(error = %e, "waiting for a leader to declare services");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            tokio::time::sleep(SERVICE_DECLARATION_RETRY).await;
                         }
                     }
                 }
@@ -225,22 +102,17 @@ pub async fn start(settings: ServeSettings) -> anyhow::Result<RunningNode> {
     let state = Arc::new(AppState {
         node: node.clone(),
         hub: hub.clone(),
-        default_service: settings.default_service.clone(),
-        admin_token: settings.admin_token.clone(),
-        status_token: settings.status_token.clone(),
-        client_tls: settings.client_tls.clone(),
-        watch_idle_ms: settings.watch_idle_ms,
-        watch_max_hold_ms: settings.watch_max_hold_ms,
-        memory: MemoryBudget::new(settings.max_memory_bytes),
+        memory: MemoryBudget::new(config.max_memory_bytes),
+        config: config.clone(),
     });
     let app = router(state.clone());
-    let mut listener = settings.listener;
+    let mut listener = config.listener;
     // A watch whose peer is gone is found within about the watch idle limit
     // even when nothing is sent to it.
     listener
         .dead_peer_timeout
-        .get_or_insert(Duration::from_millis(settings.watch_idle_ms.max(300)));
-    let client_tls = settings.client_tls.clone();
+        .get_or_insert(config.effective_watch_idle());
+    let client_tls = config.client_tls.clone();
     let server = tokio::spawn(async move {
         if let Err(e) =
             crate::api::serve_with(http, app, listener, client_tls, std::future::pending()).await
@@ -284,18 +156,6 @@ pub fn default_max_memory_bytes() -> u64 {
 /// and the runtime's own. Running out makes a storage `open` fail, which
 /// stops the node.
 pub const DESCRIPTOR_RESERVE: u64 = 256;
-
-/// The leader's heartbeat interval by default (`--heartbeat-ms`).
-pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
-/// The shortest election timeout by default (`--election-timeout-ms`);
-/// openraft draws each from between it and twice it.
-pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 500;
-/// How long a member may stay silent by default before its consumers'
-/// items move (`--node-lost-ms`). Long enough that the other members'
-/// lease outlasts the election after a leader dies (at least two election
-/// timeouts, usually a little more), so a leader's death closes no watcher
-/// on the other nodes.
-pub const DEFAULT_NODE_LOST_MS: u64 = 3_000;
 
 /// Raise this process's soft limit on open descriptors to its hard limit
 /// and return the limit in force (`None`: unlimited or unknown).
@@ -342,7 +202,7 @@ pub fn fit_connection_limits(descriptors: u64, http: usize, peer: usize) -> (usi
 /// may be moving it elsewhere. New watchers are refused until the lease is
 /// back (`accepts_watchers`).
 async fn close_watchers_without_lease(node: Arc<RaftNode>, hub: Arc<Hub>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(LEASE_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stopped = node.stopped();
     tokio::pin!(stopped);
@@ -373,7 +233,7 @@ async fn close_watchers_without_lease(node: Arc<RaftNode>, hub: Arc<Hub>) {
 /// (its `Detach` failed, was lost in an election, or never ran), is
 /// detached again, every second, until the state agrees with the node.
 async fn detach_consumers_without_connection(node: Arc<RaftNode>, hub: Arc<Hub>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(ORPHAN_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stopped = node.stopped();
     tokio::pin!(stopped);

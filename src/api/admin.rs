@@ -83,7 +83,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         let refuse = |why: &str| {
             tracing::warn!(target: "audit", peer = ?peer, path = %parts.uri.path(), why, "admin call refused");
         };
-        if state.admin_token.is_empty() {
+        if state.config.admin_token.is_empty() {
             // A node restarted without its peers' list still belongs to its
             // cluster: loopback is no proof of an administrator there.
             let members = state.node.status().nodes.len();
@@ -113,7 +113,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if crate::secret::matches(given, state.admin_token.as_bytes()) {
+        if crate::secret::matches(given, state.config.admin_token.as_bytes()) {
             let digest = crate::secret::digest(given);
             Ok(Admin {
                 who: format!(
@@ -478,7 +478,7 @@ where
                 .unwrap_or_else(|| header::HeaderValue::from_static(""));
             let (status, text) = pass_to_leader(
                 &api,
-                state.client_tls.as_ref(),
+                state.config.client_tls.as_ref(),
                 method,
                 &path,
                 auth,
@@ -505,7 +505,7 @@ async fn add_member(
             "id (> 0) and raft_addr are required".into(),
         ));
     }
-    if state.admin_token.is_empty() {
+    if state.config.admin_token.is_empty() {
         return Err(ApiError::Forbidden(
             "this node has no admin token, and a cluster of more than one node needs one: \
              restart it with --admin-token-file (or --admin-token) before adding members"
@@ -560,7 +560,7 @@ impl FromRequestParts<Arc<AppState>> for StatusReader {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        if state.status_token.is_empty() {
+        if state.config.status_token.is_empty() {
             return Ok(StatusReader);
         }
         let given = parts
@@ -568,9 +568,9 @@ impl FromRequestParts<Arc<AppState>> for StatusReader {
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        let admin = !state.admin_token.is_empty()
-            && crate::secret::matches(given, state.admin_token.as_bytes());
-        if admin || crate::secret::matches(given, state.status_token.as_bytes()) {
+        let admin = !state.config.admin_token.is_empty()
+            && crate::secret::matches(given, state.config.admin_token.as_bytes());
+        if admin || crate::secret::matches(given, state.config.status_token.as_bytes()) {
             Ok(StatusReader)
         } else {
             Err(ApiError::Unauthorized(

@@ -145,7 +145,7 @@ async fn bare(
     closer: Option<Extension<ConnectionCloser>>,
     body: Body,
 ) -> Response {
-    let Some(service) = state.default_service.clone() else {
+    let Some(service) = state.config.default_service.clone() else {
         return ApiError::NotFound(
             "no default service is configured; use /api/predict/{service}".into(),
         )

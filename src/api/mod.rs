@@ -32,21 +32,9 @@ pub use watch::Hub;
 pub struct AppState {
     pub node: Arc<RaftNode>,
     pub hub: Arc<Hub>,
-    /// Service served at the bare `/` and `/sink` paths.
-    pub default_service: Option<String>,
-    /// Token required by the admin routes (empty: none).
-    pub admin_token: String,
-    /// When set, `/metrics` and `/admin/cluster` need it (or the admin
-    /// token): they show the cluster's topology.
-    pub status_token: String,
-    /// TLS of the client ports: admin calls passed to the leader go over
-    /// TLS when this node's client port uses it.
-    pub client_tls: Option<crate::tls::ClientPortTls>,
-    /// How long a watch may stay silent after pinging before it is dropped.
-    pub watch_idle_ms: u64,
-    /// A watch still holding an item this long after its frame was written
-    /// is ended (0: never).
-    pub watch_max_hold_ms: u64,
+    /// The node's configuration (tokens, client TLS, watch limits, the
+    /// default service), as the node was started with it.
+    pub config: Arc<crate::config::NodeConfig>,
     /// Admission control of this node: puts are refused (429) once the
     /// estimated memory of the items held would pass this.
     pub memory: MemoryBudget,

@@ -510,7 +510,7 @@ async fn attach(
 }
 
 fn idle_limit(state: &AppState) -> Duration {
-    Duration::from_millis(state.watch_idle_ms.max(300))
+    state.config.effective_watch_idle()
 }
 
 /// When a connection's frames were written, in order, for the hold limit.
@@ -522,8 +522,7 @@ struct HoldClock {
 impl HoldClock {
     fn new(state: &AppState) -> Self {
         Self {
-            limit: (state.watch_max_hold_ms > 0)
-                .then(|| Duration::from_millis(state.watch_max_hold_ms)),
+            limit: state.config.watch_max_hold,
             written: Default::default(),
         }
     }

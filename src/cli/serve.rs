@@ -4,11 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Args;
 use eddy::queue::{QueueLimits, ServiceConfig};
 use eddy::raft::Peer;
-use eddy::server::{ServeSettings, start};
+use eddy::config::{NodeConfig, Timings};
+use eddy::server::start;
 
 use super::{AdminToken, read_secret_file, terminated};
 
@@ -114,14 +117,14 @@ pub(crate) struct ServeArgs {
     pub(crate) max_delivery: u32,
     #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = 2_000)]
     pub(crate) consumer_grace_ms: u64,
-    #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = eddy::server::DEFAULT_HEARTBEAT_MS)]
+    #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = ms(eddy::config::DEFAULT_HEARTBEAT))]
     pub(crate) heartbeat_ms: u64,
-    #[arg(long, env = "EDDY_ELECTION_TIMEOUT_MS", default_value_t = eddy::server::DEFAULT_ELECTION_TIMEOUT_MS)]
+    #[arg(long, env = "EDDY_ELECTION_TIMEOUT_MS", default_value_t = ms(eddy::config::DEFAULT_ELECTION_TIMEOUT))]
     pub(crate) election_timeout_ms: u64,
     /// A member silent this long loses its consumers' items to others.
-    #[arg(long, env = "EDDY_NODE_LOST_MS", default_value_t = eddy::server::DEFAULT_NODE_LOST_MS)]
+    #[arg(long, env = "EDDY_NODE_LOST_MS", default_value_t = ms(eddy::config::DEFAULT_NODE_LOST))]
     pub(crate) node_lost_ms: u64,
-    #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = 20_000)]
+    #[arg(long, env = "EDDY_SNAPSHOT_EVERY", default_value_t = eddy::config::DEFAULT_SNAPSHOT_EVERY)]
     pub(crate) snapshot_every: u64,
     /// Do not form a cluster: wait to be added (`eddy cluster add`).
     #[arg(long, env = "EDDY_JOIN", default_value_t = false)]
@@ -129,12 +132,12 @@ pub(crate) struct ServeArgs {
     /// A watcher that answers no ping, or takes no frame, for this long is
     /// dropped; client connections whose peer host is gone are aborted
     /// within about this long (TCP keepalive and user timeout).
-    #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = 10_000)]
+    #[arg(long, env = "EDDY_WATCH_IDLE_MS", default_value_t = ms(eddy::config::DEFAULT_WATCH_IDLE))]
     pub(crate) watch_idle_ms: u64,
     /// A watcher still holding an item this long after it was sent is
     /// dropped and its items go to others (0: no limit). The only bound on
     /// a stuck client of the HTTP stream, which cannot be pinged.
-    #[arg(long, env = "EDDY_WATCH_MAX_HOLD_MS", default_value_t = 1_800_000)]
+    #[arg(long, env = "EDDY_WATCH_MAX_HOLD_MS", default_value_t = ms(eddy::config::DEFAULT_WATCH_MAX_HOLD))]
     pub(crate) watch_max_hold_ms: u64,
     /// When set, `/metrics` and `/admin/cluster` need this token (or the
     /// admin token) in `Authorization`.
@@ -162,8 +165,13 @@ pub(crate) struct ServeArgs {
     pub(crate) http_body_timeout_ms: u64,
     /// New data is refused (HTTP 507) while less than this many bytes are
     /// free on the data volume; 0 turns the check off.
-    #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "EDDY_MIN_FREE_DISK_BYTES", default_value_t = eddy::config::DEFAULT_MIN_FREE_DISK_BYTES)]
     pub(crate) min_free_disk_bytes: u64,
+}
+
+/// A default duration as the milliseconds its flag takes.
+const fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }
 
 pub(crate) fn parse_peer(s: &str) -> anyhow::Result<Peer> {
@@ -203,14 +211,41 @@ pub(crate) fn ordinal_from_hostname() -> anyhow::Result<u64> {
 }
 
 pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = node_config(a)?;
+    let (id, raft_listen, data_dir) = (config.id, config.raft_listen, config.data_dir.clone());
+    let services: Vec<String> = config.services.iter().map(|(n, _)| n.clone()).collect();
+    let running = start(config).await?;
+    tracing::info!(
+        id,
+        http = %running.http_addr,
+        raft = %raft_listen,
+        data = %data_dir.display(),
+        ?services,
+        "eddy node serving"
+    );
+    let storage_failed = running.node.health.failed();
+    tokio::select! {
+        _ = terminated() => {}
+        reason = storage_failed => {
+            // Fail-stop: nothing on this disk can be trusted any more. Exit
+            // at once so that a supervisor restarts the node into recovery.
+            tracing::error!(%reason, "storage failed; exiting for recovery");
+            std::process::exit(STORAGE_FAILED_EXIT_CODE);
+        }
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// The node's configuration from its flags: secrets and certificates read,
+/// connection limits fitted to the descriptor limit.
+fn node_config(a: ServeArgs) -> anyhow::Result<NodeConfig> {
     let id = if a.id_from_hostname {
         ordinal_from_hostname()?
     } else {
         a.id
     };
-    if id == 0 {
-        bail!("node id must be greater than 0");
-    }
     let peers = a
         .peers
         .iter()
@@ -237,109 +272,42 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
              (eddy certs generate makes them)"
         );
     }
-    let (max_connections, max_peer_connections) = match eddy::server::raise_descriptor_limit() {
-        Some(descriptors) => {
-            let fitted = eddy::server::fit_connection_limits(
-                descriptors,
-                a.max_connections,
-                a.max_peer_connections,
-            );
-            if fitted != (a.max_connections, a.max_peer_connections) {
-                tracing::warn!(
-                    descriptors,
-                    max_connections = fitted.0,
-                    max_peer_connections = fitted.1,
-                    requested_max_connections = a.max_connections,
-                    requested_max_peer_connections = a.max_peer_connections,
-                    "connection limits lowered to fit the descriptor limit (with {} kept for storage); \
-                     raise the hard limit (ulimit -Hn, LimitNOFILE) to serve more",
-                    eddy::server::DESCRIPTOR_RESERVE
-                );
-            } else {
-                tracing::info!(descriptors, "open-descriptor limit");
-            }
-            fitted
-        }
-        None => (a.max_connections, a.max_peer_connections),
-    };
-    let client_tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(cert), Some(key)) => {
-            let tls = eddy::tls::ClientPortTls::load(cert, key)?;
-            match a.tls_ca.as_ref().or(a.peer_tls_ca.as_ref()) {
-                Some(ca) => {
-                    let pem = std::fs::read(ca)
-                        .with_context(|| format!("reading the TLS CA {}", ca.display()))?;
-                    Some(tls.with_ca(&pem)?)
-                }
-                None => Some(tls),
-            }
-        }
-        _ => None,
-    };
+    let (max_connections, max_peer_connections) =
+        connection_limits(a.max_connections, a.max_peer_connections);
     let advertise_raft = match (&a.advertise_raft, peers.iter().find(|p| p.id == id)) {
         (Some(adv), _) => adv.clone(),
         (None, Some(p)) => p.raft_addr.clone(),
         (None, None) => format!("127.0.0.1:{}", a.raft_listen.port()),
     };
-    let config = ServiceConfig {
-        token: String::new(),
-        input: QueueLimits {
-            max_length: a.max_length,
-            max_payload_bytes: a.max_payload_bytes,
-            evict_oldest: a.evict_oldest,
-            max_bytes: a.max_bytes,
-            max_dead_letters: a.max_dead_letters,
-        },
-        sink: QueueLimits {
-            max_length: a.max_length,
-            max_payload_bytes: a.max_payload_bytes,
-            evict_oldest: a.evict_oldest,
-            max_bytes: a.max_bytes,
-            max_dead_letters: a.max_dead_letters,
-        },
-        max_delivery: a.max_delivery,
-        consumer_grace_ms: a.consumer_grace_ms,
-    };
-    let services: Vec<(String, ServiceConfig)> = a
-        .services
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            let (name, token) = s.split_once(':').unwrap_or((s, ""));
-            (
-                name.to_string(),
-                ServiceConfig {
-                    token: token.to_string(),
-                    ..config.clone()
-                },
-            )
-        })
-        .collect();
-    let settings = ServeSettings {
+    let services = declared_services(&a);
+    Ok(NodeConfig {
         id,
         data_dir: a
             .data_dir
+            .clone()
             .unwrap_or_else(|| PathBuf::from(format!("data/eddy-{id}"))),
         http_listen: a.listen,
         raft_listen: a.raft_listen,
-        advertise_http: a.advertise_http.clone().unwrap_or_default(),
+        advertise_http: a.advertise_http.clone(),
         advertise_raft,
         peers,
+        join: a.join,
         cluster_secret,
         peer_tls,
         admin_token,
-        status_token: a.status_token,
-        heartbeat_ms: a.heartbeat_ms,
-        election_timeout_ms: a.election_timeout_ms,
-        node_lost_ms: a.node_lost_ms,
+        status_token: a.status_token.clone(),
+        client_tls: client_port_tls(&a)?,
+        timings: Timings {
+            heartbeat: Duration::from_millis(a.heartbeat_ms),
+            election_timeout: Duration::from_millis(a.election_timeout_ms),
+            node_lost: Duration::from_millis(a.node_lost_ms),
+        },
         snapshot_every: a.snapshot_every,
-        join: a.join,
         min_free_disk_bytes: a.min_free_disk_bytes,
-        client_tls,
         listener: eddy::api::ListenerLimits {
             max_connections,
-            header_read_timeout: std::time::Duration::from_millis(a.http_header_timeout_ms),
-            body_timeout: std::time::Duration::from_millis(a.http_body_timeout_ms),
+            header_read_timeout: Duration::from_millis(a.http_header_timeout_ms),
+            body_timeout: Duration::from_millis(a.http_body_timeout_ms),
             // Follows --watch-idle-ms (set by the server).
             dead_peer_timeout: None,
         },
@@ -347,36 +315,82 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_connections: max_peer_connections,
             ..Default::default()
         },
-        watch_idle_ms: a.watch_idle_ms,
-        watch_max_hold_ms: a.watch_max_hold_ms,
+        watch_idle: Duration::from_millis(a.watch_idle_ms),
+        watch_max_hold: (a.watch_max_hold_ms > 0).then(|| Duration::from_millis(a.watch_max_hold_ms)),
         max_memory_bytes: a
             .max_memory_bytes
             .unwrap_or_else(eddy::server::default_max_memory_bytes),
         default_service: services.first().map(|(n, _)| n.clone()),
         services,
+    })
+}
+
+/// The HTTP and peer connection limits, lowered (with a warning) when they
+/// do not fit this process's descriptor limit.
+fn connection_limits(http: usize, peer: usize) -> (usize, usize) {
+    let Some(descriptors) = eddy::server::raise_descriptor_limit() else {
+        return (http, peer);
     };
-    let running = start(settings.clone()).await?;
-    tracing::info!(
-        id,
-        http = %running.http_addr,
-        raft = %settings.raft_listen,
-        data = %settings.data_dir.display(),
-        services = ?settings.services.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        "eddy node serving"
-    );
-    let storage_failed = running.node.health.failed();
-    tokio::select! {
-        _ = terminated() => {}
-        reason = storage_failed => {
-            // Fail-stop: nothing on this disk can be trusted any more. Exit
-            // at once so that a supervisor restarts the node into recovery.
-            tracing::error!(%reason, "storage failed; exiting for recovery");
-            std::process::exit(STORAGE_FAILED_EXIT_CODE);
-        }
+    let fitted = eddy::server::fit_connection_limits(descriptors, http, peer);
+    if fitted != (http, peer) {
+        tracing::warn!(
+            descriptors,
+            max_connections = fitted.0,
+            max_peer_connections = fitted.1,
+            requested_max_connections = http,
+            requested_max_peer_connections = peer,
+            "connection limits lowered to fit the descriptor limit (with {} kept for storage); \
+             raise the hard limit (ulimit -Hn, LimitNOFILE) to serve more",
+            eddy::server::DESCRIPTOR_RESERVE
+        );
+    } else {
+        tracing::info!(descriptors, "open-descriptor limit");
     }
-    tracing::info!("shutting down");
-    running.shutdown().await;
-    Ok(())
+    fitted
+}
+
+/// TLS of the client port, with the CA that other nodes' client ports are
+/// verified with (default: the peer CA).
+fn client_port_tls(a: &ServeArgs) -> anyhow::Result<Option<eddy::tls::ClientPortTls>> {
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return Ok(None);
+    };
+    let tls = eddy::tls::ClientPortTls::load(cert, key)?;
+    match a.tls_ca.as_ref().or(a.peer_tls_ca.as_ref()) {
+        Some(ca) => {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("reading the TLS CA {}", ca.display()))?;
+            Ok(Some(tls.with_ca(&pem)?))
+        }
+        None => Ok(Some(tls)),
+    }
+}
+
+/// The services declared by `--service NAME[:TOKEN]`, each with the limits
+/// given by the other flags.
+fn declared_services(a: &ServeArgs) -> Vec<(String, ServiceConfig)> {
+    let limits = QueueLimits {
+        max_length: a.max_length,
+        max_payload_bytes: a.max_payload_bytes,
+        evict_oldest: a.evict_oldest,
+        max_bytes: a.max_bytes,
+        max_dead_letters: a.max_dead_letters,
+    };
+    a.services
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (name, token) = s.split_once(':').unwrap_or((s, ""));
+            let config = ServiceConfig {
+                token: token.to_string(),
+                input: limits.clone(),
+                sink: limits.clone(),
+                max_delivery: a.max_delivery,
+                consumer_grace_ms: a.consumer_grace_ms,
+            };
+            (name.to_string(), config)
+        })
+        .collect()
 }
 
 /// Exit status of a node that stopped after a storage error.

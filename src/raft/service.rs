@@ -468,7 +468,9 @@ mod tests {
     use super::*;
     use crate::queue::{QueueKind, QueueRef};
     use crate::raft::pb::raft_client::RaftClient;
-    use crate::raft::{Peer, RaftSettings};
+    use crate::config::NodeConfig;
+    use std::time::Duration;
+    use crate::raft::Peer;
 
     fn tick() -> Command {
         Command::Tick
@@ -498,45 +500,48 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let settings = node_settings(
+        let config = node_config(
             dir.path(),
             &format!("127.0.0.1:{port}"),
             secret,
             admin_token,
         );
-        let (node, _events) = RaftNode::start(settings).await.unwrap();
-        (node, dir)
+        (start_node(config).await, dir)
+    }
+
+    /// Start a Raft member (no HTTP API: peers see `127.0.0.1:1` for it).
+    async fn start_node(config: NodeConfig) -> Arc<RaftNode> {
+        let advertise = Peer {
+            id: config.id,
+            raft_addr: config.advertise_raft.clone(),
+            api_addr: "127.0.0.1:1".into(),
+        };
+        let (node, _events) = RaftNode::start(Arc::new(config), advertise)
+            .await
+            .unwrap();
+        node
     }
 
     /// Node 1, alone and without TLS, listening on `raft_addr`, with short
     /// timings; tests that need peers or TLS adjust the result.
-    fn node_settings(
+    fn node_config(
         dir: &std::path::Path,
         raft_addr: &str,
         secret: &str,
         admin_token: &str,
-    ) -> RaftSettings {
-        RaftSettings {
-            id: 1,
-            data_dir: dir.to_path_buf(),
-            raft_listen: raft_addr.parse().unwrap(),
-            advertise: Peer {
-                id: 1,
-                raft_addr: raft_addr.into(),
-                api_addr: "127.0.0.1:1".into(),
-            },
-            peers: Vec::new(),
-            secret: secret.into(),
-            admin_token: admin_token.into(),
-            heartbeat_ms: 50,
-            election_timeout_ms: 300,
-            node_lost_ms: 1_000,
-            snapshot_every: 1_000,
-            join: false,
-            min_free_disk_bytes: 0,
-            peer_tls: None,
-            peer_listener: Default::default(),
-        }
+    ) -> NodeConfig {
+        let mut config = NodeConfig::for_tests(1, dir.to_path_buf(), 0, 0);
+        config.raft_listen = raft_addr.parse().unwrap();
+        config.advertise_raft = raft_addr.into();
+        config.cluster_secret = secret.into();
+        config.admin_token = admin_token.into();
+        config.timings = crate::config::Timings {
+            heartbeat: Duration::from_millis(50),
+            election_timeout: Duration::from_millis(300),
+            node_lost: Duration::from_millis(1_000),
+        };
+        config.snapshot_every = 1_000;
+        config
     }
 
     async fn client(node: &RaftNode) -> RaftClient<tonic::transport::Channel> {
@@ -702,11 +707,10 @@ mod tests {
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();
-        let settings = RaftSettings {
-            advertise: peers[0].clone(),
+        let config = NodeConfig {
             peers: peers.clone(),
             peer_tls: Some(identity(&hosts[0])),
-            ..node_settings(
+            ..node_config(
                 dir.path(),
                 &peers[0].raft_addr,
                 "the-secret",
@@ -714,7 +718,7 @@ mod tests {
             )
         };
         // Only node 1 runs: it formed the cluster, so it knows all three.
-        let (node, _events) = RaftNode::start(settings).await.unwrap();
+        let node = start_node(config).await;
         for _ in 0..200 {
             if node.status().nodes.len() == 3 {
                 break;

@@ -4,7 +4,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use eddy::queue::{Command, NewItem, QueueKind, QueueRef, Reply, Selector, ServiceConfig, Tags};
 use eddy::raft::Peer;
-use eddy::server::{RunningNode, ServeSettings, start};
+use eddy::config::{NodeConfig, Timings};
+use eddy::server::{RunningNode, start};
 
 /// A loopback port for a node's listener that stays this node's across a
 /// restart. Ports the kernel hands out for `:0` binds and outgoing
@@ -48,23 +49,10 @@ pub(crate) struct Cluster {
     snapshot_every: u64,
     /// Per node id (index id - 1): its TLS identity, if the cluster uses TLS.
     tls: Vec<Option<eddy::tls::TlsIdentity>>,
-    /// The admin token every node is started with (empty: none).
-    pub(crate) admin_token: String,
-    /// The status token every node is started with (empty: none).
-    pub(crate) status_token: String,
-    /// The HTTP listener limits every node is started with.
-    pub(crate) listener: eddy::api::ListenerLimits,
-    /// TLS on every node's client port.
-    pub(crate) client_tls: Option<eddy::tls::ClientPortTls>,
-    /// `--watch-idle-ms` of every node.
-    pub(crate) watch_idle_ms: u64,
-    /// `--watch-max-hold-ms` of every node.
-    pub(crate) watch_max_hold_ms: u64,
-    /// `--max-memory-bytes` of every node.
-    pub(crate) max_memory_bytes: u64,
-    /// `--heartbeat-ms`, `--election-timeout-ms` and `--node-lost-ms` of
-    /// every node (short ones by default, for quick tests).
-    pub(crate) timings: (u64, u64, u64),
+    /// What every node is started with, before its own id, addresses,
+    /// data directory and TLS identity are filled in: tests adjust it in
+    /// `Cluster::configured`. Short timings by default, for quick tests.
+    pub(crate) config: NodeConfig,
 }
 
 impl Cluster {
@@ -111,19 +99,21 @@ impl Cluster {
             nodes: Vec::new(),
             snapshot_every,
             tls,
-            // A member of a cluster of several nodes needs an admin token.
-            admin_token: if n > 1 {
-                "test-admin-token".into()
-            } else {
-                String::new()
+            config: NodeConfig {
+                // A member of a cluster of several nodes needs an admin token.
+                admin_token: if n > 1 {
+                    "test-admin-token".into()
+                } else {
+                    String::new()
+                },
+                cluster_secret: "test-secret".into(),
+                timings: Timings {
+                    heartbeat: Duration::from_millis(50),
+                    election_timeout: Duration::from_millis(300),
+                    node_lost: Duration::from_millis(1_000),
+                },
+                ..NodeConfig::for_tests(0, std::path::PathBuf::new(), 0, 0)
             },
-            listener: eddy::api::ListenerLimits::default(),
-            status_token: String::new(),
-            client_tls: None,
-            watch_idle_ms: 10_000,
-            watch_max_hold_ms: 0,
-            max_memory_bytes: u64::MAX,
-            timings: (50, 300, 1_000),
         };
         configure(&mut c);
         for id in 1..=n {
@@ -154,35 +144,20 @@ impl Cluster {
         start(self.settings(id, join)).await.unwrap()
     }
 
-    /// The settings node `id` starts with.
-    pub(crate) fn settings(&self, id: u64, join: bool) -> ServeSettings {
+    /// The configuration node `id` starts with.
+    pub(crate) fn settings(&self, id: u64, join: bool) -> NodeConfig {
         let me = &self.peers[(id - 1) as usize];
-        ServeSettings {
+        NodeConfig {
             id,
             data_dir: self.data_dir(id),
             http_listen: me.api_addr.parse().unwrap(),
             raft_listen: me.raft_addr.parse::<SocketAddr>().unwrap(),
-            advertise_http: String::new(),
             advertise_raft: me.raft_addr.clone(),
             peers: self.peers.clone(),
-            cluster_secret: "test-secret".into(),
             peer_tls: self.tls.get((id - 1) as usize).cloned().flatten(),
-            admin_token: self.admin_token.clone(),
-            status_token: self.status_token.clone(),
-            heartbeat_ms: self.timings.0,
-            election_timeout_ms: self.timings.1,
-            node_lost_ms: self.timings.2,
             snapshot_every: self.snapshot_every,
             join,
-            min_free_disk_bytes: 0,
-            listener: self.listener,
-            peer_listener: Default::default(),
-            client_tls: self.client_tls.clone(),
-            watch_idle_ms: self.watch_idle_ms,
-            watch_max_hold_ms: self.watch_max_hold_ms,
-            max_memory_bytes: self.max_memory_bytes,
-            services: Vec::new(),
-            default_service: None,
+            ..self.config.clone()
         }
     }
 
@@ -225,7 +200,7 @@ impl Cluster {
     pub(crate) async fn restart_with(
         &mut self,
         id: u64,
-        change: impl FnOnce(&mut ServeSettings),
+        change: impl FnOnce(&mut NodeConfig),
     ) -> anyhow::Result<()> {
         let mut settings = self.settings(id, false);
         change(&mut settings);

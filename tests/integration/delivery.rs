@@ -96,16 +96,15 @@ async fn a_cut_off_follower_gives_up_its_lease_before_items_are_redelivered() {
 
     // Timings whose lease would lapse between two heartbeats (healthy
     // followers would close their watchers) are refused at start.
-    assert!(eddy::server::check_settings(&c.settings(follower, false)).is_ok());
+    assert!(c.settings(follower, false).check().is_ok());
     let mut short = c.settings(follower, false);
-    short.node_lost_ms = 300;
-    let refusal = eddy::server::check_settings(&short)
-        .unwrap_err()
-        .to_string();
+    short.timings.node_lost = Duration::from_millis(300);
+    let refusal = short.check().unwrap_err().to_string();
     assert!(refusal.contains("--node-lost-ms"), "{refusal}");
     let mut inverted = c.settings(follower, false);
-    (inverted.node_lost_ms, inverted.election_timeout_ms) = (1_000, 1_000);
-    assert!(eddy::server::check_settings(&inverted).is_err());
+    inverted.timings.node_lost = Duration::from_millis(1_000);
+    inverted.timings.election_timeout = Duration::from_millis(1_000);
+    assert!(inverted.check().is_err());
 
     c.stop(leader).await;
     c.stop(other).await;
@@ -418,7 +417,7 @@ async fn an_auto_commit_watcher_that_stops_reading_loses_no_item() {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    let c = Cluster::configured(1, |c| c.watch_idle_ms = 1_500).await;
+    let c = Cluster::configured(1, |c| c.config.watch_idle = Duration::from_millis(1_500)).await;
     let node = c.node(1);
     create_service_with(
         node,
@@ -554,8 +553,8 @@ async fn a_stalled_http_stream_ended_by_the_idle_check_frees_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let c = Cluster::configured(1, |c| {
-        c.watch_idle_ms = 1_000;
-        c.listener = eddy::api::ListenerLimits {
+        c.config.watch_idle = Duration::from_millis(1_000);
+        c.config.listener = eddy::api::ListenerLimits {
             max_connections: 1,
             ..Default::default()
         };
@@ -632,7 +631,7 @@ async fn a_full_dedup_table_makes_puts_answer_429() {
     use tower::ServiceExt;
 
     let limit = 24 * 1024 * 1024;
-    let c = Cluster::configured(1, |c| c.max_memory_bytes = limit).await;
+    let c = Cluster::configured(1, |c| c.config.max_memory_bytes = limit).await;
     let node = c.node(1);
     create_service_with(node, ServiceConfig::default()).await;
     let app = eddy::api::router(node.app_state.clone());
@@ -730,7 +729,7 @@ async fn a_follower_left_with_a_leader_without_quorum_gives_up_its_lease() {
 async fn accepted_connections_detect_a_dead_peer_within_the_watch_idle_limit() {
     use std::os::fd::BorrowedFd;
 
-    let c = Cluster::configured(1, |c| c.watch_idle_ms = 6_000).await;
+    let c = Cluster::configured(1, |c| c.config.watch_idle = Duration::from_millis(6_000)).await;
     let server = c.node(1).http_addr;
     let client = tokio::net::TcpStream::connect(server).await.unwrap();
     let ours = client.local_addr().unwrap();
@@ -787,7 +786,7 @@ async fn a_stuck_http_stream_watcher_gives_up_its_item_at_the_hold_limit() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let hold = Duration::from_millis(1_500);
-    let c = Cluster::configured(1, |c| c.watch_max_hold_ms = hold.as_millis() as u64).await;
+    let c = Cluster::configured(1, |c| c.config.watch_max_hold = Some(hold)).await;
     let node = c.node(1);
     create_service_with(
         node,
@@ -1087,16 +1086,7 @@ async fn a_healed_leader_evicts_no_consumer_of_the_majority() {
 /// timeouts, every follower closed every watcher at each leader failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_keep_their_watchers_when_the_leader_dies() {
-    use eddy::server::{DEFAULT_ELECTION_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_NODE_LOST_MS};
-
-    let mut c = Cluster::configured(3, |c| {
-        c.timings = (
-            DEFAULT_HEARTBEAT_MS,
-            DEFAULT_ELECTION_TIMEOUT_MS,
-            DEFAULT_NODE_LOST_MS,
-        )
-    })
-    .await;
+    let mut c = Cluster::configured(3, |c| c.config.timings = Default::default()).await;
     let (old, mut watchers) = a_holding_watcher_on_each_follower(&c).await;
     let followers: Vec<u64> = watchers.iter().map(|w| w.0).collect();
     c.stop(old).await;

@@ -41,7 +41,7 @@ async fn without_an_admin_token_only_local_callers_are_admins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_service_cannot_be_taken_over_by_re_creating_it() {
     let mut c = Cluster::new(1, 20_000).await;
-    c.admin_token = "admin-secret".into();
+    c.config.admin_token = "admin-secret".into();
     c.stop(1).await;
     c.restart(1).await;
     let admin = Some("admin-secret");
@@ -92,7 +92,7 @@ async fn an_existing_service_cannot_be_taken_over_by_re_creating_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_bodies_are_small_and_read_only_after_authentication() {
     let mut c = Cluster::new(1, 20_000).await;
-    c.admin_token = "admin-secret".into();
+    c.config.admin_token = "admin-secret".into();
     c.stop(1).await;
     c.restart(1).await;
     let big = format!(r#"{{"name":"demo","token":"{}"}}"#, "x".repeat(1 << 20));
@@ -123,8 +123,8 @@ async fn status_routes_can_require_a_token() {
             StatusCode::OK
         );
     }
-    c.status_token = "scraper".into();
-    c.admin_token = "admin-secret".into();
+    c.config.status_token = "scraper".into();
+    c.config.admin_token = "admin-secret".into();
     c.stop(1).await;
     c.restart(1).await;
     for path in ["/metrics", "/admin/cluster"] {
@@ -157,7 +157,7 @@ async fn status_routes_can_require_a_token() {
 /// even where status routes are open), and it answers the applied index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_digest_is_for_administrators() {
-    let c = Cluster::configured(1, |c| c.admin_token = "the-admin-token".into()).await;
+    let c = Cluster::configured(1, |c| c.config.admin_token = "the-admin-token".into()).await;
     // A new leader applies its first entry a moment after it is elected.
     eventually("the first entry applied", Duration::from_secs(10), || {
         c.node(1).node.status().applied.is_some()

@@ -360,8 +360,8 @@ async fn membership_changes_reach_a_leader_serving_tls() {
         eddy::tls::generate(dir, None, &["node".to_string()], &[], false, false).unwrap();
     }
     let tls = client_port_tls(&ours, &ours.join("ca.pem"));
-    let mut c = Cluster::configured(3, |c| c.client_tls = Some(tls.clone())).await;
-    let token = c.admin_token.clone();
+    let mut c = Cluster::configured(3, |c| c.config.client_tls = Some(tls.clone())).await;
+    let token = c.config.admin_token.clone();
     let leader = c.leader().await;
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     let gone = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
@@ -371,9 +371,7 @@ async fn membership_changes_reach_a_leader_serving_tls() {
     blind.client_tls = Some(
         eddy::tls::ClientPortTls::load(&ours.join("node.pem"), &ours.join("node-key.pem")).unwrap(),
     );
-    let refusal = eddy::server::check_settings(&blind)
-        .unwrap_err()
-        .to_string();
+    let refusal = blind.check().unwrap_err().to_string();
     assert!(refusal.contains("--tls-ca"), "{refusal}");
 
     let path = format!("/admin/cluster/members/{gone}");

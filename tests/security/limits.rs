@@ -83,7 +83,7 @@ async fn half_sent_requests_time_out_and_connections_are_limited() {
     use tokio::net::TcpStream;
 
     let c = Cluster::configured(1, |c| {
-        c.listener = eddy::api::ListenerLimits {
+        c.config.listener = eddy::api::ListenerLimits {
             max_connections: 8,
             header_read_timeout: Duration::from_millis(500),
             ..Default::default()
@@ -117,7 +117,7 @@ async fn connections_that_send_no_request_give_up_their_slots() {
     use tokio::net::TcpStream;
 
     let c = Cluster::configured(1, |c| {
-        c.listener = eddy::api::ListenerLimits {
+        c.config.listener = eddy::api::ListenerLimits {
             max_connections: 4,
             header_read_timeout: Duration::from_millis(500),
             ..Default::default()
@@ -186,7 +186,7 @@ async fn half_sent_body_times_out() {
     use tokio::net::TcpStream;
 
     let mut c = Cluster::new(1, 20_000).await;
-    c.listener = eddy::api::ListenerLimits {
+    c.config.listener = eddy::api::ListenerLimits {
         body_timeout: Duration::from_millis(700),
         ..Default::default()
     };

@@ -77,9 +77,8 @@ impl RaftNode {
             if !self.holds_lease() {
                 continue;
             }
-            let limit = Duration::from_millis(self.settings.node_lost_ms);
-            let old_leader_limit =
-                limit.min(Duration::from_millis(self.settings.election_timeout_ms));
+            let limit = self.config.timings.node_lost;
+            let old_leader_limit = self.config.timings.predecessor_wait();
             // A new leader gives every member a full timeout to ack, except
             // the old leader, whose silence already caused the election.
             let lost: BTreeSet<u64> = if since.elapsed() >= limit {
@@ -123,7 +122,7 @@ impl RaftNode {
             now_ms: self.wall_clock_ms(),
             command,
         };
-        let timeout = Duration::from_millis(self.settings.node_lost_ms);
+        let timeout = self.config.timings.node_lost;
         match tokio::time::timeout(timeout, self.write_local(envelope)).await {
             Ok(Ok(Reply::Rejected(r))) => Err(ProposeError::Refused(r.to_string())),
             Ok(r) => r,

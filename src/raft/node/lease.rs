@@ -4,52 +4,6 @@
 
 use super::*;
 
-/// The margin by which a lease ends before anyone may move the items of
-/// the watchers it covers: a fifth of node-lost, at least 250 ms.
-pub(super) fn lease_margin(node_lost_ms: u64) -> u64 {
-    (node_lost_ms / 5).max(250)
-}
-
-/// The lease a leader holds with these timings, counted from the last time
-/// a quorum acknowledged it: node-lost less the margin, and at most two
-/// election timeouts.
-///
-/// The cap is what makes a partitioned leader safe: openraft refuses to vote
-/// for `election_timeout_max` (two election timeouts, set in `start`) after
-/// a voter last heard its leader, so no new leader exists before the old
-/// one's lease has run out; the new leader then waits one more election
-/// timeout before releasing the old leader's consumers (housekeeping).
-pub fn lease_for(node_lost_ms: u64, election_timeout_ms: u64) -> Duration {
-    Duration::from_millis(
-        node_lost_ms
-            .saturating_sub(lease_margin(node_lost_ms))
-            .min(election_timeout_ms.saturating_mul(2))
-            .max(1),
-    )
-}
-
-/// The lease any other member holds, counted from the last time a quorum
-/// acknowledged the leader it last accepted replication from: node-lost
-/// less the margin.
-///
-/// No leader can release a member's consumers sooner: the leader it
-/// followed waits node-lost after the member's last acknowledgement, which
-/// came after that quorum acknowledgement; a new leader is elected only
-/// after it (a quorum stopped acknowledging the old leader to vote) and
-/// waits node-lost from its election. Only the previous leader gets a
-/// shorter wait, and a member that followed another leader since is not
-/// it. Longer than two election timeouts (the earliest a new leader can be
-/// elected) with the default timings, so the followers of a leader that
-/// dies keep their watchers through the election. Eddy never transfers
-/// leadership, which would skip the vote refusal these bounds rely on.
-pub fn member_lease_for(node_lost_ms: u64) -> Duration {
-    Duration::from_millis(
-        node_lost_ms
-            .saturating_sub(lease_margin(node_lost_ms))
-            .max(1),
-    )
-}
-
 impl RaftNode {
     /// Whether this node may take watch connections (it announced its
     /// start, so no consumer state from before can be mistaken for new).
@@ -105,19 +59,16 @@ impl RaftNode {
     }
 
     /// How long the leader may serve watchers after a quorum last
-    /// acknowledged it ([`lease_for`]).
+    /// acknowledged it ([`crate::config::Timings::leader_lease`]).
     pub fn leader_lease(&self) -> Duration {
-        lease_for(
-            self.settings.node_lost_ms,
-            self.settings.election_timeout_ms,
-        )
+        self.config.timings.leader_lease()
     }
 
     /// How long any other member may serve watchers after the leader it
     /// last accepted replication from was last acknowledged by a quorum
-    /// ([`member_lease_for`]).
+    /// ([`crate::config::Timings::member_lease`]).
     pub fn member_lease(&self) -> Duration {
-        member_lease_for(self.settings.node_lost_ms)
+        self.config.timings.member_lease()
     }
 
     /// Whether this node is in touch with a working cluster: a leader whose
@@ -144,12 +95,7 @@ impl RaftNode {
                 // whose consumers that leader may release after the shorter
                 // wait (housekeeping) if no ack of it arrived by then: it
                 // takes no member lease until that wait has passed.
-                let predecessor_wait = Duration::from_millis(
-                    self.settings
-                        .node_lost_ms
-                        .min(self.settings.election_timeout_ms)
-                        + lease_margin(self.settings.node_lost_ms),
-                );
+                let predecessor_wait = self.config.timings.no_member_lease_after_leading();
                 if self
                     .led_until
                     .lock()

@@ -11,7 +11,7 @@ impl RaftNode {
         raft_addr: String,
         api_addr: String,
     ) -> Result<(), ProposeError> {
-        if self.settings.admin_token.is_empty() {
+        if self.config.admin_token.is_empty() {
             return Err(ProposeError::Refused(
                 "a cluster of more than one node needs an admin token on every node; \
                  this node has none"

@@ -28,7 +28,8 @@
 //! last quorum acknowledgement with every replication request, and the
 //! member counts from the last request it accepted minus that age), closes
 //! its watchers and is not ready, before any leader would move its
-//! consumers' items. Both are shorter than `node_lost_ms`.
+//! consumers' items. Both are shorter than node-lost (the timings and the
+//! leases derived from them are in [`crate::config::Timings`]).
 
 mod clock;
 mod housekeeping;
@@ -38,10 +39,7 @@ mod propose;
 mod reads;
 mod status;
 
-pub use lease::{lease_for, member_lease_for};
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -61,6 +59,7 @@ use super::pb::raft_client::RaftClient;
 use super::service::{PeerServer, PeerService};
 use super::state_machine::{SharedState, StateMachine};
 use super::types::{NodeInfo, Raft};
+use crate::config::NodeConfig;
 use crate::queue::{Command, Envelope, Event, QueueState, Reply};
 
 /// Take a snapshot (and purge the log behind it) once the entries held in
@@ -70,6 +69,11 @@ const SNAPSHOT_LOG_BYTES: u64 = 256 * 1024 * 1024;
 
 /// How long a stopping node's peer server may take to finish its calls.
 const PEER_SERVER_DRAIN: Duration = Duration::from_millis(500);
+
+/// The peer server pings a connection quiet for this long, and closes it
+/// when the ping is not answered within [`PEER_KEEPALIVE_TIMEOUT`].
+const PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Largest peer message decoded: replies, and the replication calls.
 /// Replication reads are capped by bytes well below this, and a single entry
@@ -83,39 +87,6 @@ pub struct Peer {
     pub id: u64,
     pub raft_addr: String,
     pub api_addr: String,
-}
-
-/// Everything a node needs to join or form its cluster.
-#[derive(Debug, Clone)]
-pub struct RaftSettings {
-    pub id: u64,
-    pub data_dir: PathBuf,
-    /// Where the gRPC server listens.
-    pub raft_listen: SocketAddr,
-    /// How peers reach this node's gRPC server and HTTP API.
-    pub advertise: Peer,
-    /// All initial members, including this node. Empty or just this node
-    /// means a single-node cluster.
-    pub peers: Vec<Peer>,
-    pub secret: String,
-    /// Mutual TLS between nodes: this node's certificate and key, and the
-    /// CA that peers' certificates must chain to.
-    pub peer_tls: Option<crate::tls::TlsIdentity>,
-    /// The admin token; admin commands forwarded to the leader carry proof
-    /// of it.
-    pub admin_token: String,
-    pub heartbeat_ms: u64,
-    pub election_timeout_ms: u64,
-    /// A member silent this long is declared gone (its consumers' items move).
-    pub node_lost_ms: u64,
-    pub snapshot_every: u64,
-    /// Never form a cluster: wait to be added to an existing one.
-    pub join: bool,
-    /// New data is refused (507) while less than this is free on the data
-    /// volume; 0 turns the check off.
-    pub min_free_disk_bytes: u64,
-    /// Connection limit and timeouts of the peer gRPC port.
-    pub peer_listener: super::PeerListenerLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +176,10 @@ pub struct RaftNode {
     /// The term, time and instant of this node's last cluster-clock
     /// reading ([`RaftNode::cluster_clock_ms`]).
     clock_anchor: std::sync::Mutex<Option<(u64, u64, std::time::Instant)>>,
-    settings: RaftSettings,
+    /// The node's configuration, as it was started with it.
+    config: Arc<NodeConfig>,
+    /// How peers reach this node's gRPC server and HTTP API.
+    advertise: Peer,
     stopping: tokio::sync::watch::Sender<bool>,
     /// Set once this node announced that consumers it held before a restart
     /// are gone; watches are refused on this node until then.
@@ -224,96 +198,119 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// openraft's configuration for these settings.
+fn openraft_config(config: &NodeConfig) -> anyhow::Result<Config> {
+    let timings = config.timings;
+    Ok(Config {
+        cluster_name: "eddy".into(),
+        heartbeat_interval: timings.heartbeat.as_millis() as u64,
+        election_timeout_min: timings.election_timeout.as_millis() as u64,
+        // Also openraft's leader lease (votes refused this long after the
+        // last heartbeat), which `Timings::leader_lease` stays within.
+        election_timeout_max: timings.election_timeout.as_millis() as u64 * 2,
+        enable_pre_vote: Some(true),
+        broadcast_submitted_on_append: Some(true),
+        // A restarted leader stands for election like any node. Entries go
+        // to followers before the leader's own write of them is durable; a
+        // leader killed before that write and restored in its old term would
+        // hand out log ids (term, index) that a follower already holds for
+        // other entries, and that follower would apply its own entry where
+        // the others apply the new one.
+        enable_leader_restore: Some(false),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: config.snapshot_every.min(1000),
+        purge_batch_size: 256,
+        // The base of a transfer's deadline; the network adds time for the
+        // snapshot's size.
+        install_snapshot_timeout: super::network::SNAPSHOT_TRANSFER_BASE.as_millis() as u64,
+        ..Default::default()
+    }
+    .validate()?)
+}
+
 impl RaftNode {
     /// Open storage, start openraft and the peer gRPC server, and form the
-    /// cluster if it was never formed. Returns the node and the stream of
-    /// state-machine events for the watch hub.
+    /// cluster if it was never formed. `advertise` is how peers reach this
+    /// node. Returns the node and the stream of state-machine events for
+    /// the watch hub.
     pub async fn start(
-        settings: RaftSettings,
+        config: Arc<NodeConfig>,
+        advertise: Peer,
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Event>>)> {
         let health = StorageHealth::new();
-        std::fs::create_dir_all(&settings.data_dir)?;
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir)?;
         let disk = DiskGuard::new(
-            settings.data_dir.clone(),
-            settings.min_free_disk_bytes,
-            vec![super::snapshot_file::current_path(
-                &settings.data_dir.join("state"),
-            )],
+            data_dir.clone(),
+            config.min_free_disk_bytes,
+            vec![super::snapshot_file::current_path(&data_dir.join("state"))],
         );
-        let log = LogStore::open(&settings.data_dir.join("raft"), health.clone())?;
-        let (sm, events) = StateMachine::open(&settings.data_dir.join("state"), health.clone())?;
+        let log = LogStore::open(&data_dir.join("raft"), health.clone())?;
+        let (sm, events) = StateMachine::open(&data_dir.join("state"), health.clone())?;
         let shared = sm.shared();
-        let config = Config {
-            cluster_name: "eddy".into(),
-            heartbeat_interval: settings.heartbeat_ms,
-            election_timeout_min: settings.election_timeout_ms,
-            // Also openraft's leader lease (votes refused this long after
-            // the last heartbeat), which `lease_for` stays within.
-            election_timeout_max: settings.election_timeout_ms * 2,
-            enable_pre_vote: Some(true),
-            broadcast_submitted_on_append: Some(true),
-            // A restarted leader stands for election like any node. Entries
-            // go to followers before the leader's own write of them is
-            // durable; a leader killed before that write and restored in its
-            // old term would hand out log ids (term, index) that a follower
-            // already holds for other entries, and that follower would apply
-            // its own entry where the others apply the new one.
-            enable_leader_restore: Some(false),
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
-            max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
-            purge_batch_size: 256,
-            // The base of a transfer's deadline; the network adds time
-            // for the snapshot's size.
-            install_snapshot_timeout: super::network::SNAPSHOT_TRANSFER_BASE.as_millis() as u64,
-            ..Default::default()
-        }
-        .validate()?;
-        let channels = Channels::new(settings.peer_tls.as_ref());
+        let channels = Channels::new(config.peer_tls.as_ref());
         let quorum = Arc::new(LeaderQuorum::default());
         let links = LinkFaults::default();
         let network = Network {
             channels: channels.clone(),
-            secret: Arc::new(settings.secret.clone()),
+            secret: Arc::new(config.cluster_secret.clone()),
             quorum: quorum.clone(),
             links: links.clone(),
         };
-        let raft = Raft::new(settings.id, Arc::new(config), network, log.clone(), sm).await?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(openraft_config(&config)?),
+            network,
+            log.clone(),
+            sm,
+        )
+        .await?;
         quorum.set(raft.metrics());
         let node = Arc::new(Self {
-            id: settings.id,
+            id: config.id,
             raft,
             shared,
             log,
             health,
             disk,
-            secret: settings.secret.clone(),
+            secret: config.cluster_secret.clone(),
             channels,
             links,
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             clock_anchor: std::sync::Mutex::new(None),
             led_until: std::sync::Mutex::new(None),
             peer_server: std::sync::Mutex::new(None),
-            settings: settings.clone(),
+            config,
+            advertise,
             stopping: tokio::sync::watch::Sender::new(false),
             watchers_welcome: std::sync::atomic::AtomicBool::new(false),
             leader_contact: std::sync::Mutex::new(None),
             peer_contact: std::sync::Mutex::new(BTreeMap::new()),
         });
+        node.serve_peers().await?;
+        node.initialize_if_pristine().await?;
+        tokio::spawn(node.clone().housekeeping());
+        tokio::spawn(node.disk.clone().run(node.stopped()));
+        Ok((node, events))
+    }
 
+    /// Start the gRPC server that peers call (replication, votes,
+    /// forwarded commands), on `raft_listen`, until shutdown.
+    async fn serve_peers(self: &Arc<Self>) -> anyhow::Result<()> {
         // The secret is checked on the headers first; each method's decode
         // limit then applies to the messages of an authenticated call.
         let contacts = Arc::new(super::listener::PeerContacts::default());
         let service = tonic::service::interceptor::InterceptedService::new(
-            PeerServer::new(PeerService { node: node.clone() }),
-            super::service::authenticate(settings.secret.clone(), contacts.clone()),
+            PeerServer::new(PeerService { node: self.clone() }),
+            super::service::authenticate(self.secret.clone(), contacts.clone()),
         );
-        let limits = settings.peer_listener;
+        let limits = self.config.peer_listener;
         let mut server = tonic::transport::Server::builder()
             // The server pings a connection that stays quiet, and closes it
             // when the ping is not answered.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-        if let Some(id) = &settings.peer_tls {
+            .http2_keepalive_interval(Some(PEER_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(PEER_KEEPALIVE_TIMEOUT));
+        if let Some(id) = &self.config.peer_tls {
             use tonic::transport::{Certificate, Identity, ServerTlsConfig};
             server = server.tls_config(
                 ServerTlsConfig::new()
@@ -322,8 +319,8 @@ impl RaftNode {
                     .timeout(limits.handshake),
             )?;
         }
-        let listener = tokio::net::TcpListener::bind(settings.raft_listen).await?;
-        let stopped = node.stopped();
+        let listener = tokio::net::TcpListener::bind(self.config.raft_listen).await?;
+        let stopped = self.stopped();
         let peer_server = tokio::spawn(async move {
             // No per-request timeout: a snapshot upload may rightly take
             // long (the sender bounds it by its size), and a caller without
@@ -337,12 +334,8 @@ impl RaftNode {
                 tracing::error!(error = %e, "raft gRPC server stopped");
             }
         });
-        *node.peer_server.lock().unwrap() = Some(peer_server);
-
-        node.initialize_if_pristine().await?;
-        tokio::spawn(node.clone().housekeeping());
-        tokio::spawn(node.disk.clone().run(node.stopped()));
-        Ok((node, events))
+        *self.peer_server.lock().unwrap() = Some(peer_server);
+        Ok(())
     }
 
     /// Resolves once [`RaftNode::shutdown`] was called.
@@ -373,9 +366,9 @@ impl RaftNode {
     }
 
     fn members(&self) -> BTreeMap<u64, NodeInfo> {
-        let mut peers = self.settings.peers.clone();
+        let mut peers = self.config.peers.clone();
         if !peers.iter().any(|p| p.id == self.id) {
-            peers.push(self.settings.advertise.clone());
+            peers.push(self.advertise.clone());
         }
         peers
             .into_iter()
@@ -388,7 +381,7 @@ impl RaftNode {
     async fn initialize_if_pristine(&self) -> anyhow::Result<()> {
         let members = self.members();
         let lowest = *members.keys().next().expect("at least this node");
-        if self.settings.join || lowest != self.id || self.raft.is_initialized().await? {
+        if self.config.join || lowest != self.id || self.raft.is_initialized().await? {
             return Ok(());
         }
         match self.raft.initialize(members).await {
@@ -400,7 +393,7 @@ impl RaftNode {
 
     /// Where snapshot files live; received ones are written here too.
     pub(crate) fn snapshot_dir(&self) -> PathBuf {
-        self.settings.data_dir.join("state")
+        self.config.data_dir.join("state")
     }
 
     /// A fingerprint of the applied state (index and CRC-32). Encodes the
@@ -430,20 +423,20 @@ impl RaftNode {
 
     #[cfg(test)]
     pub(crate) fn settings_raft_addr(&self) -> String {
-        self.settings.advertise.raft_addr.clone()
+        self.advertise.raft_addr.clone()
     }
 
     /// Whether `proof` shows knowledge of this node's admin token. A node
     /// without one takes no forwarded admin command: only a single node
     /// runs without a token, and nobody forwards to it.
     pub(crate) fn admin_proof_matches(&self, proof: &[u8]) -> bool {
-        !self.settings.admin_token.is_empty()
-            && crate::secret::matches_digest(proof, self.settings.admin_token.as_bytes())
+        !self.config.admin_token.is_empty()
+            && crate::secret::matches_digest(proof, self.config.admin_token.as_bytes())
     }
 
     /// Whether peers talk to this node over mutual TLS.
     pub(crate) fn uses_peer_tls(&self) -> bool {
-        self.settings.peer_tls.is_some()
+        self.config.peer_tls.is_some()
     }
 
     pub fn node_info(&self, id: u64) -> Option<NodeInfo> {

@@ -162,7 +162,7 @@ impl RaftNode {
     ) -> Result<Reply, ProposeError> {
         let mut client = self.peer_client(leader)?;
         let admin_proof = match origin {
-            Origin::Admin => crate::secret::digest(self.settings.admin_token.as_bytes()).to_vec(),
+            Origin::Admin => crate::secret::digest(self.config.admin_token.as_bytes()).to_vec(),
             Origin::DataPlane => Vec::new(),
         };
         let req = authorized(
