@@ -224,6 +224,27 @@ struct Outbox<'a> {
     events: &'a mut Vec<Event>,
 }
 
+/// One connection of a consumer, as a `Detach` names it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerConnection<'a> {
+    pub group: &'a str,
+    pub user: &'a str,
+    pub connection: u64,
+}
+
+/// Items a consumer of `group` hands back (`Negative`), with the message
+/// they keep: each is delivered again, or dead-lettered once it was
+/// delivered `max_delivery` times (0: never).
+#[derive(Debug, Clone)]
+pub struct HandBack<'a> {
+    pub group: &'a str,
+    pub indexes: &'a [u64],
+    pub message: String,
+    pub max_delivery: u32,
+}
+
+/// One queue (the input or the sink of a service): its items, its
+/// consumer groups with what each holds, and its dead letters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Queue {
     pub items: BTreeMap<u64, Item>,
@@ -579,16 +600,21 @@ impl Queue {
         }
     }
 
+    /// Items handed back by a consumer go back to their group (or to the
+    /// dead letters); items it does not hold are ignored.
     pub fn negative(
         &mut self,
         qref: &QueueRef,
-        group_id: &str,
-        indexes: &[u64],
-        message: String,
-        max_delivery: u32,
+        hand_back: HandBack<'_>,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
+        let HandBack {
+            group: group_id,
+            indexes,
+            message,
+            max_delivery,
+        } = hand_back;
         let mut changed = false;
         for &index in indexes {
             let held = self
@@ -706,17 +732,24 @@ impl Queue {
         self.dispatch_group(qref, &spec.group, now_ms, events);
     }
 
+    /// A consumer's connection ended: the consumer leaves at once when it
+    /// holds nothing (or the service has no grace period), else it keeps
+    /// its items for `grace_ms` (see [`Self::expire`]). A connection the
+    /// consumer no longer uses (it reconnected) changes nothing.
     pub fn detach(
         &mut self,
         qref: &QueueRef,
-        group_id: &str,
-        user: &str,
-        connection: u64,
+        ended: ConsumerConnection<'_>,
         grace_ms: u64,
         max_delivery: u32,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
+        let ConsumerConnection {
+            group: group_id,
+            user,
+            connection,
+        } = ended;
         let Some(group) = self.groups.get_mut(group_id) else {
             return;
         };

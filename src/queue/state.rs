@@ -23,7 +23,7 @@ use super::command::{
     Command, ConsumerSpec, Envelope, Event, NewItem, NodeId, QueueKind, QueueRef, Rejection, Reply,
     ServiceConfig,
 };
-use super::one_queue::{Queue, validate_request_id};
+use super::one_queue::{ConsumerConnection, HandBack, Queue, validate_request_id};
 
 /// How long, in envelope time, an applied command id is remembered: the
 /// propose deadline (5 s) plus a wide margin for clock differences between
@@ -504,15 +504,14 @@ impl QueueState {
             (true, false) => reason.to_string(),
             (false, false) => format!("{code}: {reason}"),
         };
-        svc.queue_mut(queue.kind).negative(
-            queue,
+        let hand_back = HandBack {
             group,
             indexes,
             message,
             max_delivery,
-            now_ms,
-            events,
-        );
+        };
+        svc.queue_mut(queue.kind)
+            .negative(queue, hand_back, now_ms, events);
         svc.trim_dead_letters();
         Ok(Reply::Done)
     }
@@ -546,16 +545,13 @@ impl QueueState {
     ) -> Result<Reply, Rejection> {
         let svc = self.service_mut(&queue.service)?;
         let (grace, max_delivery) = (svc.config.consumer_grace_ms, svc.config.max_delivery);
-        svc.queue_mut(queue.kind).detach(
-            queue,
+        let ended = ConsumerConnection {
             group,
             user,
             connection,
-            grace,
-            max_delivery,
-            now_ms,
-            events,
-        );
+        };
+        svc.queue_mut(queue.kind)
+            .detach(queue, ended, grace, max_delivery, now_ms, events);
         svc.trim_dead_letters();
         Ok(Reply::Done)
     }
