@@ -345,7 +345,10 @@ mod tests {
             election_timeout: ms(500),
             node_lost: ms(500),
         };
-        assert!(matches!(short_lost.check(), Err(ConfigError::Timings { .. })));
+        assert!(matches!(
+            short_lost.check(),
+            Err(ConfigError::Timings { .. })
+        ));
         let slow_heartbeat = Timings {
             heartbeat: ms(400),
             election_timeout: ms(500),

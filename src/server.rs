@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{AppState, Hub, MemoryBudget, router};
-use crate::queue::{Command, Rejection, Reply};
 use crate::config::NodeConfig;
+use crate::queue::{Command, Rejection, Reply};
 use crate::raft::{Peer, RaftNode};
 
 /// How often a node checks its lease (watchers are closed within this of

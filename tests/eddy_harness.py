@@ -1,4 +1,5 @@
-"""Fixtures that run real `eddy serve` processes for the SDK tests.
+"""Real `eddy serve` processes for the Python tests (tests/sdk, tests/system,
+tests/deploy); the fixtures built on them are in tests/conftest.py.
 
 The binary is taken from EDDY_BIN, or target/release/eddy, or
 target/debug/eddy. Every node gets its own temporary data directory and
@@ -10,14 +11,11 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.request
 import uuid
 
-import pytest
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def eddy_binary():
@@ -114,20 +112,6 @@ class Node:
         return name
 
 
-@pytest.fixture(scope="session")
-def node():
-    with tempfile.TemporaryDirectory(prefix="eddy-sdk-") as d:
-        n = Node(d).start()
-        yield n
-        n.kill(signal.SIGTERM)
-
-
-@pytest.fixture
-def tmpdir_factory_path():
-    with tempfile.TemporaryDirectory(prefix="eddy-test-") as d:
-        yield d
-
-
 class Cluster:
     """Three `eddy serve` processes on loopback forming one cluster."""
 
@@ -172,11 +156,3 @@ class Cluster:
     def kill_all(self):
         for n in self.nodes:
             n.kill()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with tempfile.TemporaryDirectory(prefix="eddy-cluster-") as d:
-        c = Cluster(d).start()
-        yield c
-        c.kill_all()

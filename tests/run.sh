@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds Eddy and runs every test layer: the state machine and storage unit
-# and property tests, the in-process cluster tests, and the official Python
-# SDK against live `eddy serve` processes. Installs what it needs.
+# and property tests, the in-process cluster tests, the official Python SDK
+# and the raw protocol against live `eddy serve` processes, those processes
+# under kills, restarts and storage faults, and the deployment files.
+# Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,14 +16,21 @@ cargo test --release --locked -- --skip security_
 echo "== Security tests (tests/security: admin, peers, limits, floods; fuzzing runs in the unit tests)"
 cargo test --release --locked --test integration security_
 
-echo "== Python SDK tests"
+echo "== Python SDK tests (tests/sdk: official eas-prediction SDK and raw protocol against a live node)"
 VENV=target/venv
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check \
   "eas-prediction==0.36" "pytest>=7" "pytest-timeout>=2" "websocket-client>=1" "pyyaml>=6"
-EDDY_BIN="$PWD/target/release/eddy" "$VENV/bin/python" -m pytest tests/sdk -q
+export EDDY_BIN="$PWD/target/release/eddy"
+"$VENV/bin/python" -m pytest tests/sdk -q
+
+echo "== System tests (processes: kills, restarts, storage faults, engine)"
+"$VENV/bin/python" -m pytest tests/system -q
+
+echo "== Deploy tests (tests/deploy: Compose file, Kubernetes manifests, image build script)"
+"$VENV/bin/python" -m pytest tests/deploy -q
 
 echo "== Fault suite (Compose cluster: kill -9, SIGSTOP, partition, full restart)"
 if ! docker info >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&1; then

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use eddy::config::{NodeConfig, Timings};
 use eddy::queue::{QueueLimits, ServiceConfig};
 use eddy::raft::Peer;
-use eddy::config::{NodeConfig, Timings};
 use eddy::server::start;
 
 use super::{AdminToken, read_secret_file, terminated};
@@ -316,7 +316,8 @@ fn node_config(a: ServeArgs) -> anyhow::Result<NodeConfig> {
             ..Default::default()
         },
         watch_idle: Duration::from_millis(a.watch_idle_ms),
-        watch_max_hold: (a.watch_max_hold_ms > 0).then(|| Duration::from_millis(a.watch_max_hold_ms)),
+        watch_max_hold: (a.watch_max_hold_ms > 0)
+            .then(|| Duration::from_millis(a.watch_max_hold_ms)),
         max_memory_bytes: a
             .max_memory_bytes
             .unwrap_or_else(eddy::server::default_max_memory_bytes),
@@ -358,8 +359,8 @@ fn client_port_tls(a: &ServeArgs) -> anyhow::Result<Option<eddy::tls::ClientPort
     let tls = eddy::tls::ClientPortTls::load(cert, key)?;
     match a.tls_ca.as_ref().or(a.peer_tls_ca.as_ref()) {
         Some(ca) => {
-            let pem =
-                std::fs::read(ca).with_context(|| format!("reading the TLS CA {}", ca.display()))?;
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the TLS CA {}", ca.display()))?;
             Ok(Some(tls.with_ca(&pem)?))
         }
         None => Ok(Some(tls)),

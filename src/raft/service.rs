@@ -466,11 +466,11 @@ impl RaftService for PeerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{QueueKind, QueueRef};
-    use crate::raft::pb::raft_client::RaftClient;
     use crate::config::NodeConfig;
-    use std::time::Duration;
+    use crate::queue::{QueueKind, QueueRef};
     use crate::raft::Peer;
+    use crate::raft::pb::raft_client::RaftClient;
+    use std::time::Duration;
 
     fn tick() -> Command {
         Command::Tick
@@ -516,9 +516,7 @@ mod tests {
             raft_addr: config.advertise_raft.clone(),
             api_addr: "127.0.0.1:1".into(),
         };
-        let (node, _events) = RaftNode::start(Arc::new(config), advertise)
-            .await
-            .unwrap();
+        let (node, _events) = RaftNode::start(Arc::new(config), advertise).await.unwrap();
         node
     }
 

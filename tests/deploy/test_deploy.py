@@ -19,7 +19,7 @@ def manifests():
 
 
 def serve_flags():
-    from conftest import eddy_binary
+    from eddy_harness import eddy_binary
     out = subprocess.run([eddy_binary(), "serve", "--help"], capture_output=True, text=True, check=True).stdout
     return set(re.findall(r"\[env: (EDDY_[A-Z_]+)", out))
 
@@ -140,7 +140,7 @@ def test_build_script_makes_the_files_compose_mounts_and_keeps_the_ca_key_apart(
     """`eddy certs generate` as deploy/build-image.sh runs it writes every
     file docker-compose.yml gives the nodes, and the CA key only outside
     them."""
-    from conftest import eddy_binary
+    from eddy_harness import eddy_binary
     with open(os.path.join(ROOT, "deploy", "build-image.sh")) as f:
         script = f.read()
     [line] = [l for l in script.splitlines() if "certs generate" in l]

@@ -1,9 +1,9 @@
-//! In-process tests: clusters of several nodes in one test process on
-//! loopback ports, each with its own temporary data directory, and the
-//! security layer driven through the HTTP router.
+//! In-process tests, in layers: the HTTP API through the router (t10),
+//! clusters of several nodes (t20), failover (t30), restarts (t40) and
+//! watches (t50), all on the harness's in-process clusters; and the
+//! security tests of `tests/security`, driven the same way.
 
-mod cluster;
-mod delivery;
+mod harness;
 #[path = "../security/admin.rs"]
 mod security_admin;
 #[path = "../security/cluster_auth.rs"]
@@ -12,3 +12,8 @@ mod security_cluster_auth;
 mod security_limits;
 #[path = "../security/process.rs"]
 mod security_process;
+mod t10_api;
+mod t20_cluster;
+mod t30_failover;
+mod t40_restart;
+mod t50_watch;

@@ -16,7 +16,7 @@ import pytest
 import websocket
 from eas_prediction.queue_types.queueservice_pb2 import DataFrameListProto, DataFrameProto
 
-from conftest import wait_until
+from eddy_harness import wait_until
 
 TOKEN = "proto-token"
 PB = "application/vnd.google.protobuf"
@@ -243,7 +243,7 @@ def test_garbage_never_breaks_the_server(node, svc):
 
 
 def test_bare_root_paths_serve_the_default_service(tmpdir_factory_path):
-    from conftest import Node
+    from eddy_harness import Node
     n = Node(tmpdir_factory_path, extra=["--service", "bare:tk"]).start()
     try:
         status, body, headers = call(n, "POST", "/", "root", {"Authorization": "tk"})

@@ -9,7 +9,7 @@ import pytest
 from eas_prediction import QueueClient
 from eas_prediction.exception import PredictException
 
-from conftest import wait_until
+from eddy_harness import wait_until
 
 TOKEN = "sdk-token"
 

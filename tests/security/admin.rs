@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 
-use crate::cluster::{Cluster, call, eventually};
+use crate::harness::{Cluster, call, eventually};
 
 const LOCAL: [u8; 4] = [127, 0, 0, 1];
 const REMOTE: [u8; 4] = [10, 1, 2, 3];

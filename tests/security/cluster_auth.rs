@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cluster::{Cluster, call, free_port};
+use crate::harness::{Cluster, call, eventually, free_port};
 
 const LOCAL: [u8; 4] = [127, 0, 0, 1];
 
@@ -324,14 +324,12 @@ async fn a_member_restarted_without_a_token_refuses_loopback_admin_calls() {
     })
     .await
     .expect("a node without peers starts without a token");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.node(other).node.status().nodes.len() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted node forgot its cluster"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the restarted node knows its cluster",
+        Duration::from_secs(10),
+        || c.node(other).node.status().nodes.len() >= 3,
+    )
+    .await;
     let body = r#"{"name":"sneaky","token":""}"#;
     let (status, text) = call(&c, other, LOCAL, "POST", "/admin/services", None, body).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
@@ -377,11 +375,12 @@ async fn membership_changes_reach_a_leader_serving_tls() {
     let path = format!("/admin/cluster/members/{gone}");
     let (status, text) = call(&c, follower, LOCAL, "DELETE", &path, Some(&token), "").await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.node(leader).node.status().voters.contains(&gone) {
-        assert!(Instant::now() < deadline, "node {gone} is still a voter");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the removed node no longer a voter",
+        Duration::from_secs(10),
+        || !c.node(leader).node.status().voters.contains(&gone),
+    )
+    .await;
 
     // The follower restarted trusting another CA: the leader's certificate
     // does not verify, and nothing is sent.
@@ -391,11 +390,12 @@ async fn membership_changes_reach_a_leader_serving_tls() {
     })
     .await
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.node(follower).node.status().leader != Some(leader) {
-        assert!(Instant::now() < deadline, "the follower found no leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the follower found the leader",
+        Duration::from_secs(10),
+        || c.node(follower).node.status().leader == Some(leader),
+    )
+    .await;
     let path = format!("/admin/cluster/members/{follower}");
     let (status, text) = call(&c, follower, LOCAL, "DELETE", &path, Some(&token), "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");

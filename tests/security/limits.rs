@@ -3,18 +3,11 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
 
-use crate::cluster::{Cluster, eventually};
+use crate::harness::{Cluster, eventually, send};
 
 async fn call(c: &Cluster, req: Request<Body>) -> (StatusCode, String) {
-    let resp = eddy::api::router(c.node(1).app_state.clone())
-        .oneshot(req)
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, _, bytes) = send(c, 1, req).await;
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -30,7 +23,7 @@ fn queue_length(c: &Cluster) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_headers_and_tags_are_bounded() {
     let mut c = Cluster::new(1, 20_000).await;
-    crate::cluster::create_service(c.node(1)).await;
+    crate::harness::create_service(c.node(1)).await;
     let big_group = "g".repeat(60_000);
     let commit = Request::builder()
         .method("PUT")
@@ -192,7 +185,7 @@ async fn half_sent_body_times_out() {
     };
     c.stop(1).await;
     c.restart(1).await;
-    crate::cluster::create_service(c.node(1)).await;
+    crate::harness::create_service(c.node(1)).await;
     let mut s = TcpStream::connect(c.node(1).http_addr).await.unwrap();
     s.write_all(
         b"POST /api/predict/svc HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\nfirst bytes",
@@ -220,7 +213,7 @@ async fn half_sent_body_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_sub_paths_are_bounded() {
     let mut c = Cluster::new(1, 20_000).await;
-    crate::cluster::create_service(c.node(1)).await;
+    crate::harness::create_service(c.node(1)).await;
     let long = "p".repeat(2_000);
     let deep = vec!["s"; 40].join("/");
     for sub in [long.as_str(), deep.as_str(), "a/../b", "a/./b", "a//b"] {
@@ -249,7 +242,7 @@ async fn url_sub_paths_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_hand_back_reason_is_cut_to_fit() {
     let mut c = Cluster::new(1, 20_000).await;
-    crate::cluster::create_service(c.node(1)).await;
+    crate::harness::create_service(c.node(1)).await;
     let client = eddy::client::QueueClient::new(&c.node(1).http_addr.to_string(), "svc", "");
     let none = std::collections::BTreeMap::new();
     client
@@ -317,7 +310,7 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
     use std::time::Duration;
 
     let mut c = Cluster::new(1, 20_000).await;
-    crate::cluster::create_service(c.node(1)).await;
+    crate::harness::create_service(c.node(1)).await;
     let serve = |app: axum::Router| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -404,10 +397,10 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
             .node
             .read(|s| s.service("svc").map_or(0, |svc| svc.sink.len()))
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sink_len() == 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the result in the sink", Duration::from_secs(10), || {
+        sink_len() > 0
+    })
+    .await;
     assert_eq!(
         sink_len(),
         1,

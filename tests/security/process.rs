@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cluster::free_port;
+use crate::harness::free_port;
 
 /// A live `eddy serve` node on loopback; killed when dropped.
 struct LiveNode {

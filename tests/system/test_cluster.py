@@ -8,7 +8,7 @@ import uuid
 
 from eas_prediction import QueueClient
 
-from conftest import Cluster, wait_until
+from eddy_harness import Cluster, wait_until
 
 TOKEN = "cluster-token"
 

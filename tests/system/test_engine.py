@@ -12,7 +12,7 @@ import uuid
 import pytest
 from eas_prediction import QueueClient
 
-from conftest import eddy_binary, free_port, wait_until
+from eddy_harness import eddy_binary, free_port, wait_until
 
 TOKEN = "engine-token"
 

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Node, eddy_binary, wait_until
+from eddy_harness import Node, eddy_binary, wait_until
 
 MIB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import Node
+from eddy_harness import Node
 
 TOKEN = "restart-token"
 

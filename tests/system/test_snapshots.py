@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Cluster, Node, wait_until
+from eddy_harness import Cluster, Node, wait_until
 
 TOKEN = "snapshot-token"
 

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Node, wait_until
+from eddy_harness import Node, wait_until
 
 TOKEN = "storage-token"
 MiB = 1024 * 1024

@@ -23,7 +23,7 @@ import uuid
 
 import websocket
 
-from conftest import Node, eddy_binary, free_port, wait_until
+from eddy_harness import Node, eddy_binary, free_port, wait_until
 
 MIB = 1024 * 1024
 IDLE_MS = 3000
@@ -238,10 +238,14 @@ def test_http_stream_watcher_whose_host_died_is_dropped_within_the_idle_limit(tm
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("iptables"):
         import pytest
         pytest.skip("needs root, unshare and iptables for a private network namespace")
+    # The child runs this file as a script: tests/ on its PYTHONPATH gives
+    # it tests/eddy_harness.py.
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     out = subprocess.run(
         ["unshare", "--net", "--fork", sys.executable, __file__, "--dead-peer-child", tmpdir_factory_path],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "EDDY_BIN": eddy_binary()},
+        env={**os.environ, "EDDY_BIN": eddy_binary(), "PYTHONPATH": pythonpath},
     )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
