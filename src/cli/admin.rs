@@ -1,19 +1,14 @@
 //! Services and cluster membership, through a node's admin API.
 
-use anyhow::bail;
 use clap::{Args, Subcommand};
+use eddy::client::AdminClient;
 
-use super::{AdminToken, http_base};
+use super::{AdminToken, NodeEndpoint};
 
 #[derive(Args)]
 pub(crate) struct AdminArgs {
-    #[arg(
-        long,
-        short = 'e',
-        env = "EDDY_ENDPOINT",
-        default_value = "127.0.0.1:8080"
-    )]
-    pub(crate) endpoint: String,
+    #[command(flatten)]
+    pub(crate) node: NodeEndpoint,
     #[command(flatten)]
     pub(crate) admin_token: AdminToken,
 }
@@ -93,23 +88,8 @@ pub(crate) async fn admin_request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let token = admin.admin_token.value()?;
-    let http = reqwest::Client::new();
-    let mut rb = http
-        .request(method, format!("{}{path}", http_base(&admin.endpoint)))
-        .header("Authorization", token);
-    if let Some(b) = body {
-        rb = rb
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = rb.send().await?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    if !status.is_success() {
-        bail!("{status}: {}", text.trim());
-    }
-    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.trim().to_string())))
+    let client = AdminClient::new(&admin.node.endpoint, &admin.admin_token.value()?);
+    Ok(client.request(method, path, body).await?)
 }
 
 pub(crate) async fn service(cmd: ServiceCmd) -> anyhow::Result<()> {

@@ -51,7 +51,7 @@ pub(crate) fn percentiles(mut lat: Vec<u64>) -> (f64, f64, f64) {
 pub(crate) async fn bench_e2e(a: BenchArgs) -> anyhow::Result<()> {
     let input = client(&a.q);
     let sink = QueueClient::new(
-        &a.q.ep.endpoint,
+        &a.q.ep.node.endpoint,
         &format!("{}/sink", a.q.queue),
         &a.q.ep.token,
     );

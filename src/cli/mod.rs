@@ -66,9 +66,10 @@ pub(crate) enum Cmd {
     Certs(CertsCmd),
 }
 
+/// The node a command talks to (`-e`, any node of the cluster).
 #[derive(Args, Clone)]
-pub(crate) struct Endpoint {
-    /// Node address (any node of the cluster).
+pub(crate) struct NodeEndpoint {
+    /// Node address, `host:port` or a URL (any node of the cluster).
     #[arg(
         long,
         short = 'e',
@@ -76,6 +77,13 @@ pub(crate) struct Endpoint {
         default_value = "127.0.0.1:8080"
     )]
     pub(crate) endpoint: String,
+}
+
+/// A queue command's node, service token and output format.
+#[derive(Args, Clone)]
+pub(crate) struct Endpoint {
+    #[command(flatten)]
+    pub(crate) node: NodeEndpoint,
     /// Service token.
     #[arg(
         long,
@@ -132,14 +140,6 @@ pub(crate) fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Re
         anyhow::bail!("{} is empty: expected {what}", path.display());
     }
     Ok(value)
-}
-
-pub(crate) fn http_base(endpoint: &str) -> String {
-    if endpoint.contains("://") {
-        endpoint.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{endpoint}")
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -77,7 +77,7 @@ pub(crate) struct WatchArgs {
 }
 
 pub(crate) fn client(q: &QueueArgs) -> QueueClient {
-    QueueClient::new(&q.ep.endpoint, &q.queue, &q.ep.token)
+    QueueClient::new(&q.ep.node.endpoint, &q.queue, &q.ep.token)
 }
 
 pub(crate) fn parse_tags(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {

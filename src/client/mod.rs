@@ -1,5 +1,6 @@
-//! A small Rust client of the EAS queue protocol, used by the CLI (and
-//! usable by programs): put, get, commit, attributes, watch.
+//! A small Rust client of the EAS queue protocol, used by the CLI, the
+//! engine and the benchmark (and usable by programs): put, get, commit,
+//! attributes, watch; and of the admin API ([`AdminClient`]).
 //!
 //! Nothing it does waits without bound on a node that stopped answering:
 //! connecting is bounded by [`Timeouts::connect`], every request (and a
@@ -7,6 +8,10 @@
 //! it asked for, and an open watch pings the node and ends with
 //! [`ClientError::Timeout`] when nothing (frame, pong) arrived for
 //! [`Timeouts::idle`].
+
+mod admin;
+
+pub use admin::AdminClient;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,6 +40,16 @@ pub enum ClientError {
     Protocol(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+}
+
+/// The base URL of a node given as `host:port` (HTTP) or as a URL
+/// (`https://host:port`), without a trailing slash.
+pub fn base_url(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
 }
 
 /// How long the client waits on a node.
@@ -96,11 +111,7 @@ impl QueueClient {
     }
 
     pub fn with_timeouts(endpoint: &str, queue: &str, token: &str, timeouts: Timeouts) -> Self {
-        let base = if endpoint.contains("://") {
-            endpoint.to_string()
-        } else {
-            format!("http://{endpoint}")
-        };
+        let base = base_url(endpoint);
         let http = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
             .build()
@@ -108,7 +119,7 @@ impl QueueClient {
         Self {
             http,
             timeouts,
-            url: format!("{}/api/predict/{}", base.trim_end_matches('/'), queue),
+            url: format!("{base}/api/predict/{queue}"),
             token: token.to_string(),
             group: DEFAULT_GROUP.into(),
             user: uuid::Uuid::new_v4().to_string(),

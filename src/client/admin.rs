@@ -1,0 +1,61 @@
+//! A client of a node's admin API (`/admin/...`): services, cluster
+//! membership and status, as JSON. Every call carries the admin token and is
+//! bounded by the request timeout.
+
+use super::{ClientError, Timeouts, base_url};
+
+/// The admin API of one node (any node: calls it cannot serve itself, such
+/// as membership changes, it passes to the leader).
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    timeouts: Timeouts,
+}
+
+impl AdminClient {
+    pub fn new(endpoint: &str, token: &str) -> Self {
+        let timeouts = Timeouts::default();
+        Self {
+            http: reqwest::Client::builder()
+                .connect_timeout(timeouts.connect)
+                .build()
+                .unwrap_or_default(),
+            base: base_url(endpoint),
+            token: token.to_string(),
+            timeouts,
+        }
+    }
+
+    /// Call `method path` with an optional JSON body; the JSON answer (a
+    /// plain-text answer as a JSON string). A status other than 2xx is
+    /// [`ClientError::Status`] with the node's message.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(self.timeouts.request)
+            .header("Authorization", &self.token);
+        if let Some(b) = body {
+            rb = rb
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = rb.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                body: text.trim().to_string(),
+            });
+        }
+        Ok(serde_json::from_str(&text)
+            .unwrap_or_else(|_| serde_json::Value::String(text.trim().to_string())))
+    }
+}
