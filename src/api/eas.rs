@@ -16,14 +16,15 @@ use bytes::Buf as _;
 use http_body_util::BodyExt as _;
 use prost::Message as _;
 
-use super::params::{Query, identity, priority};
+use super::params::{identity, priority};
 use super::{ApiError, AppState, ConnectionCloser};
 use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{
-    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, attributes, validate_request_id,
+    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags, attributes,
+    validate_request_id,
 };
 
-use crate::protocol::{DUPLICATE_HEADER, REQUEST_ID_HEADER};
+use crate::protocol::{DUPLICATE_HEADER, GetOp, Query, QueueOp, REQUEST_ID_HEADER, ReadOp, param};
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -116,7 +117,7 @@ async fn predict(
 ) -> Response {
     let query = match Query::parse(query.as_deref()) {
         Ok(q) => q,
-        Err(e) => return e.into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let req = Request {
         method,
@@ -153,7 +154,7 @@ async fn bare(
     };
     let query = match Query::parse(query.as_deref()) {
         Ok(q) => q,
-        Err(e) => return e.into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let req = Request {
         method,
@@ -256,88 +257,67 @@ fn wants_protobuf(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains(PROTOBUF_MEDIA_TYPE))
 }
 
+/// Authorize, parse, execute: a request to a queue URL.
 async fn handle(state: Arc<AppState>, target: Target, req: Request) -> Result<Response, ApiError> {
     let limit = authorize(&state, &target.queue, &req.headers)?;
-    let q = &req.query;
-    match req.method {
-        Method::POST if q.flag("_eos_")? => {
-            let force = q.flag("_force_")?;
-            expect_done(
-                state
-                    .node
-                    .propose(Command::End {
-                        queue: target.queue,
-                        force,
-                    })
-                    .await?,
-            )?;
-            Ok("OK".into_response())
-        }
-        Method::POST if q.get("_complete_").is_some() => complete(&state, target, req, limit).await,
-        Method::POST => put(&state, target, req, limit).await,
-        Method::GET if q.flag("_watch_")? || req.ws.is_ok() => {
-            super::watch::watch(state, target.queue, req).await
-        }
-        // Reads observe every write acknowledged before them (read index
-        // through the leader), unless the caller asks for a local read.
-        Method::GET if !q.flag("_local_")? && !q.flag_or("_auto_delete_", false)? => {
-            state.node.linearize().await?;
-            read(&state, target, req).await
-        }
-        Method::GET => read(&state, target, req).await,
-        Method::DELETE if q.flag("_trunc_")? => {
-            let before = match q.start_index()? {
-                Some(i) => i,
-                None => {
-                    return Err(ApiError::BadRequest(
-                        "_index_ must be an index for truncate".into(),
-                    ));
-                }
-            };
-            expect_done(
-                state
-                    .node
-                    .propose(Command::Truncate {
-                        queue: target.queue,
-                        before,
-                    })
-                    .await?,
-            )?;
-            Ok("OK".into_response())
-        }
-        Method::DELETE => {
-            let indexes = q.indexes()?;
-            expect_done(
-                state
-                    .node
-                    .propose(Command::Delete {
-                        queue: target.queue,
-                        indexes,
-                    })
-                    .await?,
-            )?;
-            Ok("OK".into_response())
-        }
-        Method::PUT => commit(&state, target.queue, req).await,
-        _ => Err(ApiError::BadRequest(format!(
-            "method {} is not supported on a queue",
-            req.method
-        ))),
-    }
+    let op = QueueOp::parse(req.method.as_str(), &req.query, req.ws.is_ok())?;
+    execute(state, target, req, op, limit).await
 }
 
-async fn read(state: &AppState, target: Target, req: Request) -> Result<Response, ApiError> {
-    let q = &req.query;
-    if q.flag("_attrs_")? {
-        attrs(state, &target.queue, &req.headers)
-    } else if q.flag("_search_")? {
-        search(state, &target.queue, q)
-    } else if q.flag("_count_")? {
-        count(state, &target.queue, q, &req.headers)
-    } else if q.flag("_dead_")? {
-        dead(state, &target.queue, q, &req.headers)
-    } else {
-        get(state, &target.queue, &req.query, &req.headers).await
+async fn execute(
+    state: Arc<AppState>,
+    target: Target,
+    req: Request,
+    op: QueueOp,
+    limit: u64,
+) -> Result<Response, ApiError> {
+    let queue = target.queue.clone();
+    let command = match op {
+        QueueOp::Put { priority } => return put(&state, target, req, priority, limit).await,
+        QueueOp::Complete { input_index } => {
+            return complete(&state, target, req, input_index, limit).await;
+        }
+        QueueOp::Watch(watch) => return super::watch::watch(state, queue, req, watch).await,
+        QueueOp::Read { read, linearizable } => {
+            // Reads observe every write acknowledged before them (read
+            // index through the leader), unless the caller asks for a
+            // local read; a take goes through the log anyway.
+            if linearizable {
+                state.node.linearize().await?;
+            }
+            return serve_read(&state, &queue, &req.headers, &req.query.tags, read).await;
+        }
+        QueueOp::EndOfStream { force } => Command::End { queue, force },
+        QueueOp::Truncate { before } => Command::Truncate { queue, before },
+        QueueOp::Delete { indexes } => Command::Delete { queue, indexes },
+        QueueOp::Commit { indexes } => Command::Commit {
+            queue,
+            group: identity(&req.headers)?.0,
+            indexes,
+        },
+        QueueOp::Negative {
+            indexes,
+            code,
+            reason,
+        } => negative(queue, req, indexes, code, reason).await?,
+    };
+    expect_done(state.node.propose(command).await?)?;
+    Ok("OK".into_response())
+}
+
+async fn serve_read(
+    state: &AppState,
+    queue: &QueueRef,
+    headers: &HeaderMap,
+    tags: &Tags,
+    read: ReadOp,
+) -> Result<Response, ApiError> {
+    match read {
+        ReadOp::Attributes => attrs(state, queue, headers),
+        ReadOp::Search { index } => search(state, queue, index),
+        ReadOp::Count { priority } => count(state, queue, priority, tags),
+        ReadOp::DeadLetters { length } => dead(state, queue, length, headers),
+        ReadOp::Get(op) => get(state, queue, op, tags, headers).await,
     }
 }
 
@@ -411,9 +391,10 @@ async fn put(
     state: &AppState,
     target: Target,
     req: Request,
+    priority_in_query: Option<u32>,
     limit: u64,
 ) -> Result<Response, ApiError> {
-    let priority = priority(&req.query, &req.headers)?;
+    let priority = priority(priority_in_query, &req.headers)?;
     // Refuse early when the node is already full, before buffering a body:
     // the declared size is reserved while the body is read.
     let declared = declared_length(&req.headers)?;
@@ -477,6 +458,7 @@ async fn complete(
     state: &AppState,
     target: Target,
     req: Request,
+    input_index: u64,
     limit: u64,
 ) -> Result<Response, ApiError> {
     if target.queue.kind != QueueKind::Sink {
@@ -484,7 +466,6 @@ async fn complete(
             "_complete_ is an operation of the sink queue".into(),
         ));
     }
-    let input_index = req.query.u64_or("_complete_", 0)?;
     if input_index == 0 {
         return Err(ApiError::BadRequest(
             "_complete_ needs the input item's index".into(),
@@ -611,7 +592,8 @@ fn frames_response(frames: Vec<Frame>, headers: &HeaderMap, raw: bool) -> Respon
 async fn get(
     state: &AppState,
     queue: &QueueRef,
-    q: &Query,
+    op: GetOp,
+    tags: &Tags,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     // `_raw_=false` (what every SDK sends) answers a list of frames;
@@ -619,18 +601,14 @@ async fn get(
     // `_raw_` at all answer the first item's payload itself, unless the
     // caller asks for protobuf. A bare payload is one item, so it reads
     // (and with `_auto_delete_`, deletes) one item only.
-    let raw = match q.get("_raw_") {
-        None => !wants_protobuf(headers),
-        Some(_) => q.flag("_raw_")?,
-    };
-    let length = q.u64_or("_length_", 1)?.clamp(1, 10_000) as u32;
+    let raw = op.raw.unwrap_or_else(|| !wants_protobuf(headers));
     let selector = Selector {
-        from_index: q.start_index()?,
-        length: if raw { 1 } else { length },
-        tags: q.tags.clone(),
+        from_index: op.from_index,
+        length: if raw { 1 } else { op.length as u32 },
+        tags: tags.clone(),
     };
-    let auto_delete = q.flag_or("_auto_delete_", false)?;
-    let deadline = tokio::time::Instant::now() + q.timeout()?;
+    let auto_delete = op.auto_delete;
+    let deadline = tokio::time::Instant::now() + op.timeout;
     loop {
         // Subscribe before looking, so a put between look and wait wakes us.
         let changed = state.hub.changed.notified();
@@ -694,14 +672,11 @@ fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Resp
     }
 }
 
-fn search(state: &AppState, queue: &QueueRef, q: &Query) -> Result<Response, ApiError> {
-    let index = match q.start_index()? {
-        Some(i) if i > 0 => i,
-        _ => {
-            return Err(ApiError::BadRequest(
-                "_index_ must be a positive index for search".into(),
-            ));
-        }
+fn search(state: &AppState, queue: &QueueRef, index: Option<u64>) -> Result<Response, ApiError> {
+    let Some(index) = index else {
+        return Err(ApiError::BadRequest(
+            "_index_ must be a positive index for search".into(),
+        ));
     };
     let found = state.node.read(|s| s.queue(queue).map(|q| q.search(index)));
     match found {
@@ -720,17 +695,12 @@ fn search(state: &AppState, queue: &QueueRef, q: &Query) -> Result<Response, Api
 fn count(
     state: &AppState,
     queue: &QueueRef,
-    q: &Query,
-    headers: &HeaderMap,
+    prio: Option<u32>,
+    tags: &Tags,
 ) -> Result<Response, ApiError> {
-    let prio = if q.get("_priority_").is_some() {
-        Some(priority(q, headers)?)
-    } else {
-        None
-    };
     let n = state
         .node
-        .read(|s| s.queue(queue).map(|qu| qu.count(prio, &q.tags)))
+        .read(|s| s.queue(queue).map(|qu| qu.count(prio, tags)))
         .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?;
     Ok(n.to_string().into_response())
 }
@@ -738,10 +708,10 @@ fn count(
 fn dead(
     state: &AppState,
     queue: &QueueRef,
-    q: &Query,
+    length: u64,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let limit = q.u64_or("_length_", 100)?.clamp(1, 10_000) as usize;
+    let limit = length as usize;
     let frames = state
         .node
         .read(|s| s.queue(queue).map(|qu| qu.dead_letters(limit)))
@@ -749,41 +719,38 @@ fn dead(
     Ok(frames_response(frames, headers, false))
 }
 
-async fn commit(state: &AppState, queue: QueueRef, req: Request) -> Result<Response, ApiError> {
-    let indexes = req.query.indexes()?;
+/// The `Negative` command of a hand-back: its code and reason come from a
+/// form body when there is one, else from the query.
+async fn negative(
+    queue: QueueRef,
+    req: Request,
+    indexes: Vec<u64>,
+    code: Option<String>,
+    reason: Option<String>,
+) -> Result<Command, ApiError> {
     let (group, _) = identity(&req.headers)?;
-    let command = if req.query.flag("_negative_")? {
-        let body = read_body(req.body, 64 * 1024).await?;
-        let form = Query::parse(Some(&String::from_utf8_lossy(&body)))?;
-        let code = form
-            .get("_code_")
-            .or(req.query.get("_code_"))
-            .unwrap_or("")
-            .to_string();
-        let reason = form
-            .get("_reason_")
-            .or(req.query.get("_reason_"))
-            .unwrap_or("")
-            .to_string();
-        if code.len() > 64 || reason.len() > 1024 {
-            return Err(ApiError::BadRequest("_code_ or _reason_ too long".into()));
-        }
-        Command::Negative {
-            queue,
-            group,
-            indexes,
-            code,
-            reason,
-        }
-    } else {
-        Command::Commit {
-            queue,
-            group,
-            indexes,
-        }
-    };
-    expect_done(state.node.propose(command).await?)?;
-    Ok("OK".into_response())
+    let body = read_body(req.body, 64 * 1024).await?;
+    let form = Query::parse(Some(&String::from_utf8_lossy(&body)))?;
+    let code = form
+        .get(param::CODE)
+        .map(String::from)
+        .or(code)
+        .unwrap_or_default();
+    let reason = form
+        .get(param::REASON)
+        .map(String::from)
+        .or(reason)
+        .unwrap_or_default();
+    if code.len() > 64 || reason.len() > 1024 {
+        return Err(ApiError::BadRequest("_code_ or _reason_ too long".into()));
+    }
+    Ok(Command::Negative {
+        queue,
+        group,
+        indexes,
+        code,
+        reason,
+    })
 }
 
 #[cfg(test)]

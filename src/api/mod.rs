@@ -145,6 +145,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::protocol::QueryError> for ApiError {
+    fn from(e: crate::protocol::QueryError) -> Self {
+        ApiError::BadRequest(e.0)
+    }
+}
+
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {

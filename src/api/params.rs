@@ -1,174 +1,14 @@
-//! Query-string and header parsing for the EAS protocol: control
-//! parameters are `_name_`, everything else is a tag (on put) or a tag
-//! filter (on reads and watches). The query is form-decoded.
-
-use std::collections::BTreeMap;
-use std::time::Duration;
+//! The EAS protocol's request headers: the consumer identity and the
+//! priority header (the query string is `protocol::Query`).
 
 use axum::http::HeaderMap;
 
 use super::ApiError;
-use crate::queue::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, Tags};
+use crate::protocol::parse_priority;
+use crate::queue::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
 
-/// Longest long poll a get may ask for.
-pub const MAX_POLL: Duration = Duration::from_secs(300);
-
-/// Bounds on what a request may write into the replicated log besides its
-/// payload: every tag, identity header and request id lands on every
-/// replica, so none may be large.
-pub const MAX_TAGS: usize = 32;
-pub const MAX_TAG_KEY_BYTES: usize = 128;
-pub const MAX_TAG_VALUE_BYTES: usize = 1024;
-pub const MAX_CONTROL_VALUE_BYTES: usize = 4096;
 /// Consumer group and user ids (the SDK's identity headers).
 pub const MAX_IDENTITY_BYTES: usize = 128;
-
-pub struct Query {
-    control: BTreeMap<String, String>,
-    pub tags: Tags,
-}
-
-impl Query {
-    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
-        let mut control = BTreeMap::new();
-        let mut tags = Tags::new();
-        for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
-            if k.len() >= 2 && k.starts_with('_') && k.ends_with('_') {
-                if v.len() > MAX_CONTROL_VALUE_BYTES {
-                    return Err(ApiError::BadRequest(format!(
-                        "{k}: value longer than {MAX_CONTROL_VALUE_BYTES} bytes"
-                    )));
-                }
-                control.insert(k.into_owned(), v.into_owned());
-            } else if !k.is_empty() && !k.starts_with('_') {
-                if k.len() > MAX_TAG_KEY_BYTES || v.len() > MAX_TAG_VALUE_BYTES {
-                    return Err(ApiError::BadRequest(format!(
-                        "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
-                         {MAX_TAG_VALUE_BYTES}"
-                    )));
-                }
-                tags.insert(k.into_owned(), v.into_owned());
-                if tags.len() > MAX_TAGS {
-                    return Err(ApiError::BadRequest(format!(
-                        "at most {MAX_TAGS} tags per request"
-                    )));
-                }
-            }
-        }
-        Ok(Self { control, tags })
-    }
-
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.control.get(key).map(String::as_str)
-    }
-
-    pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
-        match self.get(key) {
-            None | Some("") => Ok(false),
-            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
-            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
-            Some(v) => Err(ApiError::BadRequest(format!(
-                "{key}: expected true or false, got {v:?}"
-            ))),
-        }
-    }
-
-    pub fn flag_or(&self, key: &str, default: bool) -> Result<bool, ApiError> {
-        if self.get(key).is_none() {
-            Ok(default)
-        } else {
-            self.flag(key)
-        }
-    }
-
-    pub fn u64_or(&self, key: &str, default: u64) -> Result<u64, ApiError> {
-        match self.get(key) {
-            None | Some("") => Ok(default),
-            Some(v) => v.trim().parse().map_err(|_| {
-                ApiError::BadRequest(format!("{key}: expected a non-negative integer, got {v:?}"))
-            }),
-        }
-    }
-
-    /// `_index_`: `None` for -1 (the newest), else the start index.
-    pub fn start_index(&self) -> Result<Option<u64>, ApiError> {
-        match self.get("_index_").map(str::trim) {
-            None | Some("") => Ok(Some(0)),
-            Some("-1") => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                ApiError::BadRequest(format!("_index_: expected an index or -1, got {v:?}"))
-            }),
-        }
-    }
-
-    pub fn indexes(&self) -> Result<Vec<u64>, ApiError> {
-        let raw = self
-            .get("_indexes_")
-            .ok_or_else(|| ApiError::BadRequest("_indexes_ is required".into()))?;
-        parse_index_list(raw)
-    }
-
-    pub fn timeout(&self) -> Result<Duration, ApiError> {
-        match self.get("_timeout_") {
-            None | Some("") => Ok(Duration::ZERO),
-            Some(v) => parse_duration(v).map(|d| d.min(MAX_POLL)).ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "_timeout_: expected a duration like 5s or 500ms, got {v:?}"
-                ))
-            }),
-        }
-    }
-}
-
-pub fn parse_index_list(raw: &str) -> Result<Vec<u64>, ApiError> {
-    raw.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse()
-                .map_err(|_| ApiError::BadRequest(format!("bad index {s:?} in _indexes_")))
-        })
-        .collect()
-}
-
-/// Go duration syntax (`1m30s`, `500ms`, `0s`, `1.5h`) or a bare number of
-/// seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)));
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let factor = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += value * factor;
-        rest = &rest[unit_len..];
-    }
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total.min(1e9)))
-}
 
 /// Consumer identity from the SDK headers: (group, user), each at most
 /// [`MAX_IDENTITY_BYTES`] of visible ASCII.
@@ -195,122 +35,29 @@ pub fn identity(headers: &HeaderMap) -> Result<(String, Option<String>), ApiErro
     ))
 }
 
-pub fn priority(query: &Query, headers: &HeaderMap) -> Result<u32, ApiError> {
-    let raw = query.get("_priority_").map(String::from).or_else(|| {
-        headers
-            .get(HEADER_PRIORITY)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    });
-    match raw.as_deref().map(str::trim) {
-        None | Some("") => Ok(0),
-        Some(v) => match v.parse::<i64>() {
-            Ok(p) if p <= 0 => Ok(0),
-            Ok(p) => Ok(p.min(u32::MAX as i64) as u32),
-            Err(_) => Err(ApiError::BadRequest(format!(
-                "priority: expected an integer, got {v:?}"
-            ))),
-        },
+/// A put's priority: the one its query gave (`_priority_`), else the
+/// priority header's, else 0.
+pub fn priority(from_query: Option<u32>, headers: &HeaderMap) -> Result<u32, ApiError> {
+    if let Some(p) = from_query {
+        return Ok(p);
+    }
+    match headers.get(HEADER_PRIORITY).and_then(|v| v.to_str().ok()) {
+        Some(raw) => Ok(parse_priority(raw)?),
+        None => Ok(0),
     }
 }
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_in_every_sdk_format() {
-        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
-        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_duration("1m0s"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_duration("-1s"), None);
-        assert_eq!(parse_duration("5x"), None);
-        assert_eq!(parse_duration("s"), None);
-    }
-
-    #[test]
-    fn control_params_and_tags_are_split() {
-        let q = Query::parse(Some("_index_=3&foo=bar+baz&_unknown_=1&requestId=abc")).unwrap();
-        assert_eq!(q.get("_index_"), Some("3"));
-        assert_eq!(q.tags.get("foo").map(String::as_str), Some("bar baz"));
-        assert_eq!(q.tags.len(), 2);
-        assert!(
-            Query::parse(Some("_index_=x"))
-                .unwrap()
-                .start_index()
-                .is_err()
-        );
-        assert_eq!(
-            Query::parse(Some("_index_=-1"))
-                .unwrap()
-                .start_index()
-                .unwrap(),
-            None
-        );
-        assert!(parse_index_list("1,2,x").is_err());
-        assert_eq!(parse_index_list("1, 2,").unwrap(), vec![1, 2]);
-    }
-
     mod fuzz {
-        //! The HTTP parameter parser on arbitrary query strings and header
-        //! values (bounded case counts): it never panics, and whatever it
-        //! accepts respects the documented bounds.
+        //! The header parser on arbitrary header values (bounded case
+        //! counts): whatever it accepts respects the documented bounds.
+        use axum::http::HeaderMap;
         use proptest::prelude::*;
 
         use super::super::*;
 
-        fn query_text() -> impl Strategy<Value = String> {
-            let piece = prop_oneof![
-                Just("_index_=".to_string()),
-                Just("_length_=".to_string()),
-                Just("_timeout_=".to_string()),
-                Just("_window_=".to_string()),
-                Just("_auto_delete_=".to_string()),
-                Just("_raw_=".to_string()),
-                Just("_trim_=".to_string()),
-                Just("requestId=".to_string()),
-                Just("&".to_string()),
-                Just("=".to_string()),
-                Just("%".to_string()),
-                Just("%FF".to_string()),
-                Just("+".to_string()),
-                "[0-9]{1,25}",
-                "[a-z_]{1,8}",
-                "[0-9]+(ms|s|m|h|us|ns)?",
-                any::<String>(),
-            ];
-            proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
-        }
-
         proptest! {
             #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
-
-            #[test]
-            fn query_parsing_never_panics_and_respects_bounds(raw in query_text()) {
-                if let Ok(q) = Query::parse(Some(&raw)) {
-                    prop_assert!(q.tags.len() <= MAX_TAGS);
-                    for (k, v) in &q.tags {
-                        prop_assert!(k.len() <= MAX_TAG_KEY_BYTES && v.len() <= MAX_TAG_VALUE_BYTES);
-                    }
-                    for key in ["_raw_", "_auto_delete_", "_watch_", "_auto_commit_"] {
-                        let _ = q.flag(key);
-                        let _ = q.flag_or(key, true);
-                    }
-                    let _ = q.u64_or("_length_", 1);
-                    let _ = q.u64_or("_window_", 1);
-                    let _ = q.start_index();
-                    let _ = q.indexes();
-                    if let Ok(t) = q.timeout() {
-                        prop_assert!(t <= MAX_POLL);
-                    }
-                    let _ = priority(&q, &HeaderMap::new());
-                }
-                let _ = parse_index_list(&raw);
-                let _ = parse_duration(&raw);
-            }
 
             #[test]
             fn identity_headers_are_bounded_or_refused(

@@ -78,6 +78,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::eas::{Request, frame_proto};
 use super::params::identity;
 use super::{ApiError, AppState, ConnectionCloser};
+use crate::protocol::WatchOp;
 use crate::queue::{Command, ConsumerSpec, Event, Frame, QueueRef, Reply};
 use crate::raft::RaftNode;
 
@@ -413,22 +414,20 @@ async fn settle(
 /// Largest WebSocket message (and frame) a watching client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
+/// Open a watch (`op`) for the consumer the request's headers name: a
+/// WebSocket session when the request upgrades, else an HTTP stream.
 pub async fn watch(
     state: Arc<AppState>,
     queue: QueueRef,
     req: Request,
+    op: WatchOp,
 ) -> Result<Response, ApiError> {
-    let q = &req.query;
-    let auto_commit = q.flag("_auto_commit_")?;
-    let window = q.u64_or("_window_", 1)?;
-    if !auto_commit && window == 0 {
-        return Err(ApiError::BadRequest(
-            "_window_ must be at least 1 without _auto_commit_".into(),
-        ));
-    }
-    let window = window.min(u32::MAX as u64) as u32;
-    let index_only = q.flag("_index_only_")?;
-    let start_index = q.start_index()?;
+    let WatchOp {
+        from_index: start_index,
+        window,
+        auto_commit,
+        index_only,
+    } = op;
     let (group, user) = identity(&req.headers)?;
     if !state.node.accepts_watchers() {
         return Err(ApiError::Unavailable(
@@ -436,7 +435,7 @@ pub async fn watch(
         ));
     }
     let user = user.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let tags = q.tags.clone();
+    let tags = req.query.tags.clone();
     let spec = move |connection| ConsumerSpec {
         group: group.clone(),
         user: user.clone(),

@@ -132,9 +132,20 @@ pub(crate) async fn get(a: GetArgs) -> anyhow::Result<()> {
     if let Some(r) = &a.request_id {
         tags.insert(eddy::protocol::REQUEST_ID_TAG.to_string(), r.clone());
     }
-    let frames = client(&a.q)
-        .get(a.index, a.length, &a.timeout, a.delete, &tags)
-        .await?;
+    let op = eddy::protocol::GetOp {
+        // Any negative index asks for the newest item, as -1 does.
+        from_index: u64::try_from(a.index).ok(),
+        length: u64::from(a.length),
+        timeout: eddy::protocol::parse_duration(&a.timeout).with_context(|| {
+            format!(
+                "--timeout {:?}: expected a duration like 5s or 500ms",
+                a.timeout
+            )
+        })?,
+        raw: Some(false),
+        auto_delete: a.delete,
+    };
+    let frames = client(&a.q).get(&op, &tags).await?;
     if frames.is_empty() && !a.q.ep.json {
         eprintln!("(nothing)");
     }

@@ -26,7 +26,9 @@ use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{HEADER_GROUP, HEADER_USER};
 
 pub use crate::protocol::REQUEST_ID_HEADER;
-use crate::protocol::{DEFAULT_GROUP, DUPLICATE_HEADER, REQUEST_ID_TAG};
+use crate::protocol::{
+    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -74,26 +76,6 @@ impl Default for Timeouts {
     }
 }
 
-/// The `_timeout_` of a long poll as a duration (`"5s"`, `"200ms"`, `"3"`),
-/// zero when it does not parse (the server refuses it then anyway).
-fn long_poll(timeout: &str) -> Duration {
-    let t = timeout.trim();
-    let parse = |n: &str| {
-        n.trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite() && *v >= 0.0)
-    };
-    let secs = if let Some(ms) = t.strip_suffix("ms") {
-        parse(ms).map(|v| v / 1000.0)
-    } else if let Some(m) = t.strip_suffix('m') {
-        parse(m).map(|v| v * 60.0)
-    } else {
-        parse(t.strip_suffix('s').unwrap_or(t))
-    };
-    Duration::from_secs_f64(secs.unwrap_or(0.0).min(86_400.0))
-}
-
 #[derive(Clone)]
 pub struct QueueClient {
     http: reqwest::Client,
@@ -126,6 +108,16 @@ impl QueueClient {
         }
     }
 
+    /// The request that asks for `op` on this client's queue, with `tags`
+    /// (a put's tags, a read's filter) and this client's identity.
+    fn request(&self, op: &QueueOp, tags: &BTreeMap<String, String>) -> reqwest::RequestBuilder {
+        let method =
+            reqwest::Method::from_bytes(op.method().as_bytes()).expect("an HTTP method name");
+        let mut query = op.query();
+        query.extend(tags.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        self.with_identity(self.http.request(method, &self.url).query(&query))
+    }
+
     fn with_identity(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         rb.timeout(self.timeouts.request)
             .header("Authorization", &self.token)
@@ -149,15 +141,10 @@ impl QueueClient {
         tags: &BTreeMap<String, String>,
         priority: u32,
     ) -> Result<(u64, String), ClientError> {
-        let mut query: Vec<(String, String)> =
-            tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if priority > 0 {
-            query.push(("_priority_".into(), priority.to_string()));
-        }
-        let resp = self
-            .with_identity(self.http.post(&self.url).query(&query).body(data))
-            .send()
-            .await?;
+        let op = QueueOp::Put {
+            priority: (priority > 0).then_some(priority),
+        };
+        let resp = self.request(&op, tags).body(data).send().await?;
         let resp = Self::check(resp).await?;
         let rid = resp
             .headers()
@@ -173,30 +160,21 @@ impl QueueClient {
         Ok((index, rid))
     }
 
+    /// Read (or, with `auto_delete`, take) items as `op` says, matching
+    /// `tags`; waits up to `op.timeout` for one.
     pub async fn get(
         &self,
-        index: i64,
-        length: u32,
-        timeout: &str,
-        auto_delete: bool,
+        op: &GetOp,
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<DataFrameProto>, ClientError> {
-        let mut query: Vec<(String, String)> = vec![
-            ("_index_".into(), index.to_string()),
-            ("_length_".into(), length.to_string()),
-            ("_timeout_".into(), timeout.to_string()),
-            ("_raw_".into(), "false".into()),
-            ("_auto_delete_".into(), auto_delete.to_string()),
-        ];
-        query.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let read = QueueOp::Read {
+            read: ReadOp::Get(op.clone()),
+            linearizable: true,
+        };
         let resp = self
-            .with_identity(
-                self.http
-                    .get(&self.url)
-                    .query(&query)
-                    .header("Accept", PROTOBUF_MEDIA_TYPE),
-            )
-            .timeout(self.timeouts.request + long_poll(timeout))
+            .request(&read, tags)
+            .header("Accept", PROTOBUF_MEDIA_TYPE)
+            .timeout(self.timeouts.request + op.timeout)
             .send()
             .await?;
         let resp = Self::check(resp).await?;
@@ -207,35 +185,26 @@ impl QueueClient {
     }
 
     pub async fn commit(&self, indexes: &[u64]) -> Result<(), ClientError> {
-        let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
-        let resp = self
-            .with_identity(
-                self.http
-                    .put(&self.url)
-                    .query(&[("_indexes_", list.join(","))]),
-            )
-            .send()
-            .await?;
+        let op = QueueOp::Commit {
+            indexes: indexes.to_vec(),
+        };
+        let resp = self.request(&op, &BTreeMap::new()).send().await?;
         Self::check(resp).await.map(|_| ())
     }
 
     /// Delete every item of the queue before `index`.
     pub async fn truncate_before(&self, index: u64) -> Result<(), ClientError> {
-        let resp = self
-            .with_identity(self.http.delete(&self.url).query(&[
-                ("_index_", index.to_string()),
-                ("_trunc_", "true".to_string()),
-            ]))
-            .send()
-            .await?;
+        let op = QueueOp::Truncate { before: index };
+        let resp = self.request(&op, &BTreeMap::new()).send().await?;
         Self::check(resp).await.map(|_| ())
     }
 
     pub async fn attributes(&self) -> Result<BTreeMap<String, String>, ClientError> {
-        let resp = self
-            .with_identity(self.http.get(&self.url).query(&[("_attrs_", "true")]))
-            .send()
-            .await?;
+        let op = QueueOp::Read {
+            read: ReadOp::Attributes,
+            linearizable: true,
+        };
+        let resp = self.request(&op, &BTreeMap::new()).send().await?;
         let text = Self::check(resp).await?.text().await?;
         serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -250,19 +219,20 @@ impl QueueClient {
         reason: &str,
     ) -> Result<(), ClientError> {
         let (code, reason) = (truncate(code, 64), truncate(reason, 1024));
-        let list: Vec<String> = indexes.iter().map(u64::to_string).collect();
+        // Code and reason go in a form body, where they need no URL space.
         let form = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("_code_", code)
-            .append_pair("_reason_", reason)
+            .append_pair(param::CODE, code)
+            .append_pair(param::REASON, reason)
             .finish();
+        let op = QueueOp::Negative {
+            indexes: indexes.to_vec(),
+            code: None,
+            reason: None,
+        };
         let resp = self
-            .with_identity(
-                self.http
-                    .put(&self.url)
-                    .query(&[("_indexes_", list.join(",")), ("_negative_", "true".into())])
-                    .header("Content-Type", "application/x-www-form-urlencoded")
-                    .body(form),
-            )
+            .request(&op, &BTreeMap::new())
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(form)
             .send()
             .await?;
         Self::check(resp).await.map(|_| ())
@@ -279,15 +249,10 @@ impl QueueClient {
         tags: &BTreeMap<String, String>,
         result: Bytes,
     ) -> Result<bool, ClientError> {
-        let mut query: Vec<(String, String)> = vec![
-            ("_complete_".into(), input_index.to_string()),
-            (REQUEST_ID_TAG.into(), request_id.to_string()),
-        ];
-        query.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let resp = self
-            .with_identity(self.http.post(&self.url).query(&query).body(result))
-            .send()
-            .await?;
+        let mut tags = tags.clone();
+        tags.insert(REQUEST_ID_TAG.into(), request_id.to_string());
+        let op = QueueOp::Complete { input_index };
+        let resp = self.request(&op, &tags).body(result).send().await?;
         let resp = Self::check(resp).await?;
         Ok(resp
             .headers()
@@ -307,10 +272,16 @@ impl QueueClient {
         impl futures::Stream<Item = Result<DataFrameProto, ClientError>> + Unpin + use<>,
         ClientError,
     > {
-        let ws_url = self.url.replacen("http", "ws", 1);
-        let url = format!(
-            "{ws_url}?_watch_=true&_index_=0&_window_={window}&_index_only_=false&_auto_commit_={auto_commit}"
-        );
+        let op = QueueOp::Watch(WatchOp {
+            from_index: Some(0),
+            window,
+            auto_commit,
+            index_only: false,
+        });
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(op.query())
+            .finish();
+        let url = format!("{}?{query}", self.url.replacen("http", "ws", 1));
         let mut req = url.as_str().into_client_request()?;
         let h = req.headers_mut();
         h.insert(
@@ -427,18 +398,4 @@ pub fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_poll_times_parse() {
-        assert_eq!(long_poll("5s"), Duration::from_secs(5));
-        assert_eq!(long_poll("200ms"), Duration::from_millis(200));
-        assert_eq!(long_poll("3"), Duration::from_secs(3));
-        assert_eq!(long_poll("1m"), Duration::from_secs(60));
-        assert_eq!(long_poll("junk"), Duration::ZERO);
-    }
 }

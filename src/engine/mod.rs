@@ -274,7 +274,7 @@ impl Engine {
         // A result already on the sink means the work was done: commit only.
         let mut filter = BTreeMap::new();
         filter.insert(REQUEST_ID_TAG.to_string(), request_id.clone());
-        if let Ok(existing) = self.sink().get(0, 1, "0s", false, &filter).await
+        if let Ok(existing) = self.sink().get(&already_written(), &filter).await
             && !existing.is_empty()
         {
             self.finish(frame.index, &request_id, BTreeMap::new(), Bytes::new())
@@ -426,6 +426,18 @@ impl Engine {
 /// concurrency budget with queue work, never take all of it.
 fn sync_places(concurrency: u32) -> usize {
     (concurrency as usize / 2).max(1)
+}
+
+/// The read that looks for a result already in the sink: the first item
+/// with the request's id, without waiting.
+fn already_written() -> crate::protocol::GetOp {
+    crate::protocol::GetOp {
+        from_index: Some(0),
+        length: 1,
+        timeout: std::time::Duration::ZERO,
+        raw: Some(false),
+        auto_delete: false,
+    }
 }
 
 #[cfg(test)]

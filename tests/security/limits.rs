@@ -249,7 +249,14 @@ async fn long_hand_back_reason_is_cut_to_fit() {
         .put(bytes::Bytes::from_static(b"payload"), &none, 0)
         .await
         .unwrap();
-    let taken = client.get(0, 1, "0s", false, &none).await.unwrap();
+    let read = eddy::protocol::GetOp {
+        from_index: Some(0),
+        length: 1,
+        timeout: std::time::Duration::ZERO,
+        raw: Some(false),
+        auto_delete: false,
+    };
+    let taken = client.get(&read, &none).await.unwrap();
     assert_eq!(taken.len(), 1);
     // Multi-byte characters across the cut.
     let reason = "é".repeat(3_000);

@@ -1,0 +1,91 @@
+//! The EAS queue-service protocol as both sides speak it (specified in
+//! `eas-queue-protocol.md`): its vocabulary, each name written once (the
+//! headers, control parameters, tag keys and defaults that the server,
+//! the client, the engine, the command line and the state machine share);
+//! the query string ([`Query`]); and the operations on a queue URL
+//! ([`QueueOp`]), parsed by the server and encoded by the client from the
+//! same type. Pure: no I/O, and no HTTP framework (`api` owns axum, the
+//! client owns reqwest).
+
+mod op;
+mod query;
+
+pub use op::{GetOp, MAX_READ_LENGTH, QueueOp, ReadOp, WatchOp};
+pub use query::{
+    MAX_CONTROL_VALUE_BYTES, MAX_POLL, MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_TAGS, Query,
+    QueryError, parse_duration, parse_index_list, parse_priority,
+};
+
+/// The control parameters of a queue URL's query string.
+pub mod param {
+    /// Start index of a read or a watch (`-1`: the newest).
+    pub const INDEX: &str = "_index_";
+    /// Comma-separated indexes of a commit, a hand-back or a delete.
+    pub const INDEXES: &str = "_indexes_";
+    /// Items a read returns at most.
+    pub const LENGTH: &str = "_length_";
+    /// How long a read waits for an item (long poll).
+    pub const TIMEOUT: &str = "_timeout_";
+    /// A read answers the payload itself (`true`) or a list of frames.
+    pub const RAW: &str = "_raw_";
+    /// A read takes the items it returns (they are deleted).
+    pub const AUTO_DELETE: &str = "_auto_delete_";
+    /// A read served from this node's state without a read index.
+    pub const LOCAL: &str = "_local_";
+    /// A put's priority (also the priority header).
+    pub const PRIORITY: &str = "_priority_";
+    /// Open a watch (also a WebSocket upgrade).
+    pub const WATCH: &str = "_watch_";
+    /// Items a watcher may hold uncommitted.
+    pub const WINDOW: &str = "_window_";
+    /// Items are committed as they are sent.
+    pub const AUTO_COMMIT: &str = "_auto_commit_";
+    /// Frames carry indexes and tags without payloads.
+    pub const INDEX_ONLY: &str = "_index_only_";
+    /// The queue's attributes.
+    pub const ATTRIBUTES: &str = "_attrs_";
+    /// Where an index stands: pending, or how many wait before it.
+    pub const SEARCH: &str = "_search_";
+    /// How many items (of a priority, matching the tags) wait.
+    pub const COUNT: &str = "_count_";
+    /// The dead letters.
+    pub const DEAD: &str = "_dead_";
+    /// Hand the items back instead of committing them.
+    pub const NEGATIVE: &str = "_negative_";
+    /// Why items are handed back: a short code and a reason (query or
+    /// form body).
+    pub const CODE: &str = "_code_";
+    pub const REASON: &str = "_reason_";
+    /// Delete every item before `_index_`.
+    pub const TRUNCATE: &str = "_trunc_";
+    /// Write a result to the sink and commit the input item of this index.
+    pub const COMPLETE: &str = "_complete_";
+    /// End of stream: no more items will be put.
+    pub const END_OF_STREAM: &str = "_eos_";
+    /// With `_eos_`: end now, dropping what waits.
+    pub const FORCE: &str = "_force_";
+}
+
+/// The header a put's answer carries the request id in.
+pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
+
+/// Eddy's own answer header on a put or a `_complete_`: `true` when the
+/// request id was already held (an idempotent retry), so nothing was added.
+pub const DUPLICATE_HEADER: &str = "x-eddy-duplicate";
+
+/// The consumer (user) id of a watcher or a committer.
+pub const HEADER_USER: &str = "X-EAS-QueueService-Redis-Uid";
+/// The consumer group of a watcher or a committer.
+pub const HEADER_GROUP: &str = "X-EAS-QueueService-Redis-Gid";
+/// A put's priority.
+pub const HEADER_PRIORITY: &str = "X-EAS-QueueService-Priority";
+
+/// Tag key under which every item carries its request id.
+pub const REQUEST_ID_TAG: &str = "requestId";
+
+/// Tag key carrying the sub-path an item was put on, when there is one.
+/// Clients cannot set it: `_x_` query keys are control parameters.
+pub const PATH_TAG: &str = "_path_";
+
+/// The consumer group of a client that names none.
+pub const DEFAULT_GROUP: &str = "eas";
