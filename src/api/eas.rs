@@ -20,11 +20,13 @@ use super::params::{identity, priority};
 use super::{ApiError, AppState, ConnectionCloser};
 use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{
-    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags, attributes,
+    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags,
     validate_request_id,
 };
 
-use crate::protocol::{DUPLICATE_HEADER, GetOp, Query, QueueOp, REQUEST_ID_HEADER, ReadOp, param};
+use crate::protocol::{
+    DUPLICATE_HEADER, GetOp, Query, QueueOp, REQUEST_ID_HEADER, ReadOp, attributes, param,
+};
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -412,7 +414,7 @@ async fn put(
     let mut tags = req.query.tags;
     // A caller's request id is kept (results are written under the input's
     // id, and on the input queue it makes a retried put idempotent).
-    let request_id = match tags.remove(crate::queue::REQUEST_ID_TAG) {
+    let request_id = match tags.remove(crate::protocol::REQUEST_ID_TAG) {
         Some(id) => {
             validate_request_id(&id)?;
             id
@@ -474,7 +476,7 @@ async fn complete(
     let (group, _) = identity(&req.headers)?;
     let mut tags = req.query.tags;
     let request_id = tags
-        .remove(crate::queue::REQUEST_ID_TAG)
+        .remove(crate::protocol::REQUEST_ID_TAG)
         .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
     // Checked before proposing: a refusal must change nothing.
     validate_request_id(&request_id)?;

@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 
 use super::ApiError;
 use crate::protocol::parse_priority;
-use crate::queue::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
+use crate::protocol::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
 
 /// Consumer group and user ids (the SDK's identity headers).
 pub const MAX_IDENTITY_BYTES: usize = 128;

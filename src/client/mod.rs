@@ -23,11 +23,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
-use crate::queue::{HEADER_GROUP, HEADER_USER};
 
 pub use crate::protocol::REQUEST_ID_HEADER;
 use crate::protocol::{
-    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param,
+    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, HEADER_GROUP, HEADER_USER, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param,
 };
 
 #[derive(Debug, thiserror::Error)]

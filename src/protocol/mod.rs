@@ -7,9 +7,11 @@
 //! same type. Pure: no I/O, and no HTTP framework (`api` owns axum, the
 //! client owns reqwest).
 
+mod attributes;
 mod op;
 mod query;
 
+pub use attributes::attributes;
 pub use op::{GetOp, MAX_READ_LENGTH, QueueOp, ReadOp, WatchOp};
 pub use query::{
     MAX_CONTROL_VALUE_BYTES, MAX_POLL, MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_TAGS, Query,

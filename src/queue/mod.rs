@@ -9,7 +9,6 @@
 //! possible; the node holding a consumer's connection merely pushes the
 //! `Deliver` events addressed to it.
 
-mod attributes;
 mod command;
 mod one_queue;
 mod state;
@@ -21,11 +20,10 @@ mod limits_tests;
 #[cfg(test)]
 mod tests;
 
-pub use attributes::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER, attributes};
 pub use command::*;
 pub use one_queue::{
     AUTO_COMMIT_WINDOW, AUTO_COMMIT_WINDOW_BYTES, Consumer, ConsumerStatus, Group, Item,
-    MAX_REQUEST_ID_BYTES, PATH_TAG, Queue, REQUEST_ID_TAG, tags_match, validate_request_id,
+    MAX_REQUEST_ID_BYTES, Queue, tags_match, validate_request_id,
 };
 pub use state::{
     DEDUP_ENTRY_BYTES, DEDUP_MAX_ENTRIES, DEDUP_MAX_REPLY_BYTES, DEDUP_MIN_WINDOW_MS,

@@ -42,7 +42,7 @@ use super::command::{
     ConsumerSpec, Event, Frame, NewItem, NodeId, QueueLimits, QueueRef, Rejection, Selector, Tags,
 };
 
-pub use crate::protocol::{PATH_TAG, REQUEST_ID_TAG};
+use crate::protocol::{PATH_TAG, REQUEST_ID_TAG};
 
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;

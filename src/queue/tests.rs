@@ -7,6 +7,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
+use crate::protocol::REQUEST_ID_TAG;
 
 fn input() -> QueueRef {
     QueueRef::new("svc", QueueKind::Input)

@@ -1,13 +1,11 @@
 //! The `_attrs_` view of a queue: a flat map of string keys and values, as
-//! the SDKs read it (§7 of the protocol).
+//! the SDKs read it (§7 of the protocol), formatted from the queue's state
+//! (which knows nothing of this format).
 
 use std::collections::BTreeMap;
 
-use super::command::{QueueKind, ServiceConfig};
-use super::one_queue::{ConsumerStatus, Queue};
-
-/// Header names the SDKs learn from the attributes.
-pub use crate::protocol::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
+use super::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
+use crate::queue::{ConsumerStatus, Queue, QueueKind, ServiceConfig};
 
 fn format_idle(ms: u64) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
