@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Extension, Path, RawQuery, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -20,8 +20,7 @@ use super::params::{identity, priority};
 use super::{ApiError, AppState, ConnectionCloser};
 use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{
-    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags,
-    validate_request_id,
+    Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags, validate_request_id,
 };
 
 use crate::protocol::{
@@ -96,6 +95,7 @@ fn check_sub_path(sub: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A request to a queue URL, its query parsed.
 pub struct Request {
     pub method: Method,
     pub query: Query,
@@ -106,117 +106,83 @@ pub struct Request {
     pub closer: Option<ConnectionCloser>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn predict(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    Path(rest): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    closer: Option<Extension<ConnectionCloser>>,
-    body: Body,
-) -> Response {
-    let query = match Query::parse(query.as_deref()) {
-        Ok(q) => q,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let req = Request {
-        method,
-        query,
-        headers,
-        body,
-        ws,
-        closer: closer.map(|Extension(c)| c),
-    };
-    match resolve(&rest) {
-        Ok(target) => handle(state, target, req)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
-        Err(e) => e.into_response(),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn bare(
-    state: Arc<AppState>,
-    kind: QueueKind,
+/// A request to a queue URL as it arrived (the query not yet parsed: a
+/// path that names no service is refused first on the bare paths).
+pub struct RawRequest {
     method: Method,
     query: Option<String>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    closer: Option<Extension<ConnectionCloser>>,
     body: Body,
-) -> Response {
-    let Some(service) = state.config.default_service.clone() else {
-        return ApiError::NotFound(
-            "no default service is configured; use /api/predict/{service}".into(),
-        )
-        .into_response();
-    };
-    let query = match Query::parse(query.as_deref()) {
-        Ok(q) => q,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let req = Request {
-        method,
-        query,
-        headers,
-        body,
-        ws,
-        closer: closer.map(|Extension(c)| c),
-    };
-    let target = Target {
-        queue: QueueRef::new(service, kind),
-        path: String::new(),
-    };
-    handle(state, target, req)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    closer: Option<ConnectionCloser>,
 }
 
-async fn bare_input(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    closer: Option<Extension<ConnectionCloser>>,
-    body: Body,
-) -> Response {
-    bare(
-        state,
-        QueueKind::Input,
-        method,
-        query,
-        headers,
-        ws,
-        closer,
-        body,
-    )
-    .await
+impl<S: Send + Sync> FromRequest<S> for RawRequest {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let ws = WebSocketUpgrade::from_request_parts(&mut parts, state).await;
+        Ok(Self {
+            query: parts.uri.query().map(String::from),
+            closer: parts.extensions.get::<ConnectionCloser>().cloned(),
+            method: parts.method,
+            headers: parts.headers,
+            body,
+            ws,
+        })
+    }
 }
 
-async fn bare_sink(
+impl RawRequest {
+    fn parse(self) -> Result<Request, ApiError> {
+        Ok(Request {
+            query: Query::parse(self.query.as_deref())?,
+            method: self.method,
+            headers: self.headers,
+            body: self.body,
+            ws: self.ws,
+            closer: self.closer,
+        })
+    }
+}
+
+async fn predict(
     State(state): State<Arc<AppState>>,
-    method: Method,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    closer: Option<Extension<ConnectionCloser>>,
-    body: Body,
+    Path(rest): Path<String>,
+    raw: RawRequest,
 ) -> Response {
-    bare(
-        state,
-        QueueKind::Sink,
-        method,
-        query,
-        headers,
-        ws,
-        closer,
-        body,
-    )
-    .await
+    let served = async {
+        let req = raw.parse()?;
+        handle(state, resolve(&rest)?, req).await
+    };
+    served.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The bare `/` and `/sink` paths serve the default service.
+async fn bare(state: Arc<AppState>, kind: QueueKind, raw: RawRequest) -> Response {
+    let served = async {
+        let Some(service) = state.config.default_service.clone() else {
+            return Err(ApiError::NotFound(
+                "no default service is configured; use /api/predict/{service}".into(),
+            ));
+        };
+        let req = raw.parse()?;
+        let target = Target {
+            queue: QueueRef::new(service, kind),
+            path: String::new(),
+        };
+        handle(state, target, req).await
+    };
+    served.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn bare_input(State(state): State<Arc<AppState>>, raw: RawRequest) -> Response {
+    bare(state, QueueKind::Input, raw).await
+}
+
+async fn bare_sink(State(state): State<Arc<AppState>>, raw: RawRequest) -> Response {
+    bare(state, QueueKind::Sink, raw).await
 }
 
 /// Check the service exists and the token matches (constant time).

@@ -26,7 +26,8 @@ use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 
 pub use crate::protocol::REQUEST_ID_HEADER;
 use crate::protocol::{
-    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, HEADER_GROUP, HEADER_USER, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param,
+    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, HEADER_GROUP, HEADER_USER, QueueOp, REQUEST_ID_TAG,
+    ReadOp, WatchOp, param,
 };
 
 #[derive(Debug, thiserror::Error)]

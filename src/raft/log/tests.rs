@@ -1,3 +1,6 @@
+//! The log store against openraft's storage conformance suite, and its
+//! crash behaviour: torn tails, failed writes, fsyncs and compactions.
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
