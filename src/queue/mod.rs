@@ -14,10 +14,6 @@ mod one_queue;
 mod state;
 
 #[cfg(test)]
-mod housekeeping_tests;
-#[cfg(test)]
-mod limits_tests;
-#[cfg(test)]
 mod tests;
 
 pub use command::*;

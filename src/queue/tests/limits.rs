@@ -1,72 +1,11 @@
 //! Tests of the byte and dead-letter limits: refusal, eviction, the derived
 //! byte count, the dead-letter cap and purge.
 
-use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
 
-fn input() -> QueueRef {
-    QueueRef::new("svc", QueueKind::Input)
-}
-
-struct Harness {
-    state: QueueState,
-    next_id: u128,
-    now: u64,
-}
-
 impl Harness {
-    fn new(input: QueueLimits, max_delivery: u32) -> Self {
-        let mut h = Harness {
-            state: QueueState::new(),
-            next_id: 1,
-            now: 1_000,
-        };
-        let config = ServiceConfig {
-            input,
-            max_delivery,
-            ..Default::default()
-        };
-        assert_eq!(
-            h.run(Command::CreateService {
-                name: "svc".into(),
-                config
-            }),
-            Reply::Done
-        );
-        h
-    }
-
-    fn run(&mut self, command: Command) -> Reply {
-        self.next_id += 1;
-        self.state
-            .apply(&Envelope {
-                id: self.next_id,
-                now_ms: self.now,
-                command,
-            })
-            .0
-    }
-
-    fn put(&mut self, size: usize) -> Reply {
-        let item = NewItem {
-            request_id: format!("r{}", self.next_id),
-            tags: Tags::new(),
-            data: Bytes::from(vec![b'x'; size]),
-            priority: 0,
-            path: String::new(),
-        };
-        self.run(Command::Put {
-            queue: input(),
-            item,
-        })
-    }
-
-    fn queue(&self) -> &Queue {
-        self.state.queue(&input()).unwrap()
-    }
-
     /// Attach a consumer, negatively commit what it gets until every item
     /// it is handed is dead-lettered (`max_delivery` 1: one refusal each).
     fn dead_letter_all(&mut self, connection: u64) {
@@ -117,12 +56,12 @@ fn limits(max_bytes: u64, evict_oldest: bool) -> QueueLimits {
 
 #[test]
 fn a_put_past_max_bytes_is_refused_and_changes_nothing() {
-    let mut h = Harness::new(limits(100, false), 5);
-    assert!(matches!(h.put(60), Reply::Put { index: 1, .. }));
-    assert!(matches!(h.put(40), Reply::Put { index: 2, .. }));
+    let mut h = Harness::with_input_limits(limits(100, false), 5);
+    assert!(matches!(h.put_sized(60), Reply::Put { index: 1, .. }));
+    assert!(matches!(h.put_sized(40), Reply::Put { index: 2, .. }));
     let before = h.state.clone();
     assert_eq!(
-        h.put(1),
+        h.put_sized(1),
         Reply::Rejected(Rejection::FullBytes { limit: 100 })
     );
     // Only the dedup table moved; the queue is as it was.
@@ -133,30 +72,30 @@ fn a_put_past_max_bytes_is_refused_and_changes_nothing() {
         indexes: vec![1],
     });
     assert_eq!(h.queue().bytes_held(), 40);
-    assert!(matches!(h.put(60), Reply::Put { index: 3, .. }));
+    assert!(matches!(h.put_sized(60), Reply::Put { index: 3, .. }));
 }
 
 #[test]
 fn evicting_queues_drop_the_oldest_items_to_make_room() {
-    let mut h = Harness::new(limits(100, true), 5);
+    let mut h = Harness::with_input_limits(limits(100, true), 5);
     for _ in 0..4 {
-        h.put(30);
+        h.put_sized(30);
     }
     // 4 × 30 > 100: the first item went to make room for the fourth.
     assert_eq!(
         h.queue().items.keys().copied().collect::<Vec<_>>(),
         [2, 3, 4]
     );
-    assert!(matches!(h.put(100), Reply::Put { index: 5, .. }));
+    assert!(matches!(h.put_sized(100), Reply::Put { index: 5, .. }));
     assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), [5]);
     assert_eq!(h.queue().bytes_held(), 100);
 }
 
 #[test]
 fn evicting_queues_drop_dead_letters_before_items() {
-    let mut h = Harness::new(limits(100, true), 1);
-    h.put(40);
-    h.put(40);
+    let mut h = Harness::with_input_limits(limits(100, true), 1);
+    h.put_sized(40);
+    h.put_sized(40);
     h.dead_letter_all(7);
     assert_eq!(h.queue().dead.len(), 2);
     assert!(h.queue().items.is_empty());
@@ -166,8 +105,8 @@ fn evicting_queues_drop_dead_letters_before_items() {
         user: "u".into(),
         connection: 7,
     });
-    h.put(10); // index 3, 90 bytes held
-    h.put(30); // needs one dead letter gone: the oldest (index 1)
+    h.put_sized(10); // index 3, 90 bytes held
+    h.put_sized(30); // needs one dead letter gone: the oldest (index 1)
     assert_eq!(h.queue().dead.keys().copied().collect::<Vec<_>>(), [2]);
     assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), [3, 4]);
     assert_eq!(h.queue().dead_dropped_total, 1);
@@ -203,7 +142,7 @@ fn a_payload_larger_than_max_bytes_evicts_nothing() {
 
 #[test]
 fn settings_out_of_range_are_refused() {
-    let mut h = Harness::new(QueueLimits::default(), 5);
+    let mut h = Harness::with_input_limits(QueueLimits::default(), 5);
     let bad = [
         QueueLimits {
             max_bytes: 0,
@@ -272,7 +211,7 @@ fn settings_out_of_range_are_refused() {
 
 #[test]
 fn dead_letters_are_capped_oldest_first_and_purgeable() {
-    let mut h = Harness::new(
+    let mut h = Harness::with_input_limits(
         QueueLimits {
             max_dead_letters: 3,
             ..limits(10_000, false)
@@ -280,7 +219,7 @@ fn dead_letters_are_capped_oldest_first_and_purgeable() {
         1,
     );
     for _ in 0..5 {
-        h.put(10);
+        h.put_sized(10);
     }
     h.dead_letter_all(7);
     assert_eq!(
@@ -351,14 +290,14 @@ proptest! {
     fn byte_count_is_exact_and_bounded(ops in prop::collection::vec(op(), 1..120)) {
         let max_bytes = 100;
         let mut lim = QueueLimits { max_dead_letters: 4, ..limits(max_bytes, false) };
-        let mut h = Harness::new(lim.clone(), 1);
+        let mut h = Harness::with_input_limits(lim.clone(), 1);
         let mut connection = 10;
         for op in ops {
             match op {
                 Op::Put { size } => {
                     let before = h.queue().clone();
                     let fits = before.bytes_held() + size as u64 <= max_bytes;
-                    match h.put(size) {
+                    match h.put_sized(size) {
                         Reply::Put { .. } => prop_assert!(fits || lim.evict_oldest),
                         Reply::Rejected(Rejection::FullBytes { .. }) => {
                             prop_assert!(!fits && !lim.evict_oldest);

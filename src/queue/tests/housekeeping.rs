@@ -1,13 +1,7 @@
 //! Leader housekeeping in the state machine: decisions are applied only in
 //! the term of the leader that made them, and time never goes backwards.
 
-use bytes::Bytes;
-
 use super::*;
-
-fn input() -> QueueRef {
-    QueueRef::new("svc", QueueKind::Input)
-}
 
 struct Replica {
     state: QueueState,
