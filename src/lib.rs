@@ -1,18 +1,31 @@
 //! Eddy: a replicated queue service for asynchronous ML inference.
 //!
-//! Module map:
+//! Module map, and the foreign crates each module owns (no other module
+//! names them):
 //! - [`config`]: a node's configuration, built once, with its defaults and
 //!   the timing relations (leases) derived from it.
-//! - [`queue`]: the pure state machine (items, groups, consumers, dispatch).
-//! - `raft`: the only module that knows openraft; log store, state-machine
-//!   adapter, gRPC network, forwarding of writes to the leader.
-//! - `api`: the only module that knows axum; the EAS HTTP and WebSocket
-//!   protocol, admin routes, status codes.
-//! - [`protocol`]: the EAS vocabulary (headers, tag keys, defaults), named once.
-//! - `client`: a Rust client of the EAS protocol (CLI, engine, benchmark).
-//! - `engine`: the asynchronous inference worker.
-//! - [`tls`]: certificates: generation and the PEM files a node loads.
+//! - [`queue`]: the pure state machine (items, groups, consumers, dispatch):
+//!   no I/O, no clock, no tokio.
+//! - [`protocol`]: the EAS protocol both sides speak: its vocabulary, the
+//!   query string, the operations on a queue URL, the `_attrs_` format.
+//! - [`raft`]: openraft and tonic (log store, state-machine adapter, gRPC
+//!   network, the proposer), and postcard (the log's and snapshots'
+//!   encoding; the queue's tests use it to check snapshot round trips).
+//! - [`api`]: axum (the EAS HTTP and WebSocket endpoints, admin routes,
+//!   metrics, status codes).
+//! - [`server`]: the wiring of one node (Raft member, watch hub, HTTP API,
+//!   liveness tasks).
+//! - [`client`]: reqwest and tokio-tungstenite (a Rust client of the EAS
+//!   protocol and the admin API, for the CLI, the engine and the benchmark).
+//!   The engine calls its model's HTTP endpoint with reqwest directly
+//!   (`engine/model.rs` says why).
+//! - [`engine`]: the asynchronous inference worker.
+//! - [`proto`]: the EAS frames as prost messages; prost is the one protobuf
+//!   codec, used where each message is encoded.
+//! - [`tls`]: rustls and rcgen (certificates: generation and the PEM files
+//!   a node loads).
 //! - [`secret`]: constant-time comparison of secrets and tokens.
+//! - The `eddy` binary (`src/main.rs`, `src/cli/`) owns clap.
 
 pub mod api;
 pub mod client;

@@ -82,14 +82,11 @@ pub(crate) struct MemberRemove {
     pub(crate) id: u64,
 }
 
-pub(crate) async fn admin_request(
-    admin: &AdminArgs,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let client = AdminClient::new(&admin.node.endpoint, &admin.admin_token.value()?);
-    Ok(client.request(method, path, body).await?)
+fn admin_client(admin: &AdminArgs) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::new(
+        &admin.node.endpoint,
+        &admin.admin_token.value()?,
+    ))
 }
 
 pub(crate) async fn service(cmd: ServiceCmd) -> anyhow::Result<()> {
@@ -102,24 +99,18 @@ pub(crate) async fn service(cmd: ServiceCmd) -> anyhow::Result<()> {
                 "consumer_grace_ms": s.consumer_grace_ms, "max_bytes": s.max_bytes,
                 "max_dead_letters": s.max_dead_letters,
             });
-            admin_request(
-                &s.admin,
-                reqwest::Method::POST,
-                "/admin/services",
-                Some(body),
-            )
-            .await?
+            admin_client(&s.admin)?
+                .post("/admin/services", body)
+                .await?
         }
-        ServiceCmd::List(a) => {
-            admin_request(&a, reqwest::Method::GET, "/admin/services", None).await?
-        }
+        ServiceCmd::List(a) => admin_client(&a)?.get("/admin/services").await?,
         ServiceCmd::Show(s) => {
             let path = format!("/admin/services/{}", s.name);
-            admin_request(&s.admin, reqwest::Method::GET, &path, None).await?
+            admin_client(&s.admin)?.get(&path).await?
         }
         ServiceCmd::Delete(s) => {
             let path = format!("/admin/services/{}", s.name);
-            admin_request(&s.admin, reqwest::Method::DELETE, &path, None).await?
+            admin_client(&s.admin)?.delete(&path).await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -128,23 +119,17 @@ pub(crate) async fn service(cmd: ServiceCmd) -> anyhow::Result<()> {
 
 pub(crate) async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
     let out = match cmd {
-        ClusterCmd::Status(a) => {
-            admin_request(&a, reqwest::Method::GET, "/admin/cluster", None).await?
-        }
+        ClusterCmd::Status(a) => admin_client(&a)?.get("/admin/cluster").await?,
         ClusterCmd::Add(m) => {
             let body =
                 serde_json::json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr});
-            admin_request(
-                &m.admin,
-                reqwest::Method::POST,
-                "/admin/cluster/members",
-                Some(body),
-            )
-            .await?
+            admin_client(&m.admin)?
+                .post("/admin/cluster/members", body)
+                .await?
         }
         ClusterCmd::Remove(m) => {
             let path = format!("/admin/cluster/members/{}", m.id);
-            admin_request(&m.admin, reqwest::Method::DELETE, &path, None).await?
+            admin_client(&m.admin)?.delete(&path).await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -27,10 +27,26 @@ impl AdminClient {
         }
     }
 
+    pub async fn get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.request(reqwest::Method::DELETE, path, None).await
+    }
+
     /// Call `method path` with an optional JSON body; the JSON answer (a
     /// plain-text answer as a JSON string). A status other than 2xx is
     /// [`ClientError::Status`] with the node's message.
-    pub async fn request(
+    async fn request(
         &self,
         method: reqwest::Method,
         path: &str,

@@ -1,4 +1,6 @@
-//! Calling the model server over HTTP.
+//! Calling the model server over HTTP. The model's endpoint is not an
+//! Eddy endpoint, so this calls it with reqwest directly rather than
+//! through `client` (which owns reqwest for the EAS and admin protocols).
 
 use std::time::Duration;
 
