@@ -225,6 +225,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// How long the listener waits after a failed accept (out of descriptors,
+/// say) before it tries again, instead of spinning.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Limits on the HTTP listener, applied before any request is parsed.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
@@ -514,7 +518,7 @@ pub async fn serve_with(
                 Err(e) => {
                     // Out of descriptors, say: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
             },

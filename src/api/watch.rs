@@ -68,7 +68,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{Message, WebSocket, close_code};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -207,7 +207,7 @@ impl Hub {
             if batch.iter().any(mine)
                 && let Some(committed) = node.status().committed
             {
-                node.wait_applied(committed, Duration::from_secs(2)).await;
+                node.wait_applied(committed, DELIVERY_APPLY_WAIT).await;
             }
             let mut changed = false;
             for event in batch {
@@ -411,6 +411,14 @@ async fn settle(
     }
 }
 
+/// How long, before pushing deliveries, a node waits to catch up with the
+/// commit index it last heard of (see [`Hub::run`]); a node further behind
+/// pushes anyway, only what its state still holds.
+const DELIVERY_APPLY_WAIT: Duration = Duration::from_secs(2);
+/// Bounds of how often a watch looks for items held past the hold limit.
+const HOLD_CHECK_MIN: Duration = Duration::from_millis(100);
+const HOLD_CHECK_MAX: Duration = Duration::from_secs(10);
+
 /// Largest WebSocket message (and frame) a watching client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
@@ -528,8 +536,9 @@ impl HoldClock {
 
     /// How often to look: a tenth of the limit, between 100 ms and 10 s.
     fn interval(&self) -> Duration {
+        // Without a limit the check never finds anything: look rarely.
         self.limit.map_or(Duration::from_secs(3600), |l| {
-            (l / 10).clamp(Duration::from_millis(100), Duration::from_secs(10))
+            (l / 10).clamp(HOLD_CHECK_MIN, HOLD_CHECK_MAX)
         })
     }
 
@@ -581,7 +590,7 @@ async fn serve_socket(
         Ok(v) => v,
         Err(e) => {
             let close = Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: 1011,
+                code: close_code::ERROR,
                 reason: e.to_string().chars().take(120).collect::<String>().into(),
             }));
             send_within(&mut socket, close, idle).await;
@@ -618,7 +627,7 @@ async fn serve_socket(
                 }
                 Err(closed) => {
                     let frame = (closed == Closed::Overflow).then(|| axum::extract::ws::CloseFrame {
-                        code: 1008,
+                        code: close_code::POLICY,
                         reason: "consumer too slow: its send buffer is full".into(),
                     });
                     send_within(&mut socket, Message::Close(frame), idle).await;
@@ -633,7 +642,7 @@ async fn serve_socket(
                 if connection.is_some_and(|c| hold.overdue(&state, &queue, c)) {
                     tracing::info!(connection, "watch held an item past the hold limit; dropping");
                     let frame = axum::extract::ws::CloseFrame {
-                        code: 1008,
+                        code: close_code::POLICY,
                         reason: "an item was held past the hold limit".into(),
                     };
                     send_within(&mut socket, Message::Close(Some(frame)), idle).await;

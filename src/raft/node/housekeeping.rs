@@ -3,10 +3,17 @@
 
 use super::*;
 
+/// How often the leader's timers run: grace periods end, and members are
+/// declared lost, within this of when they are due.
+const HOUSEKEEPING_TICK: Duration = Duration::from_millis(100);
+/// Snapshots taken because the log's memory passed its bound are at least
+/// this far apart.
+const SIZE_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
+
 impl RaftNode {
     /// Leader-only timers: grace-period expiry and lost members.
     pub(super) async fn housekeeping(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(HOUSEKEEPING_TICK);
         let mut announced_restart = false;
         let mut last_size_snapshot = None;
         // The term this node leads, since when (a node that lost and
@@ -25,7 +32,7 @@ impl RaftNode {
             }
             if self.log.entry_bytes() > SNAPSHOT_LOG_BYTES
                 && last_size_snapshot
-                    .is_none_or(|t: tokio::time::Instant| t.elapsed() > Duration::from_secs(1))
+                    .is_none_or(|t: tokio::time::Instant| t.elapsed() > SIZE_SNAPSHOT_INTERVAL)
             {
                 last_size_snapshot = Some(tokio::time::Instant::now());
                 tracing::info!(

@@ -67,6 +67,17 @@ use crate::queue::{Command, Envelope, Event, QueueState, Reply};
 /// payloads must not pile up in the log's memory.
 const SNAPSHOT_LOG_BYTES: u64 = 256 * 1024 * 1024;
 
+/// How long a command (or a linearizable read) may take to be applied,
+/// through elections and forwarding, before the caller is told the outcome
+/// is unknown; also the bound of one forwarded call.
+pub(crate) const PROPOSE_DEADLINE: Duration = Duration::from_secs(5);
+/// Between tries, how long a proposer waits for the leader to change.
+const LEADER_CHANGE_WAIT: Duration = Duration::from_millis(200);
+/// The least time one try is given, however little of the deadline is left.
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
+/// How long the leader's read index may take to arrive.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a stopping node's peer server may take to finish its calls.
 const PEER_SERVER_DRAIN: Duration = Duration::from_millis(500);
 
@@ -107,6 +118,18 @@ pub enum ProposeError {
 
 /// The one mapping from openraft's errors: a redirect names the leader,
 /// an API error means no answer now, a fatal error means Raft stopped.
+impl ProposeError {
+    /// Whether trying again cannot help: the node stopped (storage), the
+    /// disk is full, or the command is refused. Other errors (no leader, no
+    /// quorum in time) may pass with an election.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ProposeError::Fatal(_) | ProposeError::NoSpace(_) | ProposeError::Refused(_)
+        )
+    }
+}
+
 impl<E> From<RaftError<super::types::TypeConfig, E>> for ProposeError
 where
     E: std::error::Error

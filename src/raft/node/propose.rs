@@ -60,7 +60,7 @@ impl RaftNode {
             now_ms: self.wall_clock_ms(),
             command,
         };
-        self.propose_envelope_as(envelope, origin, Duration::from_secs(5))
+        self.propose_envelope_as(envelope, origin, PROPOSE_DEADLINE)
             .await
     }
 
@@ -84,47 +84,56 @@ impl RaftNode {
         // The entry node stores the entry too: it checks its own disk
         // before the leader checks its.
         self.admit(&envelope.command)?;
-        let start = tokio::time::Instant::now();
-        let mut last_err;
-        loop {
-            // A leader without a quorum never commits: bound each attempt.
-            let remaining = deadline
-                .saturating_sub(start.elapsed())
-                .max(Duration::from_millis(100));
-            let attempt = tokio::time::timeout(remaining, self.write_local(envelope.clone()));
-            let local = match attempt.await {
-                Ok(r) => r,
-                Err(_) => Err(ProposeError::Unavailable(
-                    "no quorum acknowledged the write in time; outcome unknown".into(),
-                )),
-            };
-            let result = match local {
-                Err(ProposeError::NotLeader {
-                    leader: Some(leader),
-                }) if leader != self.id => self.forward(leader, &envelope, origin).await,
-                other => other,
-            };
-            match result {
-                Ok(reply) => {
-                    return Ok(reply);
+        self.retry_until(deadline, |remaining| {
+            let envelope = envelope.clone();
+            async move {
+                // A leader without a quorum never commits: bound each attempt.
+                let attempt = tokio::time::timeout(remaining, self.write_local(envelope.clone()));
+                let local = attempt.await.unwrap_or_else(|_| {
+                    Err(ProposeError::Unavailable(
+                        "no quorum acknowledged the write in time; outcome unknown".into(),
+                    ))
+                });
+                match local {
+                    Err(ProposeError::NotLeader {
+                        leader: Some(leader),
+                    }) if leader != self.id => self.forward(leader, &envelope, origin).await,
+                    other => other,
                 }
-                Err(
-                    e @ (ProposeError::Fatal(_)
-                    | ProposeError::NoSpace(_)
-                    | ProposeError::Refused(_)),
-                ) => return Err(e),
-                Err(e) => last_err = e,
             }
+        })
+        .await
+    }
+
+    /// Run `attempt` (given the time left, at least [`MIN_ATTEMPT`]) until
+    /// it succeeds, fails for good, or `deadline` has passed; between tries,
+    /// wait (briefly) for the leader to change. Without a leader at the end
+    /// the error says so.
+    pub(super) async fn retry_until<T, Fut>(
+        &self,
+        deadline: Duration,
+        mut attempt: impl FnMut(Duration) -> Fut,
+    ) -> Result<T, ProposeError>
+    where
+        Fut: std::future::Future<Output = Result<T, ProposeError>>,
+    {
+        let start = tokio::time::Instant::now();
+        loop {
+            let remaining = deadline.saturating_sub(start.elapsed()).max(MIN_ATTEMPT);
+            let err = match attempt(remaining).await {
+                Ok(done) => return Ok(done),
+                Err(e) if e.is_final() => return Err(e),
+                Err(e) => e,
+            };
             if start.elapsed() >= deadline {
-                return Err(match last_err {
+                return Err(match err {
                     ProposeError::NotLeader { .. } => {
                         ProposeError::Unavailable("no leader elected".into())
                     }
                     e => e,
                 });
             }
-            self.wait_for_leader_change(Duration::from_millis(200))
-                .await;
+            self.wait_for_leader_change(LEADER_CHANGE_WAIT).await;
         }
     }
 
@@ -172,7 +181,7 @@ impl RaftNode {
                 from: self.id,
                 admin_proof: admin_proof.into(),
             },
-            Some(Duration::from_secs(5)),
+            Some(PROPOSE_DEADLINE),
         );
         let reply = client
             .forward(req)

@@ -21,42 +21,24 @@ impl RaftNode {
     /// the call: ask the leader (itself or over gRPC) for its read index and
     /// wait until it is applied here.
     pub async fn linearize(&self) -> Result<(), ProposeError> {
-        let deadline = Duration::from_secs(5);
         let start = tokio::time::Instant::now();
-        loop {
-            let index = match self.leader_read_index_anywhere().await {
-                Ok(i) => i,
-                Err(ProposeError::Fatal(e)) => return Err(ProposeError::Fatal(e)),
-                Err(e) if start.elapsed() >= deadline => {
-                    return Err(match e {
-                        ProposeError::NotLeader { .. } => {
-                            ProposeError::Unavailable("no leader elected".into())
-                        }
-                        e => e,
-                    });
-                }
-                Err(_) => {
-                    self.wait_for_leader_change(Duration::from_millis(200))
-                        .await;
-                    continue;
-                }
-            };
-            let left = deadline
-                .saturating_sub(start.elapsed())
-                .max(Duration::from_millis(100));
-            return if self.wait_applied(index, left).await {
-                Ok(())
-            } else {
-                Err(ProposeError::Unavailable(
-                    "this node is not catching up with the leader".into(),
-                ))
-            };
+        let index = self
+            .retry_until(PROPOSE_DEADLINE, |_| self.leader_read_index_anywhere())
+            .await?;
+        let left = PROPOSE_DEADLINE
+            .saturating_sub(start.elapsed())
+            .max(MIN_ATTEMPT);
+        if self.wait_applied(index, left).await {
+            Ok(())
+        } else {
+            Err(ProposeError::Unavailable(
+                "this node is not catching up with the leader".into(),
+            ))
         }
     }
 
     pub(super) async fn leader_read_index_anywhere(&self) -> Result<u64, ProposeError> {
-        let timeout = Duration::from_secs(2);
-        match tokio::time::timeout(timeout, self.leader_read_index()).await {
+        match tokio::time::timeout(READ_INDEX_TIMEOUT, self.leader_read_index()).await {
             Err(_) => Err(ProposeError::Unavailable("read index timed out".into())),
             Ok(Err(ProposeError::NotLeader { leader: Some(l) })) if l != self.id => {
                 let mut client = self.peer_client(l)?;
@@ -67,7 +49,7 @@ impl RaftNode {
                         body: Default::default(),
                         leader_quorum_age_ms: None,
                     },
-                    Some(timeout),
+                    Some(READ_INDEX_TIMEOUT),
                 );
                 let reply = client
                     .read_index(req)
