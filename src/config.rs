@@ -41,6 +41,16 @@ pub const DEFAULT_WATCH_MAX_HOLD: Duration = Duration::from_secs(30 * 60);
 /// The shortest watch idle limit in force, whatever is configured: pings
 /// and TCP probes need some time to be answered.
 pub const MIN_WATCH_IDLE: Duration = Duration::from_millis(300);
+/// HTTP connections served at once by default (`--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Peer connections held at once by default (`--max-peer-connections`).
+pub const DEFAULT_MAX_PEER_CONNECTIONS: usize = 512;
+/// A request's headers must arrive within this by default
+/// (`--http-header-timeout-ms`).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this by default
+/// (`--http-body-timeout-ms`).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Log entries between snapshots by default (`--snapshot-every`).
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 20_000;
 /// New data is refused while less than this is free on the data volume

@@ -11,8 +11,10 @@
 //! - [`raft`]: openraft and tonic (log store, state-machine adapter, gRPC
 //!   network, the proposer), and postcard (the log's and snapshots'
 //!   encoding; the queue's tests use it to check snapshot round trips).
-//! - [`api`]: axum (the EAS HTTP and WebSocket endpoints, admin routes,
-//!   metrics, status codes).
+//! - [`api`]: axum, and the HTTP stack under it (hyper, hyper-util, tower,
+//!   http-body-util, socket2 for the listener's TCP options): the EAS HTTP
+//!   and WebSocket endpoints, admin routes, metrics, status codes. The
+//!   peer service's tests drive a raw gRPC body with hyper types.
 //! - [`server`]: the wiring of one node (Raft member, watch hub, HTTP API,
 //!   liveness tasks).
 //! - [`client`]: reqwest and tokio-tungstenite (a Rust client of the EAS
@@ -24,7 +26,11 @@
 //!   codec, used where each message is encoded.
 //! - [`tls`]: rustls and rcgen (certificates: generation and the PEM files
 //!   a node loads).
-//! - [`secret`]: constant-time comparison of secrets and tokens.
+//! - [`secret`]: subtle and sha2 (constant-time comparison of secrets and
+//!   tokens).
+//! - rustix (system calls without a safe std form): the descriptor limit in
+//!   [`server`] and the data volume's free space in `raft`'s disk guard,
+//!   one call each.
 //! - The `eddy` binary (`src/main.rs`, `src/cli/`) owns clap.
 
 pub mod api;

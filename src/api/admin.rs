@@ -464,14 +464,9 @@ where
     match local().await {
         Ok(()) => Ok("OK".into_response()),
         Err(crate::raft::ProposeError::NotLeader { leader: Some(l) }) if l != state.node.id => {
-            let api = state
-                .node
-                .node_info(l)
-                .map(|n| n.data)
-                .filter(|a| !a.is_empty())
-                .ok_or_else(|| {
-                    ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
-                })?;
+            let api = state.node.member_api_addr(l).ok_or_else(|| {
+                ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
+            })?;
             let auth = headers
                 .get(header::AUTHORIZATION)
                 .cloned()

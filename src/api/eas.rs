@@ -24,7 +24,8 @@ use crate::queue::{
 };
 
 use crate::protocol::{
-    DUPLICATE_HEADER, GetOp, Query, QueueOp, REQUEST_ID_HEADER, ReadOp, attributes, param,
+    DUPLICATE_HEADER, GetOp, MAX_CODE_BYTES, MAX_REASON_BYTES, Query, QueueOp, REQUEST_ID_HEADER,
+    ReadOp, attributes, param,
 };
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -640,12 +641,7 @@ fn attrs(state: &AppState, queue: &QueueRef, headers: &HeaderMap) -> Result<Resp
     }
 }
 
-fn search(state: &AppState, queue: &QueueRef, index: Option<u64>) -> Result<Response, ApiError> {
-    let Some(index) = index else {
-        return Err(ApiError::BadRequest(
-            "_index_ must be a positive index for search".into(),
-        ));
-    };
+fn search(state: &AppState, queue: &QueueRef, index: u64) -> Result<Response, ApiError> {
     let found = state.node.read(|s| s.queue(queue).map(|q| q.search(index)));
     match found {
         None => Err(ApiError::NotFound(format!(
@@ -687,6 +683,9 @@ fn dead(
     Ok(frames_response(frames, headers, false))
 }
 
+/// Largest form body of a hand-back (its code and reason, encoded).
+const MAX_HAND_BACK_FORM_BYTES: u64 = 64 * 1024;
+
 /// The `Negative` command of a hand-back: its code and reason come from a
 /// form body when there is one, else from the query.
 async fn negative(
@@ -697,7 +696,7 @@ async fn negative(
     reason: Option<String>,
 ) -> Result<Command, ApiError> {
     let (group, _) = identity(&req.headers)?;
-    let body = read_body(req.body, 64 * 1024).await?;
+    let body = read_body(req.body, MAX_HAND_BACK_FORM_BYTES).await?;
     let form = Query::parse(Some(&String::from_utf8_lossy(&body)))?;
     let code = form
         .get(param::CODE)
@@ -709,7 +708,7 @@ async fn negative(
         .map(String::from)
         .or(reason)
         .unwrap_or_default();
-    if code.len() > 64 || reason.len() > 1024 {
+    if code.len() > MAX_CODE_BYTES || reason.len() > MAX_REASON_BYTES {
         return Err(ApiError::BadRequest("_code_ or _reason_ too long".into()));
     }
     Ok(Command::Negative {

@@ -257,9 +257,9 @@ pub struct ListenerLimits {
 impl Default for ListenerLimits {
     fn default() -> Self {
         Self {
-            max_connections: 4096,
-            header_read_timeout: std::time::Duration::from_secs(10),
-            body_timeout: std::time::Duration::from_secs(60),
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: crate::config::DEFAULT_HEADER_READ_TIMEOUT,
+            body_timeout: crate::config::DEFAULT_BODY_TIMEOUT,
             dead_peer_timeout: None,
         }
     }

@@ -419,6 +419,19 @@ const DELIVERY_APPLY_WAIT: Duration = Duration::from_secs(2);
 const HOLD_CHECK_MIN: Duration = Duration::from_millis(100);
 const HOLD_CHECK_MAX: Duration = Duration::from_secs(10);
 
+/// A WebSocket close frame's reason is cut to this many bytes (the frame
+/// allows 123).
+const MAX_CLOSE_REASON_BYTES: usize = 120;
+
+/// `text` cut to fit a close frame, at a character boundary.
+fn close_reason(text: &str) -> String {
+    let mut end = text.len().min(MAX_CLOSE_REASON_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
 /// Largest WebSocket message (and frame) a watching client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
@@ -591,7 +604,7 @@ async fn serve_socket(
         Err(e) => {
             let close = Message::Close(Some(axum::extract::ws::CloseFrame {
                 code: close_code::ERROR,
-                reason: e.to_string().chars().take(120).collect::<String>().into(),
+                reason: close_reason(&e.to_string()).into(),
             }));
             send_within(&mut socket, close, idle).await;
             return;
@@ -664,6 +677,85 @@ async fn serve_socket(
     drop(guard);
 }
 
+/// Why writing a frame to an HTTP stream stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamStop {
+    /// The client went away (the body was dropped).
+    Gone,
+    /// The client did not take a piece for the idle limit.
+    Stalled,
+    /// The node ended the watch mid-frame.
+    Ended,
+}
+
+/// A frame as the HTTP stream carries it: its length (4 bytes, big
+/// endian), then the protobuf `DataFrameProto`.
+fn length_prefixed(frame: Frame) -> Bytes {
+    let body = frame_proto(frame).encode_to_vec();
+    let mut chunk = Vec::with_capacity(body.len() + 4);
+    chunk.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    chunk.extend_from_slice(&body);
+    Bytes::from(chunk)
+}
+
+/// Hand `chunk` to the response body piece by piece, each within `idle`;
+/// done once the body has taken the last piece (the whole frame is then
+/// with the connection's writer).
+async fn write_frame(
+    body_tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    inbox: &Inbox,
+    chunk: Bytes,
+    idle: Duration,
+) -> Result<(), StreamStop> {
+    let mut at = 0;
+    while at < chunk.len() {
+        let piece = chunk.slice(at..(at + STREAM_PIECE).min(chunk.len()));
+        at += piece.len();
+        let ended = inbox.ended();
+        tokio::select! {
+            sent = tokio::time::timeout(idle, body_tx.send(Ok(piece))) => match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(StreamStop::Gone),
+                Err(_) => return Err(StreamStop::Stalled),
+            },
+            _ = ended => return Err(StreamStop::Ended),
+        }
+    }
+    // Room in the channel again: the body took the last piece.
+    match tokio::time::timeout(idle, body_tx.reserve()).await {
+        Ok(Ok(_permit)) => Ok(()),
+        Ok(Err(_)) => Err(StreamStop::Gone),
+        Err(_) => Err(StreamStop::Stalled),
+    }
+}
+
+/// End an HTTP stream: a stalled one is reset (its connection closed, or
+/// the HTTP/2 stream failed); a finished one ends its body, which is given
+/// the idle limit to reach the socket before the connection is closed.
+async fn end_stream(
+    body_tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    closer: Option<ConnectionCloser>,
+    stalled: bool,
+    idle: Duration,
+) {
+    if stalled {
+        // Without a closer (HTTP/2), an error resets the response's
+        // stream, if there is room to say so.
+        let err = std::io::Error::other("watch client stopped reading");
+        let _ = body_tx.try_send(Err(err));
+    }
+    if let Some(closer) = closer {
+        if stalled {
+            closer.close();
+        } else if !body_tx.is_closed() {
+            // The body ends here; its end must still reach the socket.
+            drop(body_tx);
+            tokio::time::sleep(idle).await;
+            closer.close();
+        }
+    }
+}
+
 async fn serve_stream(
     state: Arc<AppState>,
     queue: QueueRef,
@@ -683,7 +775,7 @@ async fn serve_stream(
         hold_check.tick().await;
         // Whether the client stalled: its connection cannot be ended cleanly.
         let mut stalled = false;
-        'pump: loop {
+        loop {
             let push = tokio::select! {
                 p = inbox.recv() => p,
                 // The client went away (the body was dropped).
@@ -711,68 +803,26 @@ async fn serve_stream(
                 }
             };
             let index = frame.index;
-            let body = frame_proto(frame).encode_to_vec();
-            let mut chunk = Vec::with_capacity(body.len() + 4);
-            chunk.extend_from_slice(&(body.len() as u32).to_be_bytes());
-            chunk.extend_from_slice(&body);
-            let chunk = Bytes::from(chunk);
-            let mut at = 0;
-            while at < chunk.len() {
-                let piece = chunk.slice(at..(at + STREAM_PIECE).min(chunk.len()));
-                at += piece.len();
-                let ended = inbox.ended();
-                tokio::select! {
-                    sent = tokio::time::timeout(idle, body_tx.send(Ok(piece))) => match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break 'pump,
-                        Err(_) => {
-                            tracing::info!(connection, "watch stream not read for the idle limit; dropping");
-                            stalled = true;
-                            break 'pump;
-                        }
-                    },
-                    _ = ended => {
-                        stalled = true;
-                        break 'pump;
-                    }
-                }
-            }
-            // Room in the channel again: the body took the last piece, so
-            // the whole frame is with the connection's writer.
-            match tokio::time::timeout(idle, body_tx.reserve()).await {
-                Ok(Ok(permit)) => {
-                    drop(permit);
+            match write_frame(&body_tx, &inbox, length_prefixed(frame), idle).await {
+                Ok(()) => {
                     guard.written(index);
                     hold.written(index);
                 }
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    tracing::info!(
-                        connection,
-                        "watch stream not read for the idle limit; dropping"
-                    );
-                    stalled = true;
+                Err(stop) => {
+                    if stop == StreamStop::Stalled {
+                        tracing::info!(
+                            connection,
+                            "watch stream not read for the idle limit; dropping"
+                        );
+                    }
+                    // Mid-frame, the connection cannot be ended cleanly.
+                    stalled = stop != StreamStop::Gone;
                     break;
                 }
             }
         }
         drop(guard);
-        if stalled {
-            // Without a closer (HTTP/2), an error resets the response's
-            // stream, if there is room to say so.
-            let err = std::io::Error::other("watch client stopped reading");
-            let _ = body_tx.try_send(Err(err));
-        }
-        if let Some(closer) = closer {
-            if stalled {
-                closer.close();
-            } else if !body_tx.is_closed() {
-                // The body ends here; its end must still reach the socket.
-                drop(body_tx);
-                tokio::time::sleep(idle).await;
-                closer.close();
-            }
-        }
+        end_stream(body_tx, closer, stalled, idle).await;
     });
     let stream = futures::stream::poll_fn(move |cx| body_rx.poll_recv(cx));
     Ok((

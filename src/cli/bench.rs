@@ -24,8 +24,9 @@ pub(crate) struct BenchArgs {
     /// Payload bytes.
     #[arg(long, short = 's', default_value_t = 256)]
     pub(crate) size: usize,
-    /// Leave the items on the queue; without it, the queue is truncated
-    /// up to the last item afterwards (whatever it held before the run).
+    /// Leave the benchmark's items on the queue. Without it they are
+    /// truncated afterwards, when the queue was empty before the run (a
+    /// queue that held items is left as it is).
     #[arg(long)]
     pub(crate) keep: bool,
     /// Measure the asynchronous path instead: put → engine → model → sink,
@@ -153,6 +154,14 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         return bench_e2e(a).await;
     }
     let c = client(&a.q);
+    // What the queue held before the run is never cleaned up with the
+    // benchmark's items.
+    let held_before = c
+        .attributes()
+        .await?
+        .get(eddy::protocol::ATTR_LENGTH)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let payload = Bytes::from(vec![b'x'; a.size]);
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tags = BTreeMap::new();
@@ -208,12 +217,19 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             max
         );
     }
-    if !a.keep
-        && let Some(last) = c
-            .attributes()
-            .await?
-            .get("stream.lastEntry")
-            .and_then(|v| v.parse::<u64>().ok())
+    if a.keep {
+        return Ok(());
+    }
+    if held_before > 0 {
+        eprintln!(
+            "the queue held {held_before} items before the run: the benchmark's items are \
+             left on it too (eddy queue truncate removes them)"
+        );
+    } else if let Some(last) = c
+        .attributes()
+        .await?
+        .get(eddy::protocol::ATTR_LAST_ENTRY)
+        .and_then(|v| v.parse::<u64>().ok())
     {
         c.truncate_before(last + 1).await?;
     }

@@ -133,8 +133,10 @@ pub(crate) async fn get(a: GetArgs) -> anyhow::Result<()> {
         tags.insert(eddy::protocol::REQUEST_ID_TAG.to_string(), r.clone());
     }
     let op = eddy::protocol::GetOp {
-        // Any negative index asks for the newest item, as -1 does.
-        from_index: u64::try_from(a.index).ok(),
+        from_index: match a.index {
+            -1 => None,
+            i => Some(u64::try_from(i).context("--index: an index, or -1 for the newest")?),
+        },
         length: u64::from(a.length),
         timeout: eddy::protocol::parse_duration(&a.timeout).with_context(|| {
             format!(

@@ -97,9 +97,9 @@ pub(crate) struct ServeArgs {
     )]
     pub(crate) services: Vec<String>,
     /// Limits of declared services.
-    #[arg(long, env = "EDDY_MAX_LENGTH", default_value_t = 100_000)]
+    #[arg(long, env = "EDDY_MAX_LENGTH", default_value_t = eddy::queue::DEFAULT_MAX_LENGTH)]
     pub(crate) max_length: u64,
-    #[arg(long, env = "EDDY_MAX_PAYLOAD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "EDDY_MAX_PAYLOAD_BYTES", default_value_t = eddy::queue::DEFAULT_MAX_PAYLOAD_BYTES)]
     pub(crate) max_payload_bytes: u64,
     #[arg(long, env = "EDDY_EVICT_OLDEST", default_value_t = false)]
     pub(crate) evict_oldest: bool,
@@ -113,9 +113,9 @@ pub(crate) struct ServeArgs {
     /// memory than this. Default: half the cgroup's or the machine's memory.
     #[arg(long, env = "EDDY_MAX_MEMORY_BYTES")]
     pub(crate) max_memory_bytes: Option<u64>,
-    #[arg(long, env = "EDDY_MAX_DELIVERY", default_value_t = 5)]
+    #[arg(long, env = "EDDY_MAX_DELIVERY", default_value_t = eddy::queue::DEFAULT_MAX_DELIVERY)]
     pub(crate) max_delivery: u32,
-    #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = 2_000)]
+    #[arg(long, env = "EDDY_CONSUMER_GRACE_MS", default_value_t = eddy::queue::DEFAULT_CONSUMER_GRACE_MS)]
     pub(crate) consumer_grace_ms: u64,
     #[arg(long, env = "EDDY_HEARTBEAT_MS", default_value_t = ms(eddy::config::DEFAULT_HEARTBEAT))]
     pub(crate) heartbeat_ms: u64,
@@ -150,18 +150,18 @@ pub(crate) struct ServeArgs {
     pub(crate) status_token: String,
     /// HTTP connections served at once (more wait in the backlog). Lowered
     /// at start when it does not fit the descriptor limit.
-    #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "EDDY_MAX_CONNECTIONS", default_value_t = eddy::config::DEFAULT_MAX_CONNECTIONS)]
     pub(crate) max_connections: usize,
     /// Connections to the peer gRPC port held at once (more wait in the
     /// backlog). Lowered at start when it does not fit the descriptor limit.
-    #[arg(long, env = "EDDY_MAX_PEER_CONNECTIONS", default_value_t = 512)]
+    #[arg(long, env = "EDDY_MAX_PEER_CONNECTIONS", default_value_t = eddy::config::DEFAULT_MAX_PEER_CONNECTIONS)]
     pub(crate) max_peer_connections: usize,
     /// A request's headers must arrive within this; also the idle limit of
     /// a keep-alive connection.
-    #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "EDDY_HTTP_HEADER_TIMEOUT_MS", default_value_t = ms(eddy::config::DEFAULT_HEADER_READ_TIMEOUT))]
     pub(crate) http_header_timeout_ms: u64,
     /// A request's whole body must arrive within this (HTTP 408 after).
-    #[arg(long, env = "EDDY_HTTP_BODY_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "EDDY_HTTP_BODY_TIMEOUT_MS", default_value_t = ms(eddy::config::DEFAULT_BODY_TIMEOUT))]
     pub(crate) http_body_timeout_ms: u64,
     /// New data is refused (HTTP 507) while less than this many bytes are
     /// free on the data volume; 0 turns the check off.
@@ -288,7 +288,7 @@ fn node_config(a: ServeArgs) -> anyhow::Result<NodeConfig> {
             .unwrap_or_else(|| PathBuf::from(format!("data/eddy-{id}"))),
         http_listen: a.listen,
         raft_listen: a.raft_listen,
-        advertise_http: a.advertise_http.clone(),
+        advertise_http: a.advertise_http.clone().filter(|s| !s.is_empty()),
         advertise_raft,
         peers,
         join: a.join,

@@ -26,8 +26,8 @@ use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 
 pub use crate::protocol::REQUEST_ID_HEADER;
 use crate::protocol::{
-    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, HEADER_GROUP, HEADER_USER, QueueOp, REQUEST_ID_TAG,
-    ReadOp, WatchOp, param,
+    DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, HEADER_GROUP, HEADER_USER, MAX_CODE_BYTES,
+    MAX_REASON_BYTES, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +218,10 @@ impl QueueClient {
         code: &str,
         reason: &str,
     ) -> Result<(), ClientError> {
-        let (code, reason) = (truncate(code, 64), truncate(reason, 1024));
+        let (code, reason) = (
+            truncate(code, MAX_CODE_BYTES),
+            truncate(reason, MAX_REASON_BYTES),
+        );
         // Code and reason go in a form body, where they need no URL space.
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair(param::CODE, code)

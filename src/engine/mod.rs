@@ -45,7 +45,7 @@ use tokio::sync::Semaphore;
 
 use crate::client::{ClientError, QueueClient, Timeouts};
 use crate::proto::DataFrameProto;
-use crate::protocol::{PATH_TAG, REQUEST_ID_TAG};
+use crate::protocol::{LAST_CODE_TAG, PATH_TAG, REQUEST_ID_TAG};
 pub use model::{ModelClient, ModelError, ModelResponse};
 
 #[derive(Debug, Clone)]
@@ -287,7 +287,7 @@ impl Engine {
             Ok(resp) => {
                 let mut tags = BTreeMap::new();
                 if resp.status != 200 {
-                    tags.insert("lastCode".to_string(), resp.status.to_string());
+                    tags.insert(LAST_CODE_TAG.to_string(), resp.status.to_string());
                 }
                 self.finish(frame.index, &request_id, tags, resp.body).await;
             }

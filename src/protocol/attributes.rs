@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 use super::{HEADER_GROUP, HEADER_PRIORITY, HEADER_USER};
 use crate::queue::{ConsumerStatus, Queue, QueueKind, ServiceConfig};
 
+/// Items the queue holds.
+pub const ATTR_LENGTH: &str = "stream.length";
+/// The index of the newest item (absent when the queue is empty).
+pub const ATTR_LAST_ENTRY: &str = "stream.lastEntry";
+
 fn format_idle(ms: u64) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
@@ -41,7 +46,7 @@ pub fn attributes(
     set("meta.header.priority", HEADER_PRIORITY.into());
     set("meta.header.userIdentifyHeader", HEADER_USER.into());
     set("meta.header.groupIdentifyHeader", HEADER_GROUP.into());
-    set("stream.length", queue.len().to_string());
+    set(ATTR_LENGTH, queue.len().to_string());
     set("stream.approxMaxLength", limits.max_length.to_string());
     set("stream.autoEvict", limits.evict_oldest.to_string());
     set("stream.inFlight", queue.in_flight_count().to_string());
@@ -50,7 +55,7 @@ pub fn attributes(
         set("stream.firstEntry", first.to_string());
     }
     if let Some(last) = queue.items.keys().next_back() {
-        set("stream.lastEntry", last.to_string());
+        set(ATTR_LAST_ENTRY, last.to_string());
     }
     set("stream.nextIndex", queue.next_index.to_string());
     let mut total = 0usize;

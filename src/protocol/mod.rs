@@ -11,7 +11,7 @@ mod attributes;
 mod op;
 mod query;
 
-pub use attributes::attributes;
+pub use attributes::{ATTR_LAST_ENTRY, ATTR_LENGTH, attributes};
 pub use op::{GetOp, MAX_READ_LENGTH, QueueOp, ReadOp, WatchOp};
 pub use query::{
     MAX_CONTROL_VALUE_BYTES, MAX_POLL, MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_TAGS, Query,
@@ -71,7 +71,7 @@ pub mod param {
 /// The header a put's answer carries the request id in.
 pub const REQUEST_ID_HEADER: &str = "X-Eas-Queueservice-Request-Id";
 
-/// Eddy's own answer header on a put or a `_complete_`: `true` when the
+/// Eddy's own answer header on a `_complete_`: `true` when a result for the
 /// request id was already held (an idempotent retry), so nothing was added.
 pub const DUPLICATE_HEADER: &str = "x-eddy-duplicate";
 
@@ -81,6 +81,14 @@ pub const HEADER_USER: &str = "X-EAS-QueueService-Redis-Uid";
 pub const HEADER_GROUP: &str = "X-EAS-QueueService-Redis-Gid";
 /// A put's priority.
 pub const HEADER_PRIORITY: &str = "X-EAS-QueueService-Priority";
+
+/// Tag key of a result the engine wrote for a model answer other than 200:
+/// the model's HTTP status.
+pub const LAST_CODE_TAG: &str = "lastCode";
+
+/// Longest hand-back code and reason (`_code_`, `_reason_`), in bytes.
+pub const MAX_CODE_BYTES: usize = 64;
+pub const MAX_REASON_BYTES: usize = 1024;
 
 /// Tag key under which every item carries its request id.
 pub const REQUEST_ID_TAG: &str = "requestId";

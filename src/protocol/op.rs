@@ -52,8 +52,8 @@ pub enum QueueOp {
 pub enum ReadOp {
     /// `_attrs_=true`.
     Attributes,
-    /// `_search_=true&_index_=I` (`None`: no positive index given).
-    Search { index: Option<u64> },
+    /// `_search_=true&_index_=I`, `I` positive.
+    Search { index: u64 },
     /// `_count_=true`, of one priority when given.
     Count { priority: Option<u32> },
     /// `_dead_=true`: at most `length` dead letters.
@@ -184,9 +184,7 @@ impl QueueOp {
                     ReadOp::Attributes => out.push((param::ATTRIBUTES, yes())),
                     ReadOp::Search { index } => {
                         out.push((param::SEARCH, yes()));
-                        if let Some(i) = index {
-                            out.push((param::INDEX, i.to_string()));
-                        }
+                        out.push((param::INDEX, index.to_string()));
                     }
                     ReadOp::Count { priority } => {
                         out.push((param::COUNT, yes()));
@@ -201,7 +199,7 @@ impl QueueOp {
                     ReadOp::Get(g) => {
                         out.push((param::INDEX, from(g.from_index)));
                         out.push((param::LENGTH, g.length.to_string()));
-                        out.push((param::TIMEOUT, format!("{}ms", g.timeout.as_millis())));
+                        out.push((param::TIMEOUT, format!("{}us", g.timeout.as_micros())));
                         if let Some(raw) = g.raw {
                             out.push((param::RAW, raw.to_string()));
                         }
@@ -246,9 +244,12 @@ impl ReadOp {
         if q.flag(param::ATTRIBUTES)? {
             Ok(Self::Attributes)
         } else if q.flag(param::SEARCH)? {
-            Ok(Self::Search {
-                index: q.start_index()?.filter(|i| *i > 0),
-            })
+            match q.start_index()? {
+                Some(index) if index > 0 => Ok(Self::Search { index }),
+                _ => Err(QueryError(
+                    "_index_ must be a positive index for search".into(),
+                )),
+            }
         } else if q.flag(param::COUNT)? {
             Ok(Self::Count {
                 priority: q.get(param::PRIORITY).map(parse_priority).transpose()?,
@@ -339,7 +340,7 @@ mod tests {
                 linearizable: true,
             },
             QueueOp::Read {
-                read: ReadOp::Search { index: Some(9) },
+                read: ReadOp::Search { index: 9 },
                 linearizable: false,
             },
             QueueOp::Read {
@@ -413,6 +414,8 @@ mod tests {
             ("GET", "_watch_=maybe"),
             ("GET", "_attrs_=true&_local_=perhaps"),
             ("GET", "_timeout_=forever"),
+            ("GET", "_search_=true"),
+            ("GET", "_search_=true&_index_=-1"),
             ("PUT", ""),
             ("PUT", "_indexes_=1,x"),
             ("DELETE", "_trunc_=true&_index_=-1"),

@@ -71,6 +71,14 @@ pub struct QueueLimits {
     pub max_dead_letters: u64,
 }
 
+/// Default of [`QueueLimits::max_length`].
+pub const DEFAULT_MAX_LENGTH: u64 = 100_000;
+/// Default of [`QueueLimits::max_payload_bytes`]: 8 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 8 * 1024 * 1024;
+/// Default of [`ServiceConfig::max_delivery`].
+pub const DEFAULT_MAX_DELIVERY: u32 = 5;
+/// Default of [`ServiceConfig::consumer_grace_ms`].
+pub const DEFAULT_CONSUMER_GRACE_MS: u64 = 2_000;
 /// Default of [`QueueLimits::max_bytes`]: 1 GiB per queue.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 /// Default of [`QueueLimits::max_dead_letters`].
@@ -92,8 +100,8 @@ pub const MAX_DEAD_LETTERS_CEILING: u64 = 1_000_000;
 impl Default for QueueLimits {
     fn default() -> Self {
         Self {
-            max_length: 100_000,
-            max_payload_bytes: 8 * 1024 * 1024,
+            max_length: DEFAULT_MAX_LENGTH,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             evict_oldest: false,
             max_bytes: DEFAULT_MAX_BYTES,
             max_dead_letters: DEFAULT_MAX_DEAD_LETTERS,
@@ -151,8 +159,8 @@ impl Default for ServiceConfig {
             token: String::new(),
             input: QueueLimits::default(),
             sink: QueueLimits::default(),
-            max_delivery: 5,
-            consumer_grace_ms: 2_000,
+            max_delivery: DEFAULT_MAX_DELIVERY,
+            consumer_grace_ms: DEFAULT_CONSUMER_GRACE_MS,
         }
     }
 }

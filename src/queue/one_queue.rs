@@ -1,6 +1,6 @@
 //! One queue: its items, its consumer groups and the dispatch rule.
 //!
-//! Invariants (checked by the property tests in `tests.rs`):
+//! Invariants (checked by the property test in `tests/model.rs`):
 //! - indexes are strictly increasing, never 0, never reused;
 //! - an item is in flight to at most one consumer per group, and then it is
 //!   not in that group's ready set;

@@ -46,7 +46,7 @@ pub struct PeerListenerLimits {
 impl Default for PeerListenerLimits {
     fn default() -> Self {
         Self {
-            max_connections: 512,
+            max_connections: crate::config::DEFAULT_MAX_PEER_CONNECTIONS,
             idle: Duration::from_secs(30),
             handshake: Duration::from_secs(10),
         }

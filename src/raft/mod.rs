@@ -9,15 +9,15 @@
 //! - `snapshot_file`: the snapshot file format and the handle openraft moves.
 //! - `network` / `service`: node-to-node gRPC (client and server).
 //! - `listener`: the peer port's accept loop (connection limit, idle close).
-//! - `node`: a running member; proposing, forwarding, leader housekeeping.
+//! - `node`: a running member; proposing, forwarding, reads, the lease,
+//!   membership, leader housekeeping, status.
+//! - `types`: openraft's type configuration for Eddy.
 
 pub mod crashsafe;
 mod disk_guard;
 mod health;
 mod listener;
 mod log;
-// The log store's former module path, still used by `node`.
-use self::log as log_store;
 mod network;
 mod node;
 mod service;

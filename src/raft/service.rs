@@ -486,6 +486,17 @@ mod tests {
         assert!(forwardable(&Command::NodeGone { node: 2 }, 2, false).is_ok());
         assert!(forwardable(&Command::NodeGone { node: 3 }, 2, true).is_err());
         assert!(forwardable(&tick(), 2, true).is_err());
+        // A leader's own decisions are never forwarded, even with the admin
+        // token: a deposed leader's verdict must not reach the new one.
+        for decision in [
+            Command::NodeLost { node: 3, term: 4 },
+            Command::NodeLost { node: 2, term: 4 },
+            Command::GraceExpired { term: 4 },
+        ] {
+            assert!(forwardable(&decision, 2, true).is_err(), "{decision:?}");
+            let batch = Command::Batch(vec![put.clone(), decision]);
+            assert!(forwardable(&batch, 2, true).is_err());
+        }
         let delete = Command::DeleteService { name: "s".into() };
         assert!(forwardable(&delete, 2, false).is_err());
         assert!(forwardable(&delete, 2, true).is_ok());
@@ -543,7 +554,7 @@ mod tests {
     }
 
     async fn client(node: &RaftNode) -> RaftClient<tonic::transport::Channel> {
-        let addr = node.settings_raft_addr();
+        let addr = node.advertised_raft_addr();
         RaftClient::connect(format!("http://{addr}")).await.unwrap()
     }
 
@@ -798,7 +809,7 @@ mod tests {
         use tonic::codegen::http;
         let channel = tonic::transport::Endpoint::from_shared(format!(
             "http://{}",
-            node.settings_raft_addr()
+            node.advertised_raft_addr()
         ))
         .unwrap()
         .connect()
@@ -817,7 +828,7 @@ mod tests {
         };
         let req = http::Request::post(format!(
             "http://{}/eddy.raft.Raft/{method}",
-            node.settings_raft_addr()
+            node.advertised_raft_addr()
         ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -146,11 +146,11 @@ impl Cluster {
     }
 
     async fn start_with(&self, id: u64, join: bool) -> RunningNode {
-        start(self.settings(id, join)).await.unwrap()
+        start(self.config_of(id, join)).await.unwrap()
     }
 
     /// The configuration node `id` starts with.
-    pub(crate) fn settings(&self, id: u64, join: bool) -> NodeConfig {
+    pub(crate) fn config_of(&self, id: u64, join: bool) -> NodeConfig {
         let me = &self.peers[(id - 1) as usize];
         NodeConfig {
             id,
@@ -202,15 +202,15 @@ impl Cluster {
         self.nodes[(id - 1) as usize] = Some(n);
     }
 
-    /// Restart node `id` with its settings changed by `change`.
+    /// Restart node `id` with its configuration changed by `change`.
     pub(crate) async fn restart_with(
         &mut self,
         id: u64,
         change: impl FnOnce(&mut NodeConfig),
     ) -> anyhow::Result<()> {
-        let mut settings = self.settings(id, false);
-        change(&mut settings);
-        let n = start(settings).await?;
+        let mut config = self.config_of(id, false);
+        change(&mut config);
+        let n = start(config).await?;
         self.nodes[(id - 1) as usize] = Some(n);
         Ok(())
     }

@@ -215,23 +215,14 @@ async fn a_websocket_watch_holds_at_most_its_window_and_a_commit_frees_the_slot(
 /// take replies, was not counted and puts went on being admitted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_dedup_table_makes_puts_answer_429() {
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use tower::ServiceExt;
-
     let limit = 24 * 1024 * 1024;
     let c = Cluster::configured(1, |c| c.config.max_memory_bytes = limit).await;
     let node = c.node(1);
     create_service_with(node, ServiceConfig::default()).await;
-    let app = eddy::api::router(node.app_state.clone());
     let call = |req: Request<Body>| {
-        let app = app.clone();
+        let c = &c;
         async move {
-            let resp = app.oneshot(req).await.unwrap();
-            let status = resp.status();
-            let body = axum::body::to_bytes(resp.into_body(), 8 << 20)
-                .await
-                .unwrap();
+            let (status, _, body) = send(c, 1, req).await;
             (status, String::from_utf8_lossy(&body).into_owned())
         }
     };

@@ -106,12 +106,12 @@ async fn a_cut_off_follower_gives_up_its_lease_before_items_are_redelivered() {
 
     // Timings whose lease would lapse between two heartbeats (healthy
     // followers would close their watchers) are refused at start.
-    assert!(c.settings(follower, false).check().is_ok());
-    let mut short = c.settings(follower, false);
+    assert!(c.config_of(follower, false).check().is_ok());
+    let mut short = c.config_of(follower, false);
     short.timings.node_lost = Duration::from_millis(300);
     let refusal = short.check().unwrap_err().to_string();
     assert!(refusal.contains("--node-lost-ms"), "{refusal}");
-    let mut inverted = c.settings(follower, false);
+    let mut inverted = c.config_of(follower, false);
     inverted.timings.node_lost = Duration::from_millis(1_000);
     inverted.timings.election_timeout = Duration::from_millis(1_000);
     assert!(inverted.check().is_err());

@@ -365,7 +365,7 @@ async fn membership_changes_reach_a_leader_serving_tls() {
     let gone = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
 
     // Settings that could not forward at all are refused at start.
-    let mut blind = c.settings(follower, false);
+    let mut blind = c.config_of(follower, false);
     blind.client_tls = Some(
         eddy::tls::ClientPortTls::load(&ours.join("node.pem"), &ours.join("node-key.pem")).unwrap(),
     );

@@ -110,11 +110,6 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> Result<(), TestCaseError
             if tagged {
                 tags.insert("k".into(), "v".into());
             }
-            let exists = h
-                .queue()
-                .groups
-                .get(&g)
-                .is_some_and(|gr| gr.consumers.contains_key(&u));
             // Consumers of one group share their tag filter.
             if let Some(gr) = h.queue().groups.get(&g) {
                 tags = gr.tags.clone();
@@ -131,7 +126,6 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> Result<(), TestCaseError
                 tags,
                 start_index: Some(0),
             };
-            let _ = exists;
             model
                 .connections
                 .insert(model.next_connection, (g.clone(), u.clone()));
@@ -230,8 +224,15 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> Result<(), TestCaseError
 /// After a step: forget what the state took back, learn the deliveries,
 /// and check the delivery rules and the state against the model.
 fn check_step(h: &mut Harness, model: &mut Model) -> Result<(), TestCaseError> {
-    // Requeues (grace expiry, node loss) drop holdings the model must forget.
     let queue = h.queue().clone();
+    forget_taken_back(&queue, model)?;
+    learn_deliveries(std::mem::take(&mut h.events), model)?;
+    check_state(&queue, model)
+}
+
+/// Requeues (grace expiry, node loss) drop holdings the model must forget;
+/// an item may move away from its holder only once the holder left.
+fn forget_taken_back(queue: &Queue, model: &mut Model) -> Result<(), TestCaseError> {
     let mut stale = Vec::new();
     for ((g, i), conn) in &model.holder {
         let user = &model.connections[conn].1;
@@ -255,8 +256,12 @@ fn check_step(h: &mut Harness, model: &mut Model) -> Result<(), TestCaseError> {
     for key in stale {
         model.holder.remove(&key);
     }
-    // Deliveries: never of an item the group committed, never to two holders.
-    for e in std::mem::take(&mut h.events) {
+    Ok(())
+}
+
+/// Deliveries: never of an item the group committed, never to two holders.
+fn learn_deliveries(events: Vec<Event>, model: &mut Model) -> Result<(), TestCaseError> {
+    for e in events {
         if let Event::Deliver {
             connection, frame, ..
         } = e
@@ -280,7 +285,12 @@ fn check_step(h: &mut Harness, model: &mut Model) -> Result<(), TestCaseError> {
             model.holder.insert((g, frame.index), connection);
         }
     }
-    // State matches the model.
+    Ok(())
+}
+
+/// The state matches the model: what each consumer holds, within its
+/// window; dispatch leaves no free slot beside a ready item; no item lost.
+fn check_state(queue: &Queue, model: &Model) -> Result<(), TestCaseError> {
     for (gid, group) in &queue.groups {
         for (uid, c) in &group.consumers {
             let held = group.in_flight.values().filter(|u| *u == uid).count() as u32;

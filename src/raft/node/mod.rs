@@ -32,12 +32,15 @@
 //! leases derived from them are in [`crate::config::Timings`]).
 
 mod clock;
+mod error;
 mod housekeeping;
 mod lease;
 mod membership;
 mod propose;
 mod reads;
 mod status;
+
+pub use error::ProposeError;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -46,13 +49,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::RaftError;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 
 use super::StorageHealth;
 use super::disk_guard::DiskGuard;
-use super::log_store::LogStore;
+use super::log::LogStore;
 use super::network::{Channels, LeaderQuorum, LinkFaults, Network, authorized, decode, encode};
 use super::pb::ForwardRequest;
 use super::pb::raft_client::RaftClient;
@@ -78,6 +80,12 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 /// How long the leader's read index may take to arrive.
 const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Entries kept behind a snapshot (at most `snapshot_every`), so that a
+/// follower a little behind catches up from the log instead of a snapshot.
+const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
+/// Log entries purged at once behind a snapshot.
+const PURGE_BATCH: u64 = 256;
+
 /// How long a stopping node's peer server may take to finish its calls.
 const PEER_SERVER_DRAIN: Duration = Duration::from_millis(500);
 
@@ -98,62 +106,6 @@ pub struct Peer {
     pub id: u64,
     pub raft_addr: String,
     pub api_addr: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProposeError {
-    #[error("this node is not the leader")]
-    NotLeader { leader: Option<u64> },
-    #[error("no leader is available: {0}")]
-    Unavailable(String),
-    /// The command is not acceptable (malformed or not allowed).
-    #[error("{0}")]
-    Refused(String),
-    /// The data volume is short of space (HTTP 507).
-    #[error("{0}")]
-    NoSpace(String),
-    #[error("raft stopped: {0}")]
-    Fatal(String),
-}
-
-/// The one mapping from openraft's errors: a redirect names the leader,
-/// an API error means no answer now, a fatal error means Raft stopped.
-impl ProposeError {
-    /// Whether trying again cannot help: the node stopped (storage), the
-    /// disk is full, or the command is refused. Other errors (no leader, no
-    /// quorum in time) may pass with an election.
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            ProposeError::Fatal(_) | ProposeError::NoSpace(_) | ProposeError::Refused(_)
-        )
-    }
-}
-
-impl<E> From<RaftError<super::types::TypeConfig, E>> for ProposeError
-where
-    E: std::error::Error
-        + openraft::TryAsRef<openraft::errors::ForwardToLeader<super::types::TypeConfig>>,
-{
-    fn from(e: RaftError<super::types::TypeConfig, E>) -> Self {
-        if let Some(f) = e.forward_to_leader() {
-            return ProposeError::NotLeader {
-                leader: f.leader_id,
-            };
-        }
-        match e {
-            RaftError::APIError(e) => ProposeError::Unavailable(e.to_string()),
-            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
-        }
-    }
-}
-
-/// On whose behalf a command is proposed: forwarded admin commands carry
-/// proof of the admin token, which the leader checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    DataPlane,
-    Admin,
 }
 
 /// Cluster view for status endpoints and readiness.
@@ -215,6 +167,14 @@ pub struct RaftNode {
     peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
 }
 
+/// On whose behalf a command is proposed: forwarded admin commands carry
+/// proof of the admin token, which the leader checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    DataPlane,
+    Admin,
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -241,8 +201,8 @@ fn openraft_config(config: &NodeConfig) -> anyhow::Result<Config> {
         // the others apply the new one.
         enable_leader_restore: Some(false),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
-        max_in_snapshot_log_to_keep: config.snapshot_every.min(1000),
-        purge_batch_size: 256,
+        max_in_snapshot_log_to_keep: config.snapshot_every.min(LOG_KEPT_AFTER_SNAPSHOT),
+        purge_batch_size: PURGE_BATCH,
         // The base of a transfer's deadline; the network adds time for the
         // snapshot's size.
         install_snapshot_timeout: super::network::SNAPSHOT_TRANSFER_BASE.as_millis() as u64,
@@ -445,7 +405,7 @@ impl RaftNode {
     }
 
     #[cfg(test)]
-    pub(crate) fn settings_raft_addr(&self) -> String {
+    pub(crate) fn advertised_raft_addr(&self) -> String {
         self.advertise.raft_addr.clone()
     }
 
@@ -462,7 +422,13 @@ impl RaftNode {
         self.config.peer_tls.is_some()
     }
 
-    pub fn node_info(&self, id: u64) -> Option<NodeInfo> {
+    /// The HTTP address member `id` advertised, if it is a member and gave
+    /// one.
+    pub fn member_api_addr(&self, id: u64) -> Option<String> {
+        self.node_info(id).map(|n| n.data).filter(|a| !a.is_empty())
+    }
+
+    pub(crate) fn node_info(&self, id: u64) -> Option<NodeInfo> {
         let m = self.raft.metrics().borrow_watched().clone();
         m.membership_config.membership().get_node(&id).cloned()
     }

@@ -192,6 +192,11 @@ impl RaftNode {
             .into_inner();
         use crate::raft::pb::ForwardError;
         match reply.error_kind() {
+            // A reply without a kind but with an error comes from a node of
+            // another version (see raft.proto): retried, never misread.
+            ForwardError::None if reply.reply.is_empty() && !reply.error.is_empty() => {
+                Err(ProposeError::Unavailable(reply.error))
+            }
             ForwardError::None => decode(&reply.reply).map_err(ProposeError::Unavailable),
             ForwardError::NotLeader => Err(ProposeError::NotLeader { leader: None }),
             ForwardError::Rejected => Err(ProposeError::Refused(reply.error)),

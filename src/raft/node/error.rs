@@ -1,0 +1,52 @@
+//! Why a proposal or a read failed, and the one mapping from openraft's
+//! errors to it.
+
+use openraft::errors::RaftError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<u64> },
+    #[error("no leader is available: {0}")]
+    Unavailable(String),
+    /// The command is not acceptable (malformed or not allowed).
+    #[error("{0}")]
+    Refused(String),
+    /// The data volume is short of space (HTTP 507).
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// The one mapping from openraft's errors: a redirect names the leader,
+/// an API error means no answer now, a fatal error means Raft stopped.
+impl ProposeError {
+    /// Whether trying again cannot help: the node stopped (storage), the
+    /// disk is full, or the command is refused. Other errors (no leader, no
+    /// quorum in time) may pass with an election.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ProposeError::Fatal(_) | ProposeError::NoSpace(_) | ProposeError::Refused(_)
+        )
+    }
+}
+
+impl<E> From<RaftError<crate::raft::types::TypeConfig, E>> for ProposeError
+where
+    E: std::error::Error
+        + openraft::TryAsRef<openraft::errors::ForwardToLeader<crate::raft::types::TypeConfig>>,
+{
+    fn from(e: RaftError<crate::raft::types::TypeConfig, E>) -> Self {
+        if let Some(f) = e.forward_to_leader() {
+            return ProposeError::NotLeader {
+                leader: f.leader_id,
+            };
+        }
+        match e {
+            RaftError::APIError(e) => ProposeError::Unavailable(e.to_string()),
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+        }
+    }
+}
