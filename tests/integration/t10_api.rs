@@ -162,6 +162,11 @@ async fn a_websocket_watch_holds_at_most_its_window_and_a_commit_frees_the_slot(
     create_service(node).await;
     let first = put(node, "one").await;
     let second = put(node, "two").await;
+    // A node takes watchers once it has announced its start.
+    eventually("the node accepts watchers", Duration::from_secs(10), || {
+        node.node.accepts_watchers()
+    })
+    .await;
 
     let url = format!(
         "ws://{}/api/predict/svc?_watch_=true&_window_=1&_index_=0",
