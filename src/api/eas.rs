@@ -578,10 +578,27 @@ async fn get(
     };
     let auto_delete = op.auto_delete;
     let deadline = tokio::time::Instant::now() + op.timeout;
+    let peek = |length: u32| {
+        let selector = Selector {
+            length,
+            ..selector.clone()
+        };
+        state
+            .node
+            .read(|s| s.queue(queue).map(|q| q.peek(&selector)))
+            .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))
+    };
+    let mut first_try = true;
     loop {
         // Subscribe before looking, so a put between look and wait wakes us.
         let changed = state.hub.changed.notified();
-        let frames = if auto_delete {
+        // A take is a log entry. After the first try (which may find items
+        // this node has not applied yet) it is proposed only once this
+        // node's state holds an item to take: waking up for a change to
+        // another queue costs the log nothing.
+        let try_take = auto_delete && (first_try || !peek(1)?.is_empty());
+        first_try = false;
+        let frames = if try_take {
             match state
                 .node
                 .propose(Command::Take {
@@ -598,11 +615,10 @@ async fn get(
                     )));
                 }
             }
+        } else if auto_delete {
+            Vec::new()
         } else {
-            state
-                .node
-                .read(|s| s.queue(queue).map(|q| q.peek(&selector)))
-                .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))?
+            peek(selector.length)?
         };
         if !frames.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(frames_response(frames, headers, raw));

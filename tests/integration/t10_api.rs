@@ -268,3 +268,77 @@ async fn a_full_dedup_table_makes_puts_answer_429() {
     assert!(held <= limit, "{held} held past the limit {limit}");
     assert!(round >= 15, "refused too early: round {round}");
 }
+
+/// Long polls that take (`_auto_delete_=true`) wait without writing to the
+/// log: a change to another service wakes them, but only an item they can
+/// take makes them propose (old code: every wake-up of every waiting take
+/// proposed a `Take`, so 20 waiting pollers turned 10 puts on an unrelated
+/// service into some 200 fsynced log entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_takes_write_nothing_to_the_log_while_other_queues_change() {
+    let c = Cluster::new(1, 20_000).await;
+    let node = c.node(1);
+    create_service(node).await;
+    let other = eddy::queue::Command::CreateService {
+        name: "other".into(),
+        config: ServiceConfig::default(),
+    };
+    node.node.propose_admin(other).await.unwrap();
+    // The node's own start announcement is written before anything is
+    // measured.
+    eventually(
+        "the node announced its start",
+        Duration::from_secs(10),
+        || node.node.accepts_watchers(),
+    )
+    .await;
+    let log_index = || c.node(1).node.status().last_log_index.unwrap_or(0);
+    let before = log_index();
+    let pollers: Vec<_> = (0..20)
+        .map(|_| {
+            let app = eddy::api::router(node.app_state.clone());
+            tokio::spawn(async move {
+                use tower::ServiceExt;
+                let req = request(
+                    "GET",
+                    "/api/predict/svc?_auto_delete_=true&_timeout_=3s&_raw_=false",
+                    "",
+                );
+                app.oneshot(req).await.unwrap().status()
+            })
+        })
+        .collect();
+    // Each poller's first try is one take.
+    eventually("every poller tried once", Duration::from_secs(10), || {
+        log_index() >= before + 20
+    })
+    .await;
+    let waiting = log_index();
+    for i in 0..10 {
+        let put = request("POST", "/api/predict/other", &format!("x{i}"));
+        let (status, _, _) = send(&c, 1, put).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // The pollers woke for each put; give them time to act on it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The 10 puts, and room for an entry of the node's own housekeeping.
+    let written = log_index() - waiting;
+    assert!(
+        written <= 12,
+        "10 puts elsewhere wrote {written} log entries while 20 takes waited"
+    );
+    // An item they can take is taken by exactly one of them.
+    let (status, _, _) = send(&c, 1, request("POST", "/api/predict/svc", "job")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut statuses = Vec::new();
+    for p in pollers {
+        statuses.push(p.await.unwrap());
+    }
+    let taken = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let empty = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::NO_CONTENT)
+        .count();
+    assert_eq!((taken, empty), (1, 19), "{statuses:?}");
+    assert_eq!(input_length(&c), 0);
+}
