@@ -578,15 +578,16 @@ async fn get(
     };
     let auto_delete = op.auto_delete;
     let deadline = tokio::time::Instant::now() + op.timeout;
-    let peek = |length: u32| {
-        let selector = Selector {
-            length,
-            ..selector.clone()
-        };
+    let peek = |selector: &Selector| {
         state
             .node
-            .read(|s| s.queue(queue).map(|q| q.peek(&selector)))
+            .read(|s| s.queue(queue).map(|q| q.peek(selector)))
             .ok_or_else(|| ApiError::NotFound(format!("no such service: {}", queue.service)))
+    };
+    // Whether this node's state holds an item for a waiting take.
+    let probe = Selector {
+        length: 1,
+        ..selector.clone()
     };
     let mut first_try = true;
     loop {
@@ -596,7 +597,7 @@ async fn get(
         // this node has not applied yet) it is proposed only once this
         // node's state holds an item to take: waking up for a change to
         // another queue costs the log nothing.
-        let try_take = auto_delete && (first_try || !peek(1)?.is_empty());
+        let try_take = auto_delete && (first_try || !peek(&probe)?.is_empty());
         first_try = false;
         let frames = if try_take {
             match state
@@ -618,7 +619,7 @@ async fn get(
         } else if auto_delete {
             Vec::new()
         } else {
-            peek(selector.length)?
+            peek(&selector)?
         };
         if !frames.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(frames_response(frames, headers, raw));

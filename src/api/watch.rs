@@ -423,15 +423,6 @@ const HOLD_CHECK_MAX: Duration = Duration::from_secs(10);
 /// allows 123).
 const MAX_CLOSE_REASON_BYTES: usize = 120;
 
-/// `text` cut to fit a close frame, at a character boundary.
-fn close_reason(text: &str) -> String {
-    let mut end = text.len().min(MAX_CLOSE_REASON_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
-}
-
 /// Largest WebSocket message (and frame) a watching client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
@@ -604,7 +595,9 @@ async fn serve_socket(
         Err(e) => {
             let close = Message::Close(Some(axum::extract::ws::CloseFrame {
                 code: close_code::ERROR,
-                reason: close_reason(&e.to_string()).into(),
+                reason: crate::protocol::truncate(&e.to_string(), MAX_CLOSE_REASON_BYTES)
+                    .to_string()
+                    .into(),
             }));
             send_within(&mut socket, close, idle).await;
             return;

@@ -27,7 +27,7 @@ use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 pub use crate::protocol::REQUEST_ID_HEADER;
 use crate::protocol::{
     DEFAULT_GROUP, DUPLICATE_HEADER, GetOp, HEADER_GROUP, HEADER_USER, MAX_CODE_BYTES,
-    MAX_REASON_BYTES, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param,
+    MAX_REASON_BYTES, QueueOp, REQUEST_ID_TAG, ReadOp, WatchOp, param, truncate,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -388,17 +388,4 @@ async fn pump_watch(
             _ = tx.closed() => break,
         }
     }
-}
-
-/// The longest prefix of `s` of at most `max` bytes that ends on a
-/// character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }

@@ -99,3 +99,18 @@ pub const PATH_TAG: &str = "_path_";
 
 /// The consumer group of a client that names none.
 pub const DEFAULT_GROUP: &str = "eas";
+
+/// The protocol bounds some texts in bytes (a hand-back's code and
+/// reason, a WebSocket close reason); both sides cut them with this.
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -264,8 +264,8 @@ async fn long_hand_back_reason_is_cut_to_fit() {
         .negative(&[taken[0].index], "ModelError", &reason)
         .await
         .expect("the hand-back is accepted");
-    assert_eq!(eddy::client::truncate(&reason, 1024).len(), 1024);
-    assert_eq!(eddy::client::truncate("éé", 3), "é");
+    assert_eq!(eddy::protocol::truncate(&reason, 1024).len(), 1024);
+    assert_eq!(eddy::protocol::truncate("éé", 3), "é");
     c.stop(1).await;
 }
 

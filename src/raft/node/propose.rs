@@ -84,8 +84,8 @@ impl RaftNode {
         // The entry node stores the entry too: it checks its own disk
         // before the leader checks its.
         self.admit(&envelope.command)?;
+        let envelope = &envelope;
         self.retry_until(deadline, |remaining| {
-            let envelope = envelope.clone();
             async move {
                 // A leader without a quorum never commits: bound each attempt.
                 let attempt = tokio::time::timeout(remaining, self.write_local(envelope.clone()));
@@ -97,7 +97,7 @@ impl RaftNode {
                 match local {
                     Err(ProposeError::NotLeader {
                         leader: Some(leader),
-                    }) if leader != self.id => self.forward(leader, &envelope, origin).await,
+                    }) if leader != self.id => self.forward(leader, envelope, origin).await,
                     other => other,
                 }
             }
