@@ -22,6 +22,8 @@
 //!   The engine calls its model's HTTP endpoint with reqwest directly
 //!   (`engine/model.rs` says why).
 //! - [`engine`]: the asynchronous inference worker.
+//! - [`latency`]: the latency budget, stage histograms any module records
+//!   into (no foreign crate).
 //! - [`proto`]: the EAS frames as prost messages; prost is the one protobuf
 //!   codec, used where each message is encoded.
 //! - [`tls`]: rustls and rcgen (certificates: generation and the PEM files
@@ -37,6 +39,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod latency;
 pub mod proto;
 pub mod protocol;
 pub mod queue;

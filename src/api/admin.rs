@@ -705,6 +705,7 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
         );
         let _ = writeln!(out, "eddy_fsync_seconds_count {}", f.count);
     }
+    crate::latency::render(&mut out);
     state.node.read(|st| {
         let _ = writeln!(out, "# TYPE eddy_queue_length gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_in_flight gauge");

@@ -18,6 +18,7 @@ use prost::Message as _;
 
 use super::params::{identity, priority};
 use super::{ApiError, AppState, ConnectionCloser};
+use crate::latency::Stage;
 use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
 use crate::queue::{
     Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags, validate_request_id,
@@ -242,7 +243,12 @@ async fn execute(
 ) -> Result<Response, ApiError> {
     let queue = target.queue.clone();
     let command = match op {
-        QueueOp::Put { priority } => return put(&state, target, req, priority, limit).await,
+        QueueOp::Put { priority } => {
+            let started = std::time::Instant::now();
+            let answer = put(&state, target, req, priority, limit).await;
+            Stage::HttpPut.record(started.elapsed());
+            return answer;
+        }
         QueueOp::Complete { input_index } => {
             return complete(&state, target, req, input_index, limit).await;
         }
@@ -270,7 +276,13 @@ async fn execute(
             reason,
         } => negative(queue, req, indexes, code, reason).await?,
     };
-    expect_done(state.node.propose(command).await?)?;
+    let started = std::time::Instant::now();
+    let is_commit = matches!(command, Command::Commit { .. });
+    let answer = state.node.propose(command).await;
+    if is_commit {
+        Stage::HttpCommit.record(started.elapsed());
+    }
+    expect_done(answer?)?;
     Ok("OK".into_response())
 }
 

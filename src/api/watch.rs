@@ -199,6 +199,7 @@ impl Hub {
         mut events: mpsc::UnboundedReceiver<Vec<Event>>,
     ) {
         while let Some(mut batch) = events.recv().await {
+            let received = std::time::Instant::now();
             while let Ok(more) = events.try_recv() {
                 batch.extend(more);
             }
@@ -222,6 +223,7 @@ impl Hub {
                             .read(|s| s.delivery_is_current(&queue, connection, frame.index)) =>
                     {
                         self.push(connection, frame);
+                        crate::latency::Stage::Deliver.record(received.elapsed());
                     }
                     Event::Close { node, connection } if node == self.node_id => {
                         self.end(connection);

@@ -36,6 +36,123 @@ pub(crate) struct BenchArgs {
     pub(crate) e2e: bool,
     #[arg(long)]
     pub(crate) model: Option<String>,
+    /// Also print the latency budget: where the run's time went on each
+    /// node of the cluster, stage by stage (read from the nodes' metrics
+    /// before and after the run; needs the status or admin token).
+    #[arg(long)]
+    pub(crate) breakdown: bool,
+    /// Token for the nodes' `/metrics` and `/admin/cluster`, for
+    /// `--breakdown` (the admin token works too).
+    #[arg(
+        long,
+        env = "EDDY_STATUS_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) status_token: String,
+}
+
+/// Each node's stage histograms: (count, seconds) per stage name.
+type StageTotals = BTreeMap<u64, BTreeMap<String, (u64, f64)>>;
+
+/// The API addresses of the cluster's members, by id, as `endpoint` sees
+/// them.
+async fn members(endpoint: &str, token: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let status = eddy::client::AdminClient::new(endpoint, token)
+        .get("/admin/cluster")
+        .await
+        .context("reading the cluster's members (--breakdown needs --status-token)")?;
+    let nodes = status["nodes"]
+        .as_object()
+        .context("/admin/cluster lists no nodes")?;
+    Ok(nodes
+        .iter()
+        .filter_map(|(id, addrs)| Some((id.parse().ok()?, addrs[1].as_str()?.to_string())))
+        .collect())
+}
+
+/// Read every member's stage histograms (and its fsync histogram, as the
+/// stage `fsync`).
+async fn stage_totals(members: &BTreeMap<u64, String>, token: &str) -> anyhow::Result<StageTotals> {
+    let mut totals = StageTotals::new();
+    for (id, api) in members {
+        let text = eddy::client::AdminClient::new(api, token)
+            .get("/metrics")
+            .await
+            .with_context(|| format!("reading node {id}'s metrics at {api}"))?;
+        let text = text.as_str().unwrap_or_default();
+        let node = totals.entry(*id).or_default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (stage, is_sum) =
+                if let Some(rest) = name.strip_prefix("eddy_stage_seconds_sum{stage=\"") {
+                    (rest.trim_end_matches("\"}"), true)
+                } else if let Some(rest) = name.strip_prefix("eddy_stage_seconds_count{stage=\"") {
+                    (rest.trim_end_matches("\"}"), false)
+                } else if name == "eddy_fsync_seconds_sum" {
+                    ("fsync", true)
+                } else if name == "eddy_fsync_seconds_count" {
+                    ("fsync", false)
+                } else {
+                    continue;
+                };
+            let entry = node.entry(stage.to_string()).or_default();
+            if is_sum {
+                entry.1 = value;
+            } else {
+                entry.0 = value as u64;
+            }
+        }
+    }
+    Ok(totals)
+}
+
+/// The run's share of each node's histograms (after minus before), as a
+/// table: per stage and node, how often it ran and its mean time.
+fn print_breakdown(before: &StageTotals, after: &StageTotals, puts: usize) {
+    let ids: Vec<u64> = after.keys().copied().collect();
+    let mut stages: Vec<&String> = Vec::new();
+    for node in after.values() {
+        for stage in node.keys() {
+            if !stages.contains(&stage) {
+                stages.push(stage);
+            }
+        }
+    }
+    println!("latency budget of the run ({puts} puts): per node, times a stage ran / its mean");
+    print!("{:<18}", "stage");
+    for id in &ids {
+        print!("{:>24}", format!("node {id}"));
+    }
+    println!();
+    for stage in stages {
+        let mut row = format!("{stage:<18}");
+        let mut any = false;
+        for id in &ids {
+            let (n1, s1) = after[id].get(stage).copied().unwrap_or_default();
+            let (n0, s0) = before
+                .get(id)
+                .and_then(|b| b.get(stage))
+                .copied()
+                .unwrap_or_default();
+            let n = n1.saturating_sub(n0);
+            let cell = if n == 0 {
+                "-".to_string()
+            } else {
+                any = true;
+                format!("{n} / {:.3} ms", (s1 - s0) * 1000.0 / n as f64)
+            };
+            row.push_str(&format!("{cell:>24}"));
+        }
+        if any {
+            println!("{row}");
+        }
+    }
 }
 
 /// p50, p99 and max of latencies in microseconds, in milliseconds.
@@ -169,6 +286,13 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..100 {
         c.put(payload.clone(), &tags, 0).await?;
     }
+    let budget = if a.breakdown {
+        let members = members(&a.q.ep.node.endpoint, &a.status_token).await?;
+        let before = stage_totals(&members, &a.status_token).await?;
+        Some((members, before))
+    } else {
+        None
+    };
     let start = std::time::Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.producers {
@@ -195,6 +319,7 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let wall = start.elapsed().as_secs_f64();
     let puts = lat.len();
+    let mean_ms = lat.iter().sum::<u64>() as f64 / puts.max(1) as f64 / 1000.0;
     let (p50, p99, max) = percentiles(lat);
     let result = serde_json::json!({
         "producers": a.producers, "puts": puts, "payload_bytes": a.size,
@@ -216,6 +341,11 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             p99,
             max
         );
+    }
+    if let Some((members, before)) = budget {
+        let after = stage_totals(&members, &a.status_token).await?;
+        println!("client: put mean {mean_ms:.3} ms");
+        print_breakdown(&before, &after, puts);
     }
     if a.keep {
         return Ok(());

@@ -338,6 +338,14 @@ pub enum Command {
     GraceExpired {
         term: u64,
     },
+    /// Envelopes proposed on the leader while its earlier entries were
+    /// being written, gathered into one log entry. Each is applied as if it
+    /// were its own entry (its own id, so a retry is still applied once);
+    /// replies come back in order as [`Reply::Coalesced`]. Written by the
+    /// leader only, never accepted from a peer or a client, and never
+    /// nested: a coalesced entry inside another, or inside a batch, is
+    /// refused when decoded and when applied.
+    Coalesced(#[serde(deserialize_with = "deserialize_coalesced")] Vec<Envelope>),
 }
 
 thread_local! {
@@ -345,6 +353,8 @@ thread_local! {
     static DECODING_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Set while the elements of a reply batch are being decoded.
     static DECODING_REPLY_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set while the envelopes of a coalesced entry are being decoded.
+    static DECODING_COALESCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Decode the elements of a batch, refusing a batch inside them before
@@ -379,6 +389,19 @@ where
     deserialize_flat(d, &DECODING_BATCH, "nested command batch")
 }
 
+/// A coalesced entry holds envelopes whose commands may be batches, but
+/// never another coalesced entry, and no batch holds one: decoding goes at
+/// most three levels deep (entry, envelope, batch).
+fn deserialize_coalesced<'de, D>(d: D) -> Result<Vec<Envelope>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    if DECODING_BATCH.get() {
+        return Err(serde::de::Error::custom("coalesced entry inside a batch"));
+    }
+    deserialize_flat(d, &DECODING_COALESCED, "nested coalesced entry")
+}
+
 fn deserialize_flat_reply_batch<'de, D>(d: D) -> Result<Vec<Reply>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -388,9 +411,16 @@ where
 
 impl Command {
     /// Whether this is a batch holding another batch (never valid).
+    /// Also true for a coalesced entry inside a batch or another coalesced
+    /// entry, and for a coalesced entry holding such a command.
     pub fn has_nested_batch(&self) -> bool {
         match self {
-            Command::Batch(commands) => commands.iter().any(|c| matches!(c, Command::Batch(_))),
+            Command::Batch(commands) => commands
+                .iter()
+                .any(|c| matches!(c, Command::Batch(_) | Command::Coalesced(_))),
+            Command::Coalesced(envelopes) => envelopes.iter().any(|e| {
+                matches!(e.command, Command::Coalesced(_)) || e.command.has_nested_batch()
+            }),
             _ => false,
         }
     }
@@ -404,6 +434,9 @@ impl Command {
                 result: Some(item), ..
             } => item.data.len() as u64,
             Command::Batch(commands) => commands.iter().map(Command::added_bytes).sum(),
+            Command::Coalesced(envelopes) => {
+                envelopes.iter().map(|e| e.command.added_bytes()).sum()
+            }
             _ => 0,
         }
     }
@@ -495,6 +528,11 @@ pub enum Reply {
     /// answers and in the de-duplication table of snapshots), so decoding
     /// never recurses deeper than one level.
     Batch(#[serde(deserialize_with = "deserialize_flat_reply_batch")] Vec<Reply>),
+    /// The replies of a [`Command::Coalesced`] entry, in order, one per
+    /// envelope. Handed to the leader's proposer in process and split there;
+    /// never encoded (encoding one fails) and never decoded.
+    #[serde(skip)]
+    Coalesced(Vec<Reply>),
 }
 
 impl Reply {
@@ -565,6 +603,7 @@ impl Command {
             Command::GraceExpired { .. } => "grace-expired",
             Command::Complete { .. } => "complete",
             Command::Batch(_) => "batch",
+            Command::Coalesced(_) => "coalesced",
             Command::UpdateService { .. } => "update-service",
             Command::PurgeDeadLetters { .. } => "purge-dead-letters",
         }

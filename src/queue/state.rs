@@ -218,6 +218,13 @@ impl QueueState {
         ids as u64 * DEDUP_ENTRY_BYTES + kept
     }
 
+    /// Envelopes applied within the de-duplication window, each once
+    /// whether it had a log entry of its own or shared one: how many
+    /// commands were proposed lately, whatever the log's entries.
+    pub fn commands_remembered(&self) -> usize {
+        self.recent_ids.len()
+    }
+
     /// Payload bytes held by every queue of every service (items and dead
     /// letters). Nodes use it for admission control before proposing.
     pub fn payload_bytes_held(&self) -> u64 {
@@ -245,6 +252,25 @@ impl QueueState {
     /// housekeeping ([`Command::NodeLost`], [`Command::GraceExpired`]) is
     /// applied only in the term of the leader that decided it.
     pub fn apply_in_term(&mut self, envelope: &Envelope, term: Option<u64>) -> (Reply, Vec<Event>) {
+        if let Command::Coalesced(envelopes) = &envelope.command {
+            // Each envelope is applied as its own entry would be; the outer
+            // id is the leader's and is never retried, so it is not kept.
+            let mut events = Vec::new();
+            let replies = envelopes
+                .iter()
+                .map(|inner| {
+                    if matches!(inner.command, Command::Coalesced(_)) {
+                        return Reply::Rejected(Rejection::Invalid(
+                            "nested coalesced entry".into(),
+                        ));
+                    }
+                    let (reply, inner_events) = self.apply_in_term(inner, term);
+                    events.extend(inner_events);
+                    reply
+                })
+                .collect();
+            return (Reply::Coalesced(replies), events);
+        }
         if let Some(reply) = self.recent_replies.get(&envelope.id) {
             return (reply.clone(), Vec::new());
         }
@@ -409,11 +435,14 @@ impl QueueState {
                 svc.queue_mut(queue.kind).purge_dead_letters();
                 Ok(Reply::Done)
             }
+            Command::Coalesced(_) => Err(Rejection::Invalid(
+                "a coalesced entry is applied only as a whole log entry".into(),
+            )),
             Command::Batch(commands) => Ok(Reply::batch(
                 commands
                     .iter()
                     .map(|c| match c {
-                        Command::Batch(_) => {
+                        Command::Batch(_) | Command::Coalesced(_) => {
                             Reply::Rejected(Rejection::Invalid("nested command batch".into()))
                         }
                         c => self.apply_command(c, now_ms, events),

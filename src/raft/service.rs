@@ -18,7 +18,8 @@ use super::network::{SECRET_HEADER, SNAPSHOT_CHUNK, decode, encode};
 use super::node::{MAX_PEER_MESSAGE, ProposeError, RaftNode};
 use super::pb::raft_server::{Raft as RaftService, RaftServer};
 use super::pb::{
-    ForwardError, ForwardReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk,
+    ForwardBatchReply, ForwardBatchRequest, ForwardError, ForwardReply, ForwardRequest, RaftReply,
+    RaftRequest, SnapshotChunk,
 };
 use super::snapshot_file::{SnapshotFile, SnapshotFileError};
 use super::types::{SnapshotMeta, Vote};
@@ -90,7 +91,7 @@ impl CallSize {
     /// answered `Unimplemented` by any server; they get the smallest limit.
     fn of(path: &str) -> Self {
         match path.strip_prefix("/eddy.raft.Raft/") {
-            Some("Forward") => CallSize::Forward,
+            Some("Forward" | "ForwardBatch") => CallSize::Forward,
             Some("AppendEntries" | "StreamAppend") => CallSize::Replication,
             Some("InstallSnapshot") => CallSize::Snapshot,
             _ => CallSize::Control,
@@ -194,8 +195,9 @@ fn forwardable(command: &Command, from: u64, admin: bool) -> Result<(), String> 
             "{} is decided by the leader and never forwarded",
             command.name()
         )),
+        Command::Coalesced(_) => Err("a coalesced entry is formed by the leader only".to_string()),
         Command::Batch(commands) => commands.iter().try_for_each(|c| match c {
-            Command::Batch(_) => Err("nested command batch".to_string()),
+            Command::Batch(_) | Command::Coalesced(_) => Err("nested command batch".to_string()),
             c => forwardable(c, from, admin),
         }),
     }
@@ -321,6 +323,7 @@ impl RaftService for PeerService {
         if result.as_ref().is_ok_and(|r| r.is_success()) {
             self.node.note_leader_contact(received, quorum_age);
         }
+        crate::latency::Stage::FollowerAppend.record(received.elapsed());
         reply(result)
     }
 
@@ -354,6 +357,9 @@ impl RaftService for PeerService {
         let node = self.node.clone();
         let output = self.node.raft.stream_append(Box::pin(input)).map(move |r| {
             let read = pending.lock().unwrap().pop_front();
+            if let Some((received, _)) = read {
+                crate::latency::Stage::FollowerAppend.record(received.elapsed());
+            }
             // Accepted replication: this node is in touch with a leader.
             if let (Ok(Ok(_)), Some((received, quorum_age))) = (&r, read) {
                 node.note_leader_contact(received, quorum_age);
@@ -424,15 +430,51 @@ impl RaftService for PeerService {
         let envelope: Envelope = decode(&req.command).map_err(Status::invalid_argument)?;
         self.node.note_peer_contact(req.from);
         let admin = self.node.admin_proof_matches(&req.admin_proof);
-        if let Err(why) = forwardable(&envelope.command, req.from, admin) {
-            tracing::warn!(from = req.from, %why, "forwarded command refused");
-            return Ok(Response::new(ForwardReply {
+        Ok(Response::new(
+            self.write_forwarded(envelope, req.from, admin).await,
+        ))
+    }
+
+    async fn forward_batch(
+        &self,
+        req: Request<ForwardBatchRequest>,
+    ) -> Result<Response<ForwardBatchReply>, Status> {
+        let certs = req.peer_certs();
+        let req = req.into_inner();
+        if self.node.uses_peer_tls() {
+            self.check_sender(req.from, certs.as_ref().and_then(|c| c.first()))?;
+        }
+        let envelopes = req
+            .commands
+            .iter()
+            .map(|c| decode::<Envelope>(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::invalid_argument)?;
+        self.node.note_peer_contact(req.from);
+        // All at once: proposed together, they share log entries.
+        let replies = futures::future::join_all(
+            envelopes
+                .into_iter()
+                .map(|envelope| self.write_forwarded(envelope, req.from, false)),
+        )
+        .await;
+        Ok(Response::new(ForwardBatchReply { replies }))
+    }
+}
+
+impl PeerService {
+    /// Check and propose one forwarded envelope; the answer says how it
+    /// went, as the forwarding node needs to know it.
+    async fn write_forwarded(&self, envelope: Envelope, from: u64, admin: bool) -> ForwardReply {
+        if let Err(why) = forwardable(&envelope.command, from, admin) {
+            tracing::warn!(from, %why, "forwarded command refused");
+            return ForwardReply {
                 error_kind: ForwardError::Rejected.into(),
                 error: why,
                 ..Default::default()
-            }));
+            };
         }
-        let out = match self.node.write_forwarded(envelope).await {
+        match self.node.write_forwarded(envelope).await {
             Ok(r) => ForwardReply {
                 reply: encode(&r).into(),
                 ..Default::default()
@@ -458,8 +500,7 @@ impl RaftService for PeerService {
                 error: e.to_string(),
                 ..Default::default()
             },
-        };
-        Ok(Response::new(out))
+        }
     }
 }
 
@@ -502,6 +543,14 @@ mod tests {
         assert!(forwardable(&delete, 2, true).is_ok());
         assert!(forwardable(&Command::Batch(vec![put.clone(), tick()]), 2, true).is_err());
         assert!(forwardable(&Command::Batch(vec![put.clone()]), 2, false).is_ok());
+        // Coalesced entries are the leader's own, whoever asks.
+        let coalesced = Command::Coalesced(vec![Envelope {
+            id: 1,
+            now_ms: 1,
+            command: put.clone(),
+        }]);
+        assert!(forwardable(&coalesced, 2, true).is_err());
+        assert!(forwardable(&Command::Batch(vec![coalesced]), 2, true).is_err());
     }
 
     async fn single_node(secret: &str, admin_token: &str) -> (Arc<RaftNode>, tempfile::TempDir) {

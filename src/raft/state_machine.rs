@@ -281,6 +281,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last_index = None;
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
+            let started = std::time::Instant::now();
             let (reply, events) = {
                 let mut a = self.shared.applied.write().unwrap();
                 a.last_applied = Some(log_id);
@@ -295,6 +296,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
             };
+            crate::latency::Stage::Apply.record(started.elapsed());
             if tracing::enabled!(target: "eddy::applied", tracing::Level::TRACE) {
                 let envelope = match &entry.payload {
                     EntryPayload::Normal(envelope) => Some(envelope),
@@ -385,6 +387,10 @@ fn trace_applied(envelope: Option<&Envelope>, log_id: LogId, reply: &Reply, even
             Reply::Batch(replies) => {
                 let parts: Vec<String> = replies.iter().map(summary).collect();
                 format!("batch[{}]", parts.join(","))
+            }
+            Reply::Coalesced(replies) => {
+                let parts: Vec<String> = replies.iter().map(summary).collect();
+                format!("coalesced[{}]", parts.join(","))
             }
             other => format!("{other:?}"),
         }

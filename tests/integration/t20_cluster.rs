@@ -232,3 +232,34 @@ async fn a_grace_period_lasts_its_length_after_a_leader_whose_clock_ran_ahead() 
         0
     );
 }
+
+/// Puts proposed at once share log entries, on the leader and through a
+/// follower (which forwards them together): 200 concurrent puts write far
+/// fewer than 200 entries, each put gets its own index, and every replica
+/// holds all of them in the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_share_log_entries_on_the_leader_and_through_followers() {
+    let c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    create_service(c.node(leader)).await;
+    for via in [leader, follower] {
+        let before = c.node(leader).node.status().last_log_index.unwrap();
+        let length_before = length_on(c.node(leader));
+        let puts = (0..200).map(|i| put_item(c.node(via), format!("{via}-{i}").into_bytes()));
+        let mut indexes = futures::future::join_all(puts).await;
+        let after = c.node(leader).node.status().last_log_index.unwrap();
+        indexes.sort_unstable();
+        indexes.dedup();
+        assert_eq!(indexes.len(), 200, "each put has its own index");
+        assert!(
+            after - before < 100,
+            "200 concurrent puts through node {via} took {} log entries",
+            after - before
+        );
+        for id in 1..=3 {
+            wait_for_length(c.node(id), length_before + 200).await;
+        }
+    }
+    replicas_agree(&c, &[1, 2, 3]).await.unwrap();
+}

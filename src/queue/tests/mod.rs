@@ -2,9 +2,11 @@
 //! (`dispatch`), a property test against a reference model of the delivery
 //! rules (`model`), request ids, de-duplication and completion
 //! (`request_ids`), decoding bounds (`decoding`), byte and dead-letter
-//! limits (`limits`), and leader housekeeping (`housekeeping`). This file
+//! limits (`limits`), leader housekeeping (`housekeeping`), and entries
+//! coalesced by the leader (`coalescing`). This file
 //! holds what they share: a harness that applies commands to one state.
 
+mod coalescing;
 mod decoding;
 mod dispatch;
 mod housekeeping;

@@ -203,7 +203,9 @@ impl Flusher {
         let Some(mut batch) = pending.batch.take() else {
             return;
         };
+        let started = Instant::now();
         let result = self.write_batch(&mut batch);
+        crate::latency::Stage::LogFlush.record(started.elapsed());
         for d in done {
             d.complete(result.as_ref().map(|_| ()).map_err(String::as_str));
         }

@@ -3,7 +3,7 @@
 
 use openraft::errors::RaftError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     #[error("this node is not the leader")]
     NotLeader { leader: Option<u64> },

@@ -32,6 +32,7 @@
 //! leases derived from them are in [`crate::config::Timings`]).
 
 mod clock;
+mod coalesce;
 mod error;
 mod housekeeping;
 mod lease;
@@ -41,6 +42,8 @@ mod reads;
 mod status;
 
 pub use error::ProposeError;
+
+use coalesce::{Coalescer, Route};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -165,6 +168,12 @@ pub struct RaftNode {
     /// When each peer last forwarded a command here: a peer that forwards
     /// is alive, even while the leader's replication to it is backing off.
     peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
+    /// Gathers envelopes proposed here while this node leads into shared
+    /// log entries.
+    coalescer: Coalescer,
+    /// Gathers data-plane envelopes proposed here while another node leads
+    /// into shared forward calls.
+    forwarder: Coalescer,
 }
 
 /// On whose behalf a command is proposed: forwarded admin commands carry
@@ -249,27 +258,38 @@ impl RaftNode {
         )
         .await?;
         quorum.set(raft.metrics());
-        let node = Arc::new(Self {
-            id: config.id,
-            raft,
-            shared,
-            log,
-            health,
-            disk,
-            secret: config.cluster_secret.clone(),
-            channels,
-            links,
-            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
-            clock_anchor: std::sync::Mutex::new(None),
-            led_until: std::sync::Mutex::new(None),
-            peer_server: std::sync::Mutex::new(None),
-            config,
-            advertise,
-            stopping: tokio::sync::watch::Sender::new(false),
-            watchers_welcome: std::sync::atomic::AtomicBool::new(false),
-            leader_contact: std::sync::Mutex::new(None),
-            peer_contact: std::sync::Mutex::new(BTreeMap::new()),
+        let mut coalescer_tasks = Vec::new();
+        let node = Arc::new_cyclic(|me| {
+            let (coalescer, task) = Coalescer::start(me.clone(), Route::Log);
+            let (forwarder, forwarder_task) = Coalescer::start(me.clone(), Route::Leader);
+            coalescer_tasks = vec![task, forwarder_task];
+            Self {
+                forwarder,
+                id: config.id,
+                coalescer,
+                raft,
+                shared,
+                log,
+                health,
+                disk,
+                secret: config.cluster_secret.clone(),
+                channels,
+                links,
+                clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+                clock_anchor: std::sync::Mutex::new(None),
+                led_until: std::sync::Mutex::new(None),
+                peer_server: std::sync::Mutex::new(None),
+                config,
+                advertise,
+                stopping: tokio::sync::watch::Sender::new(false),
+                watchers_welcome: std::sync::atomic::AtomicBool::new(false),
+                leader_contact: std::sync::Mutex::new(None),
+                peer_contact: std::sync::Mutex::new(BTreeMap::new()),
+            }
         });
+        for task in coalescer_tasks {
+            tokio::spawn(task.run());
+        }
         node.serve_peers().await?;
         node.initialize_if_pristine().await?;
         tokio::spawn(node.clone().housekeeping());

@@ -27,15 +27,12 @@ impl RaftNode {
     }
 
     /// Propose a command on the leader. Only this node; no forwarding.
-    /// The envelope is stamped with this (the leader's) clock, so all time
-    /// the state machine sees comes from leaders, never from the node that
-    /// happened to receive a request.
-    pub async fn write_local(&self, mut envelope: Envelope) -> Result<Reply, ProposeError> {
-        envelope.now_ms = self.cluster_clock_ms();
-        match self.raft.client_write(envelope).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(e.into()),
-        }
+    /// The envelope is stamped with this (the leader's) clock when its log
+    /// entry is formed, so all time the state machine sees comes from
+    /// leaders, never from the node that happened to receive a request.
+    /// Envelopes proposed together may share an entry (see `coalesce`).
+    pub async fn write_local(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        self.coalescer.write(envelope).await
     }
 
     /// Propose `command` wherever the leader is, retrying through elections
@@ -84,25 +81,49 @@ impl RaftNode {
         // The entry node stores the entry too: it checks its own disk
         // before the leader checks its.
         self.admit(&envelope.command)?;
+        let started = std::time::Instant::now();
         let envelope = &envelope;
-        self.retry_until(deadline, |remaining| {
-            async move {
-                // A leader without a quorum never commits: bound each attempt.
-                let attempt = tokio::time::timeout(remaining, self.write_local(envelope.clone()));
-                let local = attempt.await.unwrap_or_else(|_| {
-                    Err(ProposeError::Unavailable(
-                        "no quorum acknowledged the write in time; outcome unknown".into(),
-                    ))
-                });
-                match local {
-                    Err(ProposeError::NotLeader {
-                        leader: Some(leader),
-                    }) if leader != self.id => self.forward(leader, envelope, origin).await,
-                    other => other,
+        let result = self
+            .retry_until(deadline, |remaining| {
+                async move {
+                    // Straight to the leader this node knows of; if it leads
+                    // (or knows none), into its own log.
+                    let known = self.raft.metrics().borrow_watched().current_leader;
+                    let local = match known {
+                        Some(leader) if leader != self.id => Err(ProposeError::NotLeader {
+                            leader: Some(leader),
+                        }),
+                        // A leader without a quorum never commits: bound each
+                        // attempt.
+                        _ => tokio::time::timeout(remaining, self.write_local(envelope.clone()))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ProposeError::Unavailable(
+                                    "no quorum acknowledged the write in time; outcome unknown"
+                                        .into(),
+                                ))
+                            }),
+                    };
+                    match (local, origin) {
+                        (
+                            Err(ProposeError::NotLeader {
+                                leader: Some(leader),
+                            }),
+                            Origin::DataPlane,
+                        ) if leader != self.id => self.forwarder.write(envelope.clone()).await,
+                        (
+                            Err(ProposeError::NotLeader {
+                                leader: Some(leader),
+                            }),
+                            Origin::Admin,
+                        ) if leader != self.id => self.forward(leader, envelope, origin).await,
+                        (other, _) => other,
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await;
+        crate::latency::Stage::Propose.record(started.elapsed());
+        result
     }
 
     /// Run `attempt` (given the time left, at least [`MIN_ATTEMPT`]) until
@@ -183,28 +204,14 @@ impl RaftNode {
             },
             Some(PROPOSE_DEADLINE),
         );
-        let reply = client
-            .forward(req)
-            .await
+        let started = std::time::Instant::now();
+        let reply = client.forward(req).await;
+        crate::latency::Stage::Forward.record(started.elapsed());
+        let reply = reply
             .map_err(|s| {
                 ProposeError::Unavailable(format!("forward to node {leader}: {}", s.message()))
             })?
             .into_inner();
-        use crate::raft::pb::ForwardError;
-        match reply.error_kind() {
-            // A reply without a kind but with an error comes from a node of
-            // another version (see raft.proto): retried, never misread.
-            ForwardError::None if reply.reply.is_empty() && !reply.error.is_empty() => {
-                Err(ProposeError::Unavailable(reply.error))
-            }
-            ForwardError::None => decode(&reply.reply).map_err(ProposeError::Unavailable),
-            ForwardError::NotLeader => Err(ProposeError::NotLeader { leader: None }),
-            ForwardError::Rejected => Err(ProposeError::Refused(reply.error)),
-            ForwardError::NoSpace => Err(ProposeError::NoSpace(format!(
-                "node {leader}: {}",
-                reply.error
-            ))),
-            ForwardError::Unavailable => Err(ProposeError::Unavailable(reply.error)),
-        }
+        super::coalesce::forward_reply(leader, reply)
     }
 }

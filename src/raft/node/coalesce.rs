@@ -1,0 +1,339 @@
+//! Coalescing: envelopes proposed on one node while earlier ones are still
+//! on their way travel together.
+//!
+//! Two routes, one shape:
+//! - [`Route::Log`], on the leader: envelopes that arrive while
+//!   [`MAX_IN_FLIGHT`] entries of this node are being written wait, then go
+//!   into the log together as one [`Command::Coalesced`] entry.
+//! - [`Route::Leader`], on any other node: data-plane envelopes that arrive
+//!   while [`MAX_IN_FLIGHT`] forwards are out go to the leader together in
+//!   one `ForwardBatch` call, and the leader proposes them together (so they
+//!   share its entries too).
+//!
+//! Why: every log entry and every forward costs the same fixed work
+//! whatever it holds (a trip through openraft's core, a log record, a
+//! replication message per follower, an apply; a gRPC call), and on a
+//! loaded cluster that work, not the disk, limits puts and commits. Under
+//! light load nothing waits: an envelope goes alone, as it always did, with
+//! one task hop added.
+//!
+//! Invariants:
+//! - Envelopes keep their ids; the state machine applies each as its own
+//!   entry would be applied (de-duplicated by id, in order), so coalescing
+//!   changes no reply and no state, only how many entries carry them.
+//! - Every envelope in one entry is stamped with one reading of the leader's
+//!   cluster clock, taken when the entry is formed.
+//! - A group is at most [`MAX_ENVELOPES`] envelopes and, unless it is a
+//!   single envelope, at most [`MAX_GROUP_BYTES`] encoded: entries and
+//!   forwards stay within the peer message limits.
+//! - Each waiting proposer gets exactly one answer: its own reply, or the
+//!   error of the entry or call that carried it. One whose answer is lost
+//!   sees "outcome unknown" and retries the same envelope, which the state
+//!   machine applies once.
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{ProposeError, RaftNode};
+use crate::latency::Stage;
+use crate::queue::{Command, Envelope, Reply};
+use crate::raft::network::encode;
+use crate::raft::pb::{ForwardBatchRequest, ForwardError, ForwardReply};
+
+/// Groups a coalescer may have out at once. With a few proposers each
+/// still gets a group of its own (two left four producers waiting 0.2 ms
+/// for a slot); with many, those arriving while all are out wait and share
+/// a group.
+const MAX_IN_FLIGHT: usize = 4;
+/// At most this many envelopes share a group.
+const MAX_ENVELOPES: usize = 512;
+/// A group of several envelopes stays within this many encoded bytes (a
+/// single larger envelope still goes, alone).
+const MAX_GROUP_BYTES: usize = 1 << 20;
+
+type Answer = oneshot::Sender<Result<Reply, ProposeError>>;
+
+/// Where a coalescer sends its groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// Into this node's log (it leads).
+    Log,
+    /// To the leader, in one forward call.
+    Leader,
+}
+
+/// One envelope waiting for its group, encoded once.
+struct Waiting {
+    envelope: Envelope,
+    encoded_len: usize,
+    answer: Answer,
+    /// When it was handed over (for the latency budget).
+    since: Instant,
+}
+
+/// The queue of envelopes waiting for a group on one route.
+pub(super) struct Coalescer {
+    waiting: mpsc::UnboundedSender<(Envelope, Answer, Instant)>,
+}
+
+impl Coalescer {
+    /// Start the task that forms groups for `node`; it ends when the node
+    /// is dropped.
+    pub(super) fn start(node: Weak<RaftNode>, route: Route) -> (Self, CoalescerTask) {
+        let (waiting, rx) = mpsc::unbounded_channel();
+        (
+            Self { waiting },
+            CoalescerTask {
+                node,
+                route,
+                rx,
+                carried: None,
+            },
+        )
+    }
+
+    /// Hand `envelope` to the coalescer and wait for its reply.
+    pub(super) async fn write(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        let (answer, answered) = oneshot::channel();
+        self.waiting
+            .send((envelope, answer, Instant::now()))
+            .map_err(|_| ProposeError::Fatal("this node is shutting down".into()))?;
+        answered.await.unwrap_or_else(|_| {
+            Err(ProposeError::Unavailable(
+                "the write carrying this command was abandoned; outcome unknown".into(),
+            ))
+        })
+    }
+}
+
+pub(super) struct CoalescerTask {
+    node: Weak<RaftNode>,
+    route: Route,
+    rx: mpsc::UnboundedReceiver<(Envelope, Answer, Instant)>,
+    /// An envelope that did not fit the last group: it starts the next.
+    carried: Option<Waiting>,
+}
+
+impl CoalescerTask {
+    pub(super) async fn run(mut self) {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(group) = self.next_group().await else {
+                return;
+            };
+            let Some(node) = self.node.upgrade() else {
+                return;
+            };
+            let route = self.route;
+            let waited = match route {
+                Route::Log => Stage::CoalesceLog,
+                Route::Leader => Stage::CoalesceForward,
+            };
+            for w in &group {
+                waited.record(w.since.elapsed());
+            }
+            tokio::spawn(async move {
+                match route {
+                    Route::Log => write_entry(&node, group).await,
+                    Route::Leader => forward_group(&node, group).await,
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    /// Wait for one envelope, then take every other that is already
+    /// waiting, within the group's bounds.
+    async fn next_group(&mut self) -> Option<Vec<Waiting>> {
+        let first = match self.carried.take() {
+            Some(w) => w,
+            None => waiting(self.rx.recv().await?),
+        };
+        let mut bytes = first.encoded_len;
+        let mut group = vec![first];
+        while group.len() < MAX_ENVELOPES {
+            let Ok(next) = self.rx.try_recv() else { break };
+            let next = waiting(next);
+            if bytes + next.encoded_len > MAX_GROUP_BYTES {
+                self.carried = Some(next);
+                break;
+            }
+            bytes += next.encoded_len;
+            group.push(next);
+        }
+        Some(group)
+    }
+}
+
+fn waiting((envelope, answer, since): (Envelope, Answer, Instant)) -> Waiting {
+    Waiting {
+        encoded_len: encode(&envelope).len(),
+        envelope,
+        answer,
+        since,
+    }
+}
+
+/// Write `group` as one log entry (a lone envelope as itself) and answer
+/// each of its proposers.
+async fn write_entry(node: &RaftNode, mut group: Vec<Waiting>) {
+    let now_ms = node.cluster_clock_ms();
+    if group.len() == 1 {
+        let Waiting {
+            mut envelope,
+            answer,
+            ..
+        } = group.pop().expect("one envelope");
+        envelope.now_ms = now_ms;
+        let started = Instant::now();
+        let result = node.raft.client_write(envelope).await;
+        Stage::RaftWrite.record(started.elapsed());
+        let _ = answer.send(result.map(|r| r.data).map_err(ProposeError::from));
+        return;
+    }
+    let (envelopes, answers): (Vec<Envelope>, Vec<Answer>) = group
+        .into_iter()
+        .map(|mut w| {
+            w.envelope.now_ms = now_ms;
+            (w.envelope, w.answer)
+        })
+        .unzip();
+    let coalesced = Envelope {
+        id: uuid::Uuid::new_v4().as_u128(),
+        now_ms,
+        command: Command::Coalesced(envelopes),
+    };
+    let started = Instant::now();
+    let written = node.raft.client_write(coalesced).await;
+    Stage::RaftWrite.record(started.elapsed());
+    let replies = match written {
+        Ok(resp) => match resp.data {
+            Reply::Coalesced(replies) if replies.len() == answers.len() => {
+                replies.into_iter().map(Ok).collect()
+            }
+            other => {
+                let why = format!("a coalesced entry was answered {other:?}");
+                vec![Err(ProposeError::Fatal(why)); answers.len()]
+            }
+        },
+        Err(e) => vec![Err(ProposeError::from(e)); answers.len()],
+    };
+    for (answer, reply) in answers.into_iter().zip(replies) {
+        let _ = answer.send(reply);
+    }
+}
+
+/// Forward `group` to the leader in one call (a lone envelope, or a leader
+/// of an earlier version, one call each) and answer each proposer.
+async fn forward_group(node: &RaftNode, group: Vec<Waiting>) {
+    let leader = node.raft.metrics().borrow_watched().current_leader;
+    let Some(leader) = leader.filter(|l| *l != node.id) else {
+        // The leader changed since these were handed over: each proposer
+        // waits for the next one and tries again.
+        for w in group {
+            let _ = w.answer.send(Err(ProposeError::NotLeader { leader }));
+        }
+        return;
+    };
+    if group.len() > 1 {
+        match forward_batch(node, leader, &group).await {
+            Ok(replies) => {
+                for (w, reply) in group.into_iter().zip(replies) {
+                    let _ = w.answer.send(reply);
+                }
+                return;
+            }
+            Err(ForwardBatchError::Failed(e)) => {
+                for w in group {
+                    let _ = w.answer.send(Err(e.clone()));
+                }
+                return;
+            }
+            Err(ForwardBatchError::Unsupported) => {}
+        }
+    }
+    let forwards = group.into_iter().map(|w| async move {
+        let reply = node
+            .forward(leader, &w.envelope, super::Origin::DataPlane)
+            .await;
+        let _ = w.answer.send(reply);
+    });
+    futures::future::join_all(forwards).await;
+}
+
+enum ForwardBatchError {
+    /// The leader runs a version without `ForwardBatch`.
+    Unsupported,
+    Failed(ProposeError),
+}
+
+async fn forward_batch(
+    node: &RaftNode,
+    leader: u64,
+    group: &[Waiting],
+) -> Result<Vec<Result<Reply, ProposeError>>, ForwardBatchError> {
+    let mut client = node
+        .peer_client(leader)
+        .map_err(ForwardBatchError::Failed)?;
+    let req = crate::raft::network::authorized(
+        &node.secret,
+        ForwardBatchRequest {
+            commands: group.iter().map(|w| encode(&w.envelope).into()).collect(),
+            from: node.id,
+        },
+        Some(super::PROPOSE_DEADLINE),
+    );
+    let started = Instant::now();
+    let answer = client.forward_batch(req).await;
+    Stage::Forward.record(started.elapsed());
+    let replies = match answer {
+        Ok(r) => r.into_inner().replies,
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            return Err(ForwardBatchError::Unsupported);
+        }
+        Err(s) => {
+            return Err(ForwardBatchError::Failed(ProposeError::Unavailable(
+                format!("forward to node {leader}: {}", s.message()),
+            )));
+        }
+    };
+    if replies.len() != group.len() {
+        return Err(ForwardBatchError::Failed(ProposeError::Unavailable(
+            format!(
+                "node {leader} answered {} of {} forwarded commands",
+                replies.len(),
+                group.len()
+            ),
+        )));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|r| forward_reply(leader, r))
+        .collect())
+}
+
+/// What one forwarded command's answer means to its proposer.
+pub(super) fn forward_reply(leader: u64, reply: ForwardReply) -> Result<Reply, ProposeError> {
+    use crate::raft::network::decode;
+    match reply.error_kind() {
+        // A reply without a kind but with an error comes from a node of
+        // another version (see raft.proto): retried, never misread.
+        ForwardError::None if reply.reply.is_empty() && !reply.error.is_empty() => {
+            Err(ProposeError::Unavailable(reply.error))
+        }
+        ForwardError::None => decode(&reply.reply).map_err(ProposeError::Unavailable),
+        ForwardError::NotLeader => Err(ProposeError::NotLeader { leader: None }),
+        ForwardError::Rejected => Err(ProposeError::Refused(reply.error)),
+        ForwardError::NoSpace => Err(ProposeError::NoSpace(format!(
+            "node {leader}: {}",
+            reply.error
+        ))),
+        ForwardError::Unavailable => Err(ProposeError::Unavailable(reply.error)),
+    }
+}
