@@ -602,9 +602,10 @@ async fn get(
         ..selector.clone()
     };
     let mut first_try = true;
+    let changes = state.hub.changes_of(queue);
     loop {
         // Subscribe before looking, so a put between look and wait wakes us.
-        let changed = state.hub.changed.notified();
+        let changed = changes.notified();
         // A take is a log entry. After the first try (which may find items
         // this node has not applied yet) it is proposed only once this
         // node's state holds an item to take: waking up for a change to

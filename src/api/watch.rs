@@ -64,7 +64,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -173,8 +173,59 @@ fn frame_cost(frame: &Frame) -> usize {
 pub struct Hub {
     node_id: u64,
     connections: Mutex<HashMap<u64, Outbox>>,
-    /// Notified whenever items are added or removed anywhere.
-    pub changed: Notify,
+    /// Long polls waiting for items, by queue.
+    changes: QueueChanges,
+}
+
+/// Long polls wait for a change to their own queue: a put elsewhere wakes
+/// none of them. Each queue someone waits on has one [`Notify`], shared by
+/// its waiters and dropped with the last of them.
+#[derive(Default)]
+struct QueueChanges {
+    by_queue: Mutex<HashMap<QueueRef, Weak<Notify>>>,
+}
+
+/// Queues remembered before those nobody waits on any more are swept out.
+const SWEEP_QUEUE_CHANGES_AT: usize = 256;
+
+impl QueueChanges {
+    fn subscribe(&self, queue: &QueueRef) -> Arc<Notify> {
+        let mut by_queue = self.by_queue.lock().unwrap();
+        if let Some(notify) = by_queue.get(queue).and_then(Weak::upgrade) {
+            return notify;
+        }
+        if by_queue.len() >= SWEEP_QUEUE_CHANGES_AT {
+            by_queue.retain(|_, w| w.strong_count() > 0);
+        }
+        let notify = Arc::new(Notify::new());
+        by_queue.insert(queue.clone(), Arc::downgrade(&notify));
+        notify
+    }
+
+    fn changed(&self, queue: &QueueRef) {
+        let notify = self
+            .by_queue
+            .lock()
+            .unwrap()
+            .get(queue)
+            .and_then(Weak::upgrade);
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
+    }
+
+    fn all_changed(&self) {
+        let all: Vec<Arc<Notify>> = self
+            .by_queue
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for notify in all {
+            notify.notify_waiters();
+        }
+    }
 }
 
 impl Hub {
@@ -182,8 +233,16 @@ impl Hub {
         Arc::new(Self {
             node_id,
             connections: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
+            changes: QueueChanges::default(),
         })
+    }
+
+    /// What a long poll on `queue` waits on: notified whenever items of
+    /// that queue are added or removed (and when the whole state is
+    /// replaced). Take a `notified()` future from it before looking at the
+    /// queue, so a change between the look and the wait is not missed.
+    pub fn changes_of(&self, queue: &QueueRef) -> Arc<Notify> {
+        self.changes.subscribe(queue)
     }
 
     /// Consume the state machine's events for the lifetime of the node.
@@ -210,7 +269,8 @@ impl Hub {
             {
                 node.wait_applied(committed, DELIVERY_APPLY_WAIT).await;
             }
-            let mut changed = false;
+            let mut changed = std::collections::BTreeSet::new();
+            let mut all_changed = false;
             for event in batch {
                 match event {
                     Event::Deliver {
@@ -228,16 +288,22 @@ impl Hub {
                     Event::Close { node, connection } if node == self.node_id => {
                         self.end(connection);
                     }
-                    Event::Changed { .. } => changed = true,
+                    Event::Changed { queue } => {
+                        changed.insert(queue);
+                    }
                     Event::Resync => {
                         self.close_all();
-                        changed = true;
+                        all_changed = true;
                     }
                     _ => {}
                 }
             }
-            if changed {
-                self.changed.notify_waiters();
+            if all_changed {
+                self.changes.all_changed();
+            } else {
+                for queue in &changed {
+                    self.changes.changed(queue);
+                }
             }
         }
     }
@@ -830,4 +896,45 @@ async fn serve_stream(
         Body::from_stream(stream.boxed()),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueKind;
+    use futures::FutureExt;
+
+    #[test]
+    fn a_long_poll_wakes_for_its_own_queue_only() {
+        let changes = QueueChanges::default();
+        let a = QueueRef::new("a", QueueKind::Input);
+        let b = QueueRef::new("b", QueueKind::Input);
+        let on_a = changes.subscribe(&a);
+        let on_b = changes.subscribe(&b);
+        {
+            let mut waiting_a = std::pin::pin!(on_a.notified());
+            let mut waiting_b = std::pin::pin!(on_b.notified());
+            changes.changed(&b);
+            assert!(
+                waiting_a.as_mut().now_or_never().is_none(),
+                "a put on b woke a"
+            );
+            assert!(waiting_b.as_mut().now_or_never().is_some());
+            changes.changed(&a);
+            assert!(waiting_a.as_mut().now_or_never().is_some());
+        }
+        // Waiters of one queue share one notifier; once they are gone it is
+        // swept out.
+        assert!(Arc::ptr_eq(&on_a, &changes.subscribe(&a)));
+        drop((on_a, on_b));
+        for i in 0..SWEEP_QUEUE_CHANGES_AT {
+            changes.subscribe(&QueueRef::new(format!("q{i}"), QueueKind::Sink));
+        }
+        assert!(changes.by_queue.lock().unwrap().len() <= SWEEP_QUEUE_CHANGES_AT);
+        // A replaced state wakes everyone.
+        let on_c = changes.subscribe(&QueueRef::new("c", QueueKind::Sink));
+        let mut waiting_c = std::pin::pin!(on_c.notified());
+        changes.all_changed();
+        assert!(waiting_c.as_mut().now_or_never().is_some());
+    }
 }

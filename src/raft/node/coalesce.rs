@@ -53,6 +53,9 @@ const MAX_ENVELOPES: usize = 512;
 /// A group of several envelopes stays within this many encoded bytes (a
 /// single larger envelope still goes, alone).
 const MAX_GROUP_BYTES: usize = 1 << 20;
+/// What an envelope weighs beside its payload on the route into the log
+/// (ids, clock, request id, tags: bounded by the request's header limits).
+const ENVELOPE_WEIGHT: usize = 256;
 
 type Answer = oneshot::Sender<Result<Reply, ProposeError>>;
 
@@ -65,10 +68,15 @@ pub(super) enum Route {
     Leader,
 }
 
-/// One envelope waiting for its group, encoded once.
+/// One envelope waiting for its group.
 struct Waiting {
     envelope: Envelope,
-    encoded_len: usize,
+    /// Its encoding, made once, on the route to the leader (which sends
+    /// it); none on the route into the log (which encodes the entry).
+    encoded: Option<Vec<u8>>,
+    /// What it weighs in its group's byte bound: its encoded length, or on
+    /// the route into the log the payload it adds and [`ENVELOPE_WEIGHT`].
+    weight: usize,
     answer: Answer,
     /// When it was handed over (for the latency budget).
     since: Instant,
@@ -153,28 +161,40 @@ impl CoalescerTask {
     async fn next_group(&mut self) -> Option<Vec<Waiting>> {
         let first = match self.carried.take() {
             Some(w) => w,
-            None => waiting(self.rx.recv().await?),
+            None => waiting(self.route, self.rx.recv().await?),
         };
-        let mut bytes = first.encoded_len;
+        let mut bytes = first.weight;
         let mut group = vec![first];
         while group.len() < MAX_ENVELOPES {
             let Ok(next) = self.rx.try_recv() else { break };
-            let next = waiting(next);
-            if bytes + next.encoded_len > MAX_GROUP_BYTES {
+            let next = waiting(self.route, next);
+            if bytes + next.weight > MAX_GROUP_BYTES {
                 self.carried = Some(next);
                 break;
             }
-            bytes += next.encoded_len;
+            bytes += next.weight;
             group.push(next);
         }
         Some(group)
     }
 }
 
-fn waiting((envelope, answer, since): (Envelope, Answer, Instant)) -> Waiting {
+fn waiting(route: Route, (envelope, answer, since): (Envelope, Answer, Instant)) -> Waiting {
+    let (encoded, weight) = match route {
+        Route::Leader => {
+            let encoded = encode(&envelope);
+            let weight = encoded.len();
+            (Some(encoded), weight)
+        }
+        Route::Log => (
+            None,
+            envelope.command.added_bytes() as usize + ENVELOPE_WEIGHT,
+        ),
+    };
     Waiting {
-        encoded_len: encode(&envelope).len(),
         envelope,
+        encoded,
+        weight,
         answer,
         since,
     }
@@ -231,7 +251,7 @@ async fn write_entry(node: &RaftNode, mut group: Vec<Waiting>) {
 
 /// Forward `group` to the leader in one call (a lone envelope, or a leader
 /// of an earlier version, one call each) and answer each proposer.
-async fn forward_group(node: &RaftNode, group: Vec<Waiting>) {
+async fn forward_group(node: &RaftNode, mut group: Vec<Waiting>) {
     let leader = node.raft.metrics().borrow_watched().current_leader;
     let Some(leader) = leader.filter(|l| *l != node.id) else {
         // The leader changed since these were handed over: each proposer
@@ -242,7 +262,7 @@ async fn forward_group(node: &RaftNode, group: Vec<Waiting>) {
         return;
     };
     if group.len() > 1 {
-        match forward_batch(node, leader, &group).await {
+        match forward_batch(node, leader, &mut group).await {
             Ok(replies) => {
                 for (w, reply) in group.into_iter().zip(replies) {
                     let _ = w.answer.send(reply);
@@ -276,7 +296,7 @@ enum ForwardBatchError {
 async fn forward_batch(
     node: &RaftNode,
     leader: u64,
-    group: &[Waiting],
+    group: &mut [Waiting],
 ) -> Result<Vec<Result<Reply, ProposeError>>, ForwardBatchError> {
     let mut client = node
         .peer_client(leader)
@@ -284,7 +304,13 @@ async fn forward_batch(
     let req = crate::raft::network::authorized(
         &node.secret,
         ForwardBatchRequest {
-            commands: group.iter().map(|w| encode(&w.envelope).into()).collect(),
+            commands: group
+                .iter_mut()
+                .map(|w| match w.encoded.take() {
+                    Some(bytes) => bytes.into(),
+                    None => encode(&w.envelope).into(),
+                })
+                .collect(),
             from: node.id,
         },
         Some(super::PROPOSE_DEADLINE),
