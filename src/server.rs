@@ -104,6 +104,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         hub: hub.clone(),
         memory: MemoryBudget::new(config.max_memory_bytes),
         config: config.clone(),
+        draining: Default::default(),
+        console_rates: Default::default(),
     });
     let app = router(state.clone());
     let mut listener = config.listener;

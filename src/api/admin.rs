@@ -15,7 +15,9 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
-use crate::queue::{Command, QueueKind, QueueLimits, QueueRef, Reply, ServiceConfig};
+use crate::queue::{
+    Command, ConsumerStatus, QueueKind, QueueLimits, QueueRef, Reply, ServiceConfig,
+};
 use crate::raft::FSYNC_BUCKETS_MICROS;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -39,6 +41,14 @@ pub fn routes() -> Router<Arc<AppState>> {
             "/admin/services/{name}/dead-letters",
             axum::routing::delete(purge_dead_letters),
         )
+        .route(
+            "/admin/services/{name}/dead-letters/requeue",
+            axum::routing::post(requeue_dead_letters),
+        )
+        .route(
+            "/admin/node/drain",
+            axum::routing::post(drain).delete(undrain),
+        )
         // Admin requests are small; nothing bigger is buffered.
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
 }
@@ -57,7 +67,7 @@ pub(super) struct Admin {
 
 impl Admin {
     /// Record an admin action on the `audit` tracing target.
-    fn audit(&self, action: &str, target: &str) {
+    pub(super) fn audit(&self, action: &str, target: &str) {
         tracing::info!(
             target: "audit",
             who = %self.who,
@@ -80,8 +90,26 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             .await
             .ok()
             .map(|c| c.0);
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        Admin::authorize(state, peer, given, parts.uri.path())
+    }
+}
+
+impl Admin {
+    /// Check `given` (the admin token as the caller sent it) for a request
+    /// to `path` from `peer`.
+    pub(super) fn authorize(
+        state: &AppState,
+        peer: Option<SocketAddr>,
+        given: &[u8],
+        path: &str,
+    ) -> Result<Admin, ApiError> {
         let refuse = |why: &str| {
-            tracing::warn!(target: "audit", peer = ?peer, path = %parts.uri.path(), why, "admin call refused");
+            tracing::warn!(target: "audit", peer = ?peer, path = %path, why, "admin call refused");
         };
         if state.config.admin_token.is_empty() {
             // A node restarted without its peers' list still belongs to its
@@ -108,11 +136,6 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 ))
             };
         }
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
         if crate::secret::matches(given, state.config.admin_token.as_bytes()) {
             let digest = crate::secret::digest(given);
             Ok(Admin {
@@ -135,7 +158,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
 }
 
 /// The service settings an operator sends; omitted fields take defaults.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceRequest {
     pub name: String,
@@ -377,11 +400,11 @@ const LEADER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// Largest answer read back from the leader.
 const LEADER_ANSWER_LIMIT: usize = 1024 * 1024;
 
-/// One admin request to the leader's client port at `api` (`host:port`),
+/// One request to another member's client port at `api` (`host:port`),
 /// over TLS when this node's client port uses TLS (every node's does then),
-/// verifying the leader's certificate for the host of `api`. Returns the
-/// leader's status and body.
-async fn pass_to_leader(
+/// verifying that member's certificate for the host of `api`. Returns its
+/// status and body.
+pub(super) async fn call_node(
     api: &str,
     tls: Option<&crate::tls::ClientPortTls>,
     method: Method,
@@ -471,7 +494,7 @@ where
                 .get(header::AUTHORIZATION)
                 .cloned()
                 .unwrap_or_else(|| header::HeaderValue::from_static(""));
-            let (status, text) = pass_to_leader(
+            let (status, text) = call_node(
                 &api,
                 state.config.client_tls.as_ref(),
                 method,
@@ -555,23 +578,119 @@ impl FromRequestParts<Arc<AppState>> for StatusReader {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        if state.config.status_token.is_empty() {
-            return Ok(StatusReader);
-        }
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        let admin = !state.config.admin_token.is_empty()
-            && crate::secret::matches(given, state.config.admin_token.as_bytes());
-        if admin || crate::secret::matches(given, state.config.status_token.as_bytes()) {
+        if status_allowed(state, &parts.headers) {
             Ok(StatusReader)
         } else {
             Err(ApiError::Unauthorized(
                 "status token required in Authorization".into(),
             ))
         }
+    }
+}
+
+/// Whether a request may read status: always while no status token is
+/// set, else with the status or the admin token in `Authorization`, as
+/// the whole header or as the password of HTTP Basic (browsers).
+pub(super) fn status_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    if state.config.status_token.is_empty() {
+        return true;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let basic_password = given
+        .strip_prefix(b"Basic ")
+        .and_then(|b64| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(b64).ok()
+        })
+        .and_then(|pair| {
+            let colon = pair.iter().position(|b| *b == b':')?;
+            Some(pair[colon + 1..].to_vec())
+        });
+    let matches = |token: &str| {
+        !token.is_empty()
+            && (crate::secret::matches(given, token.as_bytes())
+                || basic_password
+                    .as_deref()
+                    .is_some_and(|p| crate::secret::matches(p, token.as_bytes())))
+    };
+    matches(&state.config.admin_token) || matches(&state.config.status_token)
+}
+
+/// Start or stop draining this node: while draining it closes its watch
+/// connections, refuses new watches and reports not ready, so that
+/// workers move to other nodes before maintenance.
+pub(super) fn set_draining(state: &AppState, drain: bool, admin: &Admin) {
+    use std::sync::atomic::Ordering;
+    admin.audit(
+        if drain { "drain-node" } else { "undrain-node" },
+        &state.node.id.to_string(),
+    );
+    state.draining.store(drain, Ordering::SeqCst);
+    if drain {
+        state.hub.close_all();
+    }
+}
+
+async fn drain(State(state): State<Arc<AppState>>, admin: Admin) -> Response {
+    set_draining(&state, true, &admin);
+    "draining\n".into_response()
+}
+
+async fn undrain(State(state): State<Arc<AppState>>, admin: Admin) -> Response {
+    set_draining(&state, false, &admin);
+    "taking watches\n".into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequeueQuery {
+    /// `input` (default) or `sink`.
+    queue: Option<String>,
+    /// One dead letter by its index; all of them when absent.
+    index: Option<u64>,
+}
+
+/// `POST /admin/services/{name}/dead-letters/requeue[?queue=input|sink][&index=N]`:
+/// dead letters back on their queue as new items; answers the new items
+/// (index and tags, without payloads) as JSON.
+async fn requeue_dead_letters(
+    State(state): State<Arc<AppState>>,
+    admin: Admin,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RequeueQuery>,
+) -> Result<Response, ApiError> {
+    let kind = match q.queue.as_deref() {
+        None | Some("input") => QueueKind::Input,
+        Some("sink") => QueueKind::Sink,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "queue must be input or sink, not {other:?}"
+            )));
+        }
+    };
+    admin.audit("requeue-dead-letters", &name);
+    match state
+        .node
+        .propose_admin(Command::RequeueDeadLetters {
+            queue: QueueRef::new(name, kind),
+            indexes: q.index.into_iter().collect(),
+        })
+        .await?
+    {
+        Reply::Items(frames) => Ok(axum::Json(
+            frames
+                .iter()
+                .map(|f| serde_json::json!({"index": f.index, "tags": f.tags}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response()),
+        Reply::Rejected(r) => Err(r.into()),
+        other => Err(ApiError::Internal(format!(
+            "unexpected reply to requeue: {other:?}"
+        ))),
     }
 }
 
@@ -611,19 +730,26 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if let Some(reason) = state.node.health.failure() {
-        return (
+    match not_ready(&state) {
+        None => "ready".into_response(),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: storage failed: {reason}\n"),
+            format!("not ready: {why}\n"),
         )
-            .into_response();
+            .into_response(),
+    }
+}
+
+/// Why this node should take no client traffic now, if it should not.
+pub(super) fn not_ready(state: &AppState) -> Option<String> {
+    if let Some(reason) = state.node.health.failure() {
+        return Some(format!("storage failed: {reason}"));
     }
     if let Some(low) = state.node.disk.low_space() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {low}\n"),
-        )
-            .into_response();
+        return Some(low.to_string());
+    }
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Some("draining for maintenance".into());
     }
     let s = state.node.status();
     let caught_up = match (s.committed, s.applied) {
@@ -633,13 +759,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     };
     if s.leader.is_some() && s.voters.contains(&s.id) && caught_up && state.node.accepts_watchers()
     {
-        "ready".into_response()
+        None
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no leader, not a voter, or catching up\n",
-        )
-            .into_response()
+        Some("no leader, not a voter, or catching up".into())
     }
 }
 
@@ -681,6 +803,31 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
             last.saturating_sub(matched.unwrap_or(0))
         );
     }
+    let _ = writeln!(out, "# TYPE eddy_raft_last_contact_seconds gauge");
+    for (peer, ms) in &s.millis_since_contact {
+        if let Some(ms) = ms {
+            let _ = writeln!(
+                out,
+                "eddy_raft_last_contact_seconds{{peer=\"{peer}\"}} {}",
+                *ms as f64 / 1000.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_raft_members gauge\neddy_raft_members {}",
+        s.nodes.len()
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_node_ready gauge\neddy_node_ready {}",
+        u8::from(not_ready(&state).is_none())
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eddy_node_draining gauge\neddy_node_draining {}",
+        u8::from(state.draining.load(std::sync::atomic::Ordering::Relaxed))
+    );
     let _ = writeln!(
         out,
         "# TYPE eddy_watch_connections gauge\neddy_watch_connections {}",
@@ -716,6 +863,12 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
         let _ = writeln!(out, "# TYPE eddy_queue_puts_total counter");
         let _ = writeln!(out, "# TYPE eddy_queue_commits_total counter");
         let _ = writeln!(out, "# TYPE eddy_queue_oldest_item_age_seconds gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_redeliveries_total counter");
+        let _ = writeln!(out, "# TYPE eddy_queue_window gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_window_occupancy gauge");
+        let _ = writeln!(out, "# TYPE eddy_group_in_flight gauge");
+        let _ = writeln!(out, "# TYPE eddy_group_window gauge");
+        let _ = writeln!(out, "# TYPE eddy_group_consumers gauge");
         for (name, svc) in &st.services {
             for kind in [QueueKind::Input, QueueKind::Sink] {
                 let q = svc.queue(kind);
@@ -743,6 +896,35 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
                     "eddy_queue_oldest_item_age_seconds{{{l}}} {}",
                     oldest as f64 / 1000.0
                 );
+                let _ = writeln!(
+                    out,
+                    "eddy_queue_redeliveries_total{{{l}}} {}",
+                    q.redeliveries.0
+                );
+                let mut queue_window = 0u64;
+                for (group, g) in &q.groups {
+                    let window: u64 = g
+                        .consumers
+                        .values()
+                        .filter(|c| c.status == ConsumerStatus::Running)
+                        .map(|c| u64::from(c.window))
+                        .sum();
+                    queue_window += window;
+                    let gl = format!("{l},group=\"{group}\"");
+                    let _ = writeln!(out, "eddy_group_in_flight{{{gl}}} {}", g.in_flight.len());
+                    let _ = writeln!(out, "eddy_group_window{{{gl}}} {window}");
+                    let _ = writeln!(out, "eddy_group_consumers{{{gl}}} {}", g.consumers.len());
+                }
+                let _ = writeln!(out, "eddy_queue_window{{{l}}} {queue_window}");
+                // In flight over the windows of running consumers: 1 means
+                // every worker is busy (scale out), 0 with a backlog means
+                // nobody takes work.
+                let occupancy = if queue_window == 0 {
+                    0.0
+                } else {
+                    q.in_flight_count() as f64 / queue_window as f64
+                };
+                let _ = writeln!(out, "eddy_queue_window_occupancy{{{l}}} {occupancy}");
             }
         }
     });

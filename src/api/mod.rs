@@ -4,12 +4,15 @@
 //! - `watch`: WebSocket and HTTP-streaming watches, and the hub that routes
 //!   state-machine delivery events to this node's connections.
 //! - `admin`: services, cluster status, health, readiness and metrics.
+//! - `console`: the web console at `/ui` (server-rendered pages and the
+//!   operator actions behind the admin token).
 //! - `engine_http`: the engine's synchronous endpoint and the demo model.
 //!
 //! Errors map to status codes in one place ([`ApiError`]); every refusal has
 //! a short text body and changes nothing.
 
 mod admin;
+mod console;
 mod eas;
 mod engine_http;
 mod params;
@@ -38,6 +41,11 @@ pub struct AppState {
     /// Admission control of this node: puts are refused (429) once the
     /// estimated memory of the items held would pass this.
     pub memory: MemoryBudget,
+    /// Set by an operator before maintenance: this node closes its watch
+    /// connections, refuses new ones and reports not ready.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Per-queue rates shown by the console.
+    pub console_rates: console::Rates,
 }
 
 /// Per-node memory admission, checked at the API edge before proposing and
@@ -152,7 +160,7 @@ impl From<crate::protocol::QueryError> for ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -219,6 +227,7 @@ impl From<ProposeError> for ApiError {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(admin::routes())
+        .merge(console::routes())
         .merge(eas::routes())
         // Payload limits are per service and checked by the put handler.
         .layer(DefaultBodyLimit::disable())

@@ -514,6 +514,11 @@ pub async fn watch(
             "this node is starting; watch through another node or retry".into(),
         ));
     }
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::Unavailable(
+            "this node is draining for maintenance; watch through another node".into(),
+        ));
+    }
     let user = user.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let tags = req.query.tags.clone();
     let spec = move |connection| ConsumerSpec {

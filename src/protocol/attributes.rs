@@ -58,6 +58,38 @@ pub fn attributes(
         set(ATTR_LAST_ENTRY, last.to_string());
     }
     set("stream.nextIndex", queue.next_index.to_string());
+    // Autoscaling signals: the backlog (items no consumer holds), the age
+    // of the oldest item, and how full the running consumers' windows are.
+    let in_flight = queue.in_flight_count();
+    set(
+        "stream.backlog",
+        queue.len().saturating_sub(in_flight).to_string(),
+    );
+    set(
+        "stream.oldestAgeMs",
+        queue
+            .items
+            .values()
+            .next()
+            .map_or(0, |it| now_ms.saturating_sub(it.enqueued_ms))
+            .to_string(),
+    );
+    let window: u64 = queue
+        .groups
+        .values()
+        .flat_map(|g| g.consumers.values())
+        .filter(|c| c.status == ConsumerStatus::Running)
+        .map(|c| u64::from(c.window))
+        .sum();
+    set("stream.window", window.to_string());
+    set(
+        "stream.windowOccupancy",
+        if window == 0 {
+            "0".to_string()
+        } else {
+            format!("{:.3}", in_flight as f64 / window as f64)
+        },
+    );
     let mut total = 0usize;
     for (gi, (gid, group)) in queue.groups.iter().enumerate() {
         set(

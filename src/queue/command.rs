@@ -346,6 +346,13 @@ pub enum Command {
     /// nested: a coalesced entry inside another, or inside a batch, is
     /// refused when decoded and when applied.
     Coalesced(#[serde(deserialize_with = "deserialize_coalesced")] Vec<Envelope>),
+    /// Put dead letters back on their queue as new items (see
+    /// `Queue::requeue_dead_letters`); `indexes` empty: all of them.
+    /// Replies with the new items, without payloads.
+    RequeueDeadLetters {
+        queue: QueueRef,
+        indexes: Vec<u64>,
+    },
 }
 
 thread_local! {
@@ -606,6 +613,7 @@ impl Command {
             Command::Coalesced(_) => "coalesced",
             Command::UpdateService { .. } => "update-service",
             Command::PurgeDeadLetters { .. } => "purge-dead-letters",
+            Command::RequeueDeadLetters { .. } => "requeue-dead-letters",
         }
     }
 }

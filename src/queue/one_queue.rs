@@ -267,7 +267,25 @@ pub struct Queue {
     /// Payload bytes of `items` and `dead`.
     #[serde(skip)]
     bytes_held: u64,
+    /// Deliveries of items that had been delivered before (to any group).
+    #[serde(skip)]
+    pub redeliveries: LocalCounter,
 }
+
+/// A figure this replica counts for its metrics since it started (or last
+/// installed a snapshot): not part of the replicated state, so it is
+/// neither stored nor compared (replicas equal in state are equal whatever
+/// their counters say).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalCounter(pub u64);
+
+impl PartialEq for LocalCounter {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LocalCounter {}
 
 impl Queue {
     pub fn new() -> Self {
@@ -947,6 +965,9 @@ impl Queue {
     ) {
         let item = self.items.get_mut(&index).expect("ready items exist");
         item.deliveries += 1;
+        if item.deliveries > 1 {
+            self.redeliveries.0 += 1;
+        }
         let key = item.order_key();
         let group = self.groups.get_mut(group_id).expect("group exists");
         group.ready.remove(&key);
@@ -1020,6 +1041,62 @@ impl Queue {
         }
         self.dead_dropped_total += purged.len() as u64;
         purged.len()
+    }
+
+    /// Put dead letters back on the queue, each as a new item: the same
+    /// request id, tags, payload, priority and path, a new index, no
+    /// deliveries yet. `indexes` names dead letters by the index they had
+    /// (empty: every one, oldest first); others are ignored. Each goes
+    /// through [`Queue::put`] and its limits: at the first refusal that
+    /// dead letter and the ones after it stay where they are, and the
+    /// refusal is returned unless some were requeued before it. Returns
+    /// the new items (without payloads).
+    pub fn requeue_dead_letters(
+        &mut self,
+        qref: &QueueRef,
+        limits: &QueueLimits,
+        indexes: &[u64],
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Vec<Frame>, Rejection> {
+        let chosen: Vec<u64> = if indexes.is_empty() {
+            self.dead.keys().copied().collect()
+        } else {
+            let mut chosen: Vec<u64> = indexes
+                .iter()
+                .copied()
+                .filter(|i| self.dead.contains_key(i))
+                .collect();
+            chosen.sort_unstable();
+            chosen.dedup();
+            chosen
+        };
+        let mut requeued = Vec::with_capacity(chosen.len());
+        for old in chosen {
+            let Some(dead) = self.dead.remove(&old) else {
+                continue;
+            };
+            self.bytes_held -= dead.data.len() as u64;
+            let again = NewItem {
+                request_id: dead.request_id.clone(),
+                tags: dead.tags.clone(),
+                data: dead.data.clone(),
+                priority: dead.priority,
+                path: dead.path.clone(),
+            };
+            match self.put(qref, limits, again, now_ms, events) {
+                Ok(index) => requeued.push(self.items[&index].frame(false)),
+                Err(refused) => {
+                    self.bytes_held += dead.data.len() as u64;
+                    self.dead.insert(old, dead);
+                    if requeued.is_empty() {
+                        return Err(refused);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(requeued)
     }
 
     pub fn dead_letters(&self, limit: usize) -> Vec<Frame> {

@@ -435,6 +435,13 @@ impl QueueState {
                 svc.queue_mut(queue.kind).purge_dead_letters();
                 Ok(Reply::Done)
             }
+            Command::RequeueDeadLetters { queue, indexes } => {
+                let svc = self.service_mut(&queue.service)?;
+                let limits = svc.config.limits(queue.kind).clone();
+                svc.queue_mut(queue.kind)
+                    .requeue_dead_letters(queue, &limits, indexes, now_ms, events)
+                    .map(Reply::Items)
+            }
             Command::Coalesced(_) => Err(Rejection::Invalid(
                 "a coalesced entry is applied only as a whole log entry".into(),
             )),

@@ -180,7 +180,8 @@ fn forwardable(command: &Command, from: u64, admin: bool) -> Result<(), String> 
         Command::CreateService { .. }
         | Command::DeleteService { .. }
         | Command::UpdateService { .. }
-        | Command::PurgeDeadLetters { .. } => {
+        | Command::PurgeDeadLetters { .. }
+        | Command::RequeueDeadLetters { .. } => {
             if admin {
                 Ok(())
             } else {

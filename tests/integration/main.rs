@@ -1,6 +1,6 @@
 //! In-process tests, in layers: the HTTP API through the router (t10),
 //! clusters of several nodes (t20), failover (t30), restarts (t40) and
-//! watches (t50), all on the harness's in-process clusters; and the
+//! watches (t50), the console (t60), all on the harness's in-process clusters; and the
 //! security tests of `tests/security`, driven the same way.
 
 mod harness;
@@ -17,3 +17,4 @@ mod t20_cluster;
 mod t30_failover;
 mod t40_restart;
 mod t50_watch;
+mod t60_console;

@@ -343,3 +343,84 @@ proptest! {
         prop_assert_eq!(restored, h.state.clone());
     }
 }
+
+#[test]
+fn requeued_dead_letters_are_new_items_with_their_request_ids_within_the_limits() {
+    let mut h = Harness::with_input_limits(
+        QueueLimits {
+            max_length: 3,
+            ..limits(10_000, false)
+        },
+        1,
+    );
+    for _ in 0..3 {
+        h.put_sized(10);
+    }
+    h.dead_letter_all(7);
+    let ids: Vec<String> = h
+        .queue()
+        .dead
+        .values()
+        .map(|it| it.request_id.clone())
+        .collect();
+    assert_eq!(h.queue().dead.len(), 3);
+    // One named dead letter; unknown indexes are ignored.
+    let reply = h.run(Command::RequeueDeadLetters {
+        queue: input(),
+        indexes: vec![2, 99],
+    });
+    let Reply::Items(frames) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(frames.iter().map(|f| f.index).collect::<Vec<_>>(), [4]);
+    assert!(frames[0].data.is_empty(), "replies carry no payloads");
+    let again = h.queue().items.get(&4).unwrap();
+    assert_eq!(
+        (again.request_id.as_str(), again.data.len()),
+        (ids[1].as_str(), 10)
+    );
+    assert_eq!(h.queue().dead.keys().copied().collect::<Vec<_>>(), [1, 3]);
+    assert_eq!(h.queue().bytes_held(), 30, "moved, not copied");
+    // The consumer is still attached: the requeued item is delivered afresh
+    // (its delivery count starts again).
+    assert_eq!(h.queue().items[&4].deliveries, 1);
+    // Fill the queue to its length limit: requeueing all of them stops at
+    // the first refusal, and those left stay dead letters.
+    h.put_sized(10);
+    h.put_sized(10);
+    assert_eq!(h.queue().len(), 3);
+    let reply = h.run(Command::RequeueDeadLetters {
+        queue: input(),
+        indexes: vec![],
+    });
+    assert_eq!(reply, Reply::Rejected(Rejection::Full(3)));
+    assert_eq!(h.queue().dead.keys().copied().collect::<Vec<_>>(), [1, 3]);
+    assert_eq!(h.queue().bytes_held(), 50);
+    h.commit("g", vec![4, 5, 6]);
+    let reply = h.run(Command::RequeueDeadLetters {
+        queue: input(),
+        indexes: vec![],
+    });
+    let Reply::Items(frames) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(frames.len(), 2);
+    assert!(h.queue().dead.is_empty());
+    let mut requeued: Vec<&str> = h
+        .queue()
+        .items
+        .values()
+        .map(|it| it.request_id.as_str())
+        .collect();
+    requeued.sort();
+    let mut expected = vec![ids[0].as_str(), ids[2].as_str()];
+    expected.sort();
+    assert_eq!(requeued, expected);
+    assert_eq!(
+        h.run(Command::RequeueDeadLetters {
+            queue: QueueRef::new("nope", QueueKind::Input),
+            indexes: vec![],
+        }),
+        Reply::Rejected(Rejection::NoSuchService("nope".into()))
+    );
+}

@@ -112,7 +112,7 @@ pub struct Peer {
 }
 
 /// Cluster view for status endpoints and readiness.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClusterStatus {
     pub id: u64,
     pub state: String,
@@ -129,6 +129,12 @@ pub struct ClusterStatus {
     /// Per follower (on the leader): how far its log matches ours.
     pub replication: BTreeMap<u64, Option<u64>>,
     pub millis_since_quorum_ack: Option<u64>,
+    /// Per follower (on the leader): milliseconds since it last
+    /// acknowledged a heartbeat or replication (none: never).
+    pub millis_since_contact: BTreeMap<u64, Option<u64>>,
+    /// This node's log fsyncs: how many, and their mean duration.
+    pub fsync_count: u64,
+    pub fsync_mean_micros: Option<u64>,
 }
 
 pub struct RaftNode {

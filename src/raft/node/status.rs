@@ -21,6 +21,16 @@ impl RaftNode {
                     .collect()
             })
             .unwrap_or_default();
+        let millis_since_contact = m
+            .heartbeat
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(id, at)| (*id, at.as_ref().map(|t| t.elapsed().as_millis() as u64)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let fsync = self.fsync_stats();
         ClusterStatus {
             id: self.id,
             state: format!("{:?}", m.state),
@@ -38,6 +48,9 @@ impl RaftNode {
                 .last_quorum_acked
                 .as_ref()
                 .map(|t| t.elapsed().as_millis() as u64),
+            millis_since_contact,
+            fsync_count: fsync.count,
+            fsync_mean_micros: (fsync.count > 0).then(|| fsync.total_micros / fsync.count),
         }
     }
 }

@@ -1,0 +1,89 @@
+"""The Grafana dashboard (deploy/grafana/eddy.json) and the Prometheus alert
+rules (deploy/prometheus/alerts.yml) parse, are complete, and name only
+metrics a live node serves at /metrics."""
+
+import json
+import os
+import re
+import urllib.request
+
+import yaml
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+# Series Prometheus makes itself, not served by Eddy.
+PROMETHEUS_OWN = {"up"}
+METRIC = re.compile(r"\b(eddy_[a-z0-9_]+)")
+
+
+def dashboard():
+    with open(os.path.join(ROOT, "deploy", "grafana", "eddy.json")) as f:
+        return json.load(f)
+
+
+def alert_rules():
+    with open(os.path.join(ROOT, "deploy", "prometheus", "alerts.yml")) as f:
+        doc = yaml.safe_load(f)
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def served_metrics(node):
+    """Names declared by `# TYPE` on the node's /metrics, with the series
+    names a histogram adds."""
+    with urllib.request.urlopen(node.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    names = set()
+    for line in text.splitlines():
+        m = re.match(r"# TYPE (\S+) (\S+)", line)
+        if m:
+            names.add(m.group(1))
+            if m.group(2) == "histogram":
+                names.update(m.group(1) + s for s in ("_bucket", "_sum", "_count"))
+    return names
+
+
+def balanced(expr):
+    depth = 0
+    for ch in expr:
+        depth += {"(": 1, ")": -1, "{": 1, "}": -1, "[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def test_dashboard_is_complete_and_names_served_metrics(node):
+    d = dashboard()
+    assert d["title"] and d["uid"]
+    panels = [p for p in d["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in d["panels"]}) == len(d["panels"]), "panel ids repeat"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ["backlog", "oldest", "puts", "commits", "window occupancy", "redeliveries",
+                  "dead letters", "term", "leader", "replication lag", "fsync"]:
+        assert topic in titles, f"no panel about {topic}"
+    served = served_metrics(node)
+    used = set()
+    for p in panels:
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert balanced(t["expr"]), t["expr"]
+            used.update(METRIC.findall(t["expr"]))
+    missing = used - served
+    assert not missing, f"the dashboard names metrics a node does not serve: {missing}"
+    assert len(used) >= 15
+
+
+def test_alert_rules_are_complete_and_name_served_metrics(node):
+    rules = alert_rules()
+    names = {r["alert"] for r in rules}
+    assert names >= {"EddyNoLeader", "EddyFollowerLagging", "EddyBacklogOld",
+                     "EddyDeadLettersGrowing", "EddyFsyncSlow", "EddyNodeNotReady"}
+    served = served_metrics(node)
+    for r in rules:
+        assert balanced(r["expr"]), r["expr"]
+        assert re.fullmatch(r"\d+[smh]", r["for"]), r
+        assert r["labels"]["severity"] in ("critical", "warning")
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+        used = set(METRIC.findall(r["expr"]))
+        assert used, r["alert"]
+        assert not used - served, f"{r['alert']} names unserved metrics {used - served}"
+        bare = set(re.findall(r"\b([a-z_]+)\{", r["expr"])) - {m for m in used}
+        assert bare <= PROMETHEUS_OWN, bare
