@@ -35,7 +35,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_until(predicate, timeout=15.0, interval=0.05, what="condition"):
+def wait_until(predicate, timeout=15.0, interval=0.05, what="condition", on_timeout=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -44,7 +44,8 @@ def wait_until(predicate, timeout=15.0, interval=0.05, what="condition"):
         except Exception:
             pass
         time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
+    seen = f": {on_timeout()}" if on_timeout else ""
+    raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
 class Node:

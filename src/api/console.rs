@@ -246,6 +246,7 @@ async fn cluster_page(
                     });
                     td.n { (lag.unwrap_or_default()) }
                     @let contact = leader_view
+                        .filter(|_| Some(*id) != local.leader)
                         .and_then(|lv| lv.millis_since_contact.get(id).copied().flatten());
                     td.n { (contact.map(|ms| format!("{:.1} s ago", ms as f64 / 1000.0)).unwrap_or_default()) }
                     td.n {
