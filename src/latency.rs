@@ -147,6 +147,63 @@ pub fn render(out: &mut String) {
     }
 }
 
+/// A histogram of durations with its own bucket bounds (in microseconds),
+/// for a figure outside the stages (the engine's model calls).
+pub struct DurationHistogram {
+    bounds: &'static [u64],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+    /// Non-cumulative, as in [`Histogram`].
+    buckets: Vec<AtomicU64>,
+}
+
+impl DurationHistogram {
+    pub fn new(bounds: &'static [u64]) -> Self {
+        Self {
+            bounds,
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn record(&self, took: Duration) {
+        let micros = took.as_micros().min(u64::MAX as u128) as u64;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        if let Some(i) = self.bounds.iter().position(|b| micros <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// As Prometheus' text format, under `name` (in seconds).
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -765,6 +765,21 @@ pub(super) fn not_ready(state: &AppState) -> Option<String> {
     }
 }
 
+/// A Prometheus label value: backslash, double quote and newline escaped
+/// (group names are chosen by clients).
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
     let mut out = String::new();
     let now = state.node.cluster_clock_ms();
@@ -864,6 +879,8 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
         let _ = writeln!(out, "# TYPE eddy_queue_commits_total counter");
         let _ = writeln!(out, "# TYPE eddy_queue_oldest_item_age_seconds gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_redeliveries_total counter");
+        let _ = writeln!(out, "# TYPE eddy_queue_backlog gauge");
+        let _ = writeln!(out, "# TYPE eddy_group_backlog gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_window gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_window_occupancy gauge");
         let _ = writeln!(out, "# TYPE eddy_group_in_flight gauge");
@@ -872,7 +889,11 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
         for (name, svc) in &st.services {
             for kind in [QueueKind::Input, QueueKind::Sink] {
                 let q = svc.queue(kind);
-                let l = format!("service=\"{name}\",queue=\"{}\"", kind.as_str());
+                let l = format!(
+                    "service=\"{}\",queue=\"{}\"",
+                    label_value(name),
+                    kind.as_str()
+                );
                 let consumers: usize = q.groups.values().map(|g| g.consumers.len()).sum();
                 let oldest = q
                     .items
@@ -901,6 +922,7 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
                     "eddy_queue_redeliveries_total{{{l}}} {}",
                     q.redeliveries.0
                 );
+                let _ = writeln!(out, "eddy_queue_backlog{{{l}}} {}", q.backlog());
                 let mut queue_window = 0u64;
                 for (group, g) in &q.groups {
                     let window: u64 = g
@@ -910,7 +932,8 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
                         .map(|c| u64::from(c.window))
                         .sum();
                     queue_window += window;
-                    let gl = format!("{l},group=\"{group}\"");
+                    let gl = format!("{l},group=\"{}\"", label_value(group));
+                    let _ = writeln!(out, "eddy_group_backlog{{{gl}}} {}", q.group_backlog(group));
                     let _ = writeln!(out, "eddy_group_in_flight{{{gl}}} {}", g.in_flight.len());
                     let _ = writeln!(out, "eddy_group_window{{{gl}}} {window}");
                     let _ = writeln!(out, "eddy_group_consumers{{{gl}}} {}", g.consumers.len());

@@ -134,7 +134,25 @@ impl PageQuery {
     }
 }
 
-fn page(state: &AppState, title: &str, refresh: u32, body: Markup) -> Html<String> {
+/// A console page: never framed by another site (clickjacking), never
+/// cached.
+struct Page(Html<String>);
+
+impl IntoResponse for Page {
+    fn into_response(self) -> Response {
+        (
+            [
+                (header::X_FRAME_OPTIONS, "DENY"),
+                (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
+fn page(state: &AppState, title: &str, refresh: u32, body: Markup) -> Page {
     let s = state.node.status();
     let markup = html! {
         (DOCTYPE)
@@ -170,7 +188,7 @@ fn page(state: &AppState, title: &str, refresh: u32, body: Markup) -> Html<Strin
             }
         }
     };
-    Html(markup.into_string())
+    Page(Html(markup.into_string()))
 }
 
 const STYLE: &str = "
@@ -195,7 +213,7 @@ async fn cluster_page(
     State(state): State<Arc<AppState>>,
     _reader: Reader,
     Query(q): Query<PageQuery>,
-) -> Html<String> {
+) -> Page {
     let local = state.node.status();
     let views = member_views(&state, &local).await;
     // The leader's view holds replication lag and last contact.
@@ -302,11 +320,9 @@ async fn member_views(
         let api = api.clone();
         let id = *id;
         asks.push(async move {
-            let token = if state.config.status_token.is_empty() {
-                state.config.admin_token.clone()
-            } else {
-                state.config.status_token.clone()
-            };
+            // Members share the status token; while none is set their
+            // status is open and nothing is sent.
+            let token = state.config.status_token.clone();
             let auth = header::HeaderValue::from_str(&token)
                 .unwrap_or_else(|_| header::HeaderValue::from_static(""));
             let asked = tokio::time::timeout(
@@ -340,6 +356,7 @@ async fn member_views(
 /// One queue's figures for the pages.
 struct QueueFigures {
     length: usize,
+    backlog: usize,
     in_flight: usize,
     consumers: usize,
     window: u64,
@@ -361,6 +378,7 @@ fn figures(q: &Queue, now_ms: u64) -> QueueFigures {
     }
     QueueFigures {
         length: q.len(),
+        backlog: q.backlog(),
         in_flight: q.in_flight_count(),
         consumers,
         window,
@@ -391,7 +409,7 @@ async fn services_page(
     State(state): State<Arc<AppState>>,
     _reader: Reader,
     Query(q): Query<PageQuery>,
-) -> Html<String> {
+) -> Page {
     let now = state.node.cluster_clock_ms();
     struct Row {
         name: String,
@@ -432,7 +450,7 @@ async fn services_page(
         @else {
             table id="services" {
                 tr {
-                    th { "service" } th { "queue" } th.n { "length" } th.n { "in flight" }
+                    th { "service" } th { "queue" } th.n { "length" } th.n { "backlog" } th.n { "in flight" }
                     th.n { "window occupancy" } th.n { "oldest item" } th.n { "puts/s" }
                     th.n { "commits/s" } th.n { "consumers" } th.n { "dead letters" }
                     th.n { "bytes" } th.n { "max length" } th.n { "max payload" }
@@ -443,6 +461,7 @@ async fn services_page(
                         td { a href=(format!("/ui/services/{}", r.name)) { (r.name) } }
                         td { (r.kind.as_str()) }
                         td.n.length { (r.f.length) }
+                        td.n.backlog { (r.f.backlog) }
                         td.n.in-flight { (r.f.in_flight) }
                         td.n { (occupancy(&r.f)) }
                         td.n { (r.f.oldest_age_ms.map(age).unwrap_or_default()) }
@@ -503,7 +522,7 @@ async fn service_page(
                 @let k = kind.as_str();
                 h2 { (k) " queue" }
                 p id=(format!("{k}-summary")) {
-                    "length " span.length { (f.length) } " · in flight " span.in-flight { (f.in_flight) }
+                    "length " span.length { (f.length) } " · backlog " (f.backlog) " · in flight " span.in-flight { (f.in_flight) }
                     " · window occupancy " (occupancy(&f))
                     " · oldest " (f.oldest_age_ms.map(age).unwrap_or_else(|| "-".into()))
                     " · dead letters " span.dead-letters { (f.dead_letters) }
@@ -763,7 +782,7 @@ async fn confirm_page(
     _reader: Reader,
     Path(action): Path<String>,
     Query(target): Query<Target>,
-) -> Result<Html<String>, ApiError> {
+) -> Result<Page, ApiError> {
     let action = Action::parse(&action)?;
     let what = target.describe(action)?;
     let body = html! {
@@ -852,7 +871,7 @@ async fn run_action(
         Err(e) => return e.into_response(),
     };
     let outcome = async {
-        same_origin(&headers)?;
+        same_origin(&state, &headers)?;
         let admin = Admin::authorize(&state, peer, form.admin_token.as_bytes(), "/ui/actions")?;
         if form.confirm.as_deref() != Some("yes") {
             return Err(ApiError::BadRequest(
@@ -905,28 +924,62 @@ fn back_link(target: &Target) -> String {
     }
 }
 
-/// A browser names the page a form was posted from in `Origin`; it must be
-/// this node (its `Host`), so that no other site can post an action.
-fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    let origin = origin.to_str().unwrap_or_default();
+/// A console action must come from this node's own pages: a browser names
+/// the page a form was posted from in `Origin` (and says `same-origin` in
+/// `Sec-Fetch-Site`); a request that shows neither is refused, so no other
+/// site's page can post an action. While no admin token is configured
+/// (actions are then open to this machine), `Host` must also be a loopback
+/// address or `localhost`: a page served under another name that resolves
+/// to this machine (DNS rebinding) gets no further.
+fn same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
-    let origin_host = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
-        .unwrap_or(origin);
-    if !host.is_empty() && origin_host == host {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(format!(
-            "a console action must come from this node's own pages (origin {origin:?}, host {host:?})"
-        )))
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    let origin_matches = origin.is_some_and(|origin| {
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .unwrap_or(origin);
+        !host.is_empty() && origin_host == host
+    });
+    let allowed = match (origin, fetch_site) {
+        (Some(_), _) => origin_matches,
+        (None, Some(site)) => site == "same-origin",
+        (None, None) => false,
+    };
+    if !allowed {
+        return Err(ApiError::Forbidden(format!(
+            "a console action must come from this node's own pages (origin {origin:?}, \
+             host {host:?}); use the admin API for scripts"
+        )));
     }
+    if state.config.admin_token.is_empty() {
+        let name = host
+            .rsplit_once(':')
+            .map_or(host, |(name, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    name
+                } else {
+                    host
+                }
+            })
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let local = name == "localhost"
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !local {
+            return Err(ApiError::Forbidden(format!(
+                "with no admin token configured, console actions are taken only through a \
+                 loopback address, not {host:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn perform(

@@ -1,5 +1,6 @@
 //! HTTP servers beside the engine: the synchronous predict endpoint that
-//! shares the engine's concurrency budget, and the demo model.
+//! shares the engine's concurrency budget (with the engine's `/metrics`),
+//! and the demo model.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,15 @@ pub fn sync_router(engine: Arc<Engine>, service: String, max_body_bytes: u64) ->
     let svc = Arc::new(service);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(engine): State<Arc<Engine>>| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    engine.render_metrics(),
+                )
+            }),
+        )
         .route(
             "/api/predict/{*rest}",
             any(

@@ -67,8 +67,7 @@ pub struct EngineSettings {
     pub eddy_timeouts: Timeouts,
 }
 
-/// Counters an engine keeps (also printed on exit).
-#[derive(Debug, Default)]
+/// Counters an engine keeps (served at its `/metrics`, printed on exit).
 pub struct EngineStats {
     pub completed: AtomicU64,
     pub duplicates: AtomicU64,
@@ -77,6 +76,50 @@ pub struct EngineStats {
     /// Results not written because the input item was gone or was another
     /// one (`_complete_` answered 410 or 409).
     pub not_written: AtomicU64,
+    /// Writes of a result tried again (sink full, no leader, a node down).
+    pub result_retries: AtomicU64,
+    /// How long the model took to answer (answered calls, any status).
+    pub model_seconds: crate::latency::DurationHistogram,
+    /// Model answers by HTTP status.
+    pub model_status: std::sync::Mutex<BTreeMap<u16, u64>>,
+    /// Model calls that got no answer, by kind (`ModelError::code`).
+    pub model_errors: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+/// Bounds of the model latency buckets, in microseconds: 1 ms to 2 min.
+const MODEL_BUCKETS_MICROS: [u64; 16] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+];
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        Self {
+            completed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            failed_calls: AtomicU64::new(0),
+            handed_back: AtomicU64::new(0),
+            not_written: AtomicU64::new(0),
+            result_retries: AtomicU64::new(0),
+            model_seconds: crate::latency::DurationHistogram::new(&MODEL_BUCKETS_MICROS),
+            model_status: Default::default(),
+            model_errors: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +285,124 @@ impl Engine {
         self.wait_idle().await;
     }
 
+    fn record_call(&self, answer: &Result<ModelResponse, ModelError>, took: Duration) {
+        match answer {
+            Ok(resp) => {
+                self.stats.model_seconds.record(took);
+                *self
+                    .stats
+                    .model_status
+                    .lock()
+                    .unwrap()
+                    .entry(resp.status)
+                    .or_default() += 1;
+            }
+            Err(e) => {
+                *self
+                    .stats
+                    .model_errors
+                    .lock()
+                    .unwrap()
+                    .entry(e.code().to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    /// The engine's figures in Prometheus' text format.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        let mut out = String::new();
+        let in_flight = (self.settings.concurrency.max(1) as usize)
+            .saturating_sub(self.permits.available_permits());
+        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "eddy_engine_in_flight",
+            "Items and synchronous requests at the model now.",
+            in_flight as u64,
+        );
+        gauge(
+            &mut out,
+            "eddy_engine_concurrency",
+            "The engine's concurrency (its window).",
+            u64::from(self.settings.concurrency),
+        );
+        counter(
+            &mut out,
+            "eddy_engine_results_written_total",
+            "Results written to the sink (each with its input's commit).",
+            s.completed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "eddy_engine_duplicates_total",
+            "Items whose result was already on the sink: committed without a second write.",
+            s.duplicates.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "eddy_engine_handed_back_total",
+            "Items handed back unprocessed on shutdown.",
+            s.handed_back.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "eddy_engine_not_written_total",
+            "Results dropped because their input item was gone or was another one.",
+            s.not_written.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "eddy_engine_retries_total",
+            "Result writes tried again (sink full, no leader, a node down).",
+            s.result_retries.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "eddy_engine_model_failures_total",
+            "Model calls that got no answer; the item was handed back for redelivery.",
+            s.failed_calls.load(Ordering::Relaxed),
+        );
+        s.model_seconds.render(
+            &mut out,
+            "eddy_engine_model_seconds",
+            "Time the model took to answer.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP eddy_engine_model_responses_total Model answers by HTTP status."
+        );
+        let _ = writeln!(out, "# TYPE eddy_engine_model_responses_total counter");
+        for (status, n) in s.model_status.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "eddy_engine_model_responses_total{{status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP eddy_engine_model_errors_total Model calls without an answer, by kind."
+        );
+        let _ = writeln!(out, "# TYPE eddy_engine_model_errors_total counter");
+        for (kind, n) in s.model_errors.lock().unwrap().iter() {
+            let _ = writeln!(out, "eddy_engine_model_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        out
+    }
+
     async fn hand_back(&self, index: u64) {
         if let Err(e) = self
             .input()
@@ -283,7 +444,10 @@ impl Engine {
             return;
         }
         let path = frame.tags.get(PATH_TAG).cloned().unwrap_or_default();
-        match self.model.call(&path, frame.data.clone()).await {
+        let called = std::time::Instant::now();
+        let answer = self.model.call(&path, frame.data.clone()).await;
+        self.record_call(&answer, called.elapsed());
+        match answer {
             Ok(resp) => {
                 let mut tags = BTreeMap::new();
                 if resp.status != 200 {
@@ -374,6 +538,7 @@ impl Engine {
                     attempt = (attempt + 1).min(5);
                 }
             }
+            self.stats.result_retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(backoff(attempt)).await;
         }
     }
@@ -411,7 +576,10 @@ impl Engine {
         body: Bytes,
     ) -> Result<ModelResponse, SyncError> {
         let _permit = self.permits.acquire().await.expect("semaphore open");
-        Ok(self.model.call(path, body).await?)
+        let called = std::time::Instant::now();
+        let answer = self.model.call(path, body).await;
+        self.record_call(&answer, called.elapsed());
+        Ok(answer?)
     }
 
     /// Whether `given` is the service token (any value when none is set).

@@ -58,13 +58,11 @@ pub fn attributes(
         set(ATTR_LAST_ENTRY, last.to_string());
     }
     set("stream.nextIndex", queue.next_index.to_string());
-    // Autoscaling signals: the backlog (items no consumer holds), the age
+    // Autoscaling signals: the backlog (what the busiest group has still to
+    // be given), the age
     // of the oldest item, and how full the running consumers' windows are.
     let in_flight = queue.in_flight_count();
-    set(
-        "stream.backlog",
-        queue.len().saturating_sub(in_flight).to_string(),
-    );
+    set("stream.backlog", queue.backlog().to_string());
     set(
         "stream.oldestAgeMs",
         queue

@@ -267,7 +267,8 @@ pub struct Queue {
     /// Payload bytes of `items` and `dead`.
     #[serde(skip)]
     bytes_held: u64,
-    /// Deliveries of items that had been delivered before (to any group).
+    /// Items handed back to their group for another delivery (a negative
+    /// commit, a consumer gone); counted by this replica as it applies.
     #[serde(skip)]
     pub redeliveries: LocalCounter,
 }
@@ -673,6 +674,7 @@ impl Queue {
             }
         } else {
             group.ready.insert(item.order_key());
+            self.redeliveries.0 += 1;
         }
     }
 
@@ -965,9 +967,6 @@ impl Queue {
     ) {
         let item = self.items.get_mut(&index).expect("ready items exist");
         item.deliveries += 1;
-        if item.deliveries > 1 {
-            self.redeliveries.0 += 1;
-        }
         let key = item.order_key();
         let group = self.groups.get_mut(group_id).expect("group exists");
         group.ready.remove(&key);
@@ -1046,16 +1045,20 @@ impl Queue {
     /// Put dead letters back on the queue, each as a new item: the same
     /// request id, tags, payload, priority and path, a new index, no
     /// deliveries yet. `indexes` names dead letters by the index they had
-    /// (empty: every one, oldest first); others are ignored. Each goes
-    /// through [`Queue::put`] and its limits: at the first refusal that
-    /// dead letter and the ones after it stay where they are, and the
-    /// refusal is returned unless some were requeued before it. Returns
-    /// the new items (without payloads).
+    /// (empty: every one, oldest first); naming none that exists is
+    /// refused. A dead letter whose request id a live item holds again
+    /// (the client put it anew) stays where it is when `unique_request_ids`
+    /// (the input queue: a request id is its idempotency key). Each goes
+    /// through [`Queue::put`] within the queue's limits but never evicts
+    /// anything: at the first refusal that dead letter and the ones after
+    /// it stay, and the refusal is returned unless some were requeued
+    /// before it. Returns the new items (without payloads).
     pub fn requeue_dead_letters(
         &mut self,
         qref: &QueueRef,
         limits: &QueueLimits,
         indexes: &[u64],
+        unique_request_ids: bool,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> Result<Vec<Frame>, Rejection> {
@@ -1067,12 +1070,29 @@ impl Queue {
                 .copied()
                 .filter(|i| self.dead.contains_key(i))
                 .collect();
+            if chosen.is_empty() {
+                return Err(Rejection::Invalid(format!(
+                    "{qref} has no dead letter at index {}",
+                    indexes[0]
+                )));
+            }
             chosen.sort_unstable();
             chosen.dedup();
             chosen
         };
+        let limits = QueueLimits {
+            evict_oldest: false,
+            ..limits.clone()
+        };
         let mut requeued = Vec::with_capacity(chosen.len());
         for old in chosen {
+            let live = self
+                .dead
+                .get(&old)
+                .is_some_and(|d| self.index_of_request(&d.request_id).is_some());
+            if unique_request_ids && live {
+                continue;
+            }
             let Some(dead) = self.dead.remove(&old) else {
                 continue;
             };
@@ -1084,7 +1104,7 @@ impl Queue {
                 priority: dead.priority,
                 path: dead.path.clone(),
             };
-            match self.put(qref, limits, again, now_ms, events) {
+            match self.put(qref, &limits, again, now_ms, events) {
                 Ok(index) => requeued.push(self.items[&index].frame(false)),
                 Err(refused) => {
                     self.bytes_held += dead.data.len() as u64;
@@ -1097,6 +1117,22 @@ impl Queue {
             }
         }
         Ok(requeued)
+    }
+
+    /// Items `group` could be given now: its backlog.
+    pub fn group_backlog(&self, group: &str) -> usize {
+        self.groups.get(group).map_or(0, |g| g.ready.len())
+    }
+
+    /// The queue's backlog: what its busiest group still has to be given
+    /// (every item when no group consumes it).
+    pub fn backlog(&self) -> usize {
+        self.groups
+            .values()
+            .filter(|g| g.is_active())
+            .map(|g| g.ready.len())
+            .max()
+            .unwrap_or(self.items.len())
     }
 
     pub fn dead_letters(&self, limit: usize) -> Vec<Frame> {

@@ -438,8 +438,16 @@ impl QueueState {
             Command::RequeueDeadLetters { queue, indexes } => {
                 let svc = self.service_mut(&queue.service)?;
                 let limits = svc.config.limits(queue.kind).clone();
+                let unique_request_ids = queue.kind == QueueKind::Input;
                 svc.queue_mut(queue.kind)
-                    .requeue_dead_letters(queue, &limits, indexes, now_ms, events)
+                    .requeue_dead_letters(
+                        queue,
+                        &limits,
+                        indexes,
+                        unique_request_ids,
+                        now_ms,
+                        events,
+                    )
                     .map(Reply::Items)
             }
             Command::Coalesced(_) => Err(Rejection::Invalid(

@@ -87,3 +87,53 @@ def test_alert_rules_are_complete_and_name_served_metrics(node):
         assert not used - served, f"{r['alert']} names unserved metrics {used - served}"
         bare = set(re.findall(r"\b([a-z_]+)\{", r["expr"])) - {m for m in used}
         assert bare <= PROMETHEUS_OWN, bare
+
+
+def engine_manifests():
+    with open(os.path.join(ROOT, "deploy", "kubernetes", "engine.yaml")) as f:
+        return {d["kind"]: d for d in yaml.safe_load_all(f) if d}
+
+
+def engine_settings():
+    import subprocess
+    from eddy_harness import eddy_binary
+    out = subprocess.run([eddy_binary(), "engine", "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"\[env: (EDDY_[A-Z_]+)", out))
+
+
+def test_engine_deployment_scales_on_served_metrics(node):
+    docs = engine_manifests()
+    assert set(docs) == {"Deployment", "ScaledObject", "HorizontalPodAutoscaler"}
+    pod = docs["Deployment"]["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    engine = containers["engine"]
+    env = {e["name"]: e for e in engine["env"]}
+    assert set(env) <= engine_settings(), set(env) - engine_settings()
+    assert env["EDDY_ENGINE_MODEL"]["value"].endswith(":8000")
+    assert "--listen" in containers["model"]["args"] and "127.0.0.1:8000" in containers["model"]["args"]
+    port = env["EDDY_ENGINE_LISTEN"]["value"].rsplit(":", 1)[1]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
+    assert int(pod["spec"]["terminationGracePeriodSeconds"]) * 1000 > int(env["EDDY_ENGINE_DRAIN_MS"]["value"])
+    name = docs["Deployment"]["metadata"]["name"]
+    assert docs["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == name
+    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == name
+    assert docs["ScaledObject"]["spec"]["minReplicaCount"] == 0, "scales to zero when the queue is empty"
+    served = served_metrics(node)
+    queries = [t["metadata"]["query"] for t in docs["ScaledObject"]["spec"]["triggers"]]
+    queries += [m["external"]["metric"]["name"] for m in docs["HorizontalPodAutoscaler"]["spec"]["metrics"]]
+    for q in queries:
+        used = set(METRIC.findall(q))
+        assert used and used <= served, q
+        assert balanced(q), q
+
+
+def test_engine_metrics_named_in_the_readme_exist():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for name in ["eddy_engine_model_seconds", "eddy_engine_in_flight", "eddy_engine_model_responses_total",
+                 "eddy_engine_results_written_total", "eddy_engine_retries_total"]:
+        assert name in readme, name
+    with open(os.path.join(ROOT, "src", "engine", "mod.rs")) as f:
+        source = f.read()
+    for name in re.findall(r"`(eddy_engine_[a-z_]+)`", readme):
+        assert name in source, f"the README names {name}, which the engine does not serve"

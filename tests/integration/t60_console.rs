@@ -67,7 +67,7 @@ async fn cluster_with_a_backlog() -> Cluster {
         group: "workers".into(),
         indexes: vec![1],
         code: "500".into(),
-        reason: "model crashed".into(),
+        reason: "model <b>crashed</b>".into(),
     };
     assert_eq!(node.propose(back).await.unwrap(), Reply::Done);
     node.propose(far_consumer("workers", "w2", 1))
@@ -91,11 +91,14 @@ async fn cluster_with_a_backlog() -> Cluster {
     c
 }
 
+/// A form posted from the console's own page, as a browser sends it.
 fn form(path: &str, body: &str) -> Request<Body> {
     Request::builder()
         .method("POST")
         .uri(path)
         .header("content-type", "application/x-www-form-urlencoded")
+        .header("host", "127.0.0.1:8080")
+        .header("origin", "http://127.0.0.1:8080")
         .body(Body::from(body.to_string()))
         .unwrap()
 }
@@ -150,10 +153,12 @@ async fn console_pages_show_the_cluster_the_services_and_one_service() {
     }
     assert!(html.contains("<td class=\"group\">audit</td>"));
     let dead = html.split("id=\"input-dead-letters\"").nth(1).unwrap();
+    // Text from clients is escaped, never markup.
     assert!(
-        dead.contains(&dead_id) && dead.contains("500: model crashed"),
+        dead.contains(&dead_id) && dead.contains("500: model &lt;b&gt;crashed&lt;/b&gt;"),
         "{dead}"
     );
+    assert!(!html.contains("<b>crashed"));
     // Items 2..=5 are listed, oldest first, with who holds them.
     let items = html.split("id=\"input-items\"").nth(1).unwrap();
     assert!(
@@ -204,7 +209,17 @@ async fn console_pages_show_the_cluster_the_services_and_one_service() {
     )
     .await;
     let attrs: serde_json::Value = serde_json::from_str(&attrs).unwrap();
-    assert_eq!(attrs["stream.backlog"], "1");
+    // Items 2..=5 are live: "workers" holds 2 and 3 (2 left to give),
+    // "audit" holds 2 (3 left): the backlog is the busiest group's.
+    assert_eq!(attrs["stream.backlog"], "3");
+    for (group, backlog) in [("workers", 2), ("audit", 3)] {
+        assert!(
+            metrics.contains(&format!(
+                "eddy_group_backlog{{service=\"svc\",queue=\"input\",group=\"{group}\"}} {backlog}\n"
+            )),
+            "{group}"
+        );
+    }
     assert_eq!(attrs["stream.windowOccupancy"], "1.000");
 }
 
@@ -254,10 +269,12 @@ async fn console_actions_need_the_admin_token_a_confirmation_and_this_origin() {
     cross_site
         .headers_mut()
         .insert("origin", "http://evil.example".parse().unwrap());
-    cross_site
-        .headers_mut()
-        .insert("host", "127.0.0.1:8080".parse().unwrap());
     let (status, _, _) = send(&c, follower, cross_site).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // A post that names no origin at all (not from a browser's page).
+    let mut no_origin = form("/ui/actions/requeue-dead-letters", &good);
+    no_origin.headers_mut().remove("origin");
+    let (status, _, _) = send(&c, follower, no_origin).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(
         c.node(follower)
@@ -268,13 +285,7 @@ async fn console_actions_need_the_admin_token_a_confirmation_and_this_origin() {
     );
 
     // Requeued through a follower: a new item with the same request id.
-    let mut same_site = form("/ui/actions/requeue-dead-letters", &good);
-    same_site
-        .headers_mut()
-        .insert("origin", "http://127.0.0.1:8080".parse().unwrap());
-    same_site
-        .headers_mut()
-        .insert("host", "127.0.0.1:8080".parse().unwrap());
+    let same_site = form("/ui/actions/requeue-dead-letters", &good);
     let (status, _, body) = send(&c, follower, same_site).await;
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -299,15 +310,15 @@ async fn console_actions_need_the_admin_token_a_confirmation_and_this_origin() {
     )
     .await;
 
-    // Nothing left to requeue: a clear answer, nothing changes.
+    // That dead letter is gone: a clear refusal, nothing changes.
     let (status, _, body) = send(
         &c,
         follower,
         form("/ui/actions/requeue-dead-letters", &good),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body:?}");
-    assert!(String::from_utf8_lossy(&body).contains("0 dead letter(s)"));
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("has no dead letter at index 1"));
 
     // Create and delete a service from the console.
     let create = format!("service=made-here&token=&max_length=10&confirm=yes&admin_token={ADMIN}");
@@ -411,4 +422,45 @@ async fn with_a_status_token_the_console_asks_for_it_and_takes_it_as_a_basic_pas
     );
     let (status, _) = call(&c, 1, [10, 0, 0, 9], "GET", "/ui", Some(&wrong), "").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// With no admin token (a single node on a laptop), console actions are
+/// open to this machine only, and only through a loopback name: a page
+/// served under another name that resolves here (DNS rebinding) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_token_console_actions_need_a_loopback_host() {
+    let c = Cluster::new(1, 20_000).await;
+    let create = "service=local&confirm=yes&admin_token=";
+    let local = |host: &str, origin: &str| {
+        let mut req = form("/ui/actions/create-service", create);
+        req.headers_mut().insert("host", host.parse().unwrap());
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                40_000,
+            ))));
+        req
+    };
+    let (status, _, body) = send(
+        &c,
+        1,
+        local("rebound.example:8080", "http://rebound.example:8080"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body:?}");
+    assert!(c.node(1).node.read(|s| s.service("local").is_none()));
+    for (host, origin) in [
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("localhost:8080", "http://localhost:8080"),
+    ] {
+        let (status, _, body) = send(&c, 1, local(host, origin)).await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            status == StatusCode::OK
+                || (status == StatusCode::CONFLICT && host.starts_with("localhost")),
+            "{host}: {status} {body}"
+        );
+    }
+    assert!(c.node(1).node.read(|s| s.service("local").is_some()));
 }

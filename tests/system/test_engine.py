@@ -279,6 +279,38 @@ def test_sync_endpoint_calls_the_model(node, tmpdir_factory_path):
         m.stop()
 
 
+def test_engine_metrics_count_model_answers_and_results(node, tmpdir_factory_path):
+    import re
+    import urllib.request
+    svc = node.create_service(token=TOKEN)
+    m, url = model(tmpdir_factory_path, "--fail-every", "2", "--fail-status", "503")
+    port = free_port()
+    e = engine(tmpdir_factory_path, node, svc, url, "--listen", f"127.0.0.1:{port}", concurrency=1)
+
+    def metrics():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {k: float(v) for k, v in re.findall(r"^(eddy_engine_\S+) (\S+)$", text, re.M)}
+    try:
+        wait_until(lambda: "eddy_engine_in_flight" in metrics(), what="engine metrics")
+        inq, sink = clients(node, svc)
+        for i in range(6):
+            inq.put(f'[{{"i": {i}}}]')
+        results = drain_sink(sink, 6)
+        assert sorted(df.tags.get("lastCode", "200") for df in results) == ["200"] * 3 + ["503"] * 3
+        wait_until(lambda: metrics()["eddy_engine_results_written_total"] == 6, what="six results counted")
+        got = metrics()
+        assert got['eddy_engine_model_responses_total{status="200"}'] == 3
+        assert got['eddy_engine_model_responses_total{status="503"}'] == 3
+        assert got["eddy_engine_model_seconds_count"] == 6
+        assert got['eddy_engine_model_seconds_bucket{le="+Inf"}'] == 6
+        assert got["eddy_engine_in_flight"] == 0 and got["eddy_engine_concurrency"] == 1
+        assert got["eddy_engine_model_failures_total"] == 0
+    finally:
+        e.stop()
+        m.stop()
+
+
 def test_sync_endpoint_bounds_its_callers(node, tmpdir_factory_path):
     svc = node.create_service(token=TOKEN)
     m, url = model(tmpdir_factory_path, "--delay-ms", "1500")

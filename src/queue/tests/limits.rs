@@ -424,3 +424,76 @@ fn requeued_dead_letters_are_new_items_with_their_request_ids_within_the_limits(
         Reply::Rejected(Rejection::NoSuchService("nope".into()))
     );
 }
+
+#[test]
+fn requeueing_dead_letters_never_evicts_and_skips_request_ids_put_anew() {
+    let mut h = Harness::with_input_limits(
+        QueueLimits {
+            max_length: 2,
+            ..limits(10_000, true)
+        },
+        1,
+    );
+    h.put_sized(10);
+    h.put_sized(10);
+    h.dead_letter_all(7);
+    let dead: Vec<String> = h
+        .queue()
+        .dead
+        .values()
+        .map(|it| it.request_id.clone())
+        .collect();
+    h.put_sized(10);
+    h.put_sized(10);
+    let live: Vec<u64> = h.queue().items.keys().copied().collect();
+    assert_eq!(live, [3, 4]);
+    // The queue is full and evicts for puts, never for a requeue.
+    let reply = h.run(Command::RequeueDeadLetters {
+        queue: input(),
+        indexes: vec![],
+    });
+    assert_eq!(reply, Reply::Rejected(Rejection::Full(2)));
+    assert_eq!(h.queue().items.keys().copied().collect::<Vec<_>>(), live);
+    assert_eq!(h.queue().dead.len(), 2);
+    // The client put the first request again: that dead letter stays.
+    h.commit("g", live);
+    let again = NewItem {
+        request_id: dead[0].clone(),
+        tags: Tags::new(),
+        data: Bytes::from_static(b"again"),
+        priority: 0,
+        path: String::new(),
+    };
+    assert!(matches!(
+        h.run(Command::Put {
+            queue: input(),
+            item: again
+        }),
+        Reply::Put { index: 5, .. }
+    ));
+    let Reply::Items(frames) = h.run(Command::RequeueDeadLetters {
+        queue: input(),
+        indexes: vec![],
+    }) else {
+        panic!("requeue refused")
+    };
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].tags["requestId"], dead[1]);
+    assert_eq!(
+        h.queue()
+            .dead
+            .values()
+            .map(|it| it.request_id.clone())
+            .collect::<Vec<_>>(),
+        [dead[0].clone()]
+    );
+    assert_eq!(h.queue().bytes_held(), summed_bytes(h.queue()));
+    // Naming a dead letter that is not there is refused.
+    assert!(matches!(
+        h.run(Command::RequeueDeadLetters {
+            queue: input(),
+            indexes: vec![42],
+        }),
+        Reply::Rejected(Rejection::Invalid(_))
+    ));
+}

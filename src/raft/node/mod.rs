@@ -130,10 +130,14 @@ pub struct ClusterStatus {
     pub replication: BTreeMap<u64, Option<u64>>,
     pub millis_since_quorum_ack: Option<u64>,
     /// Per follower (on the leader): milliseconds since it last
-    /// acknowledged a heartbeat or replication (none: never).
+    /// acknowledged a heartbeat or replication (none: never). Absent from
+    /// the status of a node of an earlier version, hence the defaults.
+    #[serde(default)]
     pub millis_since_contact: BTreeMap<u64, Option<u64>>,
     /// This node's log fsyncs: how many, and their mean duration.
+    #[serde(default)]
     pub fsync_count: u64,
+    #[serde(default)]
     pub fsync_mean_micros: Option<u64>,
 }
 
