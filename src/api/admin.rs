@@ -26,6 +26,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/cluster", get(cluster))
+        .route("/admin/overview", get(overview))
         .route("/admin/cluster/digest", get(state_digest))
         .route("/admin/cluster/members", axum::routing::post(add_member))
         .route(
@@ -692,6 +693,59 @@ async fn requeue_dead_letters(
             "unexpected reply to requeue: {other:?}"
         ))),
     }
+}
+
+/// `GET /admin/overview`: every queue's figures and consumers, as this
+/// node's applied state has them (what `eddy top` shows). Metadata only.
+async fn overview(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {
+    let now = state.node.cluster_clock_ms();
+    let s = state.node.status();
+    let queues = state.node.read(|st| {
+        let mut queues = Vec::new();
+        for (name, svc) in &st.services {
+            for kind in [QueueKind::Input, QueueKind::Sink] {
+                let q = svc.queue(kind);
+                let mut consumers = Vec::new();
+                let mut window = 0u64;
+                for (group, g) in &q.groups {
+                    for (user, c) in &g.consumers {
+                        let running = c.status == ConsumerStatus::Running;
+                        if running {
+                            window += u64::from(c.window);
+                        }
+                        consumers.push(serde_json::json!({
+                            "group": group, "user": user, "node": c.node,
+                            "window": c.window, "auto_commit": c.auto_commit,
+                            "holds": c.pending,
+                            "idle_ms": now.saturating_sub(c.last_active_ms),
+                            "state": if running { "running" } else { "leaving" },
+                        }));
+                    }
+                }
+                queues.push(serde_json::json!({
+                    "service": name,
+                    "queue": kind.as_str(),
+                    "length": q.len(),
+                    "backlog": q.backlog(),
+                    "in_flight": q.in_flight_count(),
+                    "window": window,
+                    "oldest_age_ms": q.items.values().next().map(|it| now.saturating_sub(it.enqueued_ms)),
+                    "dead_letters": q.dead.len(),
+                    "puts_total": q.puts_total,
+                    "commits_total": q.commits_total,
+                    "consumers": consumers,
+                }));
+            }
+        }
+        queues
+    });
+    axum::Json(serde_json::json!({
+        "node": s.id,
+        "leader": s.leader,
+        "term": s.term,
+        "queues": queues,
+    }))
+    .into_response()
 }
 
 async fn cluster(State(state): State<Arc<AppState>>, _reader: StatusReader) -> Response {

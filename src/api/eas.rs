@@ -400,6 +400,27 @@ async fn put(
         }
         None => uuid::Uuid::new_v4().to_string(),
     };
+    // A W3C trace context travels with the item (to the engine, the model
+    // call and the result); a malformed one is dropped, not refused.
+    let traceparent = req
+        .headers
+        .get(crate::protocol::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or(tags
+            .get(crate::protocol::TRACEPARENT_TAG)
+            .map(String::as_str))
+        .filter(|t| crate::protocol::valid_traceparent(t))
+        .map(str::to_string);
+    tags.remove(crate::protocol::TRACEPARENT_TAG);
+    if let Some(t) = &traceparent {
+        tags.insert(crate::protocol::TRACEPARENT_TAG.to_string(), t.clone());
+    }
+    let span = tracing::debug_span!(
+        "put",
+        queue = %target.queue,
+        request_id = %request_id,
+        traceparent = traceparent.as_deref().unwrap_or_default(),
+    );
     let item = NewItem {
         request_id,
         tags,
@@ -407,15 +428,20 @@ async fn put(
         priority,
         path: target.path,
     };
-    match state
-        .node
-        .propose(Command::Put {
-            queue: target.queue,
-            item,
-        })
-        .await?
-    {
+    let reply = {
+        use tracing::Instrument as _;
+        state
+            .node
+            .propose(Command::Put {
+                queue: target.queue,
+                item,
+            })
+            .instrument(span.clone())
+            .await?
+    };
+    match reply {
         Reply::Put { index, request_id } => {
+            span.in_scope(|| tracing::debug!(index, "put acknowledged"));
             let mut resp = index.to_string().into_response();
             resp.headers_mut().insert(
                 REQUEST_ID_HEADER,

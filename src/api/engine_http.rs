@@ -90,7 +90,11 @@ async fn sync_predict(
         .sync_place()
         .map_err(|_| ApiError::Full("the engine is busy; retry later".into()))?;
     let body = super::eas::read_body(body, max_body_bytes).await?;
-    match engine.predict_sync(place, path, body).await {
+    let traceparent = headers
+        .get(crate::protocol::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| crate::protocol::valid_traceparent(t));
+    match engine.predict_sync(place, path, body, traceparent).await {
         Ok(r) => Ok((
             StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY),
             r.body,

@@ -254,7 +254,7 @@ pub(crate) async fn bench_e2e(a: BenchArgs) -> anyhow::Result<()> {
         let mut direct = Vec::new();
         for _ in 0..2000 {
             let t = std::time::Instant::now();
-            m.call("", body.clone()).await?;
+            m.call("", body.clone(), None).await?;
             direct.push(t.elapsed().as_micros() as u64);
         }
         let (d50, d99, _) = percentiles(direct);
@@ -293,15 +293,29 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // On stderr, and only on a terminal: output piped elsewhere stays
+    // the figures alone.
+    let progress = if a.q.ep.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(a.count as u64)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} puts, {per_sec}, {elapsed} (eta {eta})",
+        )
+        .expect("a valid template"),
+    );
     let start = std::time::Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.producers {
-        let (c, payload, next, tags, total) = (
+        let (c, payload, next, tags, total, progress) = (
             c.clone(),
             payload.clone(),
             next.clone(),
             tags.clone(),
             a.count,
+            progress.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -309,6 +323,7 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 let t = std::time::Instant::now();
                 c.put(payload.clone(), &tags, 0).await?;
                 lat.push(t.elapsed().as_micros() as u64);
+                progress.inc(1);
             }
             anyhow::Ok(lat)
         }));
@@ -317,6 +332,7 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     for t in tasks {
         lat.extend(t.await??);
     }
+    progress.finish_and_clear();
     let wall = start.elapsed().as_secs_f64();
     let puts = lat.len();
     let mean_ms = lat.iter().sum::<u64>() as f64 / puts.max(1) as f64 / 1000.0;
@@ -331,9 +347,13 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         println!("{result}");
     } else {
         println!(
-            "{} puts of {} B by {} producers in {:.2} s: {:.0} puts/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "{:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "puts", "payload", "producers", "wall s", "puts/s", "p50 ms", "p99 ms", "max ms"
+        );
+        println!(
+            "{:>9} {:>9} {:>10} {:>9.2} {:>9.0} {:>9.2} {:>9.2} {:>9.2}",
             puts,
-            a.size,
+            format!("{} B", a.size),
             a.producers,
             wall,
             puts as f64 / wall,

@@ -11,6 +11,7 @@ mod engine;
 mod queue;
 mod serve;
 mod tools;
+mod top;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -54,6 +55,8 @@ pub(crate) enum Cmd {
     Cluster(ClusterCmd),
     /// Measure put throughput and latency against a running node.
     Bench(BenchArgs),
+    /// Services and consumers, live in the terminal.
+    Top(top::TopArgs),
     /// Run the asynchronous inference engine beside a model server.
     Engine(EngineArgs),
     /// Run a small demo model server (for trying Eddy out and for tests).
@@ -164,6 +167,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Service(cmd) => admin::service(cmd).await,
         Cmd::Cluster(cmd) => admin::cluster(cmd).await,
         Cmd::Bench(a) => bench::bench(a).await,
+        Cmd::Top(a) => top::top(a).await,
         Cmd::Engine(a) => engine::engine(a).await,
         Cmd::DemoModel(a) => engine::demo_model(a).await,
         Cmd::Wal(cmd) => tools::wal(cmd),

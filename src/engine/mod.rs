@@ -45,7 +45,7 @@ use tokio::sync::Semaphore;
 
 use crate::client::{ClientError, QueueClient, Timeouts};
 use crate::proto::DataFrameProto;
-use crate::protocol::{LAST_CODE_TAG, PATH_TAG, REQUEST_ID_TAG};
+use crate::protocol::{LAST_CODE_TAG, PATH_TAG, REQUEST_ID_TAG, TRACEPARENT_TAG};
 pub use model::{ModelClient, ModelError, ModelResponse};
 
 #[derive(Debug, Clone)]
@@ -444,14 +444,49 @@ impl Engine {
             return;
         }
         let path = frame.tags.get(PATH_TAG).cloned().unwrap_or_default();
+        // The model call is a child of the put's trace; the result keeps the
+        // put's own trace context.
+        let traceparent = frame.tags.get(TRACEPARENT_TAG).cloned();
+        let span = tracing::debug_span!(
+            "engine_item",
+            index = frame.index,
+            request_id = %request_id,
+            traceparent = traceparent.as_deref().unwrap_or_default(),
+        );
+        let model_call = traceparent.as_deref().and_then(|t| {
+            crate::protocol::child_traceparent(
+                t,
+                *uuid::Uuid::new_v4()
+                    .as_bytes()
+                    .first_chunk()
+                    .expect("16 bytes"),
+            )
+        });
         let called = std::time::Instant::now();
-        let answer = self.model.call(&path, frame.data.clone()).await;
+        let answer = {
+            use tracing::Instrument as _;
+            self.model
+                .call(&path, frame.data.clone(), model_call.as_deref())
+                .instrument(span.clone())
+                .await
+        };
         self.record_call(&answer, called.elapsed());
+        span.in_scope(|| match &answer {
+            Ok(resp) => tracing::debug!(
+                status = resp.status,
+                ms = called.elapsed().as_millis() as u64,
+                "model answered"
+            ),
+            Err(e) => tracing::debug!(error = %e, "model call failed"),
+        });
         match answer {
             Ok(resp) => {
                 let mut tags = BTreeMap::new();
                 if resp.status != 200 {
                     tags.insert(LAST_CODE_TAG.to_string(), resp.status.to_string());
+                }
+                if let Some(t) = traceparent {
+                    tags.insert(TRACEPARENT_TAG.to_string(), t);
                 }
                 self.finish(frame.index, &request_id, tags, resp.body).await;
             }
@@ -574,10 +609,11 @@ impl Engine {
         _place: SyncPlace,
         path: &str,
         body: Bytes,
+        traceparent: Option<&str>,
     ) -> Result<ModelResponse, SyncError> {
         let _permit = self.permits.acquire().await.expect("semaphore open");
         let called = std::time::Instant::now();
-        let answer = self.model.call(path, body).await;
+        let answer = self.model.call(path, body, traceparent).await;
         self.record_call(&answer, called.elapsed());
         Ok(answer?)
     }

@@ -77,10 +77,20 @@ impl ModelClient {
         }
     }
 
-    /// POST `body` to the model at `path` (relative to the model's base URL).
-    pub async fn call(&self, path: &str, body: Bytes) -> Result<ModelResponse, ModelError> {
+    /// POST `body` to the model at `path` (relative to the model's base
+    /// URL), with `traceparent` when the request carries a trace context.
+    pub async fn call(
+        &self,
+        path: &str,
+        body: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<ModelResponse, ModelError> {
         let url = model_url(&self.base, path)?;
-        let send = self.http.post(&url).body(body).send();
+        let mut request = self.http.post(&url).body(body);
+        if let Some(t) = traceparent {
+            request = request.header(crate::protocol::TRACEPARENT_HEADER, t);
+        }
+        let send = request.send();
         let resp = match tokio::time::timeout(self.timeout, send).await {
             Err(_) => return Err(ModelError::Timeout(self.timeout)),
             Ok(Err(e)) if e.is_timeout() => return Err(ModelError::Timeout(self.timeout)),

@@ -93,6 +93,44 @@ pub const MAX_REASON_BYTES: usize = 1024;
 /// Tag key under which every item carries its request id.
 pub const REQUEST_ID_TAG: &str = "requestId";
 
+/// W3C trace context: the header a put may carry, and the tag under which
+/// the item (and its result) keeps it, so one request can be followed from
+/// put to result.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const TRACEPARENT_TAG: &str = "traceparent";
+
+/// Whether `value` is a W3C `traceparent` this node passes on: version 00
+/// (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lower case,
+/// ids not all zero). Anything else is ignored, as the recommendation asks
+/// of a receiver, never refused.
+pub fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let not_zero = |s: &str| s.bytes().any(|b| b != b'0');
+    matches!(parts.as_slice(), [version, trace, parent, flags]
+        if *version == "00" && hex(trace, 32) && not_zero(trace)
+            && hex(parent, 16) && not_zero(parent) && hex(flags, 2))
+}
+
+/// The `traceparent` of a call made on behalf of `parent`: the same trace
+/// and flags, a new parent id (`span_id`, 8 bytes).
+pub fn child_traceparent(parent: &str, span_id: [u8; 8]) -> Option<String> {
+    if !valid_traceparent(parent) {
+        return None;
+    }
+    let mut parts = parent.split('-');
+    let (_, trace, _, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let mut span: String = span_id.iter().map(|b| format!("{b:02x}")).collect();
+    if span.bytes().all(|b| b == b'0') {
+        span.replace_range(15..16, "1");
+    }
+    Some(format!("00-{trace}-{span}-{flags}"))
+}
+
 /// Tag key carrying the sub-path an item was put on, when there is one.
 /// Clients cannot set it: `_x_` query keys are control parameters.
 pub const PATH_TAG: &str = "_path_";
@@ -113,4 +151,35 @@ pub fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod trace_context_tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_is_passed_on_only_when_well_formed() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(good));
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+        let child = child_traceparent(good, [1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        assert_eq!(
+            child,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-01"
+        );
+        assert!(valid_traceparent(&child));
+        assert!(valid_traceparent(&child_traceparent(good, [0; 8]).unwrap()));
+        assert_eq!(child_traceparent("junk", [1; 8]), None);
+    }
 }

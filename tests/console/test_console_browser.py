@@ -68,8 +68,7 @@ def drain_socket(ws):
         pass
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium_driver(javascript=True):
     chromium = shutil.which("chromium")
     driver_path = shutil.which("chromedriver")
     assert chromium and driver_path, "chromium and chromium-driver are required (apt-get install chromium chromium-driver)"
@@ -78,8 +77,16 @@ def browser():
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--window-size=1400,1000"):
         options.add_argument(flag)
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium_driver()
     os.makedirs(SHOTS, exist_ok=True)
     yield driver
     driver.quit()
@@ -175,6 +182,14 @@ def test_console_pages_actions_and_failover(browser, console_cluster):
     assert cell(browser, row, "consumers") == "2"
     assert cell(browser, row, "dead-letters") == "1"
     shot(browser, "2-services")
+    # The same page reads the same with JavaScript off.
+    plain = chromium_driver(javascript=False)
+    try:
+        plain.get(f"{b.url}/ui/services?refresh=0")
+        assert cell(plain, row, "length") == "5" and cell(plain, row, "dead-letters") == "1"
+        plain.save_screenshot(os.path.join(SHOTS, "2-services-no-javascript.png"))
+    finally:
+        plain.quit()
 
     # The service: both groups' consumers, the dead letter with its reason.
     browser.get(f"{b.url}/ui/services/{svc}?refresh=0")

@@ -385,3 +385,56 @@ def test_engine_moves_past_a_black_hole_endpoint(node, tmpdir_factory_path):
         for c in accepted:
             c.close()
         hole.close()
+
+
+def test_a_trace_context_travels_from_put_to_model_to_result(node, tmpdir_factory_path):
+    """A W3C traceparent given on a put reaches the model (same trace, the
+    engine's own parent id) and comes back on the result; a malformed one
+    is dropped, not refused."""
+    import http.server
+    import urllib.request
+
+    seen = []
+
+    class Model(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(self.headers.get("traceparent"))
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Model)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    svc = node.create_service(token=TOKEN)
+    e = engine(tmpdir_factory_path, node, svc, f"http://127.0.0.1:{server.server_address[1]}")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sent = f"00-{trace}-00f067aa0ba902b7-01"
+    try:
+        def put(traceparent):
+            req = urllib.request.Request(f"{node.url}/api/predict/{svc}", data=b"[1]", method="POST",
+                                         headers={"Authorization": TOKEN, "traceparent": traceparent})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert r.status == 200
+                return r.headers["X-Eas-Queueservice-Request-Id"]
+        traced = put(sent)
+        untraced = put("00-not-a-trace-context")
+        _, sink = clients(node, svc)
+        [result] = sink.get(request_id=traced, timeout="20s")
+        assert result.tags["traceparent"] == sent
+        [plain] = sink.get(request_id=untraced, timeout="20s")
+        assert "traceparent" not in plain.tags
+        wait_until(lambda: len(seen) == 2, what="two model calls")
+        [child] = [t for t in seen if t]
+        version, trace_id, parent, flags = child.split("-")
+        assert (version, trace_id, flags) == ("00", trace, "01")
+        assert parent != "00f067aa0ba902b7" and len(parent) == 16
+        assert seen.count(None) == 1
+    finally:
+        e.stop()
+        server.shutdown()
