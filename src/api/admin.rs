@@ -934,6 +934,7 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
         let _ = writeln!(out, "# TYPE eddy_queue_oldest_item_age_seconds gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_redeliveries_total counter");
         let _ = writeln!(out, "# TYPE eddy_queue_backlog gauge");
+        let _ = writeln!(out, "# TYPE eddy_queue_outstanding gauge");
         let _ = writeln!(out, "# TYPE eddy_group_backlog gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_window gauge");
         let _ = writeln!(out, "# TYPE eddy_queue_window_occupancy gauge");
@@ -977,6 +978,7 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
                     q.redeliveries.0
                 );
                 let _ = writeln!(out, "eddy_queue_backlog{{{l}}} {}", q.backlog());
+                let _ = writeln!(out, "eddy_queue_outstanding{{{l}}} {}", q.outstanding());
                 let mut queue_window = 0u64;
                 for (group, g) in &q.groups {
                     let window: u64 = g

@@ -400,21 +400,7 @@ async fn put(
         }
         None => uuid::Uuid::new_v4().to_string(),
     };
-    // A W3C trace context travels with the item (to the engine, the model
-    // call and the result); a malformed one is dropped, not refused.
-    let traceparent = req
-        .headers
-        .get(crate::protocol::TRACEPARENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .or(tags
-            .get(crate::protocol::TRACEPARENT_TAG)
-            .map(String::as_str))
-        .filter(|t| crate::protocol::valid_traceparent(t))
-        .map(str::to_string);
-    tags.remove(crate::protocol::TRACEPARENT_TAG);
-    if let Some(t) = &traceparent {
-        tags.insert(crate::protocol::TRACEPARENT_TAG.to_string(), t.clone());
-    }
+    let traceparent = trace_context(&req.headers, &mut tags)?;
     let span = tracing::debug_span!(
         "put",
         queue = %target.queue,
@@ -457,6 +443,35 @@ async fn put(
     }
 }
 
+/// A put's trace context. A `traceparent` tag given in the query must be a
+/// W3C traceparent (400 otherwise: the caller named it on purpose); the
+/// `traceparent` header, when well formed, takes its place, and a
+/// malformed header is ignored, as the W3C recommendation asks of a
+/// receiver. Either way it counts within the tag limit.
+fn trace_context(headers: &HeaderMap, tags: &mut Tags) -> Result<Option<String>, ApiError> {
+    use crate::protocol::{MAX_TAGS, TRACEPARENT_HEADER, TRACEPARENT_TAG, valid_traceparent};
+    if let Some(t) = tags.get(TRACEPARENT_TAG)
+        && !valid_traceparent(t)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "tag traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): {t:?}"
+        )));
+    }
+    if let Some(header) = headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| valid_traceparent(t))
+    {
+        tags.insert(TRACEPARENT_TAG.to_string(), header.to_string());
+        if tags.len() > MAX_TAGS {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_TAGS} tags per request, the traceparent header included"
+            )));
+        }
+    }
+    Ok(tags.get(TRACEPARENT_TAG).cloned())
+}
+
 /// The engine's atomic "write the result and commit the input":
 /// `POST {service}/sink?_complete_=<input index>&requestId=<id>[&lastCode=..]`
 /// with the result as body (empty: commit only), identity of the input
@@ -483,6 +498,13 @@ async fn complete(
     let request_id = tags
         .remove(crate::protocol::REQUEST_ID_TAG)
         .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
+    if let Some(t) = tags.get(crate::protocol::TRACEPARENT_TAG)
+        && !crate::protocol::valid_traceparent(t)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "tag traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): {t:?}"
+        )));
+    }
     // Checked before proposing: a refusal must change nothing.
     validate_request_id(&request_id)?;
     // An index names one item forever, so an input item seen here with

@@ -90,11 +90,15 @@ async fn sync_predict(
         .sync_place()
         .map_err(|_| ApiError::Full("the engine is busy; retry later".into()))?;
     let body = super::eas::read_body(body, max_body_bytes).await?;
+    // The model call is a child of the caller's trace, as on the queued path.
     let traceparent = headers
         .get(crate::protocol::TRACEPARENT_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|t| crate::protocol::valid_traceparent(t));
-    match engine.predict_sync(place, path, body, traceparent).await {
+        .and_then(|t| crate::protocol::child_traceparent(t, crate::protocol::new_span_id()));
+    match engine
+        .predict_sync(place, path, body, traceparent.as_deref())
+        .await
+    {
         Ok(r) => Ok((
             StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY),
             r.body,

@@ -76,6 +76,9 @@ pub struct EngineStats {
     /// Results not written because the input item was gone or was another
     /// one (`_complete_` answered 410 or 409).
     pub not_written: AtomicU64,
+    /// Items the model answered with an empty body: committed, nothing
+    /// written (the model delivered elsewhere).
+    pub empty_answers: AtomicU64,
     /// Writes of a result tried again (sink full, no leader, a node down).
     pub result_retries: AtomicU64,
     /// How long the model took to answer (answered calls, any status).
@@ -114,6 +117,7 @@ impl Default for EngineStats {
             failed_calls: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
             not_written: AtomicU64::new(0),
+            empty_answers: AtomicU64::new(0),
             result_retries: AtomicU64::new(0),
             model_seconds: crate::latency::DurationHistogram::new(&MODEL_BUCKETS_MICROS),
             model_status: Default::default(),
@@ -286,9 +290,11 @@ impl Engine {
     }
 
     fn record_call(&self, answer: &Result<ModelResponse, ModelError>, took: Duration) {
+        // Every call counts in the latency histogram, timeouts included, so
+        // that its tail shows a failing model.
+        self.stats.model_seconds.record(took);
         match answer {
             Ok(resp) => {
-                self.stats.model_seconds.record(took);
                 *self
                     .stats
                     .model_status
@@ -348,6 +354,12 @@ impl Engine {
         );
         counter(
             &mut out,
+            "eddy_engine_empty_answers_total",
+            "Items the model answered with an empty body: committed, nothing written.",
+            s.empty_answers.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
             "eddy_engine_duplicates_total",
             "Items whose result was already on the sink: committed without a second write.",
             s.duplicates.load(Ordering::Relaxed),
@@ -379,7 +391,7 @@ impl Engine {
         s.model_seconds.render(
             &mut out,
             "eddy_engine_model_seconds",
-            "Time the model took to answer.",
+            "Time a model call took (answered or not: timeouts count at the timeout).",
         );
         let _ = writeln!(
             out,
@@ -438,9 +450,13 @@ impl Engine {
         if let Ok(existing) = self.sink().get(&already_written(), &filter).await
             && !existing.is_empty()
         {
-            self.finish(frame.index, &request_id, BTreeMap::new(), Bytes::new())
-                .await;
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            if self
+                .finish(frame.index, &request_id, BTreeMap::new(), Bytes::new())
+                .await
+                .is_some()
+            {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
         let path = frame.tags.get(PATH_TAG).cloned().unwrap_or_default();
@@ -453,15 +469,9 @@ impl Engine {
             request_id = %request_id,
             traceparent = traceparent.as_deref().unwrap_or_default(),
         );
-        let model_call = traceparent.as_deref().and_then(|t| {
-            crate::protocol::child_traceparent(
-                t,
-                *uuid::Uuid::new_v4()
-                    .as_bytes()
-                    .first_chunk()
-                    .expect("16 bytes"),
-            )
-        });
+        let model_call = traceparent
+            .as_deref()
+            .and_then(|t| crate::protocol::child_traceparent(t, crate::protocol::new_span_id()));
         let called = std::time::Instant::now();
         let answer = {
             use tracing::Instrument as _;
@@ -488,7 +498,21 @@ impl Engine {
                 if let Some(t) = traceparent {
                     tags.insert(TRACEPARENT_TAG.to_string(), t);
                 }
-                self.finish(frame.index, &request_id, tags, resp.body).await;
+                let empty = resp.body.is_empty();
+                let finished = {
+                    use tracing::Instrument as _;
+                    self.finish(frame.index, &request_id, tags, resp.body)
+                        .instrument(span.clone())
+                        .await
+                };
+                let counter = match finished {
+                    Some(true) => &self.stats.duplicates,
+                    Some(false) if empty => &self.stats.empty_answers,
+                    Some(false) => &self.stats.completed,
+                    None => return,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                span.in_scope(|| tracing::debug!(empty, "result written, input committed"));
             }
             Err(e) => {
                 self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
@@ -513,13 +537,15 @@ impl Engine {
 
     /// Write the result and commit the input, retrying while the sink is
     /// full or the cluster is between leaders (the slot stays taken).
+    /// Some(whether a result was already there) once done; None when the
+    /// item's work ended without a result (counted here).
     async fn finish(
         &self,
         index: u64,
         request_id: &str,
         tags: BTreeMap<String, String>,
         body: Bytes,
-    ) {
+    ) -> Option<bool> {
         let mut attempt = 0;
         loop {
             match self
@@ -527,14 +553,7 @@ impl Engine {
                 .complete(index, request_id, &tags, body.clone())
                 .await
             {
-                Ok(duplicate) => {
-                    if duplicate {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return;
-                }
+                Ok(duplicate) => return Some(duplicate),
                 Err(ClientError::Status { status: 429, .. }) => {
                     // Sink full: hold the slot (backpressure) and retry.
                     attempt = (attempt + 1).min(5);
@@ -557,7 +576,7 @@ impl Engine {
                         "result not written: the input item is not there to complete"
                     );
                     self.stats.not_written.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return None;
                 }
                 Err(ClientError::Status { status, body: text }) if (400..500).contains(&status) => {
                     tracing::error!(status, error = %text, index, "result refused; handing the item back");
@@ -565,7 +584,7 @@ impl Engine {
                         .input()
                         .negative(&[index], "ResultRefused", &text)
                         .await;
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, index, "writing the result failed; retrying");

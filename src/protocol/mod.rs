@@ -116,18 +116,24 @@ pub fn valid_traceparent(value: &str) -> bool {
             && hex(parent, 16) && not_zero(parent) && hex(flags, 2))
 }
 
+/// A new random parent id for a call made on a trace's behalf.
+pub fn new_span_id() -> u64 {
+    // The version and variant bits of a v4 UUID sit at different places in
+    // its two halves: their exclusive or is 64 random bits.
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    high ^ low
+}
+
 /// The `traceparent` of a call made on behalf of `parent`: the same trace
-/// and flags, a new parent id (`span_id`, 8 bytes).
-pub fn child_traceparent(parent: &str, span_id: [u8; 8]) -> Option<String> {
+/// and flags, a new parent id (`span_id`).
+pub fn child_traceparent(parent: &str, span_id: u64) -> Option<String> {
     if !valid_traceparent(parent) {
         return None;
     }
     let mut parts = parent.split('-');
     let (_, trace, _, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let mut span: String = span_id.iter().map(|b| format!("{b:02x}")).collect();
-    if span.bytes().all(|b| b == b'0') {
-        span.replace_range(15..16, "1");
-    }
+    // An all-zero parent id is invalid.
+    let span = format!("{:016x}", span_id.max(1));
     Some(format!("00-{trace}-{span}-{flags}"))
 }
 
@@ -173,13 +179,13 @@ mod trace_context_tests {
         ] {
             assert!(!valid_traceparent(bad), "{bad}");
         }
-        let child = child_traceparent(good, [1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let child = child_traceparent(good, 0x0102030405060708).unwrap();
         assert_eq!(
             child,
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-01"
         );
         assert!(valid_traceparent(&child));
-        assert!(valid_traceparent(&child_traceparent(good, [0; 8]).unwrap()));
-        assert_eq!(child_traceparent("junk", [1; 8]), None);
+        assert!(valid_traceparent(&child_traceparent(good, 0).unwrap()));
+        assert_eq!(child_traceparent("junk", 1), None);
     }
 }

@@ -1045,10 +1045,11 @@ impl Queue {
     /// Put dead letters back on the queue, each as a new item: the same
     /// request id, tags, payload, priority and path, a new index, no
     /// deliveries yet. `indexes` names dead letters by the index they had
-    /// (empty: every one, oldest first); naming none that exists is
-    /// refused. A dead letter whose request id a live item holds again
-    /// (the client put it anew) stays where it is when `unique_request_ids`
-    /// (the input queue: a request id is its idempotency key). Each goes
+    /// (empty: every one, oldest first). A dead letter whose request id a
+    /// live item holds again (the client put it anew) is not requeued when
+    /// `unique_request_ids` (the input queue: a request id is its
+    /// idempotency key): skipped when requeueing all, refused when named,
+    /// as is naming one that is not there (nothing changes then). Each goes
     /// through [`Queue::put`] within the queue's limits but never evicts
     /// anything: at the first refusal that dead letter and the ones after
     /// it stay, and the refusal is returned unless some were requeued
@@ -1065,17 +1066,22 @@ impl Queue {
         let chosen: Vec<u64> = if indexes.is_empty() {
             self.dead.keys().copied().collect()
         } else {
-            let mut chosen: Vec<u64> = indexes
-                .iter()
-                .copied()
-                .filter(|i| self.dead.contains_key(i))
-                .collect();
-            if chosen.is_empty() {
-                return Err(Rejection::Invalid(format!(
-                    "{qref} has no dead letter at index {}",
-                    indexes[0]
-                )));
+            // Named dead letters are checked before anything changes: each
+            // must be there, and (with unique request ids) not put anew.
+            for index in indexes {
+                let Some(dead) = self.dead.get(index) else {
+                    return Err(Rejection::Invalid(format!(
+                        "{qref} has no dead letter at index {index}"
+                    )));
+                };
+                if unique_request_ids && let Some(live) = self.index_of_request(&dead.request_id) {
+                    return Err(Rejection::Invalid(format!(
+                        "the request of dead letter {index} was put again (item {live}); \
+                         requeueing it would run it twice"
+                    )));
+                }
             }
+            let mut chosen = indexes.to_vec();
             chosen.sort_unstable();
             chosen.dedup();
             chosen
@@ -1117,6 +1123,19 @@ impl Queue {
             }
         }
         Ok(requeued)
+    }
+
+    /// What the busiest group has not finished: items still to be given
+    /// plus items in flight to its consumers (every item when no group
+    /// consumes the queue). The figure to size a pool of workers by: it
+    /// stays up while workers are busy, unlike the backlog.
+    pub fn outstanding(&self) -> usize {
+        self.groups
+            .values()
+            .filter(|g| g.is_active())
+            .map(|g| g.ready.len() + g.in_flight.len())
+            .max()
+            .unwrap_or(self.items.len())
     }
 
     /// Items `group` could be given now: its backlog.

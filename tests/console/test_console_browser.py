@@ -79,7 +79,15 @@ def chromium_driver(javascript=True):
         options.add_argument(flag)
     if not javascript:
         options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    # Chromium now and then fails to come up on a loaded machine (its
+    # DevTools port file appears late); a second start is enough.
+    for attempt in range(3):
+        try:
+            driver = webdriver.Chrome(service=Service(driver_path), options=options)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     driver.set_page_load_timeout(30)
     return driver
 

@@ -90,8 +90,11 @@ def test_alert_rules_are_complete_and_name_served_metrics(node):
 
 
 def engine_manifests():
-    with open(os.path.join(ROOT, "deploy", "kubernetes", "engine.yaml")) as f:
-        return {d["kind"]: d for d in yaml.safe_load_all(f) if d}
+    docs = {}
+    for name in ("engine.yaml", "engine-hpa.yaml"):
+        with open(os.path.join(ROOT, "deploy", "kubernetes", name)) as f:
+            docs.update({d["kind"]: d for d in yaml.safe_load_all(f) if d})
+    return docs
 
 
 def engine_settings():
@@ -104,36 +107,50 @@ def engine_settings():
 def test_engine_deployment_scales_on_served_metrics(node):
     docs = engine_manifests()
     assert set(docs) == {"Deployment", "ScaledObject", "HorizontalPodAutoscaler"}
-    pod = docs["Deployment"]["spec"]["template"]
-    containers = {c["name"]: c for c in pod["spec"]["containers"]}
-    engine = containers["engine"]
+    with open(os.path.join(ROOT, "deploy", "kubernetes", "engine.yaml")) as f:
+        kinds = [d["kind"] for d in yaml.safe_load_all(f) if d]
+    assert "HorizontalPodAutoscaler" not in kinds, "KEDA and an HPA must not both scale the Deployment"
+    deployment = docs["Deployment"]["spec"]
+    assert "replicas" not in deployment, "the autoscaler owns the replica count"
+    pod = deployment["template"]
+    [model] = pod["spec"]["initContainers"]
+    assert model["restartPolicy"] == "Always", "the model is a sidecar: it outlives the engine's drain"
+    assert "127.0.0.1:8000" in model["args"]
+    [engine] = pod["spec"]["containers"]
     env = {e["name"]: e for e in engine["env"]}
     assert set(env) <= engine_settings(), set(env) - engine_settings()
     assert env["EDDY_ENGINE_MODEL"]["value"].endswith(":8000")
-    assert "--listen" in containers["model"]["args"] and "127.0.0.1:8000" in containers["model"]["args"]
     port = env["EDDY_ENGINE_LISTEN"]["value"].rsplit(":", 1)[1]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
     assert int(pod["spec"]["terminationGracePeriodSeconds"]) * 1000 > int(env["EDDY_ENGINE_DRAIN_MS"]["value"])
     name = docs["Deployment"]["metadata"]["name"]
-    assert docs["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == name
-    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == name
-    assert docs["ScaledObject"]["spec"]["minReplicaCount"] == 0, "scales to zero when the queue is empty"
+    keda = docs["ScaledObject"]["spec"]
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert keda["scaleTargetRef"]["name"] == name and hpa["scaleTargetRef"]["name"] == name
+    assert keda["minReplicaCount"] == 0, "scales to zero when the queue is empty"
+    # One engine per window: the target per engine is its concurrency.
+    window = env["EDDY_ENGINE_CONCURRENCY"]["value"]
+    [trigger] = keda["triggers"]
+    assert trigger["metadata"]["threshold"] == window
+    [metric] = hpa["metrics"]
+    assert metric["external"]["target"]["averageValue"] == window
     served = served_metrics(node)
-    queries = [t["metadata"]["query"] for t in docs["ScaledObject"]["spec"]["triggers"]]
-    queries += [m["external"]["metric"]["name"] for m in docs["HorizontalPodAutoscaler"]["spec"]["metrics"]]
-    for q in queries:
+    for q in (trigger["metadata"]["query"], metric["external"]["metric"]["name"]):
         used = set(METRIC.findall(q))
-        assert used and used <= served, q
+        assert used == {"eddy_queue_outstanding"} and used <= served, q
         assert balanced(q), q
 
 
-def test_engine_metrics_named_in_the_readme_exist():
+def test_engine_metrics_named_in_the_readme_are_served():
+    """Every engine metric the README names is declared in the engine's
+    /metrics rendering (a `# TYPE` line in the source)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    for name in ["eddy_engine_model_seconds", "eddy_engine_in_flight", "eddy_engine_model_responses_total",
-                 "eddy_engine_results_written_total", "eddy_engine_retries_total"]:
-        assert name in readme, name
+    named = set(re.findall(r"`(eddy_engine_[a-z_]+)", readme))
+    assert {"eddy_engine_model_seconds", "eddy_engine_in_flight", "eddy_engine_model_responses_total",
+            "eddy_engine_results_written_total", "eddy_engine_retries_total"} <= named
     with open(os.path.join(ROOT, "src", "engine", "mod.rs")) as f:
         source = f.read()
-    for name in re.findall(r"`(eddy_engine_[a-z_]+)`", readme):
-        assert name in source, f"the README names {name}, which the engine does not serve"
+    declared = set(re.findall(r'"(eddy_engine_[a-z_]+)"', source))
+    declared |= set(re.findall(r"# TYPE (eddy_engine_[a-z_]+)", source))
+    assert named <= declared, f"the README names {named - declared}, which the engine does not serve"

@@ -343,3 +343,60 @@ async fn waiting_takes_write_nothing_to_the_log_while_other_queues_change() {
     assert_eq!((taken, empty), (1, 19), "{statuses:?}");
     assert_eq!(input_length(&c), 0);
 }
+
+/// A put's W3C trace context: the header is kept as the item's
+/// `traceparent` tag (over one given as a tag), a malformed header is
+/// ignored, a malformed tag is refused, and the header counts toward the
+/// tag limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_travels_with_the_item_and_a_malformed_tag_is_refused() {
+    let c = Cluster::new(1, 20_000).await;
+    create_service(c.node(1)).await;
+    let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let tag = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let put = |query: String, traceparent: Option<&str>| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri(format!("/api/predict/svc{query}"));
+        if let Some(t) = traceparent {
+            req = req.header("traceparent", t);
+        }
+        req.body(Body::from("x")).unwrap()
+    };
+    let tag_of = |index: u64| {
+        c.node(1).node.read(|s| {
+            s.queue(&svc_input()).unwrap().items[&index]
+                .tags
+                .get("traceparent")
+                .cloned()
+        })
+    };
+    let index_of = |body: &bytes::Bytes| std::str::from_utf8(body).unwrap().parse::<u64>().unwrap();
+    let (status, _, body) = send(&c, 1, put(String::new(), Some(header))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tag_of(index_of(&body)).as_deref(), Some(header));
+    let (status, _, body) = send(&c, 1, put(format!("?traceparent={tag}"), Some(header))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        tag_of(index_of(&body)).as_deref(),
+        Some(header),
+        "the header wins"
+    );
+    let (status, _, body) = send(&c, 1, put(format!("?traceparent={tag}"), Some("garbage"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        tag_of(index_of(&body)).as_deref(),
+        Some(tag),
+        "a malformed header is ignored"
+    );
+    let (status, _, body) = send(&c, 1, put(String::new(), Some("00-xyz"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tag_of(index_of(&body)), None);
+    let before = input_length(&c);
+    let (status, _, body) = send(&c, 1, put("?traceparent=00-bad".into(), None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+    let full: String = (0..32).map(|i| format!("&t{i}=v")).collect();
+    let (status, _, body) = send(&c, 1, put(format!("?{}", &full[1..]), Some(header))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+    assert_eq!(input_length(&c), before, "refused puts change nothing");
+}

@@ -74,6 +74,11 @@ async fn cluster_with_a_backlog() -> Cluster {
         .await
         .unwrap();
     node.propose(far_consumer("audit", "a1", 1)).await.unwrap();
+    // A group named by a client with characters a metric label escapes;
+    // it attaches with a window of 0 and takes nothing.
+    node.propose(far_consumer("odd\"group\\", "o1", 0))
+        .await
+        .unwrap();
     eventually(
         "every node applied the backlog",
         Duration::from_secs(5),
@@ -140,7 +145,7 @@ async fn console_pages_show_the_cluster_the_services_and_one_service() {
         .unwrap();
     assert!(row.contains("<td class=\"n length\">4</td>"), "{row}");
     assert!(row.contains("<td class=\"n in-flight\">3</td>"), "{row}");
-    assert!(row.contains("<td class=\"n consumers\">3</td>"), "{row}");
+    assert!(row.contains("<td class=\"n consumers\">4</td>"), "{row}");
     assert!(row.contains("<td class=\"n dead-letters\">1</td>"), "{row}");
     assert!(row.contains("3 / 3 (100%)"), "{row}");
 
@@ -198,6 +203,12 @@ async fn console_pages_show_the_cluster_the_services_and_one_service() {
         )
     );
     assert!(metrics.contains("eddy_node_ready 1\n"));
+    assert!(
+        metrics.contains(
+            "eddy_group_in_flight{service=\"svc\",queue=\"input\",group=\"odd\\\"group\\\\\"} 0\n"
+        ),
+        "{metrics}"
+    );
     let (_, attrs) = call(
         &c,
         follower,
@@ -210,8 +221,11 @@ async fn console_pages_show_the_cluster_the_services_and_one_service() {
     .await;
     let attrs: serde_json::Value = serde_json::from_str(&attrs).unwrap();
     // Items 2..=5 are live: "workers" holds 2 and 3 (2 left to give),
-    // "audit" holds 2 (3 left): the backlog is the busiest group's.
-    assert_eq!(attrs["stream.backlog"], "3");
+    // "audit" holds 2 (3 left), the odd group took nothing (4 left): the
+    // backlog is the busiest group's.
+    assert_eq!(attrs["stream.backlog"], "4");
+    // Outstanding: "audit" and the odd group have 4 unfinished each.
+    assert!(metrics.contains("eddy_queue_outstanding{service=\"svc\",queue=\"input\"} 4\n"));
     for (group, backlog) in [("workers", 2), ("audit", 3)] {
         assert!(
             metrics.contains(&format!(
@@ -276,6 +290,18 @@ async fn console_actions_need_the_admin_token_a_confirmation_and_this_origin() {
     no_origin.headers_mut().remove("origin");
     let (status, _, _) = send(&c, follower, no_origin).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    // A browser that sends no Origin but says the form is its own page's.
+    let mut same_site_fetch = form("/ui/actions/requeue-dead-letters", &unconfirmed);
+    same_site_fetch.headers_mut().remove("origin");
+    same_site_fetch
+        .headers_mut()
+        .insert("sec-fetch-site", "same-origin".parse().unwrap());
+    let (status, _, _) = send(&c, follower, same_site_fetch).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "past the origin check, refused as unconfirmed"
+    );
     assert_eq!(
         c.node(follower)
             .node

@@ -306,6 +306,7 @@ def test_engine_metrics_count_model_answers_and_results(node, tmpdir_factory_pat
         assert got['eddy_engine_model_seconds_bucket{le="+Inf"}'] == 6
         assert got["eddy_engine_in_flight"] == 0 and got["eddy_engine_concurrency"] == 1
         assert got["eddy_engine_model_failures_total"] == 0
+        assert got["eddy_engine_duplicates_total"] == 0 and got["eddy_engine_empty_answers_total"] == 0
     finally:
         e.stop()
         m.stop()

@@ -365,9 +365,19 @@ fn requeued_dead_letters_are_new_items_with_their_request_ids_within_the_limits(
         .collect();
     assert_eq!(h.queue().dead.len(), 3);
     // One named dead letter; unknown indexes are ignored.
+    // Naming one that is not there refuses the whole request.
     let reply = h.run(Command::RequeueDeadLetters {
         queue: input(),
         indexes: vec![2, 99],
+    });
+    assert!(
+        matches!(reply, Reply::Rejected(Rejection::Invalid(_))),
+        "{reply:?}"
+    );
+    assert_eq!(h.queue().dead.len(), 3);
+    let reply = h.run(Command::RequeueDeadLetters {
+        queue: input(),
+        indexes: vec![2],
     });
     let Reply::Items(frames) = reply else {
         panic!("{reply:?}")
@@ -488,6 +498,15 @@ fn requeueing_dead_letters_never_evicts_and_skips_request_ids_put_anew() {
         [dead[0].clone()]
     );
     assert_eq!(h.queue().bytes_held(), summed_bytes(h.queue()));
+    // Naming the one whose request was put again is refused.
+    let skipped = *h.queue().dead.keys().next().unwrap();
+    assert!(matches!(
+        h.run(Command::RequeueDeadLetters {
+            queue: input(),
+            indexes: vec![skipped],
+        }),
+        Reply::Rejected(Rejection::Invalid(_))
+    ));
     // Naming a dead letter that is not there is refused.
     assert!(matches!(
         h.run(Command::RequeueDeadLetters {
