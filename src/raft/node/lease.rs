@@ -82,12 +82,26 @@ impl RaftNode {
         let m = self.raft.metrics().borrow_watched().clone();
         match m.state {
             ServerState::Leader => {
-                self.forget_leader_contact();
                 let lease = self.leader_lease();
-                m.membership_config.membership().voter_ids().count() <= 1
+                let acked = m.membership_config.membership().voter_ids().count() <= 1
                     || m.last_quorum_acked
                         .as_ref()
-                        .is_some_and(|t| t.elapsed() < lease)
+                        .is_some_and(|t| t.elapsed() < lease);
+                if acked {
+                    self.forget_leader_contact();
+                    return true;
+                }
+                // Just elected, before a quorum acknowledged it: the lease it
+                // held as a member (from the leader before) runs on, as it
+                // did while it was voting, so that its watchers are not cut
+                // in the moment between winning and the first
+                // acknowledgement. It counts as having led from now on.
+                *self.led_until.lock().unwrap() = Some(std::time::Instant::now());
+                let lease = self.member_lease();
+                self.leader_contact
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| t.elapsed() < lease)
             }
             ServerState::Shutdown => false,
             _ => {
