@@ -131,6 +131,17 @@ impl Timings {
         self.node_lost.min(self.election_timeout)
     }
 
+    /// How long a node that just won an election goes on serving its
+    /// watchers on the member lease it held while voting, until a quorum
+    /// first acknowledges it as leader: a quarter of the election timeout.
+    /// It only bridges the moment between winning and the first
+    /// acknowledgement; no other node can release its consumers that soon
+    /// (a successor is elected at the earliest two election timeouts after
+    /// this win, and waits [`Self::predecessor_wait`] more).
+    pub fn new_leader_grace(&self) -> Duration {
+        self.election_timeout / 4
+    }
+
     /// How long a node that led takes no member lease after leading: the
     /// next leader may release its consumers after
     /// [`Self::predecessor_wait`], and the margin covers the gap between

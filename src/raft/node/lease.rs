@@ -91,17 +91,35 @@ impl RaftNode {
                     self.forget_leader_contact();
                     return true;
                 }
-                // Just elected, before a quorum acknowledged it: the lease it
-                // held as a member (from the leader before) runs on, as it
-                // did while it was voting, so that its watchers are not cut
-                // in the moment between winning and the first
-                // acknowledgement. It counts as having led from now on.
-                *self.led_until.lock().unwrap() = Some(std::time::Instant::now());
-                let lease = self.member_lease();
-                self.leader_contact
-                    .lock()
-                    .unwrap()
-                    .is_some_and(|t| t.elapsed() < lease)
+                // Just elected, before a quorum acknowledged it: for a short
+                // grace after the win, the lease it held as a member (from
+                // the leader before) runs on, as it did while voting, so
+                // that its watchers are not cut in the moment between
+                // winning and the first acknowledgement. No other node can
+                // release its consumers within that grace
+                // ([`crate::config::Timings::new_leader_grace`]).
+                let won = {
+                    let mut won_at = self.won_at.lock().unwrap();
+                    match *won_at {
+                        Some((term, at)) if term == m.current_term => at,
+                        _ => {
+                            let now = std::time::Instant::now();
+                            *won_at = Some((m.current_term, now));
+                            now
+                        }
+                    }
+                };
+                let in_grace = won.elapsed() < self.config.timings.new_leader_grace();
+                let member_lease = self.member_lease();
+                let contact = *self.leader_contact.lock().unwrap();
+                if in_grace && contact.is_some_and(|t| t.elapsed() < member_lease) {
+                    // It counts as having led (the predecessor wait applies
+                    // should it step down now).
+                    *self.led_until.lock().unwrap() = Some(std::time::Instant::now());
+                    return true;
+                }
+                self.forget_leader_contact();
+                false
             }
             ServerState::Shutdown => false,
             _ => {

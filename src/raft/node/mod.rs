@@ -161,6 +161,9 @@ pub struct RaftNode {
     peer_server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// When this node last saw itself leading (see `holds_lease`).
     led_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The term this node last won, and when it first saw itself lead in
+    /// it (see `holds_lease`).
+    won_at: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
     /// The term, time and instant of this node's last cluster-clock
     /// reading ([`RaftNode::cluster_clock_ms`]).
     clock_anchor: std::sync::Mutex<Option<(u64, u64, std::time::Instant)>>,
@@ -288,6 +291,7 @@ impl RaftNode {
                 clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
                 clock_anchor: std::sync::Mutex::new(None),
                 led_until: std::sync::Mutex::new(None),
+                won_at: std::sync::Mutex::new(None),
                 peer_server: std::sync::Mutex::new(None),
                 config,
                 advertise,
