@@ -706,13 +706,9 @@ async fn overview(State(state): State<Arc<AppState>>, _reader: StatusReader) -> 
             for kind in [QueueKind::Input, QueueKind::Sink] {
                 let q = svc.queue(kind);
                 let mut consumers = Vec::new();
-                let mut window = 0u64;
                 for (group, g) in &q.groups {
                     for (user, c) in &g.consumers {
                         let running = c.status == ConsumerStatus::Running;
-                        if running {
-                            window += u64::from(c.window);
-                        }
                         consumers.push(serde_json::json!({
                             "group": group, "user": user, "node": c.node,
                             "window": c.window, "auto_commit": c.auto_commit,
@@ -728,8 +724,8 @@ async fn overview(State(state): State<Arc<AppState>>, _reader: StatusReader) -> 
                     "length": q.len(),
                     "backlog": q.backlog(),
                     "in_flight": q.in_flight_count(),
-                    "window": window,
-                    "oldest_age_ms": q.items.values().next().map(|it| now.saturating_sub(it.enqueued_ms)),
+                    "window": q.running_window(),
+                    "oldest_age_ms": q.oldest_age_ms(now),
                     "dead_letters": q.dead.len(),
                     "puts_total": q.puts_total,
                     "commits_total": q.commits_total,
@@ -950,11 +946,7 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
                     kind.as_str()
                 );
                 let consumers: usize = q.groups.values().map(|g| g.consumers.len()).sum();
-                let oldest = q
-                    .items
-                    .values()
-                    .next()
-                    .map_or(0, |it| now.saturating_sub(it.enqueued_ms));
+                let oldest = q.oldest_age_ms(now).unwrap_or(0);
                 let _ = writeln!(out, "eddy_queue_length{{{l}}} {}", q.len());
                 let _ = writeln!(out, "eddy_queue_in_flight{{{l}}} {}", q.in_flight_count());
                 let _ = writeln!(out, "eddy_queue_consumers{{{l}}} {consumers}");
@@ -979,15 +971,9 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
                 );
                 let _ = writeln!(out, "eddy_queue_backlog{{{l}}} {}", q.backlog());
                 let _ = writeln!(out, "eddy_queue_outstanding{{{l}}} {}", q.outstanding());
-                let mut queue_window = 0u64;
+                let queue_window = q.running_window();
                 for (group, g) in &q.groups {
-                    let window: u64 = g
-                        .consumers
-                        .values()
-                        .filter(|c| c.status == ConsumerStatus::Running)
-                        .map(|c| u64::from(c.window))
-                        .sum();
-                    queue_window += window;
+                    let window = g.running_window();
                     let gl = format!("{l},group=\"{}\"", label_value(group));
                     let _ = writeln!(out, "eddy_group_backlog{{{gl}}} {}", q.group_backlog(group));
                     let _ = writeln!(out, "eddy_group_in_flight{{{gl}}} {}", g.in_flight.len());

@@ -366,28 +366,14 @@ struct QueueFigures {
 }
 
 fn figures(q: &Queue, now_ms: u64) -> QueueFigures {
-    let mut consumers = 0;
-    let mut window = 0;
-    for g in q.groups.values() {
-        for c in g.consumers.values() {
-            consumers += 1;
-            if c.status == ConsumerStatus::Running {
-                window += u64::from(c.window);
-            }
-        }
-    }
     QueueFigures {
         length: q.len(),
         backlog: q.backlog(),
         in_flight: q.in_flight_count(),
-        consumers,
-        window,
+        consumers: q.groups.values().map(|g| g.consumers.len()).sum(),
+        window: q.running_window(),
         dead_letters: q.dead.len(),
-        oldest_age_ms: q
-            .items
-            .values()
-            .next()
-            .map(|it| now_ms.saturating_sub(it.enqueued_ms)),
+        oldest_age_ms: q.oldest_age_ms(now_ms),
         bytes: q.bytes_held(),
     }
 }

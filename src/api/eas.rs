@@ -443,6 +443,17 @@ async fn put(
     }
 }
 
+/// A `traceparent` tag a caller names must be a W3C traceparent (400
+/// otherwise).
+fn check_traceparent_tag(tags: &Tags) -> Result<(), ApiError> {
+    match tags.get(crate::protocol::TRACEPARENT_TAG) {
+        Some(t) if !crate::protocol::valid_traceparent(t) => Err(ApiError::BadRequest(format!(
+            "tag traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): {t:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A put's trace context. A `traceparent` tag given in the query must be a
 /// W3C traceparent (400 otherwise: the caller named it on purpose); the
 /// `traceparent` header, when well formed, takes its place, and a
@@ -450,13 +461,7 @@ async fn put(
 /// receiver. Either way it counts within the tag limit.
 fn trace_context(headers: &HeaderMap, tags: &mut Tags) -> Result<Option<String>, ApiError> {
     use crate::protocol::{MAX_TAGS, TRACEPARENT_HEADER, TRACEPARENT_TAG, valid_traceparent};
-    if let Some(t) = tags.get(TRACEPARENT_TAG)
-        && !valid_traceparent(t)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "tag traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): {t:?}"
-        )));
-    }
+    check_traceparent_tag(tags)?;
     if let Some(header) = headers
         .get(TRACEPARENT_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -498,13 +503,7 @@ async fn complete(
     let request_id = tags
         .remove(crate::protocol::REQUEST_ID_TAG)
         .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
-    if let Some(t) = tags.get(crate::protocol::TRACEPARENT_TAG)
-        && !crate::protocol::valid_traceparent(t)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "tag traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): {t:?}"
-        )));
-    }
+    check_traceparent_tag(&tags)?;
     // Checked before proposing: a refusal must change nothing.
     validate_request_id(&request_id)?;
     // An index names one item forever, so an input item seen here with

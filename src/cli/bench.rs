@@ -41,15 +41,9 @@ pub(crate) struct BenchArgs {
     /// before and after the run; needs the status or admin token).
     #[arg(long)]
     pub(crate) breakdown: bool,
-    /// Token for the nodes' `/metrics` and `/admin/cluster`, for
-    /// `--breakdown` (the admin token works too).
-    #[arg(
-        long,
-        env = "EDDY_STATUS_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub(crate) status_token: String,
+    /// For `--breakdown`.
+    #[command(flatten)]
+    pub(crate) status: super::StatusToken,
 }
 
 /// Each node's stage histograms: (count, seconds) per stage name.
@@ -287,8 +281,8 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         c.put(payload.clone(), &tags, 0).await?;
     }
     let budget = if a.breakdown {
-        let members = members(&a.q.ep.node.endpoint, &a.status_token).await?;
-        let before = stage_totals(&members, &a.status_token).await?;
+        let members = members(&a.q.ep.node.endpoint, &a.status.token).await?;
+        let before = stage_totals(&members, &a.status.token).await?;
         Some((members, before))
     } else {
         None
@@ -363,7 +357,7 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if let Some((members, before)) = budget {
-        let after = stage_totals(&members, &a.status_token).await?;
+        let after = stage_totals(&members, &a.status.token).await?;
         println!("client: put mean {mean_ms:.3} ms");
         print_breakdown(&before, &after, puts);
     }

@@ -69,6 +69,21 @@ pub(crate) enum Cmd {
     Certs(CertsCmd),
 }
 
+/// The status token a command reads a cluster's status with.
+#[derive(Args, Clone)]
+pub(crate) struct StatusToken {
+    /// Token for the nodes' `/metrics`, `/admin/cluster` and
+    /// `/admin/overview` (the admin token works too); none is needed while
+    /// the nodes have no status token.
+    #[arg(
+        long = "status-token",
+        env = "EDDY_STATUS_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub(crate) token: String,
+}
+
 /// The node a command talks to (`-e`, any node of the cluster).
 #[derive(Args, Clone)]
 pub(crate) struct NodeEndpoint {

@@ -14,15 +14,8 @@ use super::NodeEndpoint;
 pub(crate) struct TopArgs {
     #[command(flatten)]
     pub(crate) node: NodeEndpoint,
-    /// Status token of the cluster (the admin token works too); none
-    /// needed while the node has no status token.
-    #[arg(
-        long,
-        env = "EDDY_STATUS_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub(crate) status_token: String,
+    #[command(flatten)]
+    pub(crate) status: super::StatusToken,
     /// Time between refreshes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub(crate) interval_ms: u64,
@@ -39,7 +32,7 @@ pub(crate) struct TopArgs {
 type Previous = BTreeMap<(String, String), (Instant, u64, u64)>;
 
 pub(crate) async fn top(a: TopArgs) -> anyhow::Result<()> {
-    let client = AdminClient::new(&a.node.endpoint, &a.status_token);
+    let client = AdminClient::new(&a.node.endpoint, &a.status.token);
     let mut previous = Previous::new();
     let mut shown = 0u64;
     let stop = super::terminated();

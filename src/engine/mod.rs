@@ -289,12 +289,27 @@ impl Engine {
         self.wait_idle().await;
     }
 
-    fn record_call(&self, answer: &Result<ModelResponse, ModelError>, took: Duration) {
+    /// Call the model, counting the call in the engine's figures (and
+    /// logging it in the caller's span).
+    async fn call_model(
+        &self,
+        path: &str,
+        body: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<ModelResponse, ModelError> {
+        let called = std::time::Instant::now();
+        let answer = self.model.call(path, body, traceparent).await;
+        let took = called.elapsed();
         // Every call counts in the latency histogram, timeouts included, so
         // that its tail shows a failing model.
         self.stats.model_seconds.record(took);
-        match answer {
+        match &answer {
             Ok(resp) => {
+                tracing::debug!(
+                    status = resp.status,
+                    ms = took.as_millis() as u64,
+                    "model answered"
+                );
                 *self
                     .stats
                     .model_status
@@ -304,6 +319,7 @@ impl Engine {
                     .or_default() += 1;
             }
             Err(e) => {
+                tracing::debug!(error = %e, "model call failed");
                 *self
                     .stats
                     .model_errors
@@ -313,6 +329,7 @@ impl Engine {
                     .or_default() += 1;
             }
         }
+        answer
     }
 
     /// The engine's figures in Prometheus' text format.
@@ -322,72 +339,69 @@ impl Engine {
         let mut out = String::new();
         let in_flight = (self.settings.concurrency.max(1) as usize)
             .saturating_sub(self.permits.available_permits());
-        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let figures: [(&str, &str, &str, u64); 9] = [
+            (
+                "eddy_engine_in_flight",
+                "gauge",
+                "Items and synchronous requests at the model now.",
+                in_flight as u64,
+            ),
+            (
+                "eddy_engine_concurrency",
+                "gauge",
+                "The engine's concurrency (its window).",
+                u64::from(self.settings.concurrency),
+            ),
+            (
+                "eddy_engine_results_written_total",
+                "counter",
+                "Results written to the sink (each with its input's commit).",
+                load(&s.completed),
+            ),
+            (
+                "eddy_engine_empty_answers_total",
+                "counter",
+                "Items the model answered with an empty body: committed, nothing written.",
+                load(&s.empty_answers),
+            ),
+            (
+                "eddy_engine_duplicates_total",
+                "counter",
+                "Items whose result was already on the sink: committed without a second write.",
+                load(&s.duplicates),
+            ),
+            (
+                "eddy_engine_handed_back_total",
+                "counter",
+                "Items handed back unprocessed on shutdown.",
+                load(&s.handed_back),
+            ),
+            (
+                "eddy_engine_not_written_total",
+                "counter",
+                "Results dropped because their input item was gone or was another one.",
+                load(&s.not_written),
+            ),
+            (
+                "eddy_engine_retries_total",
+                "counter",
+                "Result writes tried again (sink full, no leader, a node down).",
+                load(&s.result_retries),
+            ),
+            (
+                "eddy_engine_model_failures_total",
+                "counter",
+                "Model calls that got no answer; the item was handed back for redelivery.",
+                load(&s.failed_calls),
+            ),
+        ];
+        for (name, kind, help, value) in figures {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        gauge(
-            &mut out,
-            "eddy_engine_in_flight",
-            "Items and synchronous requests at the model now.",
-            in_flight as u64,
-        );
-        gauge(
-            &mut out,
-            "eddy_engine_concurrency",
-            "The engine's concurrency (its window).",
-            u64::from(self.settings.concurrency),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_results_written_total",
-            "Results written to the sink (each with its input's commit).",
-            s.completed.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_empty_answers_total",
-            "Items the model answered with an empty body: committed, nothing written.",
-            s.empty_answers.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_duplicates_total",
-            "Items whose result was already on the sink: committed without a second write.",
-            s.duplicates.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_handed_back_total",
-            "Items handed back unprocessed on shutdown.",
-            s.handed_back.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_not_written_total",
-            "Results dropped because their input item was gone or was another one.",
-            s.not_written.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_retries_total",
-            "Result writes tried again (sink full, no leader, a node down).",
-            s.result_retries.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "eddy_engine_model_failures_total",
-            "Model calls that got no answer; the item was handed back for redelivery.",
-            s.failed_calls.load(Ordering::Relaxed),
-        );
+        }
         s.model_seconds.render(
             &mut out,
             "eddy_engine_model_seconds",
@@ -472,23 +486,12 @@ impl Engine {
         let model_call = traceparent
             .as_deref()
             .and_then(|t| crate::protocol::child_traceparent(t, crate::protocol::new_span_id()));
-        let called = std::time::Instant::now();
         let answer = {
             use tracing::Instrument as _;
-            self.model
-                .call(&path, frame.data.clone(), model_call.as_deref())
+            self.call_model(&path, frame.data.clone(), model_call.as_deref())
                 .instrument(span.clone())
                 .await
         };
-        self.record_call(&answer, called.elapsed());
-        span.in_scope(|| match &answer {
-            Ok(resp) => tracing::debug!(
-                status = resp.status,
-                ms = called.elapsed().as_millis() as u64,
-                "model answered"
-            ),
-            Err(e) => tracing::debug!(error = %e, "model call failed"),
-        });
         match answer {
             Ok(resp) => {
                 let mut tags = BTreeMap::new();
@@ -631,10 +634,7 @@ impl Engine {
         traceparent: Option<&str>,
     ) -> Result<ModelResponse, SyncError> {
         let _permit = self.permits.acquire().await.expect("semaphore open");
-        let called = std::time::Instant::now();
-        let answer = self.model.call(path, body, traceparent).await;
-        self.record_call(&answer, called.elapsed());
-        Ok(answer?)
+        Ok(self.call_model(path, body, traceparent).await?)
     }
 
     /// Whether `given` is the service token (any value when none is set).

@@ -59,26 +59,15 @@ pub fn attributes(
     }
     set("stream.nextIndex", queue.next_index.to_string());
     // Autoscaling signals: the backlog (what the busiest group has still to
-    // be given), the age
-    // of the oldest item, and how full the running consumers' windows are.
+    // be given), the age of the oldest item, and how full the running
+    // consumers' windows are.
     let in_flight = queue.in_flight_count();
     set("stream.backlog", queue.backlog().to_string());
     set(
         "stream.oldestAgeMs",
-        queue
-            .items
-            .values()
-            .next()
-            .map_or(0, |it| now_ms.saturating_sub(it.enqueued_ms))
-            .to_string(),
+        queue.oldest_age_ms(now_ms).unwrap_or(0).to_string(),
     );
-    let window: u64 = queue
-        .groups
-        .values()
-        .flat_map(|g| g.consumers.values())
-        .filter(|c| c.status == ConsumerStatus::Running)
-        .map(|c| u64::from(c.window))
-        .sum();
+    let window = queue.running_window();
     set("stream.window", window.to_string());
     set(
         "stream.windowOccupancy",

@@ -202,6 +202,15 @@ impl Group {
         !self.consumers.is_empty() || !self.in_flight.is_empty()
     }
 
+    /// The windows of the group's running consumers, summed.
+    pub fn running_window(&self) -> u64 {
+        self.consumers
+            .values()
+            .filter(|c| c.status == ConsumerStatus::Running)
+            .map(|c| u64::from(c.window))
+            .sum()
+    }
+
     fn waits_for(&self, item: &Item) -> bool {
         self.is_active() && self.sees(item) && !self.acked.contains(&item.index)
     }
@@ -1136,6 +1145,19 @@ impl Queue {
             .map(|g| g.ready.len() + g.in_flight.len())
             .max()
             .unwrap_or(self.items.len())
+    }
+
+    /// The windows of every group's running consumers, summed.
+    pub fn running_window(&self) -> u64 {
+        self.groups.values().map(Group::running_window).sum()
+    }
+
+    /// How long the oldest item has been on the queue at `now_ms`.
+    pub fn oldest_age_ms(&self, now_ms: u64) -> Option<u64> {
+        self.items
+            .values()
+            .next()
+            .map(|it| now_ms.saturating_sub(it.enqueued_ms))
     }
 
     /// Items `group` could be given now: its backlog.

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from eddy_harness import ROOT, Cluster, wait_until
+from eddy_harness import ROOT, wait_until
 
 TOKEN = "console-token"
 SHOTS = os.path.join(ROOT, "target", "console-screenshots")
@@ -100,14 +99,6 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def console_cluster():
-    with tempfile.TemporaryDirectory(prefix="eddy-console-") as d:
-        c = Cluster(d).start()
-        yield c
-        c.kill_all()
-
-
 def shot(browser, name):
     browser.save_screenshot(os.path.join(SHOTS, f"{name}.png"))
 
@@ -122,8 +113,8 @@ def cell(browser, row_id, cls):
     return browser.find_element(By.CSS_SELECTOR, f"tr#{row_id} td.{cls}").text
 
 
-def test_console_pages_actions_and_failover(browser, console_cluster):
-    c = console_cluster
+def test_console_pages_actions_and_failover(browser, cluster):
+    c = cluster
     leader = c.leader()
     followers = [n for n in c.nodes if n is not leader]
     a, b = followers
