@@ -75,7 +75,9 @@ pub(crate) struct StatusToken {
     /// Token for the nodes' `/metrics`, `/admin/cluster` and
     /// `/admin/overview` (the admin token works too); none is needed while
     /// the nodes have no status token.
+    // Its own id: a command's service token is `token` too.
     #[arg(
+        id = "status_token",
         long = "status-token",
         env = "EDDY_STATUS_TOKEN",
         default_value = "",
