@@ -293,30 +293,45 @@ mod tests {
         let mut member_conn = incoming.next().await.unwrap().unwrap();
         contacts.authenticated(member.local_addr().unwrap());
         let started = std::time::Instant::now();
-        // Both keep talking, a byte every 50 ms, for three idle times.
+        // Both keep talking, a byte every 50 ms, for three idle times. Each
+        // side's reader drains what arrived until a read would wait, as a
+        // server's reader does (a read that finds data never looks at the
+        // deadline). Paced: unpaced one-byte writes to a reader that stopped
+        // reading fill the socket buffers, and the writer then stalls.
         let mut buf = [0u8; 8];
         let mut stranger_closed = None;
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
         while started.elapsed() < limits.idle * 3 {
-            let _ = stranger.write_all(b"x").await;
+            pace.tick().await;
             member.write_all(b"x").await.unwrap();
-            if stranger_closed.is_none()
-                && let Ok(Err(e)) =
-                    tokio::time::timeout(Duration::from_millis(50), stranger_conn.read(&mut buf))
-                        .await
-            {
-                assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-                stranger_closed = Some(started.elapsed());
+            if stranger_closed.is_none() {
+                let _ = stranger.write_all(b"x").await;
+                if let Err(e) = drain(&mut stranger_conn, &mut buf).await {
+                    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                    stranger_closed = Some(started.elapsed());
+                }
             }
-            let read =
-                tokio::time::timeout(Duration::from_millis(50), member_conn.read(&mut buf)).await;
+            let read = drain(&mut member_conn, &mut buf).await;
             assert!(
-                !matches!(read, Ok(Err(_))),
-                "the authenticated connection was closed after {:?}",
+                read.is_ok(),
+                "the authenticated connection was closed after {:?}: {read:?}",
                 started.elapsed()
             );
         }
         let closed =
             stranger_closed.expect("the unauthenticated connection was kept open by its traffic");
         assert!(closed < limits.idle * 2, "closed after {closed:?}");
+    }
+
+    /// Read what `conn` has until a read would wait 10 ms; the error of a
+    /// read that failed.
+    async fn drain(conn: &mut PeerConn, buf: &mut [u8]) -> io::Result<()> {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(10), conn.read(buf)).await {
+                Ok(Ok(0)) | Err(_) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        }
     }
 }
