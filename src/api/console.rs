@@ -570,7 +570,7 @@ async fn service_page(
                         @for it in queue.dead.values().take(LISTED) {
                             tr {
                                 td.n { (it.index) } td.request-id { (it.request_id) } td.n { (it.deliveries) }
-                                td { (it.message) } td.n { (it.data.len()) }
+                                td { (it.message()) } td.n { (it.data.len()) }
                                 td { a href=(format!("/ui/confirm/requeue-dead-letters?service={name}&queue={k}&index={}", it.index)) { "requeue" } }
                             }
                         }
@@ -626,10 +626,16 @@ fn where_is(input: &Queue, sink: &Queue, request_id: &str, now: u64) -> Markup {
             )
         });
     }
-    for it in input.dead.values().filter(|it| it.request_id == request_id) {
+    for it in input
+        .dead
+        .values()
+        .filter(|it| it.request_id == *request_id)
+    {
         found.push(format!(
             "input dead letter {}: {} deliveries, {}",
-            it.index, it.deliveries, it.message
+            it.index,
+            it.deliveries,
+            it.message()
         ));
     }
     for index in sink.indexes_of_request(request_id) {

@@ -512,7 +512,7 @@ async fn complete(
     let held = state.node.read(|s| {
         s.service(&target.queue.service)
             .and_then(|svc| svc.input.items.get(&input_index))
-            .map(|it| it.request_id.clone())
+            .map(|it| it.request_id.to_string())
     });
     if let Some(held) = held
         && held != request_id

@@ -11,6 +11,7 @@
 
 mod command;
 mod one_queue;
+mod request_id;
 mod state;
 
 #[cfg(test)]
@@ -21,6 +22,7 @@ pub use one_queue::{
     AUTO_COMMIT_WINDOW, AUTO_COMMIT_WINDOW_BYTES, Consumer, ConsumerStatus, Group, Item,
     MAX_REQUEST_ID_BYTES, Queue, tags_match, validate_request_id,
 };
+pub use request_id::{RequestId, RequestIdText};
 pub use state::{
     DEDUP_ENTRY_BYTES, DEDUP_MAX_ENTRIES, DEDUP_MAX_REPLY_BYTES, DEDUP_MIN_WINDOW_MS,
     DEDUP_WINDOW_MS, QueueState, Service, validate_service_name,

@@ -34,6 +34,8 @@
 //! client never read is gone with its connection, as the protocol implies.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -41,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use super::command::{
     ConsumerSpec, Event, Frame, NewItem, NodeId, QueueLimits, QueueRef, Rejection, Selector, Tags,
 };
+use super::request_id::RequestId;
 
 use crate::protocol::{PATH_TAG, REQUEST_ID_TAG};
 
@@ -62,34 +65,156 @@ pub fn validate_request_id(id: &str) -> Result<(), Rejection> {
 }
 
 /// A stored item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Kept small, since a queue may hold millions: 88 bytes inline, under an
+/// `Arc` (so copying the state for a snapshot copies pointers, not items),
+/// plus the payload (and the request id when it is not a UUID as nodes
+/// assign them: see [`RequestId`]). The request id and the sub-path
+/// are not repeated as tags (a map of one entry costs a whole tree node);
+/// what few items have (other tags, a sub-path, a negative-commit message)
+/// sits in one optional box. Serialized exactly as the earlier layout
+/// (`tags` a map holding `requestId` and `path` too), so snapshots written
+/// before read back unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub index: u64,
-    pub request_id: String,
-    /// Includes `requestId`.
-    pub tags: Tags,
+    pub request_id: RequestId,
     pub data: Bytes,
     pub priority: u32,
-    pub path: String,
-    pub enqueued_ms: u64,
     /// How many times the item was handed to a consumer.
     pub deliveries: u32,
+    pub enqueued_ms: u64,
+    extras: Option<Box<ItemExtras>>,
+}
+
+/// What few items have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ItemExtras {
+    /// Sub-path the item was put on (for the engine).
+    path: Box<str>,
     /// The last negative-commit code and reason, shown with redeliveries.
-    pub message: String,
+    message: Box<str>,
+    /// The tags other than `requestId` and (when the item has a sub-path)
+    /// `path`, sorted by key.
+    tags: Box<[(Box<str>, Box<str>)]>,
 }
 
 impl Item {
+    /// The stored form of `item`, put at `index` at `enqueued_ms`.
+    fn new(index: u64, item: NewItem, enqueued_ms: u64) -> Self {
+        let has_path = !item.path.is_empty();
+        let tags: Box<[(Box<str>, Box<str>)]> = item
+            .tags
+            .into_iter()
+            .filter(|(k, _)| k != REQUEST_ID_TAG && !(has_path && k == PATH_TAG))
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        let extras = (has_path || !tags.is_empty()).then(|| {
+            Box::new(ItemExtras {
+                path: item.path.into_boxed_str(),
+                message: Box::default(),
+                tags,
+            })
+        });
+        Self {
+            index,
+            request_id: RequestId::from(item.request_id),
+            data: item.data,
+            priority: item.priority,
+            deliveries: 0,
+            enqueued_ms,
+            extras,
+        }
+    }
+
+    /// Sub-path the item was put on (for the engine), empty for `/`.
+    pub fn path(&self) -> &str {
+        self.extras.as_ref().map_or("", |x| &x.path)
+    }
+
+    /// The last negative-commit code and reason, shown with redeliveries.
+    pub fn message(&self) -> &str {
+        self.extras.as_ref().map_or("", |x| &x.message)
+    }
+
+    fn set_message(&mut self, message: &str) {
+        if message.is_empty() && self.extras.is_none() {
+            return;
+        }
+        self.extras.get_or_insert_default().message = message.into();
+    }
+
+    fn extra_tags(&self) -> &[(Box<str>, Box<str>)] {
+        self.extras.as_ref().map_or(&[], |x| &x.tags)
+    }
+
+    /// The value of tag `key` other than `requestId` (see
+    /// [`Self::request_id`]): `path` included.
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        if key == PATH_TAG && !self.path().is_empty() {
+            return Some(self.path());
+        }
+        let tags = self.extra_tags();
+        tags.binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*tags[i].1)
+    }
+
+    /// Whether the item carries every pair of `filter`.
+    pub fn matches(&self, filter: &Tags) -> bool {
+        filter.iter().all(|(k, v)| {
+            if k == REQUEST_ID_TAG {
+                self.request_id == **v
+            } else {
+                self.tag(k) == Some(v.as_str())
+            }
+        })
+    }
+
+    /// Every tag, `requestId` (whose text is `request_id`) and `path`
+    /// included, by key.
+    fn tag_pairs<'a>(&'a self, request_id: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut pairs: Vec<(&str, &str)> = self
+            .extra_tags()
+            .iter()
+            .map(|(k, v)| (&**k, &**v))
+            .collect();
+        pairs.push((REQUEST_ID_TAG, request_id));
+        if !self.path().is_empty() {
+            pairs.push((PATH_TAG, self.path()));
+        }
+        pairs.sort_unstable_by_key(|(k, _)| *k);
+        pairs
+    }
+
+    /// Every tag, `requestId` and `path` included.
+    pub fn tags(&self) -> Tags {
+        self.tag_pairs(&self.request_id.text())
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The tags the item was put with: [`Self::tags`] without `requestId`
+    /// and `path`, which a put carries apart.
+    fn put_tags(&self) -> Tags {
+        self.extra_tags()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     fn frame(&self, with_data: bool) -> Frame {
         Frame {
             index: self.index,
-            tags: self.tags.clone(),
+            tags: self.tags(),
             data: if with_data {
                 self.data.clone()
             } else {
                 Bytes::new()
             },
-            path: self.path.clone(),
-            message: self.message.clone(),
+            path: self.path().to_string(),
+            message: self.message().to_string(),
         }
     }
 
@@ -102,6 +227,83 @@ impl Item {
     pub fn held_bytes(&self) -> u64 {
         self.data.len() as u64 + HELD_ITEM_OVERHEAD
     }
+}
+
+/// The serialized layout of an [`Item`]: see [`Item`].
+#[derive(Serialize)]
+struct StoredItemRef<'a> {
+    index: u64,
+    request_id: &'a str,
+    tags: TagPairs<'a>,
+    data: &'a Bytes,
+    priority: u32,
+    path: &'a str,
+    enqueued_ms: u64,
+    deliveries: u32,
+    message: &'a str,
+}
+
+/// Tags serialized as a map, in key order.
+struct TagPairs<'a>(Vec<(&'a str, &'a str)>);
+
+impl Serialize for TagPairs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().copied())
+    }
+}
+
+#[derive(Deserialize)]
+struct StoredItem {
+    index: u64,
+    request_id: String,
+    tags: Tags,
+    data: Bytes,
+    priority: u32,
+    path: String,
+    enqueued_ms: u64,
+    deliveries: u32,
+    message: String,
+}
+
+impl Serialize for Item {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let request_id = self.request_id.text();
+        StoredItemRef {
+            index: self.index,
+            request_id: &request_id,
+            tags: TagPairs(self.tag_pairs(&request_id)),
+            data: &self.data,
+            priority: self.priority,
+            path: self.path(),
+            enqueued_ms: self.enqueued_ms,
+            deliveries: self.deliveries,
+            message: self.message(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let stored = StoredItem::deserialize(d)?;
+        let new = NewItem {
+            request_id: stored.request_id,
+            tags: stored.tags,
+            data: stored.data,
+            priority: stored.priority,
+            path: stored.path,
+        };
+        let mut item = Item::new(stored.index, new, stored.enqueued_ms);
+        item.deliveries = stored.deliveries;
+        item.set_message(&stored.message);
+        Ok(item)
+    }
+}
+
+/// The key of a request id in a queue's request-id index: a fixed hash,
+/// so replicas (and runs) agree on the derived state.
+fn request_id_hash(request_id: &str) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(request_id)
 }
 
 /// Dispatch order: higher priority first, then lower index.
@@ -169,10 +371,6 @@ impl Consumer {
             self.pending < self.window
         }
     }
-
-    fn accepts(&self, item: &Item) -> bool {
-        item.index >= self.start_index && tags_match(&item.tags, &self.tags)
-    }
 }
 
 /// Consumers sharing one group id: each item goes to one of them.
@@ -186,13 +384,120 @@ pub struct Group {
     pub in_flight: BTreeMap<u64, String>,
     /// Items this group committed that other groups still have to consume.
     pub acked: BTreeSet<u64>,
+    /// Items the group sees that are neither in flight nor committed by
+    /// it (derived), in dispatch order.
     #[serde(skip)]
     ready: BTreeSet<ReadyKey>,
+    /// For each tag filter of a consumer that is narrower than the group's:
+    /// the ready items it matches (derived). Dispatch looks only at the
+    /// items a consumer takes, so what it costs does not grow with items a
+    /// consumer's filter passes over.
+    #[serde(skip)]
+    narrowed: BTreeMap<Tags, BTreeSet<ReadyKey>>,
+}
+
+/// No ready items: what a consumer sees whose filter has no set yet.
+static NO_ITEMS: BTreeSet<ReadyKey> = BTreeSet::new();
+
+/// The first key of `ready` at or after `start_index` in dispatch order:
+/// one range lookup per priority level holding items before `start_index`,
+/// never a walk over them.
+fn first_ready_from(
+    ready: &BTreeSet<ReadyKey>,
+    start_index: u64,
+    lookups: &mut LocalCounter,
+) -> Option<ReadyKey> {
+    let mut from = (0, start_index);
+    loop {
+        lookups.0 += 1;
+        let &(level, index) = ready.range(from..).next()?;
+        if index >= start_index {
+            return Some((level, index));
+        }
+        // Nothing at this level is at or after start_index: the next level.
+        from = (level, start_index);
+    }
 }
 
 impl Group {
     fn sees(&self, item: &Item) -> bool {
-        tags_match(&item.tags, &self.tags)
+        item.matches(&self.tags)
+    }
+
+    /// Whether every item the group sees passes `filter` too.
+    fn implies(&self, filter: &Tags) -> bool {
+        tags_match(&self.tags, filter)
+    }
+
+    /// `item` (which the group sees) is ready to be given.
+    fn make_ready(&mut self, item: &Item) {
+        let key = item.order_key();
+        self.ready.insert(key);
+        for (filter, ready) in &mut self.narrowed {
+            if item.matches(filter) {
+                ready.insert(key);
+            }
+        }
+    }
+
+    /// The item of `key` is no longer ready.
+    fn unready(&mut self, key: &ReadyKey) {
+        if self.ready.remove(key) {
+            for ready in self.narrowed.values_mut() {
+                ready.remove(key);
+            }
+        }
+    }
+
+    /// The ready items `consumer` may be given, before its start index.
+    fn ready_for(&self, consumer: &Consumer) -> &BTreeSet<ReadyKey> {
+        if self.implies(&consumer.tags) {
+            &self.ready
+        } else {
+            self.narrowed.get(&consumer.tags).unwrap_or(&NO_ITEMS)
+        }
+    }
+
+    /// Keep one narrowed set per filter of a consumer narrower than the
+    /// group's: build those of new filters from the ready set, drop those
+    /// no consumer uses any more.
+    fn sync_narrowed(&mut self, items: &BTreeMap<u64, Arc<Item>>) {
+        let wanted: BTreeSet<&Tags> = self
+            .consumers
+            .values()
+            .map(|c| &c.tags)
+            .filter(|t| !tags_match(&self.tags, t))
+            .collect();
+        self.narrowed.retain(|t, _| wanted.contains(t));
+        let missing: Vec<Tags> = wanted
+            .into_iter()
+            .filter(|t| !self.narrowed.contains_key(*t))
+            .cloned()
+            .collect();
+        for filter in missing {
+            let ready = self
+                .ready
+                .iter()
+                .filter(|(_, index)| items.get(index).is_some_and(|it| it.matches(&filter)))
+                .copied()
+                .collect();
+            self.narrowed.insert(filter, ready);
+        }
+    }
+
+    /// Rebuild the ready sets from the items.
+    fn rebuild_ready(&mut self, items: &BTreeMap<u64, Arc<Item>>) {
+        self.ready = items
+            .values()
+            .filter(|it| {
+                self.sees(it)
+                    && !self.in_flight.contains_key(&it.index)
+                    && !self.acked.contains(&it.index)
+            })
+            .map(|it| it.order_key())
+            .collect();
+        self.narrowed.clear();
+        self.sync_narrowed(items);
     }
 
     /// A group without consumers is inactive: it remembers what it committed
@@ -256,23 +561,24 @@ pub struct HandBack<'a> {
 /// consumer groups with what each holds, and its dead letters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Queue {
-    pub items: BTreeMap<u64, Item>,
+    pub items: BTreeMap<u64, Arc<Item>>,
     /// The index the next put gets. Starts at 1.
     pub next_index: u64,
     pub groups: BTreeMap<String, Group>,
     /// Items given up on after too many deliveries, kept for inspection.
-    pub dead: BTreeMap<u64, Item>,
+    pub dead: BTreeMap<u64, Arc<Item>>,
     pub ended: bool,
     /// Totals since the queue was created (for metrics).
     pub puts_total: u64,
     pub commits_total: u64,
     /// Dead letters dropped to stay within `max_dead_letters` or purged.
     pub dead_dropped_total: u64,
-    /// (request id, index) of every item: a request id may be held by
-    /// several items (results written twice on the sink), and every one of
-    /// them stays findable.
+    /// (hash of the request id, index) of every item: a request id may be
+    /// held by several items (results written twice on the sink), and
+    /// every one of them stays findable. A hash rather than the id itself,
+    /// so the id is stored once; lookups compare the items' ids.
     #[serde(skip)]
-    by_request_id: BTreeSet<(String, u64)>,
+    by_request_id: BTreeSet<(u64, u64)>,
     /// Payload bytes of `items` and `dead`.
     #[serde(skip)]
     bytes_held: u64,
@@ -280,6 +586,10 @@ pub struct Queue {
     /// commit, a consumer gone); counted by this replica as it applies.
     #[serde(skip)]
     pub redeliveries: LocalCounter,
+    /// Lookups in ready sets dispatch made to find items for consumers
+    /// (by this replica): the measure of what dispatch costs.
+    #[serde(skip)]
+    pub dispatch_lookups: LocalCounter,
 }
 
 /// A figure this replica counts for its metrics since it started (or last
@@ -316,19 +626,10 @@ impl Queue {
         self.by_request_id = self
             .items
             .values()
-            .map(|it| (it.request_id.clone(), it.index))
+            .map(|it| (request_id_hash(&it.request_id.text()), it.index))
             .collect();
         for group in self.groups.values_mut() {
-            group.ready = self
-                .items
-                .values()
-                .filter(|it| {
-                    group.sees(it)
-                        && !group.in_flight.contains_key(&it.index)
-                        && !group.acked.contains(&it.index)
-                })
-                .map(Item::order_key)
-                .collect();
+            group.rebuild_ready(&self.items);
             for c in group.consumers.values_mut() {
                 c.pending_bytes = 0;
             }
@@ -361,13 +662,19 @@ impl Queue {
     }
 
     /// Every item holding `request_id`, oldest first.
-    pub fn indexes_of_request(
-        &self,
-        request_id: &str,
-    ) -> impl DoubleEndedIterator<Item = u64> + '_ {
-        let lo = (request_id.to_string(), 0);
-        let hi = (request_id.to_string(), u64::MAX);
-        self.by_request_id.range(lo..=hi).map(|(_, i)| *i)
+    pub fn indexes_of_request<'a>(
+        &'a self,
+        request_id: &'a str,
+    ) -> impl DoubleEndedIterator<Item = u64> + 'a {
+        let hash = request_id_hash(request_id);
+        self.by_request_id
+            .range((hash, 0)..=(hash, u64::MAX))
+            .map(|(_, i)| *i)
+            .filter(move |i| {
+                self.items
+                    .get(i)
+                    .is_some_and(|it| it.request_id == *request_id)
+            })
     }
 
     pub fn in_flight_count(&self) -> usize {
@@ -423,31 +730,16 @@ impl Queue {
         }
         let index = self.next_index;
         self.next_index += 1;
-        let mut tags = item.tags;
-        tags.insert(REQUEST_ID_TAG.to_string(), item.request_id.clone());
-        if !item.path.is_empty() {
-            tags.insert(PATH_TAG.to_string(), item.path.clone());
-        }
-        let stored = Item {
-            index,
-            request_id: item.request_id,
-            tags,
-            data: item.data,
-            priority: item.priority,
-            path: item.path,
-            enqueued_ms: now_ms,
-            deliveries: 0,
-            message: String::new(),
-        };
+        let stored = Item::new(index, item, now_ms);
         for group in self.groups.values_mut() {
             if group.sees(&stored) {
-                group.ready.insert(stored.order_key());
+                group.make_ready(&stored);
             }
         }
         self.by_request_id
-            .insert((stored.request_id.clone(), index));
+            .insert((request_id_hash(&stored.request_id.text()), index));
         self.bytes_held += size;
-        self.items.insert(index, stored);
+        self.items.insert(index, Arc::new(stored));
         self.puts_total += 1;
         events.push(Event::Changed {
             queue: qref.clone(),
@@ -457,13 +749,14 @@ impl Queue {
     }
 
     /// Remove an item everywhere. Returns it if it existed.
-    fn remove_item(&mut self, index: u64) -> Option<Item> {
+    fn remove_item(&mut self, index: u64) -> Option<Arc<Item>> {
         let item = self.items.remove(&index)?;
         self.bytes_held -= item.data.len() as u64;
-        self.by_request_id.remove(&(item.request_id.clone(), index));
+        self.by_request_id
+            .remove(&(request_id_hash(&item.request_id.text()), index));
         let key = item.order_key();
         for group in self.groups.values_mut() {
-            group.ready.remove(&key);
+            group.unready(&key);
             group.acked.remove(&index);
             group.release(&item);
         }
@@ -477,8 +770,8 @@ impl Queue {
         if let Some(rid) = selector.tags.get(REQUEST_ID_TAG) {
             let mut matching = self
                 .indexes_of_request(rid)
-                .filter_map(|i| self.items.get(&i))
-                .filter(|it| tags_match(&it.tags, &selector.tags));
+                .filter_map(|i| self.items.get(&i).map(|it| &**it))
+                .filter(|it| it.matches(&selector.tags));
             return match selector.from_index {
                 None => matching.next_back().into_iter().collect(),
                 Some(from) => matching.filter(|it| it.index >= from).take(limit).collect(),
@@ -489,14 +782,15 @@ impl Queue {
                 .items
                 .values()
                 .rev()
-                .filter(|it| tags_match(&it.tags, &selector.tags))
+                .map(|it| &**it)
+                .filter(|it| it.matches(&selector.tags))
                 .take(1)
                 .collect(),
             Some(from) => self
                 .items
                 .range(from..)
-                .map(|(_, it)| it)
-                .filter(|it| tags_match(&it.tags, &selector.tags))
+                .map(|(_, it)| &**it)
+                .filter(|it| it.matches(&selector.tags))
                 .take(limit)
                 .collect(),
         }
@@ -602,7 +896,7 @@ impl Queue {
         match self.groups.get_mut(group_id) {
             Some(group) => {
                 group.release(item);
-                group.ready.remove(&key);
+                group.unready(&key);
                 group.acked.insert(index);
             }
             None => {
@@ -651,7 +945,7 @@ impl Queue {
                 .is_some_and(|g| g.in_flight.contains_key(&index));
             if held {
                 if let Some(item) = self.items.get_mut(&index) {
-                    item.message = message.clone();
+                    Arc::make_mut(item).set_message(&message);
                 }
                 self.requeue(group_id, index, max_delivery);
                 changed = true;
@@ -682,7 +976,7 @@ impl Queue {
                 self.dead.insert(index, item);
             }
         } else {
-            group.ready.insert(item.order_key());
+            group.make_ready(item);
             self.redeliveries.0 += 1;
         }
     }
@@ -704,7 +998,7 @@ impl Queue {
                 .items
                 .values()
                 .filter(|it| group.sees(it))
-                .map(Item::order_key)
+                .map(|it| it.order_key())
                 .collect();
             self.groups.insert(spec.group.clone(), group);
         }
@@ -758,6 +1052,7 @@ impl Queue {
                 group.consumers.insert(spec.user, fresh);
             }
         }
+        group.sync_narrowed(&self.items);
         self.dispatch_group(qref, &spec.group, now_ms, events);
     }
 
@@ -877,6 +1172,7 @@ impl Queue {
         if group.consumers.remove(user).is_none() {
             return;
         }
+        group.sync_narrowed(&self.items);
         let held: Vec<u64> = group
             .in_flight
             .iter()
@@ -951,12 +1247,12 @@ impl Queue {
                 .map(|(uid, _)| uid.clone());
             let Some(user) = candidate else { return };
             let consumer = &group.consumers[&user];
-            let pick = group
-                .ready
-                .iter()
-                .map(|(_, index)| &self.items[index])
-                .find(|it| consumer.accepts(it))
-                .map(|it| it.index);
+            let pick = first_ready_from(
+                group.ready_for(consumer),
+                consumer.start_index,
+                &mut self.dispatch_lookups,
+            )
+            .map(|(_, index)| index);
             match pick {
                 Some(index) => self.assign(&mut target, group_id, &user, index, now_ms),
                 None => {
@@ -974,11 +1270,11 @@ impl Queue {
         index: u64,
         now_ms: u64,
     ) {
-        let item = self.items.get_mut(&index).expect("ready items exist");
+        let item = Arc::make_mut(self.items.get_mut(&index).expect("ready items exist"));
         item.deliveries += 1;
         let key = item.order_key();
         let group = self.groups.get_mut(group_id).expect("group exists");
-        group.ready.remove(&key);
+        group.unready(&key);
         let consumer = group.consumers.get_mut(user).expect("consumer exists");
         consumer.last_index = index;
         consumer.last_active_ms = now_ms;
@@ -1027,7 +1323,7 @@ impl Queue {
     pub fn count(&self, priority: Option<u32>, tags: &Tags) -> u64 {
         self.items
             .values()
-            .filter(|it| priority.is_none_or(|p| it.priority == p) && tags_match(&it.tags, tags))
+            .filter(|it| priority.is_none_or(|p| it.priority == p) && it.matches(tags))
             .count() as u64
     }
 
@@ -1083,7 +1379,9 @@ impl Queue {
                         "{qref} has no dead letter at index {index}"
                     )));
                 };
-                if unique_request_ids && let Some(live) = self.index_of_request(&dead.request_id) {
+                if unique_request_ids
+                    && let Some(live) = self.index_of_request(&dead.request_id.text())
+                {
                     return Err(Rejection::Invalid(format!(
                         "the request of dead letter {index} was put again (item {live}); \
                          requeueing it would run it twice"
@@ -1104,7 +1402,7 @@ impl Queue {
             let live = self
                 .dead
                 .get(&old)
-                .is_some_and(|d| self.index_of_request(&d.request_id).is_some());
+                .is_some_and(|d| self.index_of_request(&d.request_id.text()).is_some());
             if unique_request_ids && live {
                 continue;
             }
@@ -1113,11 +1411,11 @@ impl Queue {
             };
             self.bytes_held -= dead.data.len() as u64;
             let again = NewItem {
-                request_id: dead.request_id.clone(),
-                tags: dead.tags.clone(),
+                request_id: dead.request_id.to_string(),
+                tags: dead.put_tags(),
                 data: dead.data.clone(),
                 priority: dead.priority,
-                path: dead.path.clone(),
+                path: dead.path().to_string(),
             };
             match self.put(qref, &limits, again, now_ms, events) {
                 Ok(index) => requeued.push(self.items[&index].frame(false)),

@@ -309,6 +309,11 @@ impl QueueState {
                 self.kept_item_bytes -= k.bytes;
             }
         }
+        // A burst's ids are forgotten a window later; give back the room
+        // they took rather than hold the burst's peak for good.
+        if self.recent_ids.capacity() > 4 * self.recent_ids.len() + 4096 {
+            self.recent_ids.shrink_to(2 * self.recent_ids.len());
+        }
         let bytes = kept_bytes(&reply);
         let reply = if bytes > DEDUP_MAX_REPLY_BYTES {
             without_items(reply)
@@ -655,11 +660,11 @@ impl QueueState {
             validate_request_id(&result.request_id)?;
             let input = svc.input.items.get(&input_index);
             if let Some(held) = input
-                && held.request_id != result.request_id
+                && held.request_id != *result.request_id
             {
                 return Err(Rejection::RequestMismatch {
                     index: input_index,
-                    held: held.request_id.clone(),
+                    held: held.request_id.to_string(),
                     given: result.request_id.clone(),
                 });
             }

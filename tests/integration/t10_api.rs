@@ -366,9 +366,8 @@ async fn a_traceparent_travels_with_the_item_and_a_malformed_tag_is_refused() {
     let tag_of = |index: u64| {
         c.node(1).node.read(|s| {
             s.queue(&svc_input()).unwrap().items[&index]
-                .tags
-                .get("traceparent")
-                .cloned()
+                .tag("traceparent")
+                .map(str::to_string)
         })
     };
     let index_of = |body: &bytes::Bytes| std::str::from_utf8(body).unwrap().parse::<u64>().unwrap();

@@ -39,7 +39,7 @@ fn request_id_of(c: &Cluster, index: u64) -> String {
             .or_else(|| q.dead.get(&index))
             .unwrap()
             .request_id
-            .clone()
+            .to_string()
     })
 }
 
@@ -329,7 +329,7 @@ async fn console_actions_need_the_admin_token_a_confirmation_and_this_origin() {
                     q.dead.is_empty()
                         && q.items
                             .get(&6)
-                            .is_some_and(|it| it.request_id == dead_id && it.deliveries == 0)
+                            .is_some_and(|it| it.request_id == *dead_id && it.deliveries == 0)
                 })
             })
         },

@@ -150,3 +150,66 @@ fn creating_an_existing_service_is_refused_and_changes_nothing() {
         Reply::Rejected(Rejection::NoSuchService(_))
     ));
 }
+
+/// The layout items had in snapshots before they were made compact: every
+/// tag in one map, `requestId` and `path` included.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EarlierItem {
+    index: u64,
+    request_id: String,
+    tags: Tags,
+    data: Bytes,
+    priority: u32,
+    path: String,
+    enqueued_ms: u64,
+    deliveries: u32,
+    message: String,
+}
+
+/// Snapshots written before items were compact read back the same, and an
+/// item is written in that layout still (replicas and files agree).
+#[test]
+fn items_keep_their_snapshot_layout() {
+    let mut tags = Tags::new();
+    tags.insert("a".into(), "1".into());
+    tags.insert(crate::protocol::REQUEST_ID_TAG.into(), "rid".into());
+    tags.insert(crate::protocol::PATH_TAG.into(), "/v1/run".into());
+    tags.insert("z".into(), "26".into());
+    let earlier = EarlierItem {
+        index: 7,
+        request_id: "rid".into(),
+        tags: tags.clone(),
+        data: Bytes::from_static(b"payload"),
+        priority: 3,
+        path: "/v1/run".into(),
+        enqueued_ms: 1_234,
+        deliveries: 2,
+        message: "500: model crashed".into(),
+    };
+    let bytes = postcard::to_allocvec(&earlier).unwrap();
+    let item: Item = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(item.index, 7);
+    assert_eq!(item.request_id.to_string(), "rid");
+    assert_eq!(item.tags(), tags);
+    assert_eq!(item.tag("a"), Some("1"));
+    assert_eq!(item.tag("z"), Some("26"));
+    assert_eq!(item.tag("b"), None);
+    assert_eq!(item.path(), "/v1/run");
+    assert_eq!(item.message(), "500: model crashed");
+    assert_eq!(
+        (item.priority, item.deliveries, item.enqueued_ms),
+        (3, 2, 1_234)
+    );
+    assert_eq!(postcard::to_allocvec(&item).unwrap(), bytes);
+    // Without a path, a `path` tag is an ordinary tag, as it was.
+    let plain = EarlierItem {
+        path: String::new(),
+        message: String::new(),
+        ..earlier
+    };
+    let bytes = postcard::to_allocvec(&plain).unwrap();
+    let item: Item = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(item.tag(crate::protocol::PATH_TAG), Some("/v1/run"));
+    assert_eq!(item.path(), "");
+    assert_eq!(postcard::to_allocvec(&item).unwrap(), bytes);
+}

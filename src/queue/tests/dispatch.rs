@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 
 use super::*;
-use crate::protocol::REQUEST_ID_TAG;
 
 #[test]
 fn indexes_start_at_one_and_increase() {
@@ -14,10 +13,7 @@ fn indexes_start_at_one_and_increase() {
     assert_eq!(a, 1);
     assert!(b > a);
     let item = &h.queue().items[&a];
-    assert_eq!(
-        item.tags.get(REQUEST_ID_TAG).map(String::as_str),
-        Some("r-a")
-    );
+    assert_eq!(item.request_id.to_string(), "r-a");
 }
 
 #[test]
@@ -155,7 +151,7 @@ fn negative_commit_redelivers_then_dead_letters() {
     };
     nack(&mut h);
     assert_eq!(h.delivered(1), vec![i]);
-    assert_eq!(h.queue().items[&i].message, "Shutdown: bye");
+    assert_eq!(h.queue().items[&i].message(), "Shutdown: bye");
     nack(&mut h);
     assert!(h.delivered(1).is_empty());
     assert!(h.queue().items.is_empty());
@@ -413,4 +409,95 @@ fn retried_envelope_is_applied_once() {
     let (second, _) = h.state.apply(&env);
     assert_eq!(first, second);
     assert_eq!(h.queue().len(), 1);
+}
+
+/// Attach `user` to group "eas" on `connection` with a tag filter and a
+/// start index.
+fn attach_filtered(
+    h: &mut Harness,
+    user: &str,
+    connection: u64,
+    tags: &[(&str, &str)],
+    start: u64,
+) {
+    let consumer = ConsumerSpec {
+        group: "eas".into(),
+        user: user.into(),
+        node: 1,
+        connection,
+        window: 5,
+        auto_commit: false,
+        index_only: false,
+        tags: tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        start_index: Some(start),
+    };
+    assert_eq!(
+        h.run(Command::Attach {
+            queue: input(),
+            consumer
+        }),
+        Reply::Done
+    );
+}
+
+/// Performance finding: dispatch walked a group's ready set from its start
+/// for a consumer whose tag filter (or start index) passed over the items
+/// there, on every put: with a 40,000-item backlog, one such consumer took
+/// put latency from 3.4 ms to 25.8 ms. What dispatch looks at now does not
+/// grow with the backlog: one lookup per consumer (and priority level).
+#[test]
+fn dispatch_does_not_walk_the_items_a_consumer_passes_over() {
+    let mut h = Harness::new(ServiceConfig::default());
+    h.attach("eas", "busy", 1, 1, false);
+    for _ in 0..20_000 {
+        h.put_sized(8);
+    }
+    let next = h.queue().next_index;
+    // In the same group: a filter no item matches, and a start after the
+    // backlog.
+    attach_filtered(&mut h, "picky", 2, &[("model", "none")], 0);
+    attach_filtered(&mut h, "late", 3, &[], next);
+    assert_eq!(h.delivered(2), Vec::<u64>::new());
+    assert_eq!(h.delivered(3), Vec::<u64>::new());
+    let before = h.queue().dispatch_lookups.0;
+    for _ in 0..100 {
+        h.put_sized(8);
+    }
+    let lookups = h.queue().dispatch_lookups.0 - before;
+    assert!(lookups <= 100 * 4, "{lookups} lookups for 100 puts");
+    // Each still gets what it takes: the late one the new items (its
+    // window), the picky one an item that matches, behind the backlog.
+    assert_eq!(h.delivered(3), (next..next + 5).collect::<Vec<_>>());
+    let mut tags = Tags::new();
+    tags.insert("model".into(), "none".into());
+    let Reply::Put { index, .. } = h.run(Command::Put {
+        queue: input(),
+        item: NewItem {
+            tags,
+            ..item("wanted", "w")
+        },
+    }) else {
+        panic!("put refused")
+    };
+    assert_eq!(h.delivered(2), vec![index]);
+}
+
+/// A start index skips the items before it at every priority level, and
+/// the order among the rest stays priority first, then index.
+#[test]
+fn a_start_index_is_honoured_at_every_priority_level() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let old_low = h.put("old-low", 0);
+    let old_high = h.put("old-high", 9);
+    let start = h.queue().next_index;
+    let new_low = h.put("new-low", 0);
+    let new_mid = h.put("new-mid", 4);
+    let new_high = h.put("new-high", 9);
+    attach_filtered(&mut h, "late", 3, &[], start);
+    assert_eq!(h.delivered(3), vec![new_high, new_mid, new_low]);
+    h.attach("eas", "early", 4, 5, false);
+    assert_eq!(h.delivered(4), vec![old_high, old_low]);
 }

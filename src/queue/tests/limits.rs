@@ -361,7 +361,7 @@ fn requeued_dead_letters_are_new_items_with_their_request_ids_within_the_limits(
         .queue()
         .dead
         .values()
-        .map(|it| it.request_id.clone())
+        .map(|it| it.request_id.to_string())
         .collect();
     assert_eq!(h.queue().dead.len(), 3);
     // One named dead letter; unknown indexes are ignored.
@@ -386,8 +386,8 @@ fn requeued_dead_letters_are_new_items_with_their_request_ids_within_the_limits(
     assert!(frames[0].data.is_empty(), "replies carry no payloads");
     let again = h.queue().items.get(&4).unwrap();
     assert_eq!(
-        (again.request_id.as_str(), again.data.len()),
-        (ids[1].as_str(), 10)
+        (again.request_id.to_string(), again.data.len()),
+        (ids[1].clone(), 10)
     );
     assert_eq!(h.queue().dead.keys().copied().collect::<Vec<_>>(), [1, 3]);
     assert_eq!(h.queue().bytes_held(), 30, "moved, not copied");
@@ -416,14 +416,14 @@ fn requeued_dead_letters_are_new_items_with_their_request_ids_within_the_limits(
     };
     assert_eq!(frames.len(), 2);
     assert!(h.queue().dead.is_empty());
-    let mut requeued: Vec<&str> = h
+    let mut requeued: Vec<String> = h
         .queue()
         .items
         .values()
-        .map(|it| it.request_id.as_str())
+        .map(|it| it.request_id.to_string())
         .collect();
     requeued.sort();
-    let mut expected = vec![ids[0].as_str(), ids[2].as_str()];
+    let mut expected = vec![ids[0].clone(), ids[2].clone()];
     expected.sort();
     assert_eq!(requeued, expected);
     assert_eq!(
@@ -451,7 +451,7 @@ fn requeueing_dead_letters_never_evicts_and_skips_request_ids_put_anew() {
         .queue()
         .dead
         .values()
-        .map(|it| it.request_id.clone())
+        .map(|it| it.request_id.to_string())
         .collect();
     h.put_sized(10);
     h.put_sized(10);
@@ -493,7 +493,7 @@ fn requeueing_dead_letters_never_evicts_and_skips_request_ids_put_anew() {
         h.queue()
             .dead
             .values()
-            .map(|it| it.request_id.clone())
+            .map(|it| it.request_id.to_string())
             .collect::<Vec<_>>(),
         [dead[0].clone()]
     );

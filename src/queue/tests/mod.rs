@@ -11,6 +11,7 @@ mod decoding;
 mod dispatch;
 mod housekeeping;
 mod limits;
+mod memory;
 mod model;
 mod request_ids;
 

@@ -331,8 +331,8 @@ fn check_state(queue: &Queue, model: &Model) -> Result<(), TestCaseError> {
         for (uid, c) in &group.consumers {
             if c.has_free_slot() {
                 let idle_item = queue.items.values().find(|it| {
-                    tags_match(&it.tags, &group.tags)
-                        && tags_match(&it.tags, &c.tags)
+                    it.matches(&group.tags)
+                        && it.matches(&c.tags)
                         && !group.in_flight.contains_key(&it.index)
                         && !group.acked.contains(&it.index)
                 });
