@@ -53,7 +53,9 @@ pub struct AppState {
 /// replicated state must not depend on them.
 ///
 /// The estimate is the payload bytes the state holds, plus
-/// [`ITEM_OVERHEAD_BYTES`] per stored item, plus what the de-duplication
+/// [`ITEM_OVERHEAD_BYTES`] per stored item, plus what items hold in tags,
+/// sub-paths, messages and request ids that are not UUIDs
+/// ([`crate::queue::QueueState::meta_bytes_held`]), plus what the de-duplication
 /// table holds (ids remembered for retries and the take replies kept with
 /// their items: [`crate::queue::QueueState::dedup_bytes`]), plus the
 /// payloads of puts that were admitted and are still being proposed (so
@@ -67,8 +69,9 @@ pub struct MemoryBudget {
 /// ready indexes, the log's share, allocator slack): each node of a
 /// three-node cluster holding 1,000,100 items of 256 bytes (node-assigned
 /// request ids, no consumer group) took 533 MiB more than empty, ~303
-/// bytes per item beyond the payload; client-chosen request ids and a
-/// consumer group add ~70 more, hence the margin.
+/// bytes per item beyond the payload; a consumer group's ready set adds
+/// ~35 per group, hence the margin. Tags and client-chosen request ids are
+/// counted apart, by what they hold.
 pub const ITEM_OVERHEAD_BYTES: u64 = 400;
 
 impl MemoryBudget {
@@ -91,7 +94,7 @@ impl MemoryBudget {
                 .map(|svc| (svc.input.len() + svc.sink.len()) as u64)
                 .sum();
             (
-                s.payload_bytes_held() + items * ITEM_OVERHEAD_BYTES,
+                s.payload_bytes_held() + s.meta_bytes_held() + items * ITEM_OVERHEAD_BYTES,
                 s.dedup_bytes(now),
             )
         });

@@ -137,11 +137,37 @@ impl Item {
         self.extras.as_ref().map_or("", |x| &x.message)
     }
 
+    /// Set the message; an item whose extras are all empty holds none, so
+    /// equal items are equal however they were built (replicas compare
+    /// their states).
     fn set_message(&mut self, message: &str) {
         if message.is_empty() && self.extras.is_none() {
             return;
         }
-        self.extras.get_or_insert_default().message = message.into();
+        let extras = self.extras.get_or_insert_default();
+        extras.message = message.into();
+        if extras.path.is_empty() && extras.message.is_empty() && extras.tags.is_empty() {
+            self.extras = None;
+        }
+    }
+
+    /// Heap bytes the item holds besides its record and its payload (its
+    /// extras, and a request id that is not a node's UUID), roughly as the
+    /// allocator counts them: what memory admission adds to
+    /// `ITEM_OVERHEAD_BYTES` for it.
+    pub fn meta_bytes(&self) -> u64 {
+        /// An allocation's bookkeeping and rounding, on average.
+        const SLACK: usize = 16;
+        let id = self.request_id.heap_bytes();
+        let extras = self.extras.as_ref().map_or(0, |x| {
+            let tags: usize = x
+                .tags
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2 * SLACK + 32)
+                .sum();
+            size_of::<ItemExtras>() + SLACK + x.path.len() + x.message.len() + tags
+        });
+        (id + extras) as u64
     }
 
     fn extra_tags(&self) -> &[(Box<str>, Box<str>)] {
@@ -454,7 +480,13 @@ impl Group {
         if self.implies(&consumer.tags) {
             &self.ready
         } else {
-            self.narrowed.get(&consumer.tags).unwrap_or(&NO_ITEMS)
+            let ready = self.narrowed.get(&consumer.tags);
+            debug_assert!(
+                ready.is_some(),
+                "no ready set for filter {:?}",
+                consumer.tags
+            );
+            ready.unwrap_or(&NO_ITEMS)
         }
     }
 
@@ -483,6 +515,28 @@ impl Group {
                 .collect();
             self.narrowed.insert(filter, ready);
         }
+    }
+
+    /// Whether the ready sets are what the items say they are: the ready
+    /// set, and one narrowed set per narrower filter in use, each exactly
+    /// the ready items it matches.
+    #[cfg(test)]
+    pub(crate) fn check_ready_sets(&self, items: &BTreeMap<u64, Arc<Item>>) -> Result<(), String> {
+        let mut expected = self.clone();
+        expected.rebuild_ready(items);
+        if expected.ready != self.ready {
+            return Err(format!(
+                "ready {:?}, expected {:?}",
+                self.ready, expected.ready
+            ));
+        }
+        if expected.narrowed != self.narrowed {
+            return Err(format!(
+                "narrowed {:?}, expected {:?}",
+                self.narrowed, expected.narrowed
+            ));
+        }
+        Ok(())
     }
 
     /// Rebuild the ready sets from the items.
@@ -582,6 +636,9 @@ pub struct Queue {
     /// Payload bytes of `items` and `dead`.
     #[serde(skip)]
     bytes_held: u64,
+    /// [`Item::meta_bytes`] of `items` (derived; dead letters are few).
+    #[serde(skip)]
+    meta_bytes_held: u64,
     /// Items handed back to their group for another delivery (a negative
     /// commit, a consumer gone); counted by this replica as it applies.
     #[serde(skip)]
@@ -628,6 +685,7 @@ impl Queue {
             .values()
             .map(|it| (request_id_hash(&it.request_id.text()), it.index))
             .collect();
+        self.meta_bytes_held = self.items.values().map(|it| it.meta_bytes()).sum();
         for group in self.groups.values_mut() {
             group.rebuild_ready(&self.items);
             for c in group.consumers.values_mut() {
@@ -643,6 +701,36 @@ impl Queue {
         }
     }
 
+    /// A copy of what a snapshot stores, without the derived indexes (ready
+    /// sets, request-id index), which a restore rebuilds: cheaper to take
+    /// under the state lock than a full clone. Items are shared, not copied.
+    pub fn snapshot_copy(&self) -> Self {
+        Self {
+            items: self.items.clone(),
+            next_index: self.next_index,
+            groups: self
+                .groups
+                .iter()
+                .map(|(id, g)| {
+                    let group = Group {
+                        tags: g.tags.clone(),
+                        consumers: g.consumers.clone(),
+                        in_flight: g.in_flight.clone(),
+                        acked: g.acked.clone(),
+                        ..Group::default()
+                    };
+                    (id.clone(), group)
+                })
+                .collect(),
+            dead: self.dead.clone(),
+            ended: self.ended,
+            puts_total: self.puts_total,
+            commits_total: self.commits_total,
+            dead_dropped_total: self.dead_dropped_total,
+            ..Self::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -654,6 +742,13 @@ impl Queue {
     /// Payload bytes held by the queue: its items and its dead letters.
     pub fn bytes_held(&self) -> u64 {
         self.bytes_held
+    }
+
+    /// What its items hold on the heap besides their records and payloads
+    /// ([`Item::meta_bytes`]): tags, sub-paths, messages, request ids that
+    /// are not UUIDs. For memory admission.
+    pub fn meta_bytes_held(&self) -> u64 {
+        self.meta_bytes_held
     }
 
     /// The oldest item holding `request_id`.
@@ -739,6 +834,7 @@ impl Queue {
         self.by_request_id
             .insert((request_id_hash(&stored.request_id.text()), index));
         self.bytes_held += size;
+        self.meta_bytes_held += stored.meta_bytes();
         self.items.insert(index, Arc::new(stored));
         self.puts_total += 1;
         events.push(Event::Changed {
@@ -752,6 +848,7 @@ impl Queue {
     fn remove_item(&mut self, index: u64) -> Option<Arc<Item>> {
         let item = self.items.remove(&index)?;
         self.bytes_held -= item.data.len() as u64;
+        self.meta_bytes_held -= item.meta_bytes();
         self.by_request_id
             .remove(&(request_id_hash(&item.request_id.text()), index));
         let key = item.order_key();
@@ -945,7 +1042,10 @@ impl Queue {
                 .is_some_and(|g| g.in_flight.contains_key(&index));
             if held {
                 if let Some(item) = self.items.get_mut(&index) {
-                    Arc::make_mut(item).set_message(&message);
+                    let item = Arc::make_mut(item);
+                    self.meta_bytes_held -= item.meta_bytes();
+                    item.set_message(&message);
+                    self.meta_bytes_held += item.meta_bytes();
                 }
                 self.requeue(group_id, index, max_delivery);
                 changed = true;

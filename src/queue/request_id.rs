@@ -35,6 +35,16 @@ impl RequestId {
     }
 }
 
+impl RequestId {
+    /// Bytes the id holds on the heap (none for a UUID).
+    pub fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            Repr::Uuid(_) => 0,
+            Repr::Text(text) => text.len(),
+        }
+    }
+}
+
 impl From<String> for RequestId {
     fn from(text: String) -> Self {
         if text.len() == UUID_TEXT_LEN

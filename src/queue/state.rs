@@ -171,6 +171,29 @@ impl QueueState {
         Self::default()
     }
 
+    /// What a snapshot stores, copied without the derived indexes (see
+    /// [`Queue::snapshot_copy`]): it encodes exactly as `self` does.
+    pub fn snapshot_copy(&self) -> Self {
+        Self {
+            services: self
+                .services
+                .iter()
+                .map(|(name, svc)| {
+                    let copy = Service {
+                        config: svc.config.clone(),
+                        input: svc.input.snapshot_copy(),
+                        sink: svc.sink.snapshot_copy(),
+                    };
+                    (name.clone(), copy)
+                })
+                .collect(),
+            recent_ids: self.recent_ids.clone(),
+            recent_replies: self.recent_replies.clone(),
+            clock_ms: self.clock_ms,
+            ..Self::default()
+        }
+    }
+
     /// Rebuild derived indexes after deserialization.
     pub fn rebuild_derived(&mut self) {
         for svc in self.services.values_mut() {
@@ -231,6 +254,14 @@ impl QueueState {
         self.services
             .values()
             .map(|s| s.input.bytes_held() + s.sink.bytes_held())
+            .sum()
+    }
+
+    /// [`Queue::meta_bytes_held`] of every queue of every service.
+    pub fn meta_bytes_held(&self) -> u64 {
+        self.services
+            .values()
+            .map(|s| s.input.meta_bytes_held() + s.sink.meta_bytes_held())
             .sum()
     }
 

@@ -230,7 +230,7 @@ impl SnapshotBuilder {
                 last_log_id: a.last_applied,
                 last_membership: a.membership.clone(),
             };
-            (a.state.clone(), meta)
+            (a.state.snapshot_copy(), meta)
         };
         let p = &self.publisher;
         if p.would_publish(&meta.last_log_id) {

@@ -501,3 +501,28 @@ fn a_start_index_is_honoured_at_every_priority_level() {
     h.attach("eas", "early", 4, 5, false);
     assert_eq!(h.delivered(4), vec![old_high, old_low]);
 }
+
+/// Replicas compare states: an item whose message was set and then
+/// cleared equals the same item never given a message (as a replica that
+/// restored it from a snapshot holds it).
+#[test]
+fn a_cleared_message_leaves_the_item_as_it_was() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let index = h.put("a", 0);
+    h.attach("eas", "u1", 7, 1, false);
+    for code in ["500", ""] {
+        assert_eq!(h.delivered(7), vec![index]);
+        h.run(Command::Negative {
+            queue: input(),
+            group: "eas".into(),
+            indexes: vec![index],
+            code: code.into(),
+            reason: String::new(),
+        });
+    }
+    assert_eq!(h.queue().items[&index].message(), "");
+    let bytes = postcard::to_allocvec(&h.state).unwrap();
+    let mut restored: QueueState = postcard::from_bytes(&bytes).unwrap();
+    restored.rebuild_derived();
+    assert_eq!(restored, h.state);
+}

@@ -62,9 +62,12 @@ fn held() -> i64 {
     HELD.with(Cell::get)
 }
 
-/// Bytes `state` holds per item beyond the payloads, after `items` puts of
-/// `size`-byte payloads with UUID request ids (as a node assigns them).
-fn overhead_per_item(items: usize, size: usize, with_group: bool) -> i64 {
+/// Bytes the state holds per item beyond the payloads, after `items` puts
+/// of `size`-byte payloads with UUID request ids (as a node assigns them)
+/// or, `traced`, with a client's request id and a `traceparent` tag; and
+/// what the state reports of them for admission ([`Queue::meta_bytes_held`]
+/// per item).
+fn overhead_per_item(items: usize, size: usize, with_group: bool, traced: bool) -> (i64, i64) {
     let mut h = Harness::with_input_limits(
         QueueLimits {
             max_length: u64::MAX,
@@ -85,14 +88,29 @@ fn overhead_per_item(items: usize, size: usize, with_group: bool) -> i64 {
         .map(|i| Bytes::from(vec![(i % 251) as u8; size]))
         .collect();
     let ids: Vec<String> = (0..items)
-        .map(|_| uuid::Uuid::new_v4().to_string())
+        .map(|i| {
+            if traced {
+                format!("client-request-{i:08}-of-the-benchmark")
+            } else {
+                uuid::Uuid::new_v4().to_string()
+            }
+        })
         .collect();
     for (data, request_id) in payloads.into_iter().zip(ids) {
         let reply = h.run(Command::Put {
             queue: input(),
             item: NewItem {
                 request_id,
-                tags: Tags::new(),
+                tags: if traced {
+                    let mut tags = Tags::new();
+                    tags.insert(
+                        "traceparent".into(),
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                    );
+                    tags
+                } else {
+                    Tags::new()
+                },
                 data,
                 priority: 0,
                 path: String::new(),
@@ -108,7 +126,8 @@ fn overhead_per_item(items: usize, size: usize, with_group: bool) -> i64 {
     h.events.clear();
     let after = held();
     assert_eq!(h.queue().len(), items + 1);
-    (after - before - (items as i64 + 1) * size as i64) / items as i64
+    let held = (after - before - (items as i64 + 1) * size as i64) / items as i64;
+    (held, h.queue().meta_bytes_held() as i64 / items as i64)
 }
 
 /// Performance finding (memory): a node held 1.58 GB for 1,000,100 queued
@@ -117,9 +136,21 @@ fn overhead_per_item(items: usize, size: usize, with_group: bool) -> i64 {
 /// map, a whole tree node for one entry.
 #[test]
 fn a_stored_item_costs_little_beyond_its_payload() {
-    let bare = overhead_per_item(100_000, 256, false);
-    let grouped = overhead_per_item(100_000, 256, true);
-    eprintln!("state bytes per 256-byte item beyond its payload: {bare} (with a group: {grouped})");
+    let (bare, none) = overhead_per_item(100_000, 256, false, false);
+    let (grouped, _) = overhead_per_item(100_000, 256, true, false);
+    let (traced, meta) = overhead_per_item(100_000, 256, true, true);
+    eprintln!(
+        "state bytes per 256-byte item beyond its payload: {bare} (with a group: {grouped}; \
+         traced, with a client's id: {traced}, of which counted as meta bytes: {meta})"
+    );
     assert!(bare <= 240, "{bare} bytes per item");
     assert!(grouped <= 280, "{grouped} bytes per item with a group");
+    assert_eq!(none, 0, "a bare item holds nothing beyond its record");
+    // Memory admission charges ITEM_OVERHEAD_BYTES per item plus the meta
+    // bytes: that covers a traced item too.
+    assert!(
+        traced <= meta + 280,
+        "{traced} bytes per traced item, {meta} of them counted"
+    );
+    assert!(crate::api::ITEM_OVERHEAD_BYTES >= 280 + 100);
 }

@@ -29,7 +29,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u32..3, any::<bool>()).prop_map(|(priority, tagged)| Op::Put { priority, tagged: tagged && priority == 2 }),
-        2 => (0u8..2, 0u8..3, prop::bool::weighted(0.1)).prop_map(|(group, user, tagged)| Op::Attach { group, user, tagged }),
+        2 => (0u8..2, 0u8..3, prop::bool::weighted(0.3)).prop_map(|(group, user, tagged)| Op::Attach { group, user, tagged }),
         1 => (0u8..2, 0u8..3).prop_map(|(group, user)| Op::Detach { group, user }),
         4 => (0u8..2, any::<usize>()).prop_map(|(group, pick)| Op::Commit { group, pick }),
         1 => (0u8..2, any::<usize>()).prop_map(|(group, pick)| Op::Negative { group, pick }),
@@ -110,8 +110,11 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> Result<(), TestCaseError
             if tagged {
                 tags.insert("k".into(), "v".into());
             }
-            // Consumers of one group share their tag filter.
-            if let Some(gr) = h.queue().groups.get(&g) {
+            // A group keeps the filter of its first consumer; a later one
+            // filters the same, or narrower (k=v in an untagged group).
+            if let Some(gr) = h.queue().groups.get(&g)
+                && !(gr.tags.is_empty() && tagged)
+            {
                 tags = gr.tags.clone();
             }
             // User 2 watches with auto-commit: its node commits what it wrote.
@@ -178,7 +181,12 @@ fn step(h: &mut Harness, model: &mut Model, op: &Op) -> Result<(), TestCaseError
                     queue: input(),
                     group: g,
                     indexes: vec![index],
-                    code: String::new(),
+                    // A message, or none: a later empty one clears it.
+                    code: if pick % 2 == 0 {
+                        String::new()
+                    } else {
+                        "500".into()
+                    },
                     reason: String::new(),
                 });
             }
@@ -292,6 +300,9 @@ fn learn_deliveries(events: Vec<Event>, model: &mut Model) -> Result<(), TestCas
 /// window; dispatch leaves no free slot beside a ready item; no item lost.
 fn check_state(queue: &Queue, model: &Model) -> Result<(), TestCaseError> {
     for (gid, group) in &queue.groups {
+        if let Err(e) = group.check_ready_sets(&queue.items) {
+            return Err(TestCaseError::fail(format!("group {gid}: {e}")));
+        }
         for (uid, c) in &group.consumers {
             let held = group.in_flight.values().filter(|u| *u == uid).count() as u32;
             prop_assert_eq!(c.pending, held);
@@ -356,9 +367,13 @@ fn check_state(queue: &Queue, model: &Model) -> Result<(), TestCaseError> {
 }
 
 /// Determinism and the snapshot round trip: the encoded state decodes to
-/// an equal state.
+/// an equal state, and the copy a snapshot is written from encodes the same.
 fn check_snapshot_round_trip(h: &Harness) -> Result<(), TestCaseError> {
     let bytes = postcard::to_allocvec(&h.state).unwrap();
+    prop_assert_eq!(
+        &postcard::to_allocvec(&h.state.snapshot_copy()).unwrap(),
+        &bytes
+    );
     let mut restored: QueueState = postcard::from_bytes(&bytes).unwrap();
     restored.rebuild_derived();
     prop_assert_eq!(restored, h.state.clone());
