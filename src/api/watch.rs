@@ -598,9 +598,15 @@ fn idle_limit(state: &AppState) -> Duration {
 }
 
 /// When a connection's frames were written, in order, for the hold limit.
+///
+/// Writing costs the same however many frames were written since the last
+/// look: a frame written again (given back and sent anew) is not searched
+/// for, its earlier entry is skipped when it reaches the front.
 struct HoldClock {
     limit: Option<Duration>,
     written: std::collections::VecDeque<(u64, tokio::time::Instant)>,
+    /// The latest time each index in `written` was written.
+    latest: std::collections::HashMap<u64, tokio::time::Instant>,
 }
 
 impl HoldClock {
@@ -608,6 +614,7 @@ impl HoldClock {
         Self {
             limit: state.config.watch_max_hold,
             written: Default::default(),
+            latest: Default::default(),
         }
     }
 
@@ -623,8 +630,9 @@ impl HoldClock {
     /// was written before (given back and sent again).
     fn written(&mut self, index: u64) {
         if self.limit.is_some() {
-            self.written.retain(|(i, _)| *i != index);
-            self.written.push_back((index, tokio::time::Instant::now()));
+            let now = tokio::time::Instant::now();
+            self.latest.insert(index, now);
+            self.written.push_back((index, now));
         }
     }
 
@@ -635,12 +643,16 @@ impl HoldClock {
             return false;
         };
         while let Some(&(index, at)) = self.written.front() {
-            if state
-                .node
-                .read(|s| s.delivery_is_current(queue, connection, index))
-            {
-                return at.elapsed() > limit;
+            if self.latest.get(&index) == Some(&at) {
+                if state
+                    .node
+                    .read(|s| s.delivery_is_current(queue, connection, index))
+                {
+                    return at.elapsed() > limit;
+                }
+                self.latest.remove(&index);
             }
+            // Held no more, or written again later (its later entry counts).
             self.written.pop_front();
         }
         false
