@@ -121,7 +121,7 @@ def main() -> int:
     floor = dsync_floor_ms(work)
     env = dict(os.environ)
     env.update({
-        "EDDY_BIN": args.eddy_bin,
+        "EDDY_BIN": str(Path(args.eddy_bin).resolve()),
         # Every multi-node Eddy needs an admin token; the harness's Eddy is
         # on loopback and private to this run.
         "EDDY_ADMIN_TOKEN": env.get("EDDY_ADMIN_TOKEN") or os.urandom(16).hex(),
