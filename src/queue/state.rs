@@ -16,6 +16,7 @@
 //!   [`Rejection::ReplyNotKept`] (never the items again, never "nothing").
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -115,7 +116,9 @@ pub struct QueueState {
     /// Applied envelope ids with the envelope time they were applied at,
     /// in log order.
     recent_ids: VecDeque<(u128, u64)>,
-    recent_replies: BTreeMap<u128, Reply>,
+    /// Under `Arc`, so that copying the state for a snapshot copies no
+    /// reply.
+    recent_replies: BTreeMap<u128, Arc<Reply>>,
     /// The latest envelope time applied: time as `apply` sees it never goes
     /// backwards, whatever the clocks of successive leaders say.
     clock_ms: u64,
@@ -303,7 +306,7 @@ impl QueueState {
             return (Reply::Coalesced(replies), events);
         }
         if let Some(reply) = self.recent_replies.get(&envelope.id) {
-            return (reply.clone(), Vec::new());
+            return (Reply::clone(reply), Vec::new());
         }
         let decided = match envelope.command {
             Command::NodeLost { term, .. } | Command::GraceExpired { term } => Some(term),
@@ -368,11 +371,13 @@ impl QueueState {
             };
             self.kept_item_bytes -= k.bytes;
             if let Some(kept) = self.recent_replies.remove(&k.id) {
-                self.recent_replies.insert(k.id, without_items(kept));
+                let kept = Arc::unwrap_or_clone(kept);
+                self.recent_replies
+                    .insert(k.id, Arc::new(without_items(kept)));
             }
         }
         self.recent_ids.push_back((id, now_ms));
-        self.recent_replies.insert(id, reply);
+        self.recent_replies.insert(id, Arc::new(reply));
     }
 
     fn apply_command(&mut self, command: &Command, now_ms: u64, events: &mut Vec<Event>) -> Reply {

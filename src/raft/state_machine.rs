@@ -224,6 +224,7 @@ impl SnapshotBuilder {
     /// Copy the state, write it to a temp file and publish it (or find a
     /// newer one published meanwhile). Runs on a blocking thread.
     fn build_blocking(&self) -> io::Result<Snapshot> {
+        let started = std::time::Instant::now();
         let (state, meta) = {
             let a = self.shared.applied.read().unwrap();
             let meta = SnapshotMeta {
@@ -232,6 +233,8 @@ impl SnapshotBuilder {
             };
             (a.state.snapshot_copy(), meta)
         };
+        // Applying waits while the copy is taken: logged, to see it.
+        let copied = started.elapsed();
         let p = &self.publisher;
         if p.would_publish(&meta.last_log_id) {
             let file = p.check(
@@ -240,7 +243,13 @@ impl SnapshotBuilder {
             )?;
             drop(state);
             if let Some(file) = p.check("publishing a snapshot", p.publish(&meta, file))? {
-                tracing::info!(last_log_id = ?meta.last_log_id, bytes = file.len(), "snapshot built");
+                tracing::info!(
+                    last_log_id = ?meta.last_log_id,
+                    bytes = file.len(),
+                    copy_ms = copied.as_millis() as u64,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    "snapshot built"
+                );
                 return Ok(Snapshot {
                     meta,
                     snapshot: file,
