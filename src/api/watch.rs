@@ -629,26 +629,43 @@ impl HoldClock {
     /// The frame of `index` was written: its time starts now, also when it
     /// was written before (given back and sent again).
     fn written(&mut self, index: u64) {
+        self.written_at(index, tokio::time::Instant::now());
+    }
+
+    fn written_at(&mut self, index: u64, now: tokio::time::Instant) {
         if self.limit.is_some() {
-            let now = tokio::time::Instant::now();
             self.latest.insert(index, now);
             self.written.push_back((index, now));
+            // Frames written again leave earlier entries behind: drop them
+            // once they are as many as the live ones (amortized O(1)), so
+            // this holds what one entry per index would, twice at most.
+            if self.written.len() > 2 * self.latest.len() + 64 {
+                let latest = &self.latest;
+                self.written.retain(|(i, at)| latest.get(i) == Some(at));
+            }
         }
     }
 
     /// Whether `connection` still holds an item whose frame was written
     /// longer than the limit ago (items it no longer holds are forgotten).
     fn overdue(&mut self, state: &AppState, queue: &QueueRef, connection: u64) -> bool {
+        self.overdue_at(tokio::time::Instant::now(), |index| {
+            state
+                .node
+                .read(|s| s.delivery_is_current(queue, connection, index))
+        })
+    }
+
+    /// [`Self::overdue`] at `now`, with `held` telling whether the
+    /// connection still holds an item.
+    fn overdue_at(&mut self, now: tokio::time::Instant, held: impl Fn(u64) -> bool) -> bool {
         let Some(limit) = self.limit else {
             return false;
         };
         while let Some(&(index, at)) = self.written.front() {
             if self.latest.get(&index) == Some(&at) {
-                if state
-                    .node
-                    .read(|s| s.delivery_is_current(queue, connection, index))
-                {
-                    return at.elapsed() > limit;
+                if held(index) {
+                    return now.saturating_duration_since(at) > limit;
                 }
                 self.latest.remove(&index);
             }
@@ -920,6 +937,48 @@ mod tests {
     use super::*;
     use crate::queue::QueueKind;
     use futures::FutureExt;
+
+    fn hold_clock(limit: Duration) -> HoldClock {
+        HoldClock {
+            limit: Some(limit),
+            written: Default::default(),
+            latest: Default::default(),
+        }
+    }
+
+    /// The hold limit counts from an item's latest write, skips items no
+    /// longer held, and writing costs the same however often frames are
+    /// written again (it searched every entry since the last look).
+    #[test]
+    fn the_hold_clock_counts_from_the_latest_write_of_a_held_item() {
+        let t0 = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut clock = hold_clock(ms(1_000));
+        clock.written_at(1, t0);
+        clock.written_at(2, t0);
+        clock.written_at(1, t0 + ms(600));
+        // Item 2 is held and was written 1.2 s ago.
+        assert!(clock.overdue_at(t0 + ms(1_200), |_| true));
+        // Once 2 is committed, item 1 counts from its second write.
+        assert!(!clock.overdue_at(t0 + ms(1_200), |i| i == 1));
+        assert!(clock.overdue_at(t0 + ms(1_700), |i| i == 1));
+        // Nothing held: nothing overdue, and nothing left to look at.
+        assert!(!clock.overdue_at(t0 + ms(5_000), |_| false));
+        assert!(clock.written.is_empty() && clock.latest.is_empty());
+        // An item written again and again behind a held one: the entries
+        // stay within twice the items (plus a constant).
+        clock.written_at(7, t0);
+        for k in 0..10_000u64 {
+            clock.written_at(8 + k % 3, t0 + ms(k));
+        }
+        assert!(
+            clock.written.len() <= 2 * 4 + 64 + 1,
+            "{}",
+            clock.written.len()
+        );
+        assert!(!clock.overdue_at(t0 + ms(500), |_| true));
+        assert!(clock.overdue_at(t0 + ms(1_001), |_| true));
+    }
 
     #[test]
     fn a_long_poll_wakes_for_its_own_queue_only() {

@@ -34,8 +34,8 @@ pub const DEDUP_WINDOW_MS: u64 = 30_000;
 /// Command ids beyond which the oldest are forgotten before
 /// [`DEDUP_WINDOW_MS`] (but after [`DEDUP_MIN_WINDOW_MS`]): only rates above
 /// the fastest measured (14,000 puts/s on one node, 35 s of ids) reach it.
-/// An entry with a small reply takes about 175 bytes, about 90 MB for this
-/// many.
+/// An entry with a small reply takes about 225 bytes (a put's, measured in
+/// the memory test), about 110 MB for this many.
 pub const DEDUP_MAX_ENTRIES: usize = 500_000;
 
 /// The least time an applied command id is remembered, whatever the rate:
@@ -46,8 +46,9 @@ pub const DEDUP_MIN_WINDOW_MS: u64 = 10_000;
 pub const DEDUP_MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a remembered id costs in memory besides the items of its reply
-/// (id, time, map node, a small reply): see [`DEDUP_MAX_ENTRIES`].
-pub const DEDUP_ENTRY_BYTES: u64 = 176;
+/// (id, time, map node, a small reply): see [`DEDUP_MAX_ENTRIES`]. A put's
+/// measured 224 bytes (with its reply under `Arc` and a UUID request id).
+pub const DEDUP_ENTRY_BYTES: u64 = 240;
 
 /// Bytes a frame of a kept reply is counted for besides its payload (tags,
 /// record): keeps many tiny frames from escaping the byte bound.
@@ -157,6 +158,15 @@ fn kept_bytes(reply: &Reply) -> u64 {
             .sum(),
         Reply::Batch(replies) => replies.iter().map(kept_bytes).sum(),
         _ => 0,
+    }
+}
+
+/// [`without_items`] of a reply that is not ours to take apart.
+fn without_items_of(reply: &Reply) -> Reply {
+    match reply {
+        Reply::Items(frames) if !frames.is_empty() => Reply::Rejected(Rejection::ReplyNotKept),
+        Reply::Batch(replies) => Reply::batch(replies.iter().map(without_items_of).collect()),
+        other => other.clone(),
     }
 }
 
@@ -371,9 +381,10 @@ impl QueueState {
             };
             self.kept_item_bytes -= k.bytes;
             if let Some(kept) = self.recent_replies.remove(&k.id) {
-                let kept = Arc::unwrap_or_clone(kept);
+                // Never copies the items (a snapshot being built may share
+                // the reply).
                 self.recent_replies
-                    .insert(k.id, Arc::new(without_items(kept)));
+                    .insert(k.id, Arc::new(without_items_of(&kept)));
             }
         }
         self.recent_ids.push_back((id, now_ms));

@@ -120,13 +120,19 @@ fn overhead_per_item(items: usize, size: usize, with_group: bool, traced: bool) 
         h.events.clear();
     }
     // The de-duplication table remembers each put for a while; it is
-    // counted apart (DEDUP_ENTRY_BYTES), so forget it here.
+    // counted apart (DEDUP_ENTRY_BYTES), so forget it here, and measure it.
+    let remembered = held();
     h.now += DEDUP_WINDOW_MS + 1;
     assert!(matches!(h.put_sized(size), Reply::Put { .. }));
     h.events.clear();
     let after = held();
     assert_eq!(h.queue().len(), items + 1);
     let held = (after - before - (items as i64 + 1) * size as i64) / items as i64;
+    let per_id = (remembered - after) / items as i64;
+    assert!(
+        per_id <= DEDUP_ENTRY_BYTES as i64,
+        "a remembered put id costs {per_id} bytes, counted as {DEDUP_ENTRY_BYTES}"
+    );
     (held, h.queue().meta_bytes_held() as i64 / items as i64)
 }
 

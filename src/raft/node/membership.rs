@@ -33,7 +33,16 @@ impl RaftNode {
 
     /// On the leader: remove a node from the voters (and the cluster).
     pub async fn remove_member(&self, id: u64) -> Result<(), ProposeError> {
-        let mut voters: BTreeSet<u64> = self.status().voters.into_iter().collect();
+        let status = self.status();
+        // The voters are judged by the leader: a follower's view may not
+        // have the latest membership yet (it refused a removal it should
+        // have forwarded).
+        if status.leader != Some(self.id) {
+            return Err(ProposeError::NotLeader {
+                leader: status.leader,
+            });
+        }
+        let mut voters: BTreeSet<u64> = status.voters.into_iter().collect();
         if !voters.remove(&id) {
             return Err(ProposeError::Unavailable(format!(
                 "node {id} is not a voter"
