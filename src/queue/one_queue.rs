@@ -170,6 +170,11 @@ impl Item {
         (id + extras) as u64
     }
 
+    /// The item's key in its queue's request-id index.
+    fn request_key(&self) -> (u64, u64) {
+        (request_id_hash(&self.request_id.text()), self.index)
+    }
+
     fn extra_tags(&self) -> &[(Box<str>, Box<str>)] {
         self.extras.as_ref().map_or(&[], |x| &x.tags)
     }
@@ -498,7 +503,7 @@ impl Group {
             .consumers
             .values()
             .map(|c| &c.tags)
-            .filter(|t| !tags_match(&self.tags, t))
+            .filter(|t| !self.implies(t))
             .collect();
         self.narrowed.retain(|t, _| wanted.contains(t));
         let missing: Vec<Tags> = wanted
@@ -680,11 +685,7 @@ impl Queue {
             .chain(self.dead.values())
             .map(|it| it.data.len() as u64)
             .sum();
-        self.by_request_id = self
-            .items
-            .values()
-            .map(|it| (request_id_hash(&it.request_id.text()), it.index))
-            .collect();
+        self.by_request_id = self.items.values().map(|it| it.request_key()).collect();
         self.meta_bytes_held = self.items.values().map(|it| it.meta_bytes()).sum();
         for group in self.groups.values_mut() {
             group.rebuild_ready(&self.items);
@@ -831,8 +832,7 @@ impl Queue {
                 group.make_ready(&stored);
             }
         }
-        self.by_request_id
-            .insert((request_id_hash(&stored.request_id.text()), index));
+        self.by_request_id.insert(stored.request_key());
         self.bytes_held += size;
         self.meta_bytes_held += stored.meta_bytes();
         self.items.insert(index, Arc::new(stored));
@@ -849,8 +849,7 @@ impl Queue {
         let item = self.items.remove(&index)?;
         self.bytes_held -= item.data.len() as u64;
         self.meta_bytes_held -= item.meta_bytes();
-        self.by_request_id
-            .remove(&(request_id_hash(&item.request_id.text()), index));
+        self.by_request_id.remove(&item.request_key());
         let key = item.order_key();
         for group in self.groups.values_mut() {
             group.unready(&key);
@@ -1094,12 +1093,7 @@ impl Queue {
                 tags: spec.tags.clone(),
                 ..Default::default()
             };
-            group.ready = self
-                .items
-                .values()
-                .filter(|it| group.sees(it))
-                .map(|it| it.order_key())
-                .collect();
+            group.rebuild_ready(&self.items);
             self.groups.insert(spec.group.clone(), group);
         }
         let group = self.groups.get_mut(&spec.group).expect("group exists");

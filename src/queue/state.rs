@@ -161,21 +161,14 @@ fn kept_bytes(reply: &Reply) -> u64 {
     }
 }
 
-/// [`without_items`] of a reply that is not ours to take apart.
-fn without_items_of(reply: &Reply) -> Reply {
+/// The reply a retry gets once the first reply's items were dropped. It
+/// never copies the items (a reply kept under `Arc` may be shared with a
+/// snapshot being built); what it copies has none.
+fn without_items(reply: &Reply) -> Reply {
     match reply {
         Reply::Items(frames) if !frames.is_empty() => Reply::Rejected(Rejection::ReplyNotKept),
-        Reply::Batch(replies) => Reply::batch(replies.iter().map(without_items_of).collect()),
+        Reply::Batch(replies) => Reply::batch(replies.iter().map(without_items).collect()),
         other => other.clone(),
-    }
-}
-
-/// The reply a retry gets once the first reply's items were dropped.
-fn without_items(reply: Reply) -> Reply {
-    match reply {
-        Reply::Items(frames) if !frames.is_empty() => Reply::Rejected(Rejection::ReplyNotKept),
-        Reply::Batch(replies) => Reply::batch(replies.into_iter().map(without_items).collect()),
-        other => other,
     }
 }
 
@@ -360,7 +353,7 @@ impl QueueState {
         }
         let bytes = kept_bytes(&reply);
         let reply = if bytes > DEDUP_MAX_REPLY_BYTES {
-            without_items(reply)
+            without_items(&reply)
         } else {
             if bytes > 0 {
                 self.kept_items.push_back(Kept {
@@ -384,7 +377,7 @@ impl QueueState {
                 // Never copies the items (a snapshot being built may share
                 // the reply).
                 self.recent_replies
-                    .insert(k.id, Arc::new(without_items_of(&kept)));
+                    .insert(k.id, Arc::new(without_items(&kept)));
             }
         }
         self.recent_ids.push_back((id, now_ms));
