@@ -41,7 +41,14 @@ fn length_ending_after_entry(wal: &std::path::Path, index: u64) -> u64 {
 /// others apply the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
-    let mut c = Cluster::new(3, 20_000).await;
+    // The leader must append nothing but the put below once `behind` is
+    // stopped: an entry of its own (declaring `behind` lost after
+    // `node_lost`, on a slow run) would be committed by `ahead` and then cut
+    // from the leader, a loss no real crash causes.
+    let mut c = Cluster::configured(3, |c| {
+        c.config.timings.node_lost = Duration::from_secs(600);
+    })
+    .await;
     let leader = c.leader().await;
     create_service(c.node(leader)).await;
     let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
@@ -51,6 +58,13 @@ async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
     }
     for id in 1..=3 {
         wait_for_length(c.node(id), 5).await;
+        // Its start is announced (an entry), so it proposes nothing later.
+        eventually(
+            "the node announced its start",
+            Duration::from_secs(10),
+            || c.node(id).node.accepts_watchers(),
+        )
+        .await;
     }
     c.stop(behind).await;
     let wal = {
@@ -58,8 +72,10 @@ async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
         move |id: u64| dirs[(id - 1) as usize].join("raft").join("raft.wal")
     };
     let leader_wrote = std::fs::metadata(wal(leader)).unwrap().len();
+    let before = c.node(leader).node.status().last_log_index.unwrap();
     put(c.node(leader), "only-on-the-follower").await;
     let lost = c.node(leader).node.status().last_log_index.unwrap();
+    assert_eq!(lost, before + 1, "the leader appended only the put");
     c.stop(leader).await;
     c.stop(ahead).await;
     // The state a kill leaves when the leader had sent entry `lost` but not
@@ -74,6 +90,12 @@ async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
             .unwrap()
     };
     cut(leader, leader_wrote);
+    let kept = eddy::raft::check_wal(&c.data_dir(leader).join("raft")).unwrap();
+    assert_eq!(
+        kept.last_index,
+        Some(lost - 1),
+        "the leader lost only the put"
+    );
     cut(ahead, length_ending_after_entry(&wal(ahead), lost));
     c.restart(leader).await;
     c.restart(ahead).await;
