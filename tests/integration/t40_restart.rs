@@ -71,7 +71,10 @@ async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
         let dirs: Vec<_> = (1..=3).map(|id| c.data_dir(id)).collect();
         move |id: u64| dirs[(id - 1) as usize].join("raft").join("raft.wal")
     };
-    let leader_wrote = std::fs::metadata(wal(leader)).unwrap().len();
+    // Where its log ends (zeros written ahead of it follow).
+    let leader_wrote = eddy::raft::check_wal(&c.data_dir(leader).join("raft"))
+        .unwrap()
+        .log_bytes;
     let before = c.node(leader).node.status().last_log_index.unwrap();
     put(c.node(leader), "only-on-the-follower").await;
     let lost = c.node(leader).node.status().last_log_index.unwrap();

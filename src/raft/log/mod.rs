@@ -51,6 +51,9 @@ pub struct LogOptions {
     /// most (but always at least one entry), which bounds one replication
     /// message well below the gRPC message limit.
     pub read_budget_bytes: u64,
+    /// Zeros are kept written this far (and up to twice this) ahead of the
+    /// log, so that writes land within the file; 0 writes none.
+    pub prepare_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -59,6 +62,7 @@ impl Default for LogOptions {
             compact_min_bytes: 64 << 20,
             compact_batch_bytes: 32 << 20,
             read_budget_bytes: 8 << 20,
+            prepare_bytes: 1 << 20,
         }
     }
 }
@@ -137,6 +141,8 @@ impl LogStore {
         }
         let recovered = record::recover(&path)?;
         let good_end = recovered.walk.good_end;
+        // Zeros written ahead by an earlier run may follow the log.
+        let mut prepared = recovered.file_len;
         match recovered.walk.tail {
             Tail::Clean => {}
             Tail::Torn { offset, bytes } => {
@@ -152,6 +158,7 @@ impl LogStore {
                     .map_err(io(&path))?;
                 f.set_len(offset).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
+                prepared = offset;
             }
             Tail::Corrupt { offset, reason } => {
                 return Err(WalError::Corrupt {
@@ -168,6 +175,8 @@ impl LogStore {
             file,
             salt: recovered.salt,
             size: good_end,
+            prepared,
+            prepare_bytes: options.prepare_bytes,
             compact_batch_bytes: options.compact_batch_bytes,
             stats: stats.clone(),
             health: health.clone(),

@@ -252,7 +252,8 @@ pub(super) fn new_batch() -> Vec<u8> {
 /// What follows the last good batch of a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tail {
-    /// The file ends right after a good batch.
+    /// The file ends right after a good batch, or only zeros follow it
+    /// (space the writer prepared ahead of its writes).
     Clean,
     /// A batch that was being written when the node stopped: nothing valid
     /// after `offset`, `bytes` bytes to cut.
@@ -308,6 +309,15 @@ pub(super) fn walk_batches<R: Read + Seek, T>(
             });
         }
         let bad = |reason: String, r: &mut R| -> io::Result<Walk> {
+            // Space the writer filled with zeros ahead of its writes, which
+            // no batch reached: the log ends here, as if the file did.
+            if zeros_to_end(r, pos, file_len)? {
+                return Ok(Walk {
+                    batches,
+                    good_end: pos,
+                    tail: Tail::Clean,
+                });
+            }
             let tail = match find_batch_header(r, salt, pos + 1, file_len)? {
                 Some(next) => Tail::Corrupt {
                     offset: pos,
@@ -368,6 +378,22 @@ pub(super) fn walk_batches<R: Read + Seek, T>(
         }
         batches += 1;
         pos = end;
+    }
+}
+
+/// Whether every byte from `from` to the end of the file is zero.
+fn zeros_to_end<R: Read + Seek>(r: &mut R, from: u64, file_len: u64) -> io::Result<bool> {
+    r.seek(SeekFrom::Start(from))?;
+    let mut rest = r.by_ref().take(file_len - from);
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        let n = rest.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
     }
 }
 
@@ -575,6 +601,9 @@ pub(super) fn recover(path: &Path) -> Result<Recovered, WalError> {
 pub struct WalReport {
     pub path: PathBuf,
     pub file_bytes: u64,
+    /// Where the last good batch ends; beyond it the file holds zeros
+    /// prepared for later writes, or a torn or corrupt tail.
+    pub log_bytes: u64,
     pub batches: u64,
     pub records: u64,
     pub first_index: Option<u64>,
@@ -597,9 +626,10 @@ impl fmt::Display for WalReport {
         let idx = |o: Option<u64>| o.map_or_else(|| "none".into(), |i| i.to_string());
         writeln!(
             f,
-            "file       {} ({} bytes)",
+            "file       {} ({} bytes, the log's {})",
             self.path.display(),
-            self.file_bytes
+            self.file_bytes,
+            self.log_bytes
         )?;
         writeln!(f, "format     version {FORMAT_VERSION}")?;
         writeln!(f, "batches    {}", self.batches)?;
@@ -634,6 +664,7 @@ pub fn check(dir: &Path) -> Result<WalReport, WalError> {
     let c = &r.contents;
     Ok(WalReport {
         file_bytes: r.file_len,
+        log_bytes: r.walk.good_end,
         batches: r.walk.batches,
         records: r.records,
         first_index: c.entries.keys().next().copied(),

@@ -81,6 +81,11 @@ async fn faulty_log_of_ten(dir: &Path) -> (LogStore, Arc<StorageHealth>, Arc<Fau
     (store, health, faults)
 }
 
+/// Where the log in file `path` ends (zeros written ahead may follow).
+fn log_end(path: &Path) -> u64 {
+    check(path.parent().unwrap()).unwrap().log_bytes
+}
+
 /// Byte offsets of the good batches of a log file.
 fn batch_offsets(path: &Path) -> Vec<u64> {
     let mut f = std::fs::File::open(path).unwrap();
@@ -155,7 +160,7 @@ async fn write_compact_write_in_one_batch_keeps_every_entry_and_the_vote() {
     vote_saved.await.unwrap();
     drop(store);
 
-    let file_len = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
+    let file_len = log_end(&dir.path().join(WAL_FILE));
     assert!(
         file_len < 8 * 1000,
         "the file was rewritten without the 8 purged entries ({file_len} bytes)"
@@ -255,7 +260,7 @@ async fn a_torn_last_batch_is_cut() {
     for damage in ["short", "header zeroed", "body bit"] {
         let dir = tempfile::tempdir().unwrap();
         let (path, offsets) = five_batches(dir.path()).await;
-        let len = std::fs::metadata(&path).unwrap().len();
+        let len = log_end(&path);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         match damage {
             "short" => f.set_len(len - 7).unwrap(),
@@ -289,7 +294,7 @@ async fn wal_check_reports_clean_torn_and_corrupt() {
     let data = tempfile::tempdir().unwrap();
     let raft = data.path().join("raft");
     let (path, offsets) = five_batches(&raft).await;
-    let len = std::fs::metadata(&path).unwrap().len();
+    let len = log_end(&path);
 
     for dir in [data.path(), raft.as_path()] {
         let report = check(dir).unwrap();
@@ -362,9 +367,9 @@ impl WalFile for FaultyFile {
         self.inner.path()
     }
 
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         self.faults.appends.fetch_add(1, Ordering::SeqCst);
-        self.inner.append(bytes)
+        self.inner.write_at(offset, bytes)
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -644,7 +649,7 @@ async fn entry_sizes_match_the_file() {
     .await;
     let sizes = entry_sizes(&store);
     drop(store);
-    let file_len = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
+    let file_len = log_end(&dir.path().join(WAL_FILE));
     assert_eq!(
         sizes.iter().sum::<u64>(),
         file_len - FILE_HEADER_LEN - BATCH_HEADER_LEN
@@ -690,7 +695,7 @@ fn unknown_formats_are_refused_clearly() {
 async fn garbage_full_of_batch_magics_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = five_batches(dir.path()).await;
-    let len = std::fs::metadata(&path).unwrap().len();
+    let len = log_end(&path);
     let mut garbage = Vec::new();
     while garbage.len() < 4 << 20 {
         let at = len + garbage.len() as u64;
@@ -701,11 +706,8 @@ async fn garbage_full_of_batch_magics_is_a_torn_tail() {
         garbage.extend_from_slice(&forged.encode(0, at));
         garbage.extend_from_slice(&forged.encode(1, at + 20)[..4]);
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(&garbage).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &garbage, len).unwrap();
     drop(f);
     let report = check(dir.path()).unwrap();
     assert_eq!(
@@ -718,4 +720,89 @@ async fn garbage_full_of_batch_magics_is_a_torn_tail() {
     let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
     assert_eq!(indexes(&store).len(), 10);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+}
+
+/// Writes land on zeros prepared ahead of the log, within the file's length
+/// (so that their fsync need not change the file's size), and a file with
+/// zeros after its log opens clean, whole, and goes on from where the log
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_land_on_zeros_prepared_ahead_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(WAL_FILE);
+    let prepare = opts().prepare_bytes;
+    let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    append_durably(&mut store, vec![entry(1, 300)]).await;
+    let end = log_end(&path);
+    let file = std::fs::metadata(&path).unwrap().len();
+    assert!(file >= end + prepare, "{file} bytes for a log of {end}");
+    append_durably(&mut store, vec![entry(2, 300)]).await;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        file,
+        "the next write went within the file"
+    );
+    drop(store);
+    let bytes = std::fs::read(&path).unwrap();
+    let end = log_end(&path);
+    assert!(bytes[end as usize..].iter().all(|b| *b == 0));
+    assert_eq!(check(dir.path()).unwrap().tail, Tail::Clean);
+
+    let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    assert_eq!(indexes(&store), vec![1, 2]);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), file, "nothing cut");
+    // Far past the zeros: the file grows and zeros follow again.
+    append_durably(&mut store, vec![entry(3, 3 * prepare as usize)]).await;
+    append_durably(&mut store, vec![entry(4, 300)]).await;
+    drop(store);
+    let end = log_end(&path);
+    assert!(std::fs::metadata(&path).unwrap().len() >= end + prepare);
+    let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    assert_eq!(indexes(&store), vec![1, 2, 3, 4]);
+}
+
+/// A batch torn among the zeros written ahead (some of its pages written,
+/// the rest still zeros) is a torn tail: cut on open with the zeros, and
+/// the log goes on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_torn_among_prepared_zeros_is_cut() {
+    for torn in ["header only", "body page only"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, offsets) = five_batches(dir.path()).await;
+        let end = log_end(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        // The last batch again, as the start of a sixth one that was being
+        // written at `end` when the node stopped.
+        let last = &bytes[offsets[4] as usize..end as usize];
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        match torn {
+            "header only" => {
+                let sealed = BatchHeader {
+                    body_len: 4096,
+                    body_crc: 7,
+                };
+                let header = sealed.encode(salt_of(&bytes), end);
+                std::os::unix::fs::FileExt::write_all_at(&f, &header, end).unwrap();
+            }
+            _ => std::os::unix::fs::FileExt::write_all_at(&f, &last[5..], end + 4096).unwrap(),
+        }
+        drop(f);
+        assert!(
+            matches!(check(dir.path()).unwrap().tail, Tail::Torn { offset, .. } if offset == end),
+            "{torn}"
+        );
+        let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+        assert_eq!(indexes(&store), (1..=10).collect::<Vec<_>>(), "{torn}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end, "{torn}");
+        append_durably(&mut store, vec![entry(11, 10)]).await;
+        drop(store);
+        let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+        assert_eq!(indexes(&store), (1..=11).collect::<Vec<_>>(), "{torn}");
+        assert_eq!(check(dir.path()).unwrap().tail, Tail::Clean);
+    }
+}
+
+/// The salt of a log file, from its header.
+fn salt_of(file: &[u8]) -> u64 {
+    u64::from_le_bytes(file[12..20].try_into().unwrap())
 }
