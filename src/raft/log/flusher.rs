@@ -33,6 +33,10 @@ use crate::raft::types::TypeConfig;
 /// the flusher's buffer when a large backlog is queued.
 const MAX_BATCH_BYTES: usize = 64 << 20;
 
+/// Zeros are written ahead of the log only while recent batches are
+/// smaller than this on average.
+const PREPARE_BELOW_MEAN_BATCH: f64 = 32.0 * 1024.0;
+
 /// The log file as the flusher sees it. Tests wrap it to inject failures.
 pub(super) trait WalFile: Send {
     fn path(&self) -> &Path;
@@ -152,6 +156,8 @@ pub(super) struct Flusher {
     pub prepared: u64,
     /// Zeros are written ahead in pieces of this many bytes (0: never).
     pub prepare_bytes: u64,
+    /// The mean size of recent batches, in bytes.
+    pub mean_batch: f64,
     /// Batch size used when rewriting the file.
     pub compact_batch_bytes: u64,
     pub stats: Arc<Mutex<FsyncStats>>,
@@ -237,7 +243,7 @@ impl Flusher {
         if let Err(e) = self.file.write_at(self.size, batch) {
             return Err(self.fail(format!("writing {path}: {e}")));
         }
-        self.prepare_ahead(self.size + batch.len() as u64);
+        self.prepare_ahead(self.size + batch.len() as u64, batch.len() as u64);
         self.size += batch.len() as u64;
         if !sync {
             return Ok(());
@@ -258,8 +264,18 @@ impl Flusher {
     /// included). The zeros go out with a batch (under its fsync, or the next
     /// one), once per `prepare_bytes` of log: nothing touches the file between batches, so
     /// once the last write's callback has run the file stays as it is.
-    fn prepare_ahead(&mut self, end: u64) {
-        if self.prepare_bytes == 0 || self.prepared >= end + self.prepare_bytes {
+    ///
+    /// Only while batches are small: the zeros double the bytes written,
+    /// and with large batches the disk's bandwidth, not the journal, is what
+    /// an fsync waits for (three nodes on one disk, 64 KiB puts at P=4:
+    /// 1,067 and 1,073 puts/s without zeros, 795 and 909 with them).
+    fn prepare_ahead(&mut self, end: u64, batch: u64) {
+        // A mean over the last few dozen batches.
+        self.mean_batch += (batch as f64 - self.mean_batch) / 32.0;
+        if self.prepare_bytes == 0
+            || self.prepared >= end + self.prepare_bytes
+            || self.mean_batch > PREPARE_BELOW_MEAN_BATCH
+        {
             return;
         }
         let from = self.prepared.max(end);

@@ -177,6 +177,7 @@ impl LogStore {
             size: good_end,
             prepared,
             prepare_bytes: options.prepare_bytes,
+            mean_batch: 0.0,
             compact_batch_bytes: options.compact_batch_bytes,
             stats: stats.clone(),
             health: health.clone(),
