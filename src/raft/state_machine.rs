@@ -3,7 +3,8 @@
 //! The queue state lives in memory behind a lock shared with the API (reads)
 //! and is snapshotted to a file (format and handle in `snapshot_file`). On
 //! start the latest snapshot is loaded; openraft then re-applies the
-//! committed log after it (the log store persists the committed id).
+//! committed log after it (the log store keeps the committed id, durable
+//! with the next write someone waits for).
 //!
 //! Snapshots, built here or received from the leader, are written to temp
 //! files with names unique per write and published by rename under one

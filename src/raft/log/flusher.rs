@@ -2,7 +2,9 @@
 //!
 //! It takes jobs strictly in submission order. Consecutive writes are
 //! gathered into one batch, written with one `write` call and covered by one
-//! fsync (group commit); their callbacks fire only after that fsync. A
+//! fsync (group commit); their callbacks fire only after that fsync. Records
+//! no one waits for (the committed index, a purge) wait, gathered, for the
+//! next batch someone waits for: no batch is written without an fsync. A
 //! compaction is a barrier in the order: the writes queued before it are
 //! written to the old file and fsynced first, then the file is replaced by
 //! one built from the live state captured at that point of the order, and
@@ -110,6 +112,9 @@ pub(super) enum Job {
     /// queue jobs that the flusher then takes in one go.
     #[cfg(test)]
     Hold(mpsc::Receiver<()>),
+    /// Do what the flusher does when it runs out of jobs, then answer.
+    #[cfg(test)]
+    Idle(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Who is told when a write is durable (or failed).
@@ -151,17 +156,27 @@ pub(super) struct Flusher {
     pub salt: u64,
     /// Where the log in the current file ends: where the next batch goes.
     pub size: u64,
-    /// The file holds zeros from `size` up to here (nothing beyond `size`,
-    /// when this is not past it).
+    /// The file holds zeros from `size` up to here (when this is past
+    /// `size`; a zero write cut short by a full disk may leave some further).
     pub prepared: u64,
     /// Zeros are written ahead in pieces of this many bytes (0: never).
     pub prepare_bytes: u64,
     /// The mean size of recent batches, in bytes.
     pub mean_batch: f64,
+    /// The disk had no room for zeros ahead (until the next compaction).
+    pub prepare_refused: bool,
     /// Batch size used when rewriting the file.
     pub compact_batch_bytes: u64,
     pub stats: Arc<Mutex<FsyncStats>>,
     pub health: Arc<StorageHealth>,
+}
+
+/// Whether a flush writes what is gathered whatever it holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    Now,
+    /// Only if someone waits for a record gathered.
+    IfAwaited,
 }
 
 /// Writes gathered for the next batch.
@@ -191,50 +206,60 @@ impl Flusher {
                             .as_ref()
                             .is_some_and(|b| b.len() >= MAX_BATCH_BYTES)
                         {
-                            self.flush(&mut pending);
+                            self.flush(&mut pending, Flush::Now);
                         }
                     }
                     Job::Compact(state) => {
-                        self.flush(&mut pending);
+                        self.flush(&mut pending, Flush::Now);
                         self.compact(&state);
                     }
                     #[cfg(test)]
                     Job::Hold(release) => {
-                        self.flush(&mut pending);
+                        self.flush(&mut pending, Flush::Now);
                         let _ = release.recv();
+                    }
+                    #[cfg(test)]
+                    Job::Idle(answer) => {
+                        self.flush(&mut pending, Flush::IfAwaited);
+                        let _ = answer.send(());
                     }
                 }
             }
-            self.flush(&mut pending);
+            self.flush(&mut pending, Flush::IfAwaited);
         }
+        // The store is gone. What no one waited for is not written: the
+        // thread may outlive the store's owner (a node stopped and started
+        // again in one process), and a write now could land after the file
+        // was opened again.
     }
 
-    /// Write the gathered batch, fsync it unless no one waits for it, then
-    /// complete its callbacks.
+    /// Write and fsync the gathered batch, then complete its callbacks.
     ///
-    /// A batch of records whose durability no one waits for (the committed
-    /// index, a purge: both only save replaying log on a start) is written
-    /// but not fsynced: the next fsync, which covers every earlier write to
-    /// the file, makes it durable. Before, every commit cost each node a
-    /// second fsync per entry (the committed index, in a batch of its own),
-    /// which held back the next entries' batch behind it.
-    fn flush(&mut self, pending: &mut Pending) {
+    /// With [`Flush::IfAwaited`], records no one waits to be durable (the
+    /// committed index, a purge; both may be lost without harm) stay
+    /// gathered, and go out in the next batch someone waits for: each commit
+    /// used to cost every node a fsync of its own (a batch holding just the
+    /// committed index), which also held back the next entries behind it.
+    /// They are never written without an fsync, so that every batch but the
+    /// last is durable before the next is written, which is what recovery
+    /// relies on to tell a torn tail from corruption.
+    fn flush(&mut self, pending: &mut Pending, when: Flush) {
+        if when == Flush::IfAwaited && pending.done.iter().all(|d| matches!(d, Done::Nothing)) {
+            return;
+        }
         let done = std::mem::take(&mut pending.done);
         let Some(mut batch) = pending.batch.take() else {
             return;
         };
-        let sync = done.iter().any(|d| !matches!(d, Done::Nothing));
         let started = Instant::now();
-        let result = self.write_batch(&mut batch, sync);
-        if sync {
-            crate::latency::Stage::LogFlush.record(started.elapsed());
-        }
+        let result = self.write_batch(&mut batch);
+        crate::latency::Stage::LogFlush.record(started.elapsed());
         for d in done {
             d.complete(result.as_ref().map(|_| ()).map_err(String::as_str));
         }
     }
 
-    fn write_batch(&mut self, batch: &mut [u8], sync: bool) -> Result<(), String> {
+    fn write_batch(&mut self, batch: &mut [u8]) -> Result<(), String> {
         if let Some(reason) = self.health.failure() {
             return Err(format!("raft log not written: storage failed: {reason}"));
         }
@@ -243,15 +268,15 @@ impl Flusher {
         if let Err(e) = self.file.write_at(self.size, batch) {
             return Err(self.fail(format!("writing {path}: {e}")));
         }
-        self.prepare_ahead(self.size + batch.len() as u64, batch.len() as u64);
-        self.size += batch.len() as u64;
-        if !sync {
-            return Ok(());
+        if let Err(reason) = self.prepare_ahead(self.size + batch.len() as u64, batch.len() as u64)
+        {
+            return Err(reason);
         }
         let start = Instant::now();
         if let Err(e) = self.file.sync() {
             return Err(self.fail(format!("fsync of {path}: {e}")));
         }
+        self.size += batch.len() as u64;
         self.record_fsync(start.elapsed().as_micros() as u64);
         Ok(())
     }
@@ -261,33 +286,51 @@ impl Flusher {
     /// length: it then carries the data alone, with no change of size or
     /// allocation for the file system to journal. On ext4 here that halved
     /// the fsync of a 4 KiB write (0.27 -> 0.16 ms, the zeros' own writes
-    /// included). The zeros go out with a batch (under its fsync, or the next
-    /// one), once per `prepare_bytes` of log: nothing touches the file between batches, so
-    /// once the last write's callback has run the file stays as it is.
+    /// included). The zeros go out with a batch, under its fsync, once per
+    /// `prepare_bytes` of log: nothing touches the file between batches.
     ///
     /// Only while batches are small: the zeros double the bytes written,
     /// and with large batches the disk's bandwidth, not the journal, is what
     /// an fsync waits for (three nodes on one disk, 64 KiB puts at P=4:
     /// 1,067 and 1,073 puts/s without zeros, 795 and 909 with them).
-    fn prepare_ahead(&mut self, end: u64, batch: u64) {
+    ///
+    /// A disk without room for the zeros is no failure (the batches grow
+    /// the file as they would without them), and no zeros are tried again
+    /// until the next compaction; any other error is, as for a batch.
+    fn prepare_ahead(&mut self, end: u64, batch: u64) -> Result<(), String> {
         // A mean over the last few dozen batches.
         self.mean_batch += (batch as f64 - self.mean_batch) / 32.0;
         if self.prepare_bytes == 0
+            || self.prepare_refused
             || self.prepared >= end + self.prepare_bytes
             || self.mean_batch > PREPARE_BELOW_MEAN_BATCH
         {
-            return;
+            return Ok(());
         }
         let from = self.prepared.max(end);
         let until = end + 2 * self.prepare_bytes;
         let zeros = vec![0; (until - from) as usize];
-        // No room for the zeros is no failure: the batches grow the file as
-        // they would without them.
         match self.file.write_at(from, &zeros) {
-            Ok(()) => self.prepared = until,
-            Err(e) => {
+            Ok(()) => {
+                self.prepared = until;
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::StorageFull
+                        | io::ErrorKind::QuotaExceeded
+                        | io::ErrorKind::FileTooLarge
+                ) =>
+            {
                 let path = self.file.path().display();
-                tracing::debug!(%path, error = %e, "raft log: no zeros written ahead");
+                tracing::warn!(%path, error = %e, "raft log: no room for zeros ahead of the log; not trying again until the next compaction");
+                self.prepare_refused = true;
+                Ok(())
+            }
+            Err(e) => {
+                let path = self.file.path().display().to_string();
+                Err(self.fail(format!("writing zeros ahead of the log in {path}: {e}")))
             }
         }
     }
@@ -309,6 +352,7 @@ impl Flusher {
                 self.salt = salt;
                 self.size = len;
                 self.prepared = len;
+                self.prepare_refused = false;
             }
             // Out of space before anything was renamed: the old file is
             // intact, keep appending to it and try again at the next purge.

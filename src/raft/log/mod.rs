@@ -88,7 +88,8 @@ struct Shared {
 struct Inner {
     contents: Contents,
     jobs: mpsc::Sender<Job>,
-    /// The file's length once the flusher has done every queued job.
+    /// The log's length in the file (zeros written ahead may follow) once
+    /// the flusher has done every queued job.
     file_bytes: u64,
 }
 
@@ -178,6 +179,7 @@ impl LogStore {
             prepared,
             prepare_bytes: options.prepare_bytes,
             mean_batch: 0.0,
+            prepare_refused: false,
             compact_batch_bytes: options.compact_batch_bytes,
             stats: stats.clone(),
             health: health.clone(),
@@ -281,6 +283,15 @@ impl LogStore {
         self.lock().jobs.send(Job::Hold(rx)).unwrap();
         tx
     }
+
+    /// Resolves once the flusher has done every job queued before this
+    /// call and what it does when it runs out of jobs.
+    #[cfg(test)]
+    async fn flusher_idle(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock().jobs.send(Job::Idle(tx)).unwrap();
+        rx.await.unwrap()
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -352,8 +363,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
     }
 
-    /// Readable at once; durable with the next fsync (not waited for: a lost
-    /// `committed` only means replaying a little more log on start).
+    /// Readable at once; durable with the next write someone waits for
+    /// (not waited for: a lost `committed` only means that on start the
+    /// node re-applies less of its log at once, and the rest once it hears
+    /// of a commit again).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.change(RecordRef::Committed(&committed), Done::Nothing, |c| {
             c.committed = committed
@@ -403,8 +416,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// Entries up to `log_id` are gone from reads when this returns; the
-    /// purge becomes durable with the next fsync (not waited for: replaying
-    /// purged entries is harmless, the snapshot covers them). May queue a
+    /// purge becomes durable with the next write someone waits for (not
+    /// waited for: entries a lost purge leaves are below the snapshot, and
+    /// openraft purges them again on start). May queue a
     /// rewrite of the file from the live state at this point of the order.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.writable()?;
