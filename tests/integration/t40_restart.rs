@@ -97,11 +97,16 @@ async fn a_leader_that_lost_its_unwritten_tail_never_reuses_its_log_ids() {
         "the leader lost only the put"
     );
     cut(ahead, length_ending_after_entry(&wal(ahead), lost));
+    // The leader and `behind` first, so that one of them leads and hands
+    // out the log id `ahead` holds for its own entry, before `ahead` is
+    // back (had `ahead` been elected, nothing would be tested).
     c.restart(leader).await;
-    c.restart(ahead).await;
     c.restart(behind).await;
-    c.leader().await;
+    let elected = c.leader().await;
+    assert_ne!(elected, ahead);
     put(c.node(leader), "after").await;
+    c.restart(ahead).await;
+    put(c.node(leader), "after ahead is back").await;
     replicas_agree(&c, &[1, 2, 3]).await.unwrap();
 }
 

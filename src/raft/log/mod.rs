@@ -83,6 +83,25 @@ struct Shared {
     inner: Mutex<Inner>,
     health: Arc<StorageHealth>,
     options: LogOptions,
+    /// The writer thread, joined when the last handle to the store goes.
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    /// Close the job queue and wait for the flusher to finish what was
+    /// queued: once a store is gone nothing writes its file, so the file
+    /// can be opened again in the same process (a node restarted in place)
+    /// without a late write of the old store landing in it.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        drop(std::mem::replace(&mut inner.jobs, mpsc::channel().0));
+        let flusher = self.flusher.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(thread) = flusher.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
 }
 
 struct Inner {
@@ -184,7 +203,7 @@ impl LogStore {
             stats: stats.clone(),
             health: health.clone(),
         };
-        std::thread::Builder::new()
+        let flusher = std::thread::Builder::new()
             .name("raft-log-flusher".into())
             .spawn(move || flusher.run(rx))
             .map_err(io(&path))?;
@@ -197,6 +216,7 @@ impl LogStore {
                 }),
                 health,
                 options,
+                flusher: Mutex::new(Some(flusher)),
             }),
             fsync_stats: stats,
         })

@@ -851,3 +851,39 @@ async fn the_committed_index_rides_on_the_next_fsync() {
     assert_eq!(store.read_committed().await.unwrap(), Some(log_id(2)));
     assert_eq!(indexes(&store), vec![1, 2, 3]);
 }
+
+/// Dropping the last handle to a store waits for its flusher to finish the
+/// jobs queued before: once the drop returns, nothing writes the file, so a
+/// node restarted in the same process opens a file no late write of the old
+/// store can land in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_store_has_finished_writing_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(WAL_FILE);
+    let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    append_durably(&mut store, vec![entry(1, 100)]).await;
+    let end = log_end(&path);
+    let release = store.hold_flusher();
+    let (cb, written) = callback();
+    store.append(vec![entry(2, 100)], cb).await.unwrap();
+    let dropper = std::thread::spawn(move || drop(store));
+    // While the flusher is held with entry 2 queued, the drop must not
+    // return; without the wait it returns within microseconds.
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(300) {
+        assert!(
+            !dropper.is_finished(),
+            "the drop returned before entry 2 was written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(release);
+    dropper.join().unwrap();
+    assert!(
+        log_end(&path) > end,
+        "entry 2 was written before the drop returned"
+    );
+    written.await.unwrap().unwrap();
+    let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    assert_eq!(indexes(&store), vec![1, 2]);
+}
