@@ -227,10 +227,10 @@ impl Flusher {
             }
             self.flush(&mut pending, Flush::IfAwaited);
         }
-        // The store is gone. What no one waited for is not written: the
-        // thread may outlive the store's owner (a node stopped and started
-        // again in one process), and a write now could land after the file
-        // was opened again.
+        // The store was closed or dropped, and waits for this: what no one
+        // waited for (the last committed index, say) is written now, so a
+        // node stopped cleanly starts again from where it was.
+        self.flush(&mut pending, Flush::Now);
     }
 
     /// Write and fsync the gathered batch, then complete its callbacks.

@@ -88,10 +88,7 @@ struct Shared {
 }
 
 impl Drop for Shared {
-    /// Close the job queue and wait for the flusher to finish what was
-    /// queued: once a store is gone nothing writes its file, so the file
-    /// can be opened again in the same process (a node restarted in place)
-    /// without a late write of the old store landing in it.
+    /// As [`LogStore::close`], for a store never closed.
     fn drop(&mut self) {
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         drop(std::mem::replace(&mut inner.jobs, mpsc::channel().0));
@@ -220,6 +217,22 @@ impl LogStore {
             }),
             fsync_stats: stats,
         })
+    }
+
+    /// Close the job queue and wait for the flusher to finish what was
+    /// queued, what no one waited for included: once this returns nothing
+    /// writes the file, so it can be opened again in the same process (a
+    /// node restarted in place) without a late write of this store landing
+    /// in it. Later changes fail with "flusher stopped".
+    pub async fn close(&self) {
+        let thread = {
+            let mut inner = self.lock();
+            drop(std::mem::replace(&mut inner.jobs, mpsc::channel().0));
+            self.shared.flusher.lock().unwrap().take()
+        };
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -438,7 +451,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Entries up to `log_id` are gone from reads when this returns; the
     /// purge becomes durable with the next write someone waits for (not
     /// waited for: entries a lost purge leaves are below the snapshot, and
-    /// openraft purges them again on start). May queue a
+    /// go with a later purge). May queue a
     /// rewrite of the file from the live state at this point of the order.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.writable()?;

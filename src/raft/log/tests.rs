@@ -818,8 +818,8 @@ fn salt_of(file: &[u8]) -> u64 {
 /// The committed index, which no one waits to be durable, costs no fsync
 /// of its own: it waits, gathered, for the next write someone waits for and
 /// goes out in that batch, under its fsync (before, each commit cost every
-/// node a second fsync). It is readable at once and read back after a
-/// reopen; one still gathered when the store is dropped is not written.
+/// node a second fsync). It is readable at once, read back after a reopen,
+/// and one still gathered when the store is dropped is written then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_committed_index_rides_on_the_next_fsync() {
     let dir = tempfile::tempdir().unwrap();
@@ -848,7 +848,7 @@ async fn the_committed_index_rides_on_the_next_fsync() {
     store.flusher_idle().await;
     drop(store);
     let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
-    assert_eq!(store.read_committed().await.unwrap(), Some(log_id(2)));
+    assert_eq!(store.read_committed().await.unwrap(), Some(log_id(3)));
     assert_eq!(indexes(&store), vec![1, 2, 3]);
 }
 
@@ -886,4 +886,21 @@ async fn a_dropped_store_has_finished_writing_its_file() {
     written.await.unwrap().unwrap();
     let store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
     assert_eq!(indexes(&store), vec![1, 2]);
+}
+
+/// Closing a store writes what it gathered (the committed index, which no
+/// one waited for) and stops its writer: later changes fail, and nothing
+/// writes the file once `close` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_store_wrote_what_it_gathered_and_takes_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path(), StorageHealth::new()).unwrap();
+    append_durably(&mut store, vec![entry(1, 100)]).await;
+    store.save_committed(Some(log_id(1))).await.unwrap();
+    store.close().await;
+    let report = check(dir.path()).unwrap();
+    assert_eq!(report.committed, Some(log_id(1).to_string()));
+    let (cb, _never) = callback();
+    assert!(store.append(vec![entry(2, 10)], cb).await.is_err());
+    assert_eq!(check(dir.path()).unwrap().log_bytes, report.log_bytes);
 }

@@ -367,6 +367,9 @@ impl RaftNode {
     pub async fn shutdown(&self) {
         self.stopping.send_replace(true);
         let _ = self.raft.shutdown().await;
+        // Nothing writes the log after this, whatever tasks still hold the
+        // node: a node started again in this process opens the file alone.
+        self.log.close().await;
         // The peer server drains its calls, then lets go of its listener;
         // a peer's replication stream may keep a call open, so it gets a
         // moment and is then ended. Afterwards the port is free: a node
