@@ -268,10 +268,7 @@ impl Flusher {
         if let Err(e) = self.file.write_at(self.size, batch) {
             return Err(self.fail(format!("writing {path}: {e}")));
         }
-        if let Err(reason) = self.prepare_ahead(self.size + batch.len() as u64, batch.len() as u64)
-        {
-            return Err(reason);
-        }
+        self.prepare_ahead(self.size + batch.len() as u64, batch.len() as u64)?;
         let start = Instant::now();
         if let Err(e) = self.file.sync() {
             return Err(self.fail(format!("fsync of {path}: {e}")));

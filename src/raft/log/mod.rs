@@ -87,13 +87,23 @@ struct Shared {
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+impl Shared {
+    /// Close the job queue (later changes fail with "flusher stopped") and
+    /// hand over the flusher thread to be joined, unless that was done.
+    fn stop_taking_jobs(&self) -> Option<std::thread::JoinHandle<()>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        drop(std::mem::replace(&mut inner.jobs, mpsc::channel().0));
+        self.flusher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 impl Drop for Shared {
     /// As [`LogStore::close`], for a store never closed.
     fn drop(&mut self) {
-        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
-        drop(std::mem::replace(&mut inner.jobs, mpsc::channel().0));
-        let flusher = self.flusher.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(thread) = flusher.take()
+        if let Some(thread) = self.stop_taking_jobs()
             && thread.thread().id() != std::thread::current().id()
         {
             let _ = thread.join();
@@ -225,12 +235,7 @@ impl LogStore {
     /// node restarted in place) without a late write of this store landing
     /// in it. Later changes fail with "flusher stopped".
     pub async fn close(&self) {
-        let thread = {
-            let mut inner = self.lock();
-            drop(std::mem::replace(&mut inner.jobs, mpsc::channel().0));
-            self.shared.flusher.lock().unwrap().take()
-        };
-        if let Some(thread) = thread {
+        if let Some(thread) = self.shared.stop_taking_jobs() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }

@@ -92,7 +92,7 @@ fn batch_offsets(path: &Path) -> Vec<u64> {
     let len = f.metadata().unwrap().len();
     let mut head = [0; FILE_HEADER_LEN as usize];
     f.read_exact(&mut head).unwrap();
-    let salt = u64::from_le_bytes(head[12..20].try_into().unwrap());
+    let salt = salt_of(&head);
     let mut offsets = Vec::new();
     let walk = record::walk_batches(
         &mut f,
