@@ -575,6 +575,7 @@ pub fn frame_proto(f: Frame) -> DataFrameProto {
         tags: f.tags.into_iter().collect(),
         data: f.data,
         message: f.message,
+        deliveries: f.deliveries,
     }
 }
 

@@ -9,8 +9,10 @@
 //!   body is written to the sink tagged `requestId` (and `lastCode` when the
 //!   status is not 200) **in the same replicated command that commits the
 //!   input item** (`_complete_`), so a crash between the two cannot lose the
-//!   result or write it twice. An item whose result already exists is
-//!   committed without calling the model again.
+//!   result or write it twice. An item handed out before (its frame counts
+//!   its deliveries) is looked up on the sink first: when its result already
+//!   exists it is committed without calling the model again. A first
+//!   delivery cannot have one and skips the look.
 //! - An empty body writes nothing (the model delivered elsewhere).
 //! - A model that times out or cannot be reached: the item is negatively
 //!   committed and redelivered, until the service's max-delivery count
@@ -81,6 +83,8 @@ pub struct EngineStats {
     pub empty_answers: AtomicU64,
     /// Writes of a result tried again (sink full, no leader, a node down).
     pub result_retries: AtomicU64,
+    /// Looks on the sink for an earlier result (items handed out before).
+    pub result_checks: AtomicU64,
     /// How long the model took to answer (answered calls, any status).
     pub model_seconds: crate::latency::DurationHistogram,
     /// Model answers by HTTP status.
@@ -119,6 +123,7 @@ impl Default for EngineStats {
             not_written: AtomicU64::new(0),
             empty_answers: AtomicU64::new(0),
             result_retries: AtomicU64::new(0),
+            result_checks: AtomicU64::new(0),
             model_seconds: crate::latency::DurationHistogram::new(&MODEL_BUCKETS_MICROS),
             model_status: Default::default(),
             model_errors: Default::default(),
@@ -340,7 +345,7 @@ impl Engine {
         let in_flight = (self.settings.concurrency.max(1) as usize)
             .saturating_sub(self.permits.available_permits());
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let figures: [(&str, &str, &str, u64); 9] = [
+        let figures: [(&str, &str, &str, u64); 10] = [
             (
                 "eddy_engine_in_flight",
                 "gauge",
@@ -388,6 +393,12 @@ impl Engine {
                 "counter",
                 "Result writes tried again (sink full, no leader, a node down).",
                 load(&s.result_retries),
+            ),
+            (
+                "eddy_engine_result_checks_total",
+                "counter",
+                "Looks on the sink for an earlier result, made for items handed out before.",
+                load(&s.result_checks),
             ),
             (
                 "eddy_engine_model_failures_total",
@@ -459,10 +470,11 @@ impl Engine {
             return;
         };
         // A result already on the sink means the work was done: commit only.
-        let mut filter = BTreeMap::new();
-        filter.insert(REQUEST_ID_TAG.to_string(), request_id.clone());
-        if let Ok(existing) = self.sink().get(&already_written(), &filter).await
-            && !existing.is_empty()
+        // Only an item handed out before can have one (a result is written
+        // by the command that commits its input), so a first delivery skips
+        // the look; a frame that does not say (an older node) gets it.
+        if frame.deliveries != 1
+            && self.result_exists(&request_id).await
         {
             if self
                 .finish(frame.index, &request_id, BTreeMap::new(), Bytes::new())
@@ -536,6 +548,15 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Whether the sink holds a result for `request_id` (false when the
+    /// look fails: the model is called, and `_complete_` still writes no
+    /// second result).
+    async fn result_exists(&self, request_id: &str) -> bool {
+        self.stats.result_checks.fetch_add(1, Ordering::Relaxed);
+        let filter = BTreeMap::from([(REQUEST_ID_TAG.to_string(), request_id.to_string())]);
+        matches!(self.sink().get(&already_written(), &filter).await, Ok(existing) if !existing.is_empty())
     }
 
     /// Write the result and commit the input, retrying while the sink is
@@ -736,6 +757,53 @@ mod tests {
             .with_max_level(tracing::Level::INFO)
             .finish();
         (buf, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// The look on the sink for an earlier result costs a read per item;
+    /// only an item handed out before can have one, so a first delivery
+    /// goes straight to the model, and a redelivery (or a frame from a node
+    /// that does not count deliveries) is looked up first.
+    #[tokio::test]
+    async fn only_an_item_handed_out_before_is_looked_up_on_the_sink() {
+        for (deliveries, looked_up) in [(1, false), (2, true), (0, true)] {
+            let (addr, seen) = fake_eddy(410).await;
+            let (model, called) = fake_eddy(200).await;
+            let engine = Engine::new(EngineSettings {
+                endpoints: vec![addr],
+                service: "svc".into(),
+                token: String::new(),
+                model: format!("http://{model}"),
+                concurrency: 1,
+                group: "engines".into(),
+                instance: "e1".into(),
+                request_timeout: Duration::from_secs(5),
+                drain_timeout: Duration::from_secs(1),
+                eddy_timeouts: Timeouts::default(),
+            })
+            .unwrap();
+            let frame = DataFrameProto {
+                index: 7,
+                tags: [(REQUEST_ID_TAG.to_string(), "req-7".to_string())].into(),
+                data: b"in".to_vec().into(),
+                message: String::new(),
+                deliveries,
+            };
+            tokio::time::timeout(Duration::from_secs(10), engine.process(frame))
+                .await
+                .expect("the item's work ends");
+            let requests = seen.lock().unwrap().clone();
+            let lookups = requests.iter().filter(|r| r.starts_with("GET /api/predict/svc/sink")).count();
+            assert_eq!(lookups, usize::from(looked_up), "deliveries {deliveries}: {requests:?}");
+            assert!(
+                requests.last().is_some_and(|r| r.starts_with("POST /api/predict/svc/sink?_complete_=7")),
+                "deliveries {deliveries}: {requests:?}"
+            );
+            assert_eq!(called.lock().unwrap().len(), 1, "the model is called once");
+            assert_eq!(
+                engine.stats.result_checks.load(Ordering::Relaxed),
+                u64::from(looked_up)
+            );
+        }
     }
 
     /// Delivery under faults, the engine: `_complete_` answered 409 (another

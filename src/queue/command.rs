@@ -466,6 +466,11 @@ pub struct Frame {
     pub data: Bytes,
     pub path: String,
     pub message: String,
+    /// On a delivery, how many times the item has been handed out, this
+    /// one included; 0 on a read. Local to the node that delivers (never
+    /// encoded: a forwarded reply's items keep the shape older nodes read).
+    #[serde(skip)]
+    pub deliveries: u32,
 }
 
 /// Why a command was refused. Refusals change nothing.

@@ -246,6 +246,16 @@ impl Item {
             },
             path: self.path().to_string(),
             message: self.message().to_string(),
+            deliveries: 0,
+        }
+    }
+
+    /// The frame that hands this item to a consumer: with the count of
+    /// deliveries, which tells a first delivery from one after a failure.
+    fn delivery(&self, with_data: bool) -> Frame {
+        Frame {
+            deliveries: self.deliveries,
+            ..self.frame(with_data)
         }
     }
 
@@ -1137,7 +1147,7 @@ impl Queue {
                             node,
                             connection,
                             queue: qref.clone(),
-                            frame: item.frame(with_data),
+                            frame: item.delivery(with_data),
                         });
                     }
                 }
@@ -1376,7 +1386,7 @@ impl Queue {
             node: consumer.node,
             connection: consumer.connection,
             queue: target.queue.clone(),
-            frame: item.frame(!consumer.index_only),
+            frame: item.delivery(!consumer.index_only),
         });
         // Auto-commit items too stay in flight: the consumer's node commits
         // them once their frames are written (see the module docs).

@@ -1158,6 +1158,7 @@ mod tests {
                 data: bytes::Bytes::from_static(b"payload"),
                 path: "/p".into(),
                 message: String::new(),
+                deliveries: 0,
             };
             let put = Reply::Put {
                 index: 3,

@@ -180,6 +180,7 @@ async fn a_websocket_watch_holds_at_most_its_window_and_a_commit_frees_the_slot(
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let frame = next_frame(&mut ws).await;
     assert_eq!((frame.index, frame.data.as_ref()), (first, &b"one"[..]));
+    assert_eq!(frame.deliveries, 1, "a first delivery says so");
 
     // The window is full: the second item waits (the state shows it ready,
     // and nothing more arrives while a ping is answered).

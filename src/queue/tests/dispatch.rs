@@ -158,6 +158,35 @@ fn negative_commit_redelivers_then_dead_letters() {
     assert_eq!(h.queue().dead.len(), 1);
 }
 
+/// A delivery says how many times its item has been handed out: the
+/// engine looks for an earlier result only when it is not the first. A
+/// read says nothing (0), and a frame sent again to a consumer that
+/// reattached keeps its count.
+#[test]
+fn a_delivery_counts_the_times_its_item_was_handed_out() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let i = h.put("x", 0);
+    h.attach("eas", "u", 1, 1, false);
+    assert_eq!(h.delivered_counts(1), vec![(i, 1)]);
+    h.attach("eas", "u", 2, 1, false);
+    assert_eq!(h.delivered_counts(2), vec![(i, 1)], "the same delivery, sent again");
+    h.run(Command::Negative {
+        queue: input(),
+        group: "eas".into(),
+        indexes: vec![i],
+        code: "Timeout".into(),
+        reason: "model".into(),
+    });
+    assert_eq!(h.delivered_counts(2), vec![(i, 2)]);
+    let read = h.queue().peek(&Selector {
+        from_index: Some(0),
+        length: 1,
+        tags: Tags::new(),
+    });
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].deliveries, 0, "a read does not count");
+}
+
 #[test]
 fn auto_commit_ignores_window_and_consumes_what_its_node_commits() {
     let mut h = Harness::new(ServiceConfig::default());

@@ -126,6 +126,24 @@ impl Harness {
         out
     }
 
+    /// The deliveries over `connection` since the last look, as (index,
+    /// count of deliveries the frame reports).
+    fn delivered_counts(&mut self, connection: u64) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Deliver {
+                connection: c,
+                frame,
+                ..
+            } if *c == connection => {
+                out.push((frame.index, frame.deliveries));
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
     fn queue(&self) -> &Queue {
         self.state.queue(&input()).unwrap()
     }
