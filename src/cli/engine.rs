@@ -36,9 +36,14 @@ pub(crate) struct EngineArgs {
         default_value = "http://127.0.0.1:8000"
     )]
     pub(crate) model: String,
-    /// Items processed at once (the watch window).
+    /// Calls at the model at once (the watch window, without prefetch).
     #[arg(long, env = "EDDY_ENGINE_CONCURRENCY", default_value_t = 4)]
     pub(crate) concurrency: u32,
+    /// Items taken beyond the concurrency, so that the model gets its next
+    /// item while results are being written: for fast models (a call of a
+    /// millisecond or less). Items taken early wait at this engine.
+    #[arg(long, env = "EDDY_ENGINE_PREFETCH", default_value_t = 0)]
+    pub(crate) prefetch: u32,
     /// Consumer group of the engines of this service (default: `engine`).
     #[arg(long, env = "EDDY_ENGINE_GROUP", default_value = "engine")]
     pub(crate) group: String,
@@ -88,6 +93,7 @@ pub(crate) async fn engine(a: EngineArgs) -> anyhow::Result<()> {
         token: a.token,
         model: a.model,
         concurrency: a.concurrency.max(1),
+        prefetch: a.prefetch,
         group: a.group,
         instance: a
             .instance

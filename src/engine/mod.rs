@@ -4,7 +4,14 @@
 //!
 //! - It watches with `window` = its concurrency, in a group shared by every
 //!   engine of the service, so Eddy balances items by the engines' free
-//!   slots.
+//!   slots. With a prefetch of N the window is concurrency + N: the model
+//!   still gets at most `concurrency` calls, and its slot is free again as
+//!   soon as it answers, while the item keeps its window slot until its
+//!   result is written. That keeps a fast model busy while results are
+//!   replicated (for a model answering in well under a millisecond the
+//!   write takes longer than the call); items taken early wait here, not in
+//!   the queue where another engine could start them, so it is off by
+//!   default (long inference gains nothing from it).
 //! - Each item is POSTed to the model at the item's sub-path. The response
 //!   body is written to the sink tagged `requestId` (and `lastCode` when the
 //!   status is not 200) **in the same replicated command that commits the
@@ -58,6 +65,9 @@ pub struct EngineSettings {
     pub token: String,
     pub model: String,
     pub concurrency: u32,
+    /// Items held beyond `concurrency`: waiting for a model slot, or
+    /// writing their result after the model answered (0: none).
+    pub prefetch: u32,
     /// Consumer group shared by all engines of the service.
     pub group: String,
     /// This engine's consumer id (stable across reconnects).
@@ -67,6 +77,13 @@ pub struct EngineSettings {
     pub drain_timeout: Duration,
     /// Connect, request and watch-idle limits for talking to Eddy.
     pub eddy_timeouts: Timeouts,
+}
+
+impl EngineSettings {
+    /// The watch window: the concurrency and the prefetch.
+    pub fn window(&self) -> u32 {
+        self.concurrency.max(1).saturating_add(self.prefetch)
+    }
 }
 
 /// Counters an engine keeps (served at its `/metrics`, printed on exit).
@@ -144,8 +161,12 @@ pub struct Engine {
     sinks: Vec<QueueClient>,
     current: AtomicUsize,
     pub model: ModelClient,
-    /// Concurrency budget shared by queue work and synchronous requests.
+    /// Concurrency budget shared by queue work and synchronous requests:
+    /// calls at the model (and an item's look for an earlier result).
     pub permits: Arc<Semaphore>,
+    /// One per item of the watch window, held from delivery until the
+    /// item's work ends (its result written, or handed back).
+    held: Arc<Semaphore>,
     /// Places of synchronous requests: reading their body, waiting for a
     /// slot, or at the model.
     sync_waiters: Arc<Semaphore>,
@@ -197,6 +218,7 @@ impl Engine {
         Ok(Arc::new(Self {
             model: ModelClient::new(&settings.model, settings.request_timeout),
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
+            held: Arc::new(Semaphore::new(settings.window() as usize)),
             sync_waiters: Arc::new(Semaphore::new(sync_places(settings.concurrency))),
             settings,
             inputs,
@@ -225,7 +247,7 @@ impl Engine {
         let mut attempt = 0u32;
         'connect: loop {
             let watch = tokio::select! {
-                w = self.input().open_watch(self.settings.concurrency.max(1), false) => w,
+                w = self.input().open_watch(self.settings.window(), false) => w,
                 _ = &mut shutdown => break 'connect,
             };
             let mut frames = match watch {
@@ -259,9 +281,13 @@ impl Engine {
                 match next {
                     Some(Ok(frame)) => {
                         // Keep reading (and answering pings) while the item
-                        // waits for a slot of the shared budget.
+                        // waits for a slot of the shared budget. The node
+                        // sends at most a window of items, so `held` has a
+                        // place for each.
                         let me = self.clone();
+                        let held = self.held.clone();
                         tokio::spawn(async move {
+                            let _held = held.acquire_owned().await.expect("semaphore open");
                             let permit = me
                                 .permits
                                 .clone()
@@ -269,11 +295,11 @@ impl Engine {
                                 .await
                                 .expect("semaphore open");
                             if me.stopping.load(Ordering::Relaxed) {
+                                drop(permit);
                                 me.hand_back(frame.index).await;
                             } else {
-                                me.process(frame).await;
+                                me.process(frame, permit).await;
                             }
-                            drop(permit);
                         });
                     }
                     Some(Err(e)) => {
@@ -355,7 +381,7 @@ impl Engine {
             (
                 "eddy_engine_concurrency",
                 "gauge",
-                "The engine's concurrency (its window).",
+                "The engine's concurrency: calls at the model at once (its window, less any prefetch).",
                 u64::from(self.settings.concurrency),
             ),
             (
@@ -451,16 +477,23 @@ impl Engine {
         self.stats.handed_back.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Wait (up to the drain timeout) until no item is held and no
+    /// synchronous request is at the model.
     async fn wait_idle(&self) {
-        let total = self.settings.concurrency.max(1);
-        let _ = tokio::time::timeout(
-            self.settings.drain_timeout,
-            self.permits.acquire_many(total),
-        )
+        let _ = tokio::time::timeout(self.settings.drain_timeout, async {
+            let _items = self.held.acquire_many(self.settings.window()).await;
+            let _calls = self
+                .permits
+                .acquire_many(self.settings.concurrency.max(1))
+                .await;
+        })
         .await;
     }
 
-    async fn process(&self, frame: DataFrameProto) {
+    /// Work on one item. `slot` is its place in the concurrency budget,
+    /// given up once the model answered (the result's write does not need
+    /// it).
+    async fn process(&self, frame: DataFrameProto, slot: tokio::sync::OwnedSemaphorePermit) {
         let Some(request_id) = frame.tags.get(REQUEST_ID_TAG).cloned() else {
             tracing::warn!(
                 index = frame.index,
@@ -504,6 +537,7 @@ impl Engine {
                 .instrument(span.clone())
                 .await
         };
+        drop(slot);
         match answer {
             Ok(resp) => {
                 let mut tags = BTreeMap::new();
@@ -774,6 +808,7 @@ mod tests {
                 token: String::new(),
                 model: format!("http://{model}"),
                 concurrency: 1,
+                prefetch: 0,
                 group: "engines".into(),
                 instance: "e1".into(),
                 request_timeout: Duration::from_secs(5),
@@ -788,7 +823,7 @@ mod tests {
                 message: String::new(),
                 deliveries,
             };
-            tokio::time::timeout(Duration::from_secs(10), engine.process(frame))
+            tokio::time::timeout(Duration::from_secs(10), engine.process(frame, engine.permits.clone().try_acquire_owned().unwrap()))
                 .await
                 .expect("the item's work ends");
             let requests = seen.lock().unwrap().clone();
@@ -821,6 +856,7 @@ mod tests {
                 token: String::new(),
                 model: "http://127.0.0.1:9".into(),
                 concurrency: 1,
+                prefetch: 0,
                 group: "engines".into(),
                 instance: "e1".into(),
                 request_timeout: Duration::from_secs(5),

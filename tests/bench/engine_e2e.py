@@ -5,6 +5,7 @@ put → engine → demo model (no delay) → sink on a single node, measured by
 
     tests/bench/engine_e2e.py --base /path/to/older/eddy
     tests/bench/engine_e2e.py --base OLD --eddy-bin NEW --rounds 3 -n 10000
+    tests/bench/engine_e2e.py --base OLD --prefetch 16   # this binary's engine prefetches
 
 Each round runs every binary in turn (its own node, demo model and engine,
 on a fresh data directory), so both see the same machine; the same client
@@ -39,7 +40,7 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-def one_run(server_bin: str, client_bin: str, args) -> tuple[float, str]:
+def one_run(server_bin: str, client_bin: str, args, engine_extra: list[str]) -> tuple[float, str]:
     """Requests/s of one run of `server_bin`, and the bench's line."""
     with tempfile.TemporaryDirectory(prefix="eddy-e2e-") as data:
         procs = []
@@ -55,7 +56,7 @@ def one_run(server_bin: str, client_bin: str, args) -> tuple[float, str]:
             procs.append(subprocess.Popen(
                 [server_bin, "engine", "-e", f"127.0.0.1:{NODE}", "--service", "demo",
                  "--model", f"http://127.0.0.1:{MODEL}",
-                 "--concurrency", str(args.concurrency)],
+                 "--concurrency", str(args.concurrency), *engine_extra],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             out = subprocess.run(
                 [client_bin, "bench", "-e", f"127.0.0.1:{NODE}", "demo", "--e2e",
@@ -82,17 +83,20 @@ def main() -> int:
     ap.add_argument("-n", "--count", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=16, help="the engine's window")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefetch", type=int, default=0,
+                    help="the engine prefetch of --eddy-bin's run (the base runs without)")
     args = ap.parse_args()
     binaries = {"base": args.base, "this": args.eddy_bin}
     rates = {name: [] for name in binaries}
     for r in range(1, args.rounds + 1):
         for name, binary in binaries.items():
-            rate, line = one_run(binary, args.eddy_bin, args)
+            extra = ["--prefetch", str(args.prefetch)] if name == "this" and args.prefetch else []
+            rate, line = one_run(binary, args.eddy_bin, args, extra)
             rates[name].append(rate)
             print(f"round {r} {name:>4}: {line}", flush=True)
     base, this = (statistics.median(rates[n]) for n in ("base", "this"))
     print(f"\nmedian requests/s over {args.rounds} rounds, {args.producers} producers, "
-          f"engine concurrency {args.concurrency}, {args.count} requests per run:")
+          f"engine concurrency {args.concurrency} (prefetch {args.prefetch} for this), {args.count} requests per run:")
     print(f"  base {base:,.0f}   this {this:,.0f}   this/base {this / base:.2f}")
     return 0
 

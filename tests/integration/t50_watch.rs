@@ -422,3 +422,73 @@ async fn a_stuck_http_stream_watcher_gives_up_its_item_at_the_hold_limit() {
     .await;
     assert!(found.is_ok(), "the healthy watcher did not get the item");
 }
+
+/// An engine with a prefetch watches with a window of its concurrency plus
+/// the prefetch, while the model still gets at most `concurrency` calls at
+/// once: with concurrency 1 and prefetch 2 and a slow model, three items
+/// are out to the engine and one is at the model. Every item still gets
+/// its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_takes_its_prefetch_beyond_the_calls_at_its_model() {
+    let c = Cluster::new(1, 20_000).await;
+    let node = c.node(1);
+    create_service(node).await;
+    eventually("the node accepts watchers", Duration::from_secs(10), || {
+        node.node.accepts_watchers()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model = listener.local_addr().unwrap();
+    let model_app = eddy::api::demo_model_router(eddy::api::DemoModel {
+        delay: Duration::from_millis(700),
+        ..Default::default()
+    });
+    tokio::spawn(eddy::api::serve(listener, model_app, std::future::pending()));
+    let engine = eddy::engine::Engine::new(eddy::engine::EngineSettings {
+        endpoints: vec![node.http_addr.to_string()],
+        service: "svc".into(),
+        token: "svc-token".into(),
+        model: format!("http://{model}"),
+        concurrency: 1,
+        prefetch: 2,
+        group: "engine".into(),
+        instance: "engine-1".into(),
+        request_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(5),
+        eddy_timeouts: Default::default(),
+    })
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(engine.clone().run(async move {
+        let _ = stopped.await;
+    }));
+    for i in 0..5 {
+        put(node, &format!("[{{\"x\": {i}}}]")).await;
+    }
+    let out_to_engine = || {
+        node.node.read(|s| {
+            s.queue(&svc_input())
+                .and_then(|q| q.groups.get("engine"))
+                .map_or(0, |g| g.in_flight.len())
+        })
+    };
+    eventually(
+        "a window of three out to the engine, one at the model",
+        Duration::from_secs(10),
+        || out_to_engine() == 3 && engine.permits.available_permits() == 0,
+    )
+    .await;
+    let metrics = engine.render_metrics();
+    assert!(metrics.contains("\neddy_engine_in_flight 1\n"), "{metrics}");
+    let sink_len = || node.node.read(|s| s.service("svc").map_or(0, |svc| svc.sink.len()));
+    eventually("every result in the sink", Duration::from_secs(30), || {
+        assert!(out_to_engine() <= 3, "never more than the window out");
+        sink_len() == 5
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the engine drains and stops")
+        .unwrap();
+}

@@ -335,6 +335,7 @@ async fn engine_sync_endpoint_checks_token_and_place_before_reading_the_body() {
         token: "svc-token".into(),
         model: format!("http://{model}"),
         concurrency: 2,
+        prefetch: 0,
         group: "engine".into(),
         instance: "engine-1".into(),
         request_timeout: Duration::from_secs(10),
