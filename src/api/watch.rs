@@ -131,6 +131,8 @@ struct Inbox {
     rx: mpsc::Receiver<Frame>,
     bytes: Arc<AtomicUsize>,
     end: watch::Receiver<Option<Closed>>,
+    /// A frame taken from `rx` that did not fit the last write: the next.
+    next: Option<Frame>,
 }
 
 impl Inbox {
@@ -138,6 +140,12 @@ impl Inbox {
         // An end comes before anything buffered: after an overflow the
         // buffered frames are what the client could not take, and a node
         // that lost its lease or a consumer taken over must push no more.
+        if let Some(frame) = self.next.take() {
+            return match *self.end.borrow() {
+                Some(why) => Err(why),
+                None => Ok(frame),
+            };
+        }
         tokio::select! {
             biased;
             why = self.end.wait_for(Option::is_some) => {
@@ -151,6 +159,27 @@ impl Inbox {
                 None => Err(Closed::Ended),
             },
         }
+    }
+
+    /// A frame already buffered, unless the connection must close or the
+    /// frame costs more than `room`.
+    fn try_recv_within(&mut self, room: usize) -> Option<Frame> {
+        if self.end.borrow().is_some() {
+            return None;
+        }
+        let frame = match self.next.take() {
+            Some(frame) => frame,
+            None => {
+                let frame = self.rx.try_recv().ok()?;
+                self.bytes.fetch_sub(frame_cost(&frame), Ordering::Relaxed);
+                frame
+            }
+        };
+        if frame_cost(&frame) > room {
+            self.next = Some(frame);
+            return None;
+        }
+        Some(frame)
     }
 
     /// Resolves once the connection must close; a send in progress races
@@ -362,6 +391,7 @@ impl Hub {
                 rx,
                 bytes,
                 end: end_rx,
+                next: None,
             },
         )
     }
@@ -490,6 +520,13 @@ const HOLD_CHECK_MAX: Duration = Duration::from_secs(10);
 /// A WebSocket close frame's reason is cut to this many bytes (the frame
 /// allows 123).
 const MAX_CLOSE_REASON_BYTES: usize = 120;
+
+/// At most this many buffered frames, and this many bytes (beyond the
+/// first frame), go out in one write: bursts of small frames share a
+/// write, large frames go one by one (a write that fails sends its frames
+/// again, to another consumer).
+const MAX_FRAMES_PER_WRITE: usize = 64;
+const MAX_BYTES_PER_WRITE: usize = 64 * 1024;
 
 /// Largest WebSocket message (and frame) a watching client may send.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
@@ -676,6 +713,19 @@ impl HoldClock {
     }
 }
 
+/// Write `frames` and flush them once, all within `limit`.
+async fn send_frames_within(socket: &mut WebSocket, frames: Vec<Frame>, limit: Duration) -> bool {
+    use futures::SinkExt as _;
+    let write = async {
+        for frame in frames {
+            let bytes = frame_proto(frame).encode_to_vec();
+            socket.feed(Message::Binary(bytes.into())).await?;
+        }
+        socket.flush().await
+    };
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
 /// Send one message, or fail when the client does not take it within
 /// `limit` (it stopped reading and the socket's buffers are full).
 async fn send_within(socket: &mut WebSocket, msg: Message, limit: Duration) -> bool {
@@ -718,13 +768,27 @@ async fn serve_socket(
         tokio::select! {
             push = inbox.recv() => match push {
                 Ok(frame) => {
-                    let index = frame.index;
-                    let bytes = frame_proto(frame).encode_to_vec();
+                    // Small frames already waiting go out with this one,
+                    // flushed once: one write to the socket for a burst of
+                    // deliveries rather than one each. A frame counts as
+                    // written once its write is flushed.
+                    let mut bytes = frame_cost(&frame);
+                    let mut frames = vec![frame];
+                    while frames.len() < MAX_FRAMES_PER_WRITE
+                        && bytes < MAX_BYTES_PER_WRITE
+                        && let Some(more) = inbox.try_recv_within(MAX_BYTES_PER_WRITE - bytes)
+                    {
+                        bytes += frame_cost(&more);
+                        frames.push(more);
+                    }
+                    let indexes: Vec<u64> = frames.iter().map(|f| f.index).collect();
                     let ended = inbox.ended();
                     tokio::select! {
-                        sent = send_within(&mut socket, Message::Binary(bytes.into()), idle) => if sent {
-                            guard.written(index);
-                            hold.written(index);
+                        sent = send_frames_within(&mut socket, frames, idle) => if sent {
+                            for index in indexes {
+                                guard.written(index);
+                                hold.written(index);
+                            }
                         } else {
                             tracing::info!(connection, "watch client does not take frames; dropping");
                             break;
