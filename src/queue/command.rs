@@ -432,6 +432,16 @@ impl Command {
         }
     }
 
+    /// Whether this command ends work a consumer holds (a commit, a
+    /// negative commit, a result with its input's commit): it frees window
+    /// slots, so the queue drains through it.
+    pub fn releases_work(&self) -> bool {
+        matches!(
+            self,
+            Command::Commit { .. } | Command::Negative { .. } | Command::Complete { .. }
+        )
+    }
+
     /// Payload bytes this command adds to the state (puts and results);
     /// what storage admission control weighs.
     pub fn added_bytes(&self) -> u64 {

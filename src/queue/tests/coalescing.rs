@@ -199,3 +199,37 @@ fn a_coalesced_entry_holds_batches_but_no_coalesced_entry_when_decoded() {
 fn the_replies_of_a_coalesced_entry_are_never_encoded() {
     assert!(postcard::to_allocvec(&Reply::Coalesced(vec![Reply::Done])).is_err());
 }
+
+/// The commands that end a consumer's work travel in their own lane into
+/// the log (and to the leader), apart from puts: a commit, a negative
+/// commit, a completion; nothing that adds work or changes consumers.
+#[test]
+fn only_the_end_of_a_consumers_work_takes_the_release_lane() {
+    let commit = Command::Commit {
+        queue: input(),
+        group: "g".into(),
+        indexes: vec![1],
+    };
+    let negative = Command::Negative {
+        queue: input(),
+        group: "g".into(),
+        indexes: vec![1],
+        code: "c".into(),
+        reason: "r".into(),
+    };
+    assert!(commit.releases_work());
+    assert!(negative.releases_work());
+    let put = Command::Put {
+        queue: input(),
+        item: NewItem {
+            request_id: "r".into(),
+            tags: Tags::new(),
+            data: bytes::Bytes::from_static(b"x"),
+            priority: 0,
+            path: String::new(),
+        },
+    };
+    assert!(!put.releases_work());
+    assert!(!Command::Tick.releases_work());
+    assert!(!Command::Batch(vec![commit]).releases_work(), "a batch goes with the rest");
+}

@@ -17,6 +17,14 @@
 //! light load nothing waits: an envelope goes alone, as it always did, with
 //! one task hop added.
 //!
+//! Each route has two lanes, each its own coalescer with its own
+//! [`MAX_IN_FLIGHT`]: commands that end a consumer's work (commits, negative
+//! commits, completions; [`Command::releases_work`]) and everything else.
+//! Under a flood of puts a commit then waits for no put group, so
+//! consumers' window slots come back as fast as the log commits, and the
+//! queue drains instead of growing. Commands in different lanes were
+//! proposed concurrently, so no order between them is lost.
+//!
 //! Invariants:
 //! - Envelopes keep their ids; the state machine applies each as its own
 //!   entry would be applied (de-duplicated by id, in order), so coalescing
@@ -82,7 +90,34 @@ struct Waiting {
     since: Instant,
 }
 
-/// The queue of envelopes waiting for a group on one route.
+/// The two lanes of one route.
+pub(super) struct Lanes {
+    /// Commands that end a consumer's work.
+    release: Coalescer,
+    /// Everything else.
+    other: Coalescer,
+}
+
+impl Lanes {
+    /// Start both lanes' tasks for `node` on `route`.
+    pub(super) fn start(node: Weak<RaftNode>, route: Route) -> (Self, [CoalescerTask; 2]) {
+        let (release, release_task) = Coalescer::start(node.clone(), route);
+        let (other, other_task) = Coalescer::start(node, route);
+        (Self { release, other }, [release_task, other_task])
+    }
+
+    /// Hand `envelope` to its lane and wait for its reply.
+    pub(super) async fn write(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        let lane = if envelope.command.releases_work() {
+            &self.release
+        } else {
+            &self.other
+        };
+        lane.write(envelope).await
+    }
+}
+
+/// The queue of envelopes waiting for a group on one lane of a route.
 pub(super) struct Coalescer {
     waiting: mpsc::UnboundedSender<(Envelope, Answer, Instant)>,
 }

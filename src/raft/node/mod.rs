@@ -43,7 +43,7 @@ mod status;
 
 pub use error::ProposeError;
 
-use coalesce::{Coalescer, Route};
+use coalesce::{Lanes, Route};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -183,10 +183,10 @@ pub struct RaftNode {
     peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
     /// Gathers envelopes proposed here while this node leads into shared
     /// log entries.
-    coalescer: Coalescer,
+    coalescer: Lanes,
     /// Gathers data-plane envelopes proposed here while another node leads
     /// into shared forward calls.
-    forwarder: Coalescer,
+    forwarder: Lanes,
 }
 
 /// On whose behalf a command is proposed: forwarded admin commands carry
@@ -273,9 +273,9 @@ impl RaftNode {
         quorum.set(raft.metrics());
         let mut coalescer_tasks = Vec::new();
         let node = Arc::new_cyclic(|me| {
-            let (coalescer, task) = Coalescer::start(me.clone(), Route::Log);
-            let (forwarder, forwarder_task) = Coalescer::start(me.clone(), Route::Leader);
-            coalescer_tasks = vec![task, forwarder_task];
+            let (coalescer, tasks) = Lanes::start(me.clone(), Route::Log);
+            let (forwarder, forwarder_tasks) = Lanes::start(me.clone(), Route::Leader);
+            coalescer_tasks = tasks.into_iter().chain(forwarder_tasks).collect();
             Self {
                 forwarder,
                 id: config.id,
