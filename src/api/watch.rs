@@ -23,7 +23,11 @@
 //!   [`crate::queue::AUTO_COMMIT_WINDOW_BYTES`]), and the session proposes
 //!   their `Commit` only once their frames are written: to the socket for a
 //!   WebSocket (the send flushed), to the HTTP connection's writer for a
-//!   stream (the body took the frame's last piece). The commits of one
+//!   stream (the body took the frame's last piece). Small frames waiting
+//!   together go out in one WebSocket write, flushed once; they count as
+//!   written when that flush completes, so a write that fails part way
+//!   sends its frames again (to this group's next consumer), including any
+//!   the client had already read. The commits of one
 //!   connection go out in batches, one proposal at a time, and its `Detach`
 //!   follows its last commit. Frames still buffered when a connection ends
 //!   were never committed and return to the group with the consumer's other
@@ -521,10 +525,10 @@ const HOLD_CHECK_MAX: Duration = Duration::from_secs(10);
 /// allows 123).
 const MAX_CLOSE_REASON_BYTES: usize = 120;
 
-/// At most this many buffered frames, and this many bytes (beyond the
-/// first frame), go out in one write: bursts of small frames share a
-/// write, large frames go one by one (a write that fails sends its frames
-/// again, to another consumer).
+/// At most this many buffered frames, and this many bytes in all (a
+/// larger first frame goes alone), go out in one write: bursts of small
+/// frames share a write, large frames go one by one (a write that fails
+/// sends its frames again, to another consumer).
 const MAX_FRAMES_PER_WRITE: usize = 64;
 const MAX_BYTES_PER_WRITE: usize = 64 * 1024;
 

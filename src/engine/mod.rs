@@ -16,10 +16,10 @@
 //!   body is written to the sink tagged `requestId` (and `lastCode` when the
 //!   status is not 200) **in the same replicated command that commits the
 //!   input item** (`_complete_`), so a crash between the two cannot lose the
-//!   result or write it twice. An item handed out before (its frame counts
-//!   its deliveries) is looked up on the sink first: when its result already
-//!   exists it is committed without calling the model again. A first
-//!   delivery cannot have one and skips the look.
+//!   result or write it twice. An item is looked up on the sink first
+//!   unless its frame says it is the item's first delivery (the node says
+//!   so only when no result for its request id exists): when its result
+//!   already exists it is committed without calling the model again.
 //! - An empty body writes nothing (the model delivered elsewhere).
 //! - A model that times out or cannot be reached: the item is negatively
 //!   committed and redelivered, until the service's max-delivery count
@@ -45,7 +45,7 @@ pub mod model;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -171,7 +171,9 @@ pub struct Engine {
     /// slot, or at the model.
     sync_waiters: Arc<Semaphore>,
     pub stats: EngineStats,
-    stopping: AtomicBool,
+    /// Set once the engine stops taking items: items waiting for a slot
+    /// are handed back at once.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -225,7 +227,7 @@ impl Engine {
             sinks,
             current: AtomicUsize::new(0),
             stats: EngineStats::default(),
-            stopping: AtomicBool::new(false),
+            stopping: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -273,7 +275,7 @@ impl Engine {
                         // Closing the watch stops deliveries at once; what
                         // is in progress finishes, what waits is handed back.
                         tracing::info!("engine stopping: finishing items in progress");
-                        self.stopping.store(true, Ordering::Relaxed);
+                        self.stopping.send_replace(true);
                         drop(frames);
                         break 'connect;
                     }
@@ -281,24 +283,24 @@ impl Engine {
                 match next {
                     Some(Ok(frame)) => {
                         // Keep reading (and answering pings) while the item
-                        // waits for a slot of the shared budget. The node
-                        // sends at most a window of items, so `held` has a
-                        // place for each.
+                        // waits for a slot of the shared budget; an item
+                        // still waiting when the engine stops is handed
+                        // back at once. `held` counts the items at work
+                        // here (at most a window, but for frames sent again
+                        // after a reconnect) for the drain.
                         let me = self.clone();
                         let held = self.held.clone();
                         tokio::spawn(async move {
                             let _held = held.acquire_owned().await.expect("semaphore open");
-                            let permit = me
-                                .permits
-                                .clone()
-                                .acquire_owned()
-                                .await
-                                .expect("semaphore open");
-                            if me.stopping.load(Ordering::Relaxed) {
-                                drop(permit);
-                                me.hand_back(frame.index).await;
-                            } else {
-                                me.process(frame, permit).await;
+                            let mut stopping = me.stopping.subscribe();
+                            let slot = tokio::select! {
+                                biased;
+                                _ = stopping.wait_for(|s| *s) => None,
+                                slot = me.permits.clone().acquire_owned() => slot.ok(),
+                            };
+                            match slot {
+                                Some(slot) => me.process(frame, slot).await,
+                                None => me.hand_back(frame.index).await,
                             }
                         });
                     }
@@ -503,12 +505,13 @@ impl Engine {
             return;
         };
         // A result already on the sink means the work was done: commit only.
-        // Only an item handed out before can have one (a result is written
-        // by the command that commits its input), so a first delivery skips
-        // the look; a frame that does not say (an older node) gets it.
-        if frame.deliveries != 1
-            && self.result_exists(&request_id).await
-        {
+        // A frame that says it is the item's first delivery skips the look:
+        // a result is written by the command that commits its input, and
+        // the node does not say "first" for an item whose request id has a
+        // result, nor for a frame sent again after a reconnect. A frame
+        // that does not say (0, or an older node) gets the look.
+        if frame.deliveries != 1 && self.result_exists(&request_id).await {
+            drop(slot);
             if self
                 .finish(frame.index, &request_id, BTreeMap::new(), Bytes::new())
                 .await

@@ -432,13 +432,17 @@ impl Command {
         }
     }
 
-    /// Whether this command ends work a consumer holds (a commit, a
-    /// negative commit, a result with its input's commit): it frees window
-    /// slots, so the queue drains through it.
+    /// Whether this command ends or gives back work a consumer holds (a
+    /// commit, a negative commit, a result with its input's commit, a
+    /// consumer's detach): it frees window slots, so the queue drains
+    /// through it.
     pub fn releases_work(&self) -> bool {
         matches!(
             self,
-            Command::Commit { .. } | Command::Negative { .. } | Command::Complete { .. }
+            Command::Commit { .. }
+                | Command::Negative { .. }
+                | Command::Complete { .. }
+                | Command::Detach { .. }
         )
     }
 
@@ -477,8 +481,11 @@ pub struct Frame {
     pub path: String,
     pub message: String,
     /// On a delivery, how many times the item has been handed out, this
-    /// one included; 0 on a read. Local to the node that delivers (never
-    /// encoded: a forwarded reply's items keep the shape older nodes read).
+    /// one included. 0 when not said: on a read, on a frame sent again to a
+    /// consumer that reattached, and on an input item whose request id
+    /// already has a result on the sink. Local to the node that delivers
+    /// (never encoded: a forwarded reply's items keep the shape older nodes
+    /// read).
     #[serde(skip)]
     pub deliveries: u32,
 }

@@ -1147,7 +1147,9 @@ impl Queue {
                             node,
                             connection,
                             queue: qref.clone(),
-                            frame: item.delivery(with_data),
+                            // Sent again, not delivered again: its count
+                            // is not said (the first copy may be at work).
+                            frame: item.frame(with_data),
                         });
                     }
                 }

@@ -326,8 +326,30 @@ impl QueueState {
         self.clock_ms = now_ms;
         let mut events = Vec::new();
         let reply = self.apply_command(&envelope.command, now_ms, &mut events);
+        self.unmark_answered_first_deliveries(&mut events);
         self.remember(envelope.id, now_ms, reply.clone());
         (reply, events)
+    }
+
+    /// A first delivery of an input item whose request id already has a
+    /// result on the sink (a put retried after its first item was
+    /// completed, a requeued dead letter, a result written by someone else)
+    /// does not say it is the first (0: not said), so an engine looks for
+    /// that result before it calls the model.
+    fn unmark_answered_first_deliveries(&self, events: &mut [Event]) {
+        for event in events {
+            if let Event::Deliver { queue, frame, .. } = event
+                && frame.deliveries == 1
+                && queue.kind == QueueKind::Input
+                && let Some(request_id) = frame.tags.get(crate::protocol::REQUEST_ID_TAG)
+                && self
+                    .services
+                    .get(&queue.service)
+                    .is_some_and(|svc| svc.sink.index_of_request(request_id).is_some())
+            {
+                frame.deliveries = 0;
+            }
+        }
     }
 
     fn remember(&mut self, id: u128, now_ms: u64, reply: Reply) {

@@ -200,9 +200,9 @@ fn the_replies_of_a_coalesced_entry_are_never_encoded() {
     assert!(postcard::to_allocvec(&Reply::Coalesced(vec![Reply::Done])).is_err());
 }
 
-/// The commands that end a consumer's work travel in their own lane into
-/// the log (and to the leader), apart from puts: a commit, a negative
-/// commit, a completion; nothing that adds work or changes consumers.
+/// The commands that end or give back a consumer's work travel in their
+/// own lane into the log (and to the leader), apart from puts: a commit, a
+/// negative commit, a completion, a detach; nothing that adds work.
 #[test]
 fn only_the_end_of_a_consumers_work_takes_the_release_lane() {
     let commit = Command::Commit {
@@ -217,8 +217,21 @@ fn only_the_end_of_a_consumers_work_takes_the_release_lane() {
         code: "c".into(),
         reason: "r".into(),
     };
-    assert!(commit.releases_work());
-    assert!(negative.releases_work());
+    let complete = Command::Complete {
+        service: "svc".into(),
+        group: "g".into(),
+        input_index: 1,
+        result: None,
+    };
+    let detach = Command::Detach {
+        queue: input(),
+        group: "g".into(),
+        user: "u".into(),
+        connection: 1,
+    };
+    for releases in [&commit, &negative, &complete, &detach] {
+        assert!(releases.releases_work(), "{releases:?}");
+    }
     let put = Command::Put {
         queue: input(),
         item: NewItem {

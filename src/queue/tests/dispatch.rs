@@ -160,8 +160,8 @@ fn negative_commit_redelivers_then_dead_letters() {
 
 /// A delivery says how many times its item has been handed out: the
 /// engine looks for an earlier result only when it is not the first. A
-/// read says nothing (0), and a frame sent again to a consumer that
-/// reattached keeps its count.
+/// read says nothing (0), nor does a frame sent again to a consumer that
+/// reattached (its first copy may still be at work).
 #[test]
 fn a_delivery_counts_the_times_its_item_was_handed_out() {
     let mut h = Harness::new(ServiceConfig::default());
@@ -169,7 +169,7 @@ fn a_delivery_counts_the_times_its_item_was_handed_out() {
     h.attach("eas", "u", 1, 1, false);
     assert_eq!(h.delivered_counts(1), vec![(i, 1)]);
     h.attach("eas", "u", 2, 1, false);
-    assert_eq!(h.delivered_counts(2), vec![(i, 1)], "the same delivery, sent again");
+    assert_eq!(h.delivered_counts(2), vec![(i, 0)], "sent again: not said");
     h.run(Command::Negative {
         queue: input(),
         group: "eas".into(),
@@ -185,6 +185,37 @@ fn a_delivery_counts_the_times_its_item_was_handed_out() {
     });
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].deliveries, 0, "a read does not count");
+}
+
+/// An input item whose request id already has a result on the sink (its
+/// put retried after the first item was completed) does not say its first
+/// delivery is the first: the engine looks for the result and does not
+/// call the model again.
+#[test]
+fn a_first_delivery_of_an_answered_request_does_not_say_it_is_first() {
+    let mut h = Harness::new(ServiceConfig::default());
+    let first = h.put("job", 0);
+    h.attach("engines", "e1", 1, 1, false);
+    assert_eq!(h.delivered_counts(1), vec![(first, 1)]);
+    let result = NewItem {
+        request_id: "r-job".into(),
+        tags: Tags::new(),
+        data: Bytes::from_static(b"out"),
+        priority: 0,
+        path: String::new(),
+    };
+    h.run(Command::Complete {
+        service: "svc".into(),
+        group: "engines".into(),
+        input_index: first,
+        result: Some(result),
+    });
+    let again = h.put("job", 0);
+    assert_ne!(again, first, "a new item: the first is gone");
+    assert_eq!(h.delivered_counts(1), vec![(again, 0)]);
+    let other = h.put("other", 0);
+    h.commit("engines", vec![again]);
+    assert_eq!(h.delivered_counts(1), vec![(other, 1)]);
 }
 
 #[test]

@@ -18,12 +18,15 @@
 //! one task hop added.
 //!
 //! Each route has two lanes, each its own coalescer with its own
-//! [`MAX_IN_FLIGHT`]: commands that end a consumer's work (commits, negative
-//! commits, completions; [`Command::releases_work`]) and everything else.
-//! Under a flood of puts a commit then waits for no put group, so
-//! consumers' window slots come back as fast as the log commits, and the
-//! queue drains instead of growing. Commands in different lanes were
-//! proposed concurrently, so no order between them is lost.
+//! [`MAX_IN_FLIGHT`]: commands that end or give back a consumer's work
+//! (commits, negative commits, completions, detaches;
+//! [`Command::releases_work`]) and everything else. Under a flood of puts a
+//! commit then waits for no put group, so consumers' window slots come back
+//! as fast as the log commits, and the queue drains instead of growing.
+//! Within a lane envelopes keep the order they were handed over in. A
+//! proposer that waits for each answer before the next keeps its order
+//! across lanes too; one that gave up on an answer (outcome unknown) and
+//! went on may see its next command, in the other lane, applied first.
 //!
 //! Invariants:
 //! - Envelopes keep their ids; the state machine applies each as its own
