@@ -100,7 +100,8 @@ pub struct EngineStats {
     pub empty_answers: AtomicU64,
     /// Writes of a result tried again (sink full, no leader, a node down).
     pub result_retries: AtomicU64,
-    /// Looks on the sink for an earlier result (items handed out before).
+    /// Looks on the sink for an earlier result (every item whose frame does
+    /// not say it is the item's first delivery).
     pub result_checks: AtomicU64,
     /// How long the model took to answer (answered calls, any status).
     pub model_seconds: crate::latency::DurationHistogram,
@@ -319,6 +320,9 @@ impl Engine {
                 }
             }
         }
+        // Also when the engine stopped while reconnecting: items taken on
+        // the broken watch and still waiting for a slot go back at once.
+        self.stopping.send_replace(true);
         self.wait_idle().await;
     }
 
@@ -425,7 +429,7 @@ impl Engine {
             (
                 "eddy_engine_result_checks_total",
                 "counter",
-                "Looks on the sink for an earlier result, made for items handed out before.",
+                "Looks on the sink for an earlier result (items whose frame does not say it is their first delivery).",
                 load(&s.result_checks),
             ),
             (
@@ -668,6 +672,12 @@ impl Engine {
             .try_acquire_owned()
             .map(|permit| SyncPlace { _permit: permit })
             .map_err(|_| SyncError::Busy)
+    }
+
+    /// Items this engine holds now (at the model, waiting for a slot, or
+    /// writing their result).
+    pub fn held_items(&self) -> usize {
+        (self.settings.window() as usize).saturating_sub(self.held.available_permits())
     }
 
     /// Synchronous places free now.

@@ -485,7 +485,11 @@ async fn an_engine_takes_its_prefetch_beyond_the_calls_at_its_model() {
     eventually(
         "a window of three out to the engine, one at the model",
         Duration::from_secs(10),
-        || out_to_engine() == 3 && engine.permits.available_permits() == 0,
+        || {
+            out_to_engine() == 3
+                && engine.held_items() == 3
+                && engine.permits.available_permits() == 0
+        },
     )
     .await;
     let metrics = engine.render_metrics();

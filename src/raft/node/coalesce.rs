@@ -23,10 +23,11 @@
 //! [`Command::releases_work`]) and everything else. Under a flood of puts a
 //! commit then waits for no put group, so consumers' window slots come back
 //! as fast as the log commits, and the queue drains instead of growing.
-//! Within a lane envelopes keep the order they were handed over in. A
-//! proposer that waits for each answer before the next keeps its order
-//! across lanes too; one that gave up on an answer (outcome unknown) and
-//! went on may see its next command, in the other lane, applied first.
+//! Within a lane groups form in the order envelopes were handed over. A
+//! proposer that waits for each answer before the next keeps its order in
+//! any lane; one that gave up on an answer (outcome unknown) and went on
+//! may see its next command applied first, in either lane, since several
+//! groups are out at once.
 //!
 //! Invariants:
 //! - Envelopes keep their ids; the state machine applies each as its own
