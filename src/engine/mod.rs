@@ -737,6 +737,24 @@ mod tests {
     use std::sync::Mutex;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+    /// An engine of concurrency 1 for service "svc" on the node at `addr`.
+    fn test_engine(addr: String, model: &str) -> Arc<Engine> {
+        Engine::new(EngineSettings {
+            endpoints: vec![addr],
+            service: "svc".into(),
+            token: String::new(),
+            model: model.into(),
+            concurrency: 1,
+            prefetch: 0,
+            group: "engines".into(),
+            instance: "e1".into(),
+            request_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(1),
+            eddy_timeouts: Timeouts::default(),
+        })
+        .unwrap()
+    }
+
     /// A stand-in for Eddy that answers every request with `status` and
     /// records each request line.
     async fn fake_eddy(status: u16) -> (String, Arc<Mutex<Vec<String>>>) {
@@ -815,20 +833,7 @@ mod tests {
         for (deliveries, looked_up) in [(1, false), (2, true), (0, true)] {
             let (addr, seen) = fake_eddy(410).await;
             let (model, called) = fake_eddy(200).await;
-            let engine = Engine::new(EngineSettings {
-                endpoints: vec![addr],
-                service: "svc".into(),
-                token: String::new(),
-                model: format!("http://{model}"),
-                concurrency: 1,
-                prefetch: 0,
-                group: "engines".into(),
-                instance: "e1".into(),
-                request_timeout: Duration::from_secs(5),
-                drain_timeout: Duration::from_secs(1),
-                eddy_timeouts: Timeouts::default(),
-            })
-            .unwrap();
+            let engine = test_engine(addr, &format!("http://{model}"));
             let frame = DataFrameProto {
                 index: 7,
                 tags: [(REQUEST_ID_TAG.to_string(), "req-7".to_string())].into(),
@@ -863,20 +868,7 @@ mod tests {
     async fn a_complete_answered_409_or_410_is_final() {
         for status in [409u16, 410] {
             let (addr, seen) = fake_eddy(status).await;
-            let engine = Engine::new(EngineSettings {
-                endpoints: vec![addr],
-                service: "svc".into(),
-                token: String::new(),
-                model: "http://127.0.0.1:9".into(),
-                concurrency: 1,
-                prefetch: 0,
-                group: "engines".into(),
-                instance: "e1".into(),
-                request_timeout: Duration::from_secs(5),
-                drain_timeout: Duration::from_secs(1),
-                eddy_timeouts: Timeouts::default(),
-            })
-            .unwrap();
+            let engine = test_engine(addr, "http://127.0.0.1:9");
             let (logs, guard) = capture_logs();
             tokio::time::timeout(
                 Duration::from_secs(10),

@@ -111,19 +111,10 @@ impl Harness {
 
     /// Indexes delivered to `connection` since the last call.
     fn delivered(&mut self, connection: u64) -> Vec<u64> {
-        let mut out = Vec::new();
-        self.events.retain(|e| match e {
-            Event::Deliver {
-                connection: c,
-                frame,
-                ..
-            } if *c == connection => {
-                out.push(frame.index);
-                false
-            }
-            _ => true,
-        });
-        out
+        self.delivered_counts(connection)
+            .into_iter()
+            .map(|(index, _)| index)
+            .collect()
     }
 
     /// The deliveries over `connection` since the last look, as (index,
