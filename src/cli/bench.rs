@@ -244,7 +244,7 @@ pub(crate) async fn bench_e2e(a: BenchArgs) -> anyhow::Result<()> {
         n as f64 / wall
     );
     if let Some(model) = &a.model {
-        let m = eddy::engine::ModelClient::new(model, std::time::Duration::from_secs(10));
+        let m = eddy::engine::ModelClient::new(model, std::time::Duration::from_secs(10))?;
         let mut direct = Vec::new();
         for _ in 0..2000 {
             let t = std::time::Instant::now();

@@ -153,6 +153,8 @@ impl Default for EngineStats {
 pub enum EngineError {
     #[error("no Eddy endpoint configured")]
     NoEndpoint,
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// A running engine's shared parts.
@@ -219,7 +221,7 @@ impl Engine {
             .map(|e| make(e, format!("{}/sink", settings.service)))
             .collect();
         Ok(Arc::new(Self {
-            model: ModelClient::new(&settings.model, settings.request_timeout),
+            model: ModelClient::new(&settings.model, settings.request_timeout)?,
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
             held: Arc::new(Semaphore::new(settings.window() as usize)),
             sync_waiters: Arc::new(Semaphore::new(sync_places(settings.concurrency))),
@@ -841,14 +843,26 @@ mod tests {
                 message: String::new(),
                 deliveries,
             };
-            tokio::time::timeout(Duration::from_secs(10), engine.process(frame, engine.permits.clone().try_acquire_owned().unwrap()))
-                .await
-                .expect("the item's work ends");
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                engine.process(frame, engine.permits.clone().try_acquire_owned().unwrap()),
+            )
+            .await
+            .expect("the item's work ends");
             let requests = seen.lock().unwrap().clone();
-            let lookups = requests.iter().filter(|r| r.starts_with("GET /api/predict/svc/sink")).count();
-            assert_eq!(lookups, usize::from(looked_up), "deliveries {deliveries}: {requests:?}");
+            let lookups = requests
+                .iter()
+                .filter(|r| r.starts_with("GET /api/predict/svc/sink"))
+                .count();
+            assert_eq!(
+                lookups,
+                usize::from(looked_up),
+                "deliveries {deliveries}: {requests:?}"
+            );
             assert!(
-                requests.last().is_some_and(|r| r.starts_with("POST /api/predict/svc/sink?_complete_=7")),
+                requests
+                    .last()
+                    .is_some_and(|r| r.starts_with("POST /api/predict/svc/sink?_complete_=7")),
                 "deliveries {deliveries}: {requests:?}"
             );
             assert_eq!(called.lock().unwrap().len(), 1, "the model is called once");

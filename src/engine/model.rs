@@ -22,6 +22,9 @@ pub enum ModelError {
     /// The item's sub-path has an empty, `.` or `..` segment.
     #[error("bad model path {0:?}")]
     BadPath(String),
+    /// The model's base URL does not parse or cannot take a sub-path.
+    #[error("bad model URL {0}")]
+    BadBase(String),
 }
 
 impl ModelError {
@@ -31,6 +34,7 @@ impl ModelError {
             ModelError::Timeout(_) => "ModelTimeout",
             ModelError::Unreachable(_) => "ModelUnavailable",
             ModelError::BadPath(_) => "BadPath",
+            ModelError::BadBase(_) => "ModelUnavailable",
         }
     }
 }
@@ -38,20 +42,22 @@ impl ModelError {
 #[derive(Clone)]
 pub struct ModelClient {
     http: reqwest::Client,
-    base: String,
+    base: url::Url,
     timeout: Duration,
 }
 
 /// The model URL for a sub-path: `base` plus each segment percent-encoded
 /// on its own, so a sub-path can name a path below the base and nothing
 /// else (no `?`, `#`, `..` or encoded `/` reaches the model server as such).
-pub fn model_url(base: &str, path: &str) -> Result<String, ModelError> {
-    let mut url = url::Url::parse(base)
-        .map_err(|e| ModelError::Unreachable(format!("model URL {base}: {e}")))?;
+pub fn model_url(base: &url::Url, path: &str) -> Result<url::Url, ModelError> {
+    let mut url = base.clone();
+    if path.split('/').all(str::is_empty) {
+        return Ok(url);
+    }
     {
         let mut segments = url
             .path_segments_mut()
-            .map_err(|_| ModelError::Unreachable(format!("model URL {base} cannot take a path")))?;
+            .map_err(|_| ModelError::BadBase(format!("{base} cannot take a path")))?;
         segments.pop_if_empty();
         for segment in path.split('/').filter(|s| !s.is_empty()) {
             if segment == "." || segment == ".." {
@@ -60,21 +66,31 @@ pub fn model_url(base: &str, path: &str) -> Result<String, ModelError> {
             segments.push(segment);
         }
     }
-    Ok(url.into())
+    Ok(url)
 }
 
 impl ModelClient {
-    pub fn new(base: &str, timeout: Duration) -> Self {
+    /// A client for the model at `base` (`host:port` or a URL). The URL is
+    /// parsed here, once: a call only appends its sub-path to it.
+    pub fn new(base: &str, timeout: Duration) -> Result<Self, ModelError> {
         let base = if base.contains("://") {
             base.to_string()
         } else {
             format!("http://{base}")
         };
-        Self {
-            http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_string(),
-            timeout,
+        let base = base.trim_end_matches('/');
+        let base =
+            url::Url::parse(base).map_err(|e| ModelError::BadBase(format!("{base}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(ModelError::BadBase(format!(
+                "{base}: an http or https URL is needed"
+            )));
         }
+        Ok(Self {
+            http: reqwest::Client::new(),
+            base,
+            timeout,
+        })
     }
 
     /// POST `body` to the model at `path` (relative to the model's base
@@ -86,7 +102,7 @@ impl ModelClient {
         traceparent: Option<&str>,
     ) -> Result<ModelResponse, ModelError> {
         let url = model_url(&self.base, path)?;
-        let mut request = self.http.post(&url).body(body);
+        let mut request = self.http.post(url).body(body);
         if let Some(t) = traceparent {
             request = request.header(crate::protocol::TRACEPARENT_HEADER, t);
         }
@@ -112,20 +128,35 @@ mod tests {
 
     #[test]
     fn sub_paths_are_encoded_segment_by_segment() {
-        let base = "http://m:8000/v1";
-        assert_eq!(model_url(base, "").unwrap(), "http://m:8000/v1");
-        assert_eq!(model_url(base, "a/b").unwrap(), "http://m:8000/v1/a/b");
+        let base = &ModelClient::new("http://m:8000/v1/", Duration::from_secs(1))
+            .unwrap()
+            .base;
+        let url = |path| model_url(base, path).map(String::from);
+        assert_eq!(url("").unwrap(), "http://m:8000/v1");
+        assert_eq!(url("/").unwrap(), "http://m:8000/v1");
+        assert_eq!(url("a/b").unwrap(), "http://m:8000/v1/a/b");
         // Decoded `%3F` and `%23` stay inside their segment.
-        assert_eq!(
-            model_url(base, "a?admin=1").unwrap(),
-            "http://m:8000/v1/a%3Fadmin=1"
-        );
-        assert_eq!(model_url(base, "x#y").unwrap(), "http://m:8000/v1/x%23y");
+        assert_eq!(url("a?admin=1").unwrap(), "http://m:8000/v1/a%3Fadmin=1");
+        assert_eq!(url("x#y").unwrap(), "http://m:8000/v1/x%23y");
         for bad in ["..", "a/../../admin", "./x"] {
             assert!(
                 matches!(model_url(base, bad), Err(ModelError::BadPath(_))),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_model_url_that_cannot_be_called_is_refused_at_start() {
+        for base in ["http://[::1", "ftp://m/v1", "file:///srv/model", "http://"] {
+            assert!(
+                matches!(
+                    ModelClient::new(base, Duration::from_secs(1)),
+                    Err(ModelError::BadBase(_))
+                ),
+                "{base}"
+            );
+        }
+        assert!(ModelClient::new("m:8000", Duration::from_secs(1)).is_ok());
     }
 }

@@ -123,6 +123,9 @@ mod tests {
             RequestId::from(uuid.to_uppercase()).0,
             Repr::Text(_)
         ));
-        assert!(RequestId::from(uuid.clone()) != *uuid.to_uppercase().as_str());
+        assert_ne!(
+            RequestId::from(uuid.clone()),
+            RequestId::from(uuid.to_uppercase())
+        );
     }
 }

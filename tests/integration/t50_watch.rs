@@ -453,7 +453,11 @@ async fn an_engine_takes_its_prefetch_beyond_the_calls_at_its_model() {
         delay: model_call,
         ..Default::default()
     });
-    tokio::spawn(eddy::api::serve(listener, model_app, std::future::pending()));
+    tokio::spawn(eddy::api::serve(
+        listener,
+        model_app,
+        std::future::pending(),
+    ));
     let engine = eddy::engine::Engine::new(eddy::engine::EngineSettings {
         endpoints: vec![node.http_addr.to_string()],
         service: "svc".into(),
@@ -496,11 +500,9 @@ async fn an_engine_takes_its_prefetch_beyond_the_calls_at_its_model() {
     assert!(metrics.contains("\neddy_engine_in_flight 1\n"), "{metrics}");
 
     let _ = stop.send(());
-    let handed_back = eventually(
-        "the two items not started handed back",
-        model_call,
-        || engine.stats.handed_back.load(Ordering::Relaxed) == 2,
-    )
+    let handed_back = eventually("the two items not started handed back", model_call, || {
+        engine.stats.handed_back.load(Ordering::Relaxed) == 2
+    })
     .await;
     assert!(
         engine.permits.available_permits() == 0,
@@ -510,7 +512,9 @@ async fn an_engine_takes_its_prefetch_beyond_the_calls_at_its_model() {
         .await
         .expect("the engine drains and stops")
         .unwrap();
-    let sink_len = node.node.read(|s| s.service("svc").map_or(0, |svc| svc.sink.len()));
+    let sink_len = node
+        .node
+        .read(|s| s.service("svc").map_or(0, |svc| svc.sink.len()));
     assert_eq!(sink_len, 1, "the item at the model got its result");
     assert_eq!(length_on(node), 4, "the rest wait in the queue");
 }

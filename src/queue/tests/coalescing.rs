@@ -244,5 +244,8 @@ fn only_the_end_of_a_consumers_work_takes_the_release_lane() {
     };
     assert!(!put.releases_work());
     assert!(!Command::Tick.releases_work());
-    assert!(!Command::Batch(vec![commit]).releases_work(), "a batch goes with the rest");
+    assert!(
+        !Command::Batch(vec![commit]).releases_work(),
+        "a batch goes with the rest"
+    );
 }
