@@ -80,7 +80,10 @@ impl Default for Timeouts {
 pub struct QueueClient {
     http: reqwest::Client,
     /// `http://host:port/api/predict/{service}` or `.../sink`.
-    pub url: String,
+    url: String,
+    /// `url` parsed once (None when it does not parse: each request then
+    /// fails with reqwest's error, as before it was kept).
+    parsed_url: Option<url::Url>,
     pub token: String,
     pub group: String,
     pub user: String,
@@ -98,14 +101,22 @@ impl QueueClient {
             .connect_timeout(timeouts.connect)
             .build()
             .unwrap_or_default();
+        let url = format!("{base}/api/predict/{queue}");
         Self {
             http,
             timeouts,
-            url: format!("{base}/api/predict/{queue}"),
+            parsed_url: url::Url::parse(&url).ok(),
+            url,
             token: token.to_string(),
             group: DEFAULT_GROUP.into(),
             user: uuid::Uuid::new_v4().to_string(),
         }
+    }
+
+    /// The queue's URL: `http://host:port/api/predict/{service}` or
+    /// `.../sink`.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// The request that asks for `op` on this client's queue, with `tags`
@@ -115,7 +126,18 @@ impl QueueClient {
             reqwest::Method::from_bytes(op.method().as_bytes()).expect("an HTTP method name");
         let mut query = op.query();
         query.extend(tags.iter().map(|(k, v)| (k.as_str(), v.clone())));
-        self.with_identity(self.http.request(method, &self.url).query(&query))
+        let Some(base) = &self.parsed_url else {
+            return self.with_identity(self.http.request(method, &self.url).query(&query));
+        };
+        // The URL parsed once and its query added here: parsing it again
+        // for each request (host, IDNA, path) was the engine's largest
+        // cost after the socket.
+        let mut url = base.clone();
+        if !query.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        self.with_identity(self.http.request(method, url))
     }
 
     fn with_identity(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

@@ -258,11 +258,11 @@ impl Engine {
             let mut frames = match watch {
                 Ok(f) => {
                     attempt = 0;
-                    tracing::info!(endpoint = %self.input().url, "engine watching");
+                    tracing::info!(endpoint = %self.input().url(), "engine watching");
                     f
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, endpoint = %self.input().url, "watch failed; trying the next node");
+                    tracing::warn!(error = %e, endpoint = %self.input().url(), "watch failed; trying the next node");
                     self.next_endpoint();
                     attempt += 1;
                     tokio::select! {
@@ -310,7 +310,7 @@ impl Engine {
                     Some(Err(e)) => {
                         // Broken or silent (a hung node): another node serves
                         // the same queue.
-                        tracing::warn!(error = %e, endpoint = %self.input().url, "watch broke; trying the next node");
+                        tracing::warn!(error = %e, endpoint = %self.input().url(), "watch broke; trying the next node");
                         self.next_endpoint();
                         break;
                     }
