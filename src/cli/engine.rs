@@ -29,7 +29,8 @@ pub(crate) struct EngineArgs {
         hide_env_values = true
     )]
     pub(crate) token: String,
-    /// The model server's base URL.
+    /// The model server's base URL: http(s)://host:port[/path], or
+    /// host:port for plain HTTP. Any other value stops the engine at start.
     #[arg(
         long,
         env = "EDDY_ENGINE_MODEL",

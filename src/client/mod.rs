@@ -82,7 +82,7 @@ pub struct QueueClient {
     /// `http://host:port/api/predict/{service}` or `.../sink`.
     url: String,
     /// `url` parsed once (None when it does not parse: each request then
-    /// fails with reqwest's error, as before it was kept).
+    /// fails with reqwest's error, as it did before this field existed).
     parsed_url: Option<url::Url>,
     pub token: String,
     pub group: String,
@@ -129,9 +129,9 @@ impl QueueClient {
         let Some(base) = &self.parsed_url else {
             return self.with_identity(self.http.request(method, &self.url).query(&query));
         };
-        // The URL parsed once and its query added here: parsing it again
-        // for each request (host, IDNA, path) was the engine's largest
-        // cost after the socket.
+        // The URL parsed once and its query added here: parsing a string
+        // for each request (host, IDNA, path) was about 2% of the engine's
+        // CPU on the engine path.
         let mut url = base.clone();
         if !query.is_empty() {
             url.query_pairs_mut()
@@ -409,5 +409,51 @@ async fn pump_watch(
             }
             _ = tx.closed() => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The URL a request goes to, built from the parsed URL, is the one
+    /// reqwest builds from the string and the query pairs.
+    #[test]
+    fn a_request_url_is_the_one_reqwest_would_build_from_the_string() {
+        let client = QueueClient::new("127.0.0.1:8080", "demo/sink", "token");
+        let tags = BTreeMap::from([
+            ("requestId".to_string(), "a b&c=d/é+%".to_string()),
+            ("traceparent".to_string(), "00-ab-cd-01".to_string()),
+        ]);
+        let ops = [
+            QueueOp::Put { priority: None },
+            QueueOp::Put { priority: Some(1) },
+            QueueOp::Complete { input_index: 7 },
+            QueueOp::Commit {
+                indexes: vec![1, 2, 3],
+            },
+        ];
+        for op in &ops {
+            for tags in [&tags, &BTreeMap::new()] {
+                let built = client.request(op, tags).build().unwrap();
+                let mut query = op.query();
+                query.extend(tags.iter().map(|(k, v)| (k.as_str(), v.clone())));
+                let expected = client
+                    .http
+                    .post(client.url())
+                    .query(&query)
+                    .build()
+                    .unwrap();
+                assert_eq!(built.url(), expected.url(), "{op:?} {tags:?}");
+            }
+        }
+        let bare = client
+            .request(&QueueOp::Put { priority: None }, &BTreeMap::new())
+            .build()
+            .unwrap();
+        assert_eq!(
+            bare.url().as_str(),
+            "http://127.0.0.1:8080/api/predict/demo/sink"
+        );
     }
 }

@@ -153,8 +153,9 @@ impl Default for EngineStats {
 pub enum EngineError {
     #[error("no Eddy endpoint configured")]
     NoEndpoint,
-    #[error(transparent)]
-    Model(#[from] ModelError),
+    /// `--model` does not name an http(s) URL (or `host:port`).
+    #[error("--model: {0}")]
+    BadModelUrl(ModelError),
 }
 
 /// A running engine's shared parts.
@@ -221,7 +222,8 @@ impl Engine {
             .map(|e| make(e, format!("{}/sink", settings.service)))
             .collect();
         Ok(Arc::new(Self {
-            model: ModelClient::new(&settings.model, settings.request_timeout)?,
+            model: ModelClient::new(&settings.model, settings.request_timeout)
+                .map_err(EngineError::BadModelUrl)?,
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
             held: Arc::new(Semaphore::new(settings.window() as usize)),
             sync_waiters: Arc::new(Semaphore::new(sync_places(settings.concurrency))),
@@ -741,6 +743,10 @@ mod tests {
 
     /// An engine of concurrency 1 for service "svc" on the node at `addr`.
     fn test_engine(addr: String, model: &str) -> Arc<Engine> {
+        engine_settings(addr, model).unwrap()
+    }
+
+    fn engine_settings(addr: String, model: &str) -> Result<Arc<Engine>, EngineError> {
         Engine::new(EngineSettings {
             endpoints: vec![addr],
             service: "svc".into(),
@@ -754,7 +760,19 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             eddy_timeouts: Timeouts::default(),
         })
-        .unwrap()
+    }
+
+    #[test]
+    fn an_engine_with_a_model_url_it_cannot_call_does_not_start() {
+        let err = engine_settings("127.0.0.1:1".into(), "ftp://models/v1").err();
+        let Some(err @ EngineError::BadModelUrl(ModelError::BadBase(_))) = err else {
+            panic!("started, or refused for another reason: {err:?}");
+        };
+        let text = err.to_string();
+        assert!(
+            text.starts_with("--model: bad model URL \"ftp://models/v1\""),
+            "{text}"
+        );
     }
 
     /// A stand-in for Eddy that answers every request with `status` and

@@ -57,7 +57,7 @@ pub fn model_url(base: &url::Url, path: &str) -> Result<url::Url, ModelError> {
     {
         let mut segments = url
             .path_segments_mut()
-            .map_err(|_| ModelError::BadBase(format!("{base} cannot take a path")))?;
+            .map_err(|_| ModelError::BadBase(format!("{base}: cannot take a path")))?;
         segments.pop_if_empty();
         for segment in path.split('/').filter(|s| !s.is_empty()) {
             if segment == "." || segment == ".." {
@@ -70,22 +70,26 @@ pub fn model_url(base: &url::Url, path: &str) -> Result<url::Url, ModelError> {
 }
 
 impl ModelClient {
-    /// A client for the model at `base` (`host:port` or a URL). The URL is
-    /// parsed here, once: a call only appends its sub-path to it.
+    /// A client for the model at `base` (`host:port` or an http(s) URL).
+    /// The URL is parsed here, once, without its trailing slash: a call
+    /// only appends its sub-path to it.
     pub fn new(base: &str, timeout: Duration) -> Result<Self, ModelError> {
+        let given = base;
         let base = if base.contains("://") {
             base.to_string()
         } else {
             format!("http://{base}")
         };
-        let base = base.trim_end_matches('/');
-        let base =
-            url::Url::parse(base).map_err(|e| ModelError::BadBase(format!("{base}: {e}")))?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+        let mut base =
+            url::Url::parse(&base).map_err(|e| ModelError::BadBase(format!("{given:?}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
             return Err(ModelError::BadBase(format!(
-                "{base}: an http or https URL is needed"
+                "{given:?}: an http or https URL is needed"
             )));
         }
+        base.path_segments_mut()
+            .map_err(|_| ModelError::BadBase(format!("{given:?}: cannot take a path")))?
+            .pop_if_empty();
         Ok(Self {
             http: reqwest::Client::new(),
             base,
@@ -134,6 +138,23 @@ mod tests {
         let url = |path| model_url(base, path).map(String::from);
         assert_eq!(url("").unwrap(), "http://m:8000/v1");
         assert_eq!(url("/").unwrap(), "http://m:8000/v1");
+        // The base's own trailing slash goes, also before a query.
+        let with_query = &ModelClient::new("http://m/v1/?k=v", Duration::from_secs(1))
+            .unwrap()
+            .base;
+        assert_eq!(
+            model_url(with_query, "").unwrap().as_str(),
+            "http://m/v1?k=v"
+        );
+        assert_eq!(
+            model_url(with_query, "a").unwrap().as_str(),
+            "http://m/v1/a?k=v"
+        );
+        let bare = &ModelClient::new("m:8000", Duration::from_secs(1))
+            .unwrap()
+            .base;
+        assert_eq!(model_url(bare, "").unwrap().as_str(), "http://m:8000/");
+        assert_eq!(model_url(bare, "a").unwrap().as_str(), "http://m:8000/a");
         assert_eq!(url("a/b").unwrap(), "http://m:8000/v1/a/b");
         // Decoded `%3F` and `%23` stay inside their segment.
         assert_eq!(url("a?admin=1").unwrap(), "http://m:8000/v1/a%3Fadmin=1");
@@ -157,6 +178,14 @@ mod tests {
                 "{base}"
             );
         }
+        let err = ModelClient::new("ftp://m/v1", Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("\"ftp://m/v1\"") && err.contains("http or https"),
+            "{err}"
+        );
         assert!(ModelClient::new("m:8000", Duration::from_secs(1)).is_ok());
     }
 }
