@@ -71,17 +71,12 @@ pub fn model_url(base: &url::Url, path: &str) -> Result<url::Url, ModelError> {
 
 impl ModelClient {
     /// A client for the model at `base` (`host:port` or an http(s) URL).
-    /// The URL is parsed here, once, without its trailing slash: a call
+    /// The URL is parsed here, once, without trailing slashes: a call
     /// only appends its sub-path to it.
     pub fn new(base: &str, timeout: Duration) -> Result<Self, ModelError> {
         let given = base;
-        let base = if base.contains("://") {
-            base.to_string()
-        } else {
-            format!("http://{base}")
-        };
-        let mut base =
-            url::Url::parse(&base).map_err(|e| ModelError::BadBase(format!("{given:?}: {e}")))?;
+        let mut base = url::Url::parse(crate::client::base_url(given).trim_end_matches('/'))
+            .map_err(|e| ModelError::BadBase(format!("{given:?}: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(ModelError::BadBase(format!(
                 "{given:?}: an http or https URL is needed"
@@ -138,6 +133,17 @@ mod tests {
         let url = |path| model_url(base, path).map(String::from);
         assert_eq!(url("").unwrap(), "http://m:8000/v1");
         assert_eq!(url("/").unwrap(), "http://m:8000/v1");
+        let slashes = &ModelClient::new("http://m:8000/v1//", Duration::from_secs(1))
+            .unwrap()
+            .base;
+        assert_eq!(model_url(slashes, "").unwrap().as_str(), "http://m:8000/v1");
+        let bare_slashes = &ModelClient::new("m:8000/v1//", Duration::from_secs(1))
+            .unwrap()
+            .base;
+        assert_eq!(
+            model_url(bare_slashes, "").unwrap().as_str(),
+            "http://m:8000/v1"
+        );
         // The base's own trailing slash goes, also before a query.
         let with_query = &ModelClient::new("http://m/v1/?k=v", Duration::from_secs(1))
             .unwrap()
