@@ -8,7 +8,10 @@ pub mod streaming {
     include!(concat!(env!("OUT_DIR"), "/streaming.rs"));
 }
 
-pub use streaming::{AttributesProto, DataFrameListProto, DataFrameProto};
+pub use streaming::{
+    AttributesProto, CompleteBatchProto, CompleteBatchReplyProto, CompleteOutcomeProto,
+    CompleteProto, DataFrameListProto, DataFrameProto,
+};
 
 /// Media type the SDKs send in `Accept` for protobuf bodies.
 pub const PROTOBUF_MEDIA_TYPE: &str = "application/vnd.google.protobuf";

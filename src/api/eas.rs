@@ -19,14 +19,17 @@ use prost::Message as _;
 use super::params::{identity, priority};
 use super::{ApiError, AppState, ConnectionCloser};
 use crate::latency::Stage;
-use crate::proto::{AttributesProto, DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
+use crate::proto::{
+    AttributesProto, CompleteBatchProto, CompleteBatchReplyProto, CompleteOutcomeProto,
+    DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE,
+};
 use crate::queue::{
     Command, Frame, NewItem, QueueKind, QueueRef, Reply, Selector, Tags, validate_request_id,
 };
 
 use crate::protocol::{
-    DUPLICATE_HEADER, GetOp, MAX_CODE_BYTES, MAX_REASON_BYTES, Query, QueueOp, REQUEST_ID_HEADER,
-    ReadOp, attributes, param,
+    DUPLICATE_HEADER, GetOp, MAX_CODE_BYTES, MAX_COMPLETE_BATCH, MAX_REASON_BYTES, Query, QueueOp,
+    REQUEST_ID_HEADER, ReadOp, attributes, param,
 };
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -252,6 +255,7 @@ async fn execute(
         QueueOp::Complete { input_index } => {
             return complete(&state, target, req, input_index, limit).await;
         }
+        QueueOp::CompleteBatch => return complete_batch(&state, target, req, limit).await,
         QueueOp::Watch(watch) => return super::watch::watch(state, queue, req, watch).await,
         QueueOp::Read { read, linearizable } => {
             // Reads observe every write acknowledged before them (read
@@ -488,23 +492,130 @@ async fn complete(
     input_index: u64,
     limit: u64,
 ) -> Result<Response, ApiError> {
+    check_sink(&target)?;
+    let (group, _) = identity(&req.headers)?;
+    let tags = req.query.tags;
+    let request_id = complete_request_id(state, &target, input_index, &tags)?;
+    // No node memory admission here: completing frees the input item as it
+    // stores the result, and refusing it would keep the input from draining.
+    // The sink's own max_bytes bounds results.
+    let data = read_body(req.body, limit).await?;
+    let command = complete_command(target.queue.service, group, input_index, tags, data);
+    let (sink_index, duplicate) = completed(state.node.propose(command).await?)?;
+    let mut resp = sink_index
+        .map(|i| i.to_string())
+        .unwrap_or_default()
+        .into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        REQUEST_ID_HEADER,
+        HeaderValue::from_str(&request_id).map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    h.insert(
+        DUPLICATE_HEADER,
+        HeaderValue::from_static(if duplicate { "true" } else { "false" }),
+    );
+    Ok(resp)
+}
+
+/// Several completes in one request, for the engine:
+/// `POST {service}/sink?_complete_=batch` with a `CompleteBatchProto` body
+/// (at most [`MAX_COMPLETE_BATCH`] items, the whole body within the sink's
+/// payload limit), identity of the input consumer group. Each item is
+/// checked and proposed as one `_complete_` would be, and all are proposed
+/// at once, so they travel in the same few log entries; the answer is a
+/// `CompleteBatchReplyProto` with one outcome per item, in order. A refusal
+/// of the whole request (not the sink, no identity, a body that is too
+/// large or does not decode) changes nothing.
+async fn complete_batch(
+    state: &AppState,
+    target: Target,
+    req: Request,
+    limit: u64,
+) -> Result<Response, ApiError> {
+    check_sink(&target)?;
+    let (group, _) = identity(&req.headers)?;
+    let body = read_body(req.body, limit).await?;
+    let batch = CompleteBatchProto::decode(body).map_err(|e| {
+        ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
+    })?;
+    if batch.items.len() > MAX_COMPLETE_BATCH {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_COMPLETE_BATCH} completes in a batch, not {}",
+            batch.items.len()
+        )));
+    }
+    let target = &target;
+    let group = &group;
+    let outcomes = futures::future::join_all(batch.items.into_iter().map(|item| async move {
+        let input_index = item.input_index;
+        let tags: Tags = item.tags.into_iter().collect();
+        let answer = async {
+            crate::protocol::check_tags(&tags)?;
+            complete_request_id(state, target, input_index, &tags)?;
+            let command = complete_command(
+                target.queue.service.clone(),
+                group.clone(),
+                input_index,
+                tags,
+                item.result,
+            );
+            completed(state.node.propose(command).await?)
+        }
+        .await;
+        match answer {
+            Ok((sink_index, duplicate)) => CompleteOutcomeProto {
+                status: 200,
+                sink_index: sink_index.unwrap_or(0),
+                duplicate,
+                error: String::new(),
+            },
+            Err(e) => CompleteOutcomeProto {
+                status: u32::from(e.status().as_u16()),
+                sink_index: 0,
+                duplicate: false,
+                error: e.to_string(),
+            },
+        }
+    }))
+    .await;
+    let reply = CompleteBatchReplyProto { outcomes };
+    Ok((
+        [(header::CONTENT_TYPE, PROTOBUF_MEDIA_TYPE)],
+        reply.encode_to_vec(),
+    )
+        .into_response())
+}
+
+fn check_sink(target: &Target) -> Result<(), ApiError> {
     if target.queue.kind != QueueKind::Sink {
         return Err(ApiError::BadRequest(
             "_complete_ is an operation of the sink queue".into(),
         ));
     }
+    Ok(())
+}
+
+/// A complete's checks before anything is proposed (a refusal must change
+/// nothing): the input index given, the request id given and well formed,
+/// a traceparent tag well formed, and no input item at that index with
+/// another request id. Returns the request id.
+fn complete_request_id(
+    state: &AppState,
+    target: &Target,
+    input_index: u64,
+    tags: &Tags,
+) -> Result<String, ApiError> {
     if input_index == 0 {
         return Err(ApiError::BadRequest(
             "_complete_ needs the input item's index".into(),
         ));
     }
-    let (group, _) = identity(&req.headers)?;
-    let mut tags = req.query.tags;
     let request_id = tags
-        .remove(crate::protocol::REQUEST_ID_TAG)
+        .get(crate::protocol::REQUEST_ID_TAG)
+        .cloned()
         .ok_or_else(|| ApiError::BadRequest("requestId is required with _complete_".into()))?;
-    check_traceparent_tag(&tags)?;
-    // Checked before proposing: a refusal must change nothing.
+    check_traceparent_tag(tags)?;
     validate_request_id(&request_id)?;
     // An index names one item forever, so an input item seen here with
     // another request id is a mismatch on every replica. (The state machine
@@ -524,44 +635,44 @@ async fn complete(
         }
         .into());
     }
-    // No node memory admission here: completing frees the input item as it
-    // stores the result, and refusing it would keep the input from draining.
-    // The sink's own max_bytes bounds results.
-    let data = read_body(req.body, limit).await?;
+    Ok(request_id)
+}
+
+/// The command of a checked complete: the result (the data, unless empty)
+/// carries the request id and the other tags.
+fn complete_command(
+    service: String,
+    group: String,
+    input_index: u64,
+    mut tags: Tags,
+    data: Bytes,
+) -> Command {
+    let request_id = tags
+        .remove(crate::protocol::REQUEST_ID_TAG)
+        .unwrap_or_default();
     let result = (!data.is_empty()).then(|| NewItem {
-        request_id: request_id.clone(),
+        request_id,
         tags,
         data,
         priority: 0,
         path: String::new(),
     });
-    let command = Command::Complete {
-        service: target.queue.service,
+    Command::Complete {
+        service,
         group,
         input_index,
         result,
-    };
-    match state.node.propose(command).await? {
+    }
+}
+
+/// A complete's reply: the sink index written (none for commit only or a
+/// duplicate) and whether a result was already there.
+fn completed(reply: Reply) -> Result<(Option<u64>, bool), ApiError> {
+    match reply {
         Reply::Completed {
             sink_index,
             duplicate,
-        } => {
-            let mut resp = sink_index
-                .map(|i| i.to_string())
-                .unwrap_or_default()
-                .into_response();
-            let h = resp.headers_mut();
-            h.insert(
-                REQUEST_ID_HEADER,
-                HeaderValue::from_str(&request_id)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?,
-            );
-            h.insert(
-                DUPLICATE_HEADER,
-                HeaderValue::from_static(if duplicate { "true" } else { "false" }),
-            );
-            Ok(resp)
-        }
+        } => Ok((sink_index, duplicate)),
         Reply::Rejected(r) => Err(r.into()),
         other => Err(ApiError::Internal(format!(
             "unexpected reply to complete: {other:?}"

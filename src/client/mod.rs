@@ -22,7 +22,10 @@ use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::proto::{DataFrameListProto, DataFrameProto, PROTOBUF_MEDIA_TYPE};
+use crate::proto::{
+    CompleteBatchProto, CompleteBatchReplyProto, CompleteProto, DataFrameListProto, DataFrameProto,
+    PROTOBUF_MEDIA_TYPE,
+};
 
 pub use crate::protocol::REQUEST_ID_HEADER;
 use crate::protocol::{
@@ -283,6 +286,47 @@ impl QueueClient {
             .headers()
             .get(DUPLICATE_HEADER)
             .is_some_and(|v| v == "true"))
+    }
+
+    /// Several completes in one request (`_complete_=batch`, this client's
+    /// queue being a sink). Each item carries its input index, its tags
+    /// (`requestId` among them) and its result. Returns each item's answer
+    /// in order, as [`Self::complete`] would have given it: whether a result
+    /// was already there, or the status and error text of a refusal. An
+    /// error for the whole request means no item was answered (a node that
+    /// predates batches refuses the request with 400).
+    pub async fn complete_batch(
+        &self,
+        items: Vec<CompleteProto>,
+    ) -> Result<Vec<Result<bool, ClientError>>, ClientError> {
+        let count = items.len();
+        let body = CompleteBatchProto { items }.encode_to_vec();
+        let resp = self
+            .request(&QueueOp::CompleteBatch, &BTreeMap::new())
+            .header("Content-Type", PROTOBUF_MEDIA_TYPE)
+            .body(body)
+            .send()
+            .await?;
+        let resp = Self::check(resp).await?;
+        let reply = CompleteBatchReplyProto::decode(resp.bytes().await?)
+            .map_err(|e| ClientError::Protocol(format!("a batch's reply: {e}")))?;
+        if reply.outcomes.len() != count {
+            return Err(ClientError::Protocol(format!(
+                "a batch of {count} completes answered {} times",
+                reply.outcomes.len()
+            )));
+        }
+        Ok(reply
+            .outcomes
+            .into_iter()
+            .map(|o| match o.status {
+                200 => Ok(o.duplicate),
+                status => Err(ClientError::Status {
+                    status: u16::try_from(status).unwrap_or(500),
+                    body: o.error,
+                }),
+            })
+            .collect())
     }
 
     /// Open a watch and return its frame stream. A task reads the socket

@@ -16,7 +16,9 @@
 //!   body is written to the sink tagged `requestId` (and `lastCode` when the
 //!   status is not 200) **in the same replicated command that commits the
 //!   input item** (`_complete_`), so a crash between the two cannot lose the
-//!   result or write it twice. An item is looked up on the sink first
+//!   result or write it twice. Results that are ready at the same moment
+//!   travel in one request (`_complete_=batch`), each with its own answer.
+//!   An item is looked up on the sink first
 //!   unless its frame says it is the item's first delivery (the node says
 //!   so only when no result for its request id exists): when its result
 //!   already exists it is committed without calling the model again.
@@ -42,6 +44,7 @@
 //! The engine talks to Eddy only through [`crate::client`].
 
 pub mod model;
+mod results;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -103,6 +106,8 @@ pub struct EngineStats {
     /// Looks on the sink for an earlier result (every item whose frame does
     /// not say it is the item's first delivery).
     pub result_checks: AtomicU64,
+    /// Requests that carried results in a batch (`_complete_=batch`).
+    pub result_batches: AtomicU64,
     /// How long the model took to answer (answered calls, any status).
     pub model_seconds: crate::latency::DurationHistogram,
     /// Model answers by HTTP status.
@@ -142,6 +147,7 @@ impl Default for EngineStats {
             empty_answers: AtomicU64::new(0),
             result_retries: AtomicU64::new(0),
             result_checks: AtomicU64::new(0),
+            result_batches: AtomicU64::new(0),
             model_seconds: crate::latency::DurationHistogram::new(&MODEL_BUCKETS_MICROS),
             model_status: Default::default(),
             model_errors: Default::default(),
@@ -178,6 +184,8 @@ pub struct Engine {
     /// Set once the engine stops taking items: items waiting for a slot
     /// are handed back at once.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Results waiting to be written together.
+    batches: results::ResultBatches,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -233,6 +241,7 @@ impl Engine {
             current: AtomicUsize::new(0),
             stats: EngineStats::default(),
             stopping: tokio::sync::watch::Sender::new(false),
+            batches: results::ResultBatches::default(),
         }))
     }
 
@@ -381,7 +390,7 @@ impl Engine {
         let in_flight = (self.settings.concurrency.max(1) as usize)
             .saturating_sub(self.permits.available_permits());
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let figures: [(&str, &str, &str, u64); 10] = [
+        let figures: [(&str, &str, &str, u64); 11] = [
             (
                 "eddy_engine_in_flight",
                 "gauge",
@@ -435,6 +444,12 @@ impl Engine {
                 "counter",
                 "Looks on the sink for an earlier result (items whose frame does not say it is their first delivery).",
                 load(&s.result_checks),
+            ),
+            (
+                "eddy_engine_result_batches_total",
+                "counter",
+                "Requests that wrote several results at once (each with its input's commit).",
+                load(&s.result_batches),
             ),
             (
                 "eddy_engine_model_failures_total",
@@ -604,8 +619,9 @@ impl Engine {
         matches!(self.sink().get(&already_written(), &filter).await, Ok(existing) if !existing.is_empty())
     }
 
-    /// Write the result and commit the input, retrying while the sink is
-    /// full or the cluster is between leaders (the slot stays taken).
+    /// Write the result and commit the input (in a batch with other results
+    /// when it is small, see [`results`]), retrying while the sink is full
+    /// or the cluster is between leaders (the slot stays taken).
     /// Some(whether a result was already there) once done; None when the
     /// item's work ended without a result (counted here).
     async fn finish(
@@ -617,11 +633,27 @@ impl Engine {
     ) -> Option<bool> {
         let mut attempt = 0;
         loop {
-            match self
-                .sink()
-                .complete(index, request_id, &tags, body.clone())
+            let (answer, batched) = match self
+                .complete_in_batch(index, request_id, &tags, &body)
                 .await
             {
+                results::Written::Answer(answer) => (answer, true),
+                results::Written::Alone => (
+                    self.sink()
+                        .complete(index, request_id, &tags, body.clone())
+                        .await,
+                    false,
+                ),
+                results::Written::Failed(reason) => {
+                    // The batch's sender logged it and moved to the next node.
+                    tracing::debug!(%reason, index, "writing the result failed; retrying");
+                    attempt = (attempt + 1).min(5);
+                    self.stats.result_retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+            };
+            match answer {
                 Ok(duplicate) => return Some(duplicate),
                 Err(ClientError::Status { status: 429, .. }) => {
                     // Sink full: hold the slot (backpressure) and retry.
@@ -657,7 +689,10 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, index, "writing the result failed; retrying");
-                    self.next_endpoint();
+                    // A batch's sender already moved to the next node.
+                    if !batched {
+                        self.next_endpoint();
+                    }
                     attempt = (attempt + 1).min(5);
                 }
             }
@@ -738,6 +773,7 @@ fn already_written() -> crate::protocol::GetOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
     use std::sync::Mutex;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -775,9 +811,21 @@ mod tests {
         );
     }
 
-    /// A stand-in for Eddy that answers every request with `status` and
-    /// records each request line.
-    async fn fake_eddy(status: u16) -> (String, Arc<Mutex<Vec<String>>>) {
+    /// How a stand-in for Eddy answers a batch of completes.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Batches {
+        /// As a node that knows them: each item answered with the status
+        /// every other request gets.
+        Known,
+        /// As a node that predates them: 400, a bad index.
+        Unknown,
+    }
+
+    /// A stand-in for Eddy that answers every request with `status` (each
+    /// item of a batch too, unless `batches` says the node does not know
+    /// them) and records each request line; a batch's line ends with the
+    /// input indexes it carried (` items=[7, 8]`).
+    async fn fake_eddy(status: u16, batches: Batches) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -792,7 +840,6 @@ mod tests {
                         if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
                             return;
                         }
-                        log.lock().unwrap().push(line.trim().to_string());
                         let mut length = 0;
                         loop {
                             let mut header = String::new();
@@ -808,12 +855,45 @@ mod tests {
                         }
                         let mut body = vec![0; length];
                         stream.read_exact(&mut body).await.unwrap();
-                        let text = "input item 7 is gone\n";
-                        let reply = format!(
-                            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{text}",
-                            text.len()
+                        let text = "input item 7 is gone";
+                        let mut line = line.trim().to_string();
+                        let (status, reply) = if line.contains("_complete_=batch") {
+                            let batch =
+                                crate::proto::CompleteBatchProto::decode(&body[..]).unwrap();
+                            let indexes: Vec<u64> =
+                                batch.items.iter().map(|i| i.input_index).collect();
+                            line = format!("{line} items={indexes:?}");
+                            match batches {
+                                Batches::Unknown => (400, b"_complete_: not a number".to_vec()),
+                                Batches::Known => {
+                                    let outcomes = indexes
+                                        .iter()
+                                        .map(|_| crate::proto::CompleteOutcomeProto {
+                                            status: status.into(),
+                                            sink_index: if status == 200 { 1 } else { 0 },
+                                            duplicate: false,
+                                            error: if status == 200 {
+                                                String::new()
+                                            } else {
+                                                text.to_string()
+                                            },
+                                        })
+                                        .collect();
+                                    let reply = crate::proto::CompleteBatchReplyProto { outcomes };
+                                    (200, reply.encode_to_vec())
+                                }
+                            }
+                        } else {
+                            (status, format!("{text}\n").into_bytes())
+                        };
+                        log.lock().unwrap().push(line);
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n",
+                            reply.len()
                         );
-                        stream.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                        let out = stream.get_mut();
+                        out.write_all(head.as_bytes()).await.unwrap();
+                        out.write_all(&reply).await.unwrap();
                     }
                 });
             }
@@ -851,8 +931,8 @@ mod tests {
     #[tokio::test]
     async fn only_an_item_handed_out_before_is_looked_up_on_the_sink() {
         for (deliveries, looked_up) in [(1, false), (2, true), (0, true)] {
-            let (addr, seen) = fake_eddy(410).await;
-            let (model, called) = fake_eddy(200).await;
+            let (addr, seen) = fake_eddy(410, Batches::Known).await;
+            let (model, called) = fake_eddy(200, Batches::Known).await;
             let engine = test_engine(addr, &format!("http://{model}"));
             let frame = DataFrameProto {
                 index: 7,
@@ -878,9 +958,10 @@ mod tests {
                 "deliveries {deliveries}: {requests:?}"
             );
             assert!(
-                requests
-                    .last()
-                    .is_some_and(|r| r.starts_with("POST /api/predict/svc/sink?_complete_=7")),
+                requests.last().is_some_and(|r| {
+                    r.starts_with("POST /api/predict/svc/sink?_complete_=batch")
+                        && r.ends_with("items=[7]")
+                }),
                 "deliveries {deliveries}: {requests:?}"
             );
             assert_eq!(called.lock().unwrap().len(), 1, "the model is called once");
@@ -895,33 +976,93 @@ mod tests {
     /// request's input) or 410 (the input is gone) is a final outcome: one
     /// warning naming the reason, no retry, no hand-back (old code: an
     /// error and a negative commit of the index, which for 409 sent the
-    /// item round again until it was dead-lettered).
+    /// item round again until it was dead-lettered). The same whether the
+    /// answer came for an item of a batch or for a single `_complete_`
+    /// after a node that predates batches refused one (its warning says
+    /// results are written alone from then on).
     #[tokio::test]
     async fn a_complete_answered_409_or_410_is_final() {
-        for status in [409u16, 410] {
-            let (addr, seen) = fake_eddy(status).await;
-            let engine = test_engine(addr, "http://127.0.0.1:9");
-            let (logs, guard) = capture_logs();
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                engine.finish(7, "req-7", BTreeMap::new(), Bytes::from_static(b"out")),
-            )
-            .await
-            .expect("a final answer ends the item's work at once");
-            drop(guard);
-            let requests = seen.lock().unwrap().clone();
-            assert_eq!(requests.len(), 1, "{status}: {requests:?}");
-            assert!(
-                requests[0].starts_with("POST /api/predict/svc/sink?_complete_=7"),
-                "{requests:?}"
-            );
-            assert_eq!(engine.stats.not_written.load(Ordering::Relaxed), 1);
-            let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-            let lines: Vec<&str> = logs.lines().collect();
-            assert_eq!(lines.len(), 1, "{logs}");
-            assert!(lines[0].contains("WARN"), "{logs}");
-            assert!(lines[0].contains(&status.to_string()), "{logs}");
-            assert!(lines[0].contains("input item 7 is gone"), "{logs}");
+        for batches in [Batches::Known, Batches::Unknown] {
+            for status in [409u16, 410] {
+                let (addr, seen) = fake_eddy(status, batches).await;
+                let engine = test_engine(addr, "http://127.0.0.1:9");
+                let (logs, guard) = capture_logs();
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    engine.finish(7, "req-7", BTreeMap::new(), Bytes::from_static(b"out")),
+                )
+                .await
+                .expect("a final answer ends the item's work at once");
+                drop(guard);
+                let requests = seen.lock().unwrap().clone();
+                let mut expected = vec!["POST /api/predict/svc/sink?_complete_=batch"];
+                if batches == Batches::Unknown {
+                    expected.push("POST /api/predict/svc/sink?_complete_=7");
+                }
+                assert_eq!(requests.len(), expected.len(), "{status}: {requests:?}");
+                for (request, start) in requests.iter().zip(&expected) {
+                    assert!(request.starts_with(start), "{requests:?}");
+                }
+                assert_eq!(engine.stats.not_written.load(Ordering::Relaxed), 1);
+                let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+                let lines: Vec<&str> = logs.lines().collect();
+                assert_eq!(lines.len(), expected.len(), "{logs}");
+                if batches == Batches::Unknown {
+                    assert!(
+                        lines[0].contains("writing each result alone from now on"),
+                        "{logs}"
+                    );
+                }
+                let last = lines.last().unwrap();
+                assert!(last.contains("WARN"), "{logs}");
+                assert!(last.contains(&status.to_string()), "{logs}");
+                assert!(last.contains("input item 7 is gone"), "{logs}");
+            }
         }
+    }
+
+    /// Results ready at the same moment go to the node together: while
+    /// the first [`results::BATCHES_IN_FLIGHT`] results are on their way
+    /// (one request each, sent at once), the others wait and then travel
+    /// in one request. Every result is answered, each input index is sent
+    /// once. (Old code: one `_complete_` request per result.)
+    #[tokio::test]
+    async fn results_ready_together_are_written_in_one_request() {
+        let (addr, seen) = fake_eddy(200, Batches::Known).await;
+        let engine = test_engine(addr, "http://127.0.0.1:9");
+        let count = 20u64;
+        let answers = futures::future::join_all((1..=count).map(|index| {
+            engine.finish(
+                index,
+                "req",
+                BTreeMap::new(),
+                Bytes::from(format!("result {index}")),
+            )
+        }));
+        let answers = tokio::time::timeout(Duration::from_secs(10), answers)
+            .await
+            .expect("every result is answered");
+        assert!(answers.iter().all(|a| *a == Some(false)), "{answers:?}");
+        let requests = seen.lock().unwrap().clone();
+        assert_eq!(
+            requests.len(),
+            results::BATCHES_IN_FLIGHT + 1,
+            "{requests:?}"
+        );
+        let mut sent: Vec<u64> = requests
+            .iter()
+            .flat_map(|r| {
+                let list = r.split_once("items=[").unwrap().1.trim_end_matches(']');
+                list.split(", ")
+                    .map(|i| i.parse::<u64>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        sent.sort_unstable();
+        assert_eq!(sent, (1..=count).collect::<Vec<_>>());
+        assert_eq!(
+            engine.stats.result_batches.load(Ordering::Relaxed),
+            requests.len() as u64
+        );
     }
 }

@@ -12,10 +12,12 @@ mod op;
 mod query;
 
 pub use attributes::{ATTR_LAST_ENTRY, ATTR_LENGTH, attributes};
-pub use op::{GetOp, MAX_READ_LENGTH, QueueOp, ReadOp, WatchOp};
+pub use op::{
+    COMPLETE_BATCH, GetOp, MAX_COMPLETE_BATCH, MAX_READ_LENGTH, QueueOp, ReadOp, WatchOp,
+};
 pub use query::{
     MAX_CONTROL_VALUE_BYTES, MAX_POLL, MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_TAGS, Query,
-    QueryError, parse_duration, parse_index_list, parse_priority,
+    QueryError, check_tags, parse_duration, parse_index_list, parse_priority,
 };
 
 /// The control parameters of a queue URL's query string.

@@ -11,6 +11,12 @@ use std::time::Duration;
 use super::param;
 use super::query::{Query, QueryError, parse_priority};
 
+/// The `_complete_` value that asks for a batch of completes.
+pub const COMPLETE_BATCH: &str = "batch";
+
+/// Most completes in one batch.
+pub const MAX_COMPLETE_BATCH: usize = 256;
+
 /// Longest list a read or a dead-letter listing returns at once.
 pub const MAX_READ_LENGTH: u64 = 10_000;
 
@@ -25,6 +31,9 @@ pub enum QueueOp {
     /// `POST ?_complete_=INDEX`: write the body to the sink as the result
     /// of input item `INDEX` and commit that item (0: not given).
     Complete { input_index: u64 },
+    /// `POST ?_complete_=batch`: several completes, a `CompleteBatchProto`
+    /// body (Eddy's own; a node that predates it refuses the value).
+    CompleteBatch,
     /// `POST ?_eos_=true`: end of stream.
     EndOfStream { force: bool },
     /// `GET ?_watch_=true`, or a WebSocket upgrade: stream items.
@@ -97,6 +106,7 @@ impl QueueOp {
             "POST" if q.flag(param::END_OF_STREAM)? => Ok(Self::EndOfStream {
                 force: q.flag(param::FORCE)?,
             }),
+            "POST" if q.get(param::COMPLETE) == Some(COMPLETE_BATCH) => Ok(Self::CompleteBatch),
             "POST" if q.get(param::COMPLETE).is_some() => Ok(Self::Complete {
                 input_index: q.u64_or(param::COMPLETE, 0)?,
             }),
@@ -136,7 +146,10 @@ impl QueueOp {
     /// The HTTP method of this op.
     pub fn method(&self) -> &'static str {
         match self {
-            Self::Put { .. } | Self::Complete { .. } | Self::EndOfStream { .. } => "POST",
+            Self::Put { .. }
+            | Self::Complete { .. }
+            | Self::CompleteBatch
+            | Self::EndOfStream { .. } => "POST",
             Self::Watch(_) | Self::Read { .. } => "GET",
             Self::Commit { .. } | Self::Negative { .. } => "PUT",
             Self::Delete { .. } | Self::Truncate { .. } => "DELETE",
@@ -166,6 +179,7 @@ impl QueueOp {
             Self::Complete { input_index } => {
                 out.push((param::COMPLETE, input_index.to_string()));
             }
+            Self::CompleteBatch => out.push((param::COMPLETE, COMPLETE_BATCH.to_string())),
             Self::EndOfStream { force } => {
                 out.push((param::END_OF_STREAM, yes()));
                 if *force {
@@ -321,6 +335,7 @@ mod tests {
             QueueOp::Put { priority: None },
             QueueOp::Put { priority: Some(3) },
             QueueOp::Complete { input_index: 7 },
+            QueueOp::CompleteBatch,
             QueueOp::EndOfStream { force: false },
             QueueOp::EndOfStream { force: true },
             QueueOp::Watch(WatchOp {

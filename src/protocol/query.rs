@@ -33,6 +33,30 @@ pub struct Query {
     pub tags: Tags,
 }
 
+/// The rules of a query's tags for tags that came another way (a batch of
+/// completes carries each item's tags in its body): a key that is empty or
+/// starts with `_` (a control parameter's form) is refused here rather than
+/// dropped, since no query string was there to hold it.
+pub fn check_tags(tags: &Tags) -> Result<(), QueryError> {
+    if tags.len() > MAX_TAGS {
+        return Err(QueryError(format!("at most {MAX_TAGS} tags per request")));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.starts_with('_') {
+            return Err(QueryError(format!(
+                "tag {k:?}: a tag key is not empty and does not start with _"
+            )));
+        }
+        if k.len() > MAX_TAG_KEY_BYTES || v.len() > MAX_TAG_VALUE_BYTES {
+            return Err(QueryError(format!(
+                "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
+                 {MAX_TAG_VALUE_BYTES}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Query {
     pub fn parse(raw: Option<&str>) -> Result<Self, QueryError> {
         let mut control = BTreeMap::new();

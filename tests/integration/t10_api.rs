@@ -400,3 +400,204 @@ async fn a_traceparent_travels_with_the_item_and_a_malformed_tag_is_refused() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
     assert_eq!(input_length(&c), before, "refused puts change nothing");
 }
+
+/// A batch of completes (`_complete_=batch`) answers each item with what a
+/// single `_complete_` would have answered (written, a duplicate, commit
+/// only, another request's input, an input that is gone, a refused tag),
+/// in order, and changes exactly what those singles would have; a batch
+/// refused as a whole (not the sink, a body that does not decode, too many
+/// items, too large) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_completes_answers_each_item_as_a_single_complete_would() {
+    use eddy::proto::{CompleteBatchProto, CompleteBatchReplyProto, CompleteProto};
+
+    let c = Cluster::new(1, 20_000).await;
+    let sink_limits = eddy::queue::QueueLimits {
+        max_payload_bytes: 20_000,
+        ..Default::default()
+    };
+    create_service_with(
+        c.node(1),
+        ServiceConfig {
+            sink: sink_limits,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut inputs = Vec::new();
+    for data in ["a", "b", "c", "d"] {
+        let (status, headers, body) = send(&c, 1, request("POST", "/api/predict/svc", data)).await;
+        assert_eq!(status, StatusCode::OK);
+        let index: u64 = std::str::from_utf8(&body).unwrap().parse().unwrap();
+        inputs.push((
+            index,
+            headers[REQUEST_ID_HEADER].to_str().unwrap().to_string(),
+        ));
+    }
+    let [(a, ra), (b, _), (c_index, rc), (d, rd)] = inputs.try_into().unwrap();
+    let (status, _, _) = send(
+        &c,
+        1,
+        request("DELETE", &format!("/api/predict/svc?_indexes_={d}"), ""),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let sink_length = |c: &Cluster| {
+        c.node(1).node.read(|s| {
+            s.queue(&eddy::queue::QueueRef::new(
+                "svc",
+                eddy::queue::QueueKind::Sink,
+            ))
+            .map_or(0, |q| q.len())
+        })
+    };
+    let item = |index: u64, request_id: &str, extra: &[(&str, &str)], result: &str| {
+        let mut tags: std::collections::HashMap<String, String> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if !request_id.is_empty() {
+            tags.insert("requestId".into(), request_id.into());
+        }
+        CompleteProto {
+            input_index: index,
+            tags,
+            result: bytes::Bytes::from(result.to_string()),
+        }
+    };
+    let batch_request = |uri: &str, body: Vec<u8>| {
+        Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header(HEADER_GROUP, "eas")
+            .header(HEADER_USER, "engine-1")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let sink_batch = "/api/predict/svc/sink?_complete_=batch";
+    let outcomes = |body: &[u8]| {
+        CompleteBatchReplyProto::decode(body)
+            .unwrap()
+            .outcomes
+            .into_iter()
+            .map(|o| (o.status, o.sink_index > 0, o.duplicate, o.error))
+            .collect::<Vec<_>>()
+    };
+
+    // Refused as a whole: nothing changes.
+    let too_many = CompleteBatchProto {
+        items: (0..=eddy::protocol::MAX_COMPLETE_BATCH as u64)
+            .map(|_| item(a, &ra, &[], ""))
+            .collect(),
+    };
+    let too_large = CompleteBatchProto {
+        items: vec![item(a, &ra, &[], &"x".repeat(20_001))],
+    };
+    let one = CompleteBatchProto {
+        items: vec![item(a, &ra, &[], "r")],
+    };
+    for (uri, body, expected) in [
+        (
+            "/api/predict/svc?_complete_=batch",
+            one.encode_to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            sink_batch,
+            b"\xff\xff\xff".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            sink_batch,
+            too_many.encode_to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            sink_batch,
+            too_large.encode_to_vec(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "/api/predict/svc/sink?_complete_=batches",
+            one.encode_to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (status, _, body) = send(&c, 1, batch_request(uri, body)).await;
+        assert_eq!(
+            status,
+            expected,
+            "{uri}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(!body.is_empty(), "{uri}: an error has a text body");
+    }
+    assert_eq!((input_length(&c), sink_length(&c)), (3, 0));
+
+    let batch = CompleteBatchProto {
+        items: vec![
+            item(a, &ra, &[("lastCode", "201")], "result a"),
+            item(b, &rc, &[], "not b's"),
+            item(d, &rd, &[], "gone"),
+            item(0, &rc, &[], "no index"),
+            item(c_index, "", &[], "no request id"),
+            item(c_index, &rc, &[("_x_", "y")], "a control key"),
+            item(
+                c_index,
+                &rc,
+                &[("traceparent", "nope")],
+                "a bad traceparent",
+            ),
+        ],
+    };
+    let (status, headers, body) =
+        send(&c, 1, batch_request(sink_batch, batch.encode_to_vec())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/vnd.google.protobuf");
+    let got = outcomes(&body);
+    let statuses: Vec<u32> = got.iter().map(|o| o.0).collect();
+    assert_eq!(statuses, [200, 409, 410, 400, 400, 400, 400], "{got:?}");
+    assert!(got[0].1 && !got[0].2 && got[0].3.is_empty(), "{got:?}");
+    assert!(
+        got[1].3.contains(&rc),
+        "the mismatch names the request id: {got:?}"
+    );
+    assert!(got[2].3.contains("not written"), "{got:?}");
+    assert!(got[1..].iter().all(|o| !o.1 && !o.3.is_empty()), "{got:?}");
+    assert_eq!(
+        (input_length(&c), sink_length(&c)),
+        (2, 1),
+        "a completed, b and c kept"
+    );
+    let result = c.node(1).node.read(|s| {
+        let sink = s
+            .queue(&eddy::queue::QueueRef::new(
+                "svc",
+                eddy::queue::QueueKind::Sink,
+            ))
+            .unwrap();
+        let it = sink.items.values().next().unwrap();
+        (
+            it.request_id.to_string(),
+            it.tags().clone(),
+            it.data.clone(),
+        )
+    });
+    assert_eq!(result.0, ra);
+    assert_eq!(result.1.get("lastCode").map(String::as_str), Some("201"));
+    assert_eq!(&result.2[..], b"result a");
+
+    // a again (a duplicate: nothing written), c commit only (empty result)
+    let batch = CompleteBatchProto {
+        items: vec![item(a, &ra, &[], "again"), item(c_index, &rc, &[], "")],
+    };
+    let (status, _, body) = send(&c, 1, batch_request(sink_batch, batch.encode_to_vec())).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = outcomes(&body);
+    assert_eq!(
+        got.iter().map(|o| (o.0, o.1, o.2)).collect::<Vec<_>>(),
+        [(200, false, true), (200, false, false)],
+        "{got:?}"
+    );
+    assert_eq!((input_length(&c), sink_length(&c)), (1, 1));
+}
