@@ -19,6 +19,8 @@
 //!   duplicate), or "alone" (write it with a single `_complete_`). A sender
 //!   whose work is dropped half way answers "failed" to what it was sending
 //!   and to what waits when no other sender is left.
+//! - A sender's own item keeps its place in the engine's window until the
+//!   sender stops sending (at most [`BATCHES_IN_FLIGHT`] items at once).
 //! - Only small results travel in batches ([`BATCH_ITEM_MAX_BYTES`]); a
 //!   larger one is written alone, so a batch stays small next to the sink's
 //!   payload limit. A batch the node refuses as too large is written item
@@ -194,16 +196,13 @@ impl Engine {
                     let _ = answer.send(Written::Answer(outcome));
                 }
             }
-            Err(ClientError::Status {
-                status: status @ (400 | 404 | 405),
-                body,
-            }) => {
+            Err(ClientError::Status { status: 400, body }) => {
                 // A node that predates batches reads `_complete_=batch` as
                 // a bad index; a node that knows them refuses a batch as a
                 // whole only for what would refuse each item alone too.
                 if !self.batches.off.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
-                        status,
+                        status = 400,
                         reason = %body.trim(),
                         "the node refused a batch of results; writing each result alone from now on"
                     );
@@ -218,7 +217,8 @@ impl Engine {
                 }
             }
             Err(ClientError::Status { status, body }) if status < 500 => {
-                // Refused for every item alike (a token, the sink full).
+                // Refused for every item alike, as each would have been
+                // alone (a token, a service that is gone).
                 for answer in answers {
                     let _ = answer.send(Written::Answer(Err(ClientError::Status {
                         status,
