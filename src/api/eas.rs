@@ -28,8 +28,8 @@ use crate::queue::{
 };
 
 use crate::protocol::{
-    DUPLICATE_HEADER, GetOp, MAX_CODE_BYTES, MAX_COMPLETE_BATCH, MAX_REASON_BYTES, Query, QueueOp,
-    REQUEST_ID_HEADER, ReadOp, attributes, param,
+    DUPLICATE_HEADER, GetOp, MAX_CODE_BYTES, MAX_COMPLETE_BATCH, MAX_REASON_BYTES, MAX_TAGS, Query,
+    QueueOp, REQUEST_ID_HEADER, ReadOp, attributes, param,
 };
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -536,15 +536,12 @@ async fn complete_batch(
     check_sink(&target)?;
     let (group, _) = identity(&req.headers)?;
     let body = read_body(req.body, limit).await?;
-    let batch = CompleteBatchProto::decode(body).map_err(|e| {
-        ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
-    })?;
-    if batch.items.len() > MAX_COMPLETE_BATCH {
-        return Err(ApiError::BadRequest(format!(
-            "at most {MAX_COMPLETE_BATCH} completes in a batch, not {}",
-            batch.items.len()
-        )));
+    if !req.query.tags.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a batch of completes carries each item's tags in its body, not in the query".into(),
+        ));
     }
+    let batch = decode_complete_batch(&body)?;
     let target = &target;
     let group = &group;
     let outcomes = futures::future::join_all(batch.items.into_iter().map(|item| async move {
@@ -585,6 +582,104 @@ async fn complete_batch(
         reply.encode_to_vec(),
     )
         .into_response())
+}
+
+/// A batch's body, counted (see [`check_batch_counts`]) then decoded from
+/// a slice, so that each result is its own exact-size copy: a `Bytes` cut
+/// from the body would keep the whole body alive for as long as the stored
+/// result, unseen by the memory budget.
+fn decode_complete_batch(body: &[u8]) -> Result<CompleteBatchProto, ApiError> {
+    check_batch_counts(body)?;
+    CompleteBatchProto::decode(body).map_err(|e| {
+        ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
+    })
+}
+
+/// Refuses a batch with more than [`MAX_COMPLETE_BATCH`] items or an item
+/// with more than [`MAX_TAGS`] tags before it is decoded: decoding first
+/// would let a small body take far more memory than its size (an empty item
+/// is 2 bytes on the wire and about 90 in memory, an empty tag 2 and about
+/// 60), only to be refused afterwards.
+fn check_batch_counts(body: &[u8]) -> Result<(), ApiError> {
+    let malformed = |e: String| {
+        ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
+    };
+    let mut items = 0;
+    for_each_field(body, |number, item| {
+        if number != 1 {
+            return Ok(());
+        }
+        items += 1;
+        if items > MAX_COMPLETE_BATCH {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_COMPLETE_BATCH} completes in a batch"
+            )));
+        }
+        let mut tags = 0;
+        for_each_field(item, |number, _| {
+            if number == 2 {
+                tags += 1;
+                if tags > MAX_TAGS {
+                    return Err(ApiError::BadRequest(format!(
+                        "item {items} of the batch: at most {MAX_TAGS} tags per request"
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            FieldWalk::Malformed(e) => malformed(e),
+            FieldWalk::Refused(e) => e,
+        })
+    })
+    .map_err(|e| match e {
+        FieldWalk::Malformed(e) => malformed(e),
+        FieldWalk::Refused(e) => e,
+    })
+}
+
+enum FieldWalk {
+    Malformed(String),
+    Refused(ApiError),
+}
+
+/// Calls `f` with the number of each top-level field of the protobuf
+/// message in `buf` and, for a length-delimited field, its bytes (empty for
+/// the others), without decoding anything.
+fn for_each_field(
+    mut buf: &[u8],
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), ApiError>,
+) -> Result<(), FieldWalk> {
+    let varint = |buf: &mut &[u8]| {
+        prost::decode_length_delimiter(buf).map_err(|e| FieldWalk::Malformed(e.to_string()))
+    };
+    while !buf.is_empty() {
+        let key = varint(&mut buf)? as u64;
+        let (number, wire_type) = (key >> 3, key & 7);
+        let len = match wire_type {
+            0 => {
+                varint(&mut buf)?;
+                0
+            }
+            1 => 8,
+            2 => varint(&mut buf)?,
+            5 => 4,
+            other => {
+                return Err(FieldWalk::Malformed(format!(
+                    "field {number}: wire type {other} is not used by this message"
+                )));
+            }
+        };
+        if len > buf.len() {
+            return Err(FieldWalk::Malformed(format!(
+                "field {number} runs past the end of the body"
+            )));
+        }
+        let (value, rest) = buf.split_at(len);
+        buf = rest;
+        f(number, if wire_type == 2 { value } else { &[] }).map_err(FieldWalk::Refused)?;
+    }
+    Ok(())
 }
 
 fn check_sink(target: &Target) -> Result<(), ApiError> {
@@ -912,6 +1007,66 @@ async fn negative(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch_item(tags: usize, result: &[u8]) -> crate::proto::CompleteProto {
+        crate::proto::CompleteProto {
+            input_index: 7,
+            tags: (0..tags)
+                .map(|i| (format!("k{i}"), "v".to_string()))
+                .collect(),
+            result: Bytes::copy_from_slice(result),
+        }
+    }
+
+    /// A batch is counted before it is decoded: a small body of many empty
+    /// items (2 bytes each on the wire, about 90 in memory) or of an item
+    /// with many empty tags is refused without being decoded.
+    #[test]
+    fn a_batch_is_counted_before_it_is_decoded() {
+        let bad = |body: &[u8]| match decode_complete_batch(body) {
+            Err(ApiError::BadRequest(text)) => text,
+            other => panic!("not refused: {other:?}"),
+        };
+        let empty_items = [0x0a, 0x00].repeat(1_000_000);
+        assert!(bad(&empty_items).contains("at most 256 completes"));
+        let mut many_tags = vec![0x0a];
+        let tags = [0x12, 0x00].repeat(MAX_TAGS + 1);
+        prost::encode_length_delimiter(tags.len(), &mut many_tags).unwrap();
+        many_tags.extend_from_slice(&tags);
+        assert!(
+            bad(&many_tags).contains("at most 32 tags"),
+            "{}",
+            bad(&many_tags)
+        );
+        assert!(bad(b"\x0a\x05ab").contains("past the end"));
+        assert!(bad(b"\x0b").contains("wire type 3"));
+        let full = CompleteBatchProto {
+            items: (0..MAX_COMPLETE_BATCH)
+                .map(|_| batch_item(MAX_TAGS, b"r"))
+                .collect(),
+        };
+        let decoded = decode_complete_batch(&full.encode_to_vec()).unwrap();
+        assert_eq!(decoded, full);
+    }
+
+    /// Each result of a decoded batch is its own copy: one that pointed into
+    /// the request's body would keep all of it alive with the stored result.
+    #[test]
+    fn a_decoded_result_does_not_share_the_body() {
+        let batch = CompleteBatchProto {
+            items: vec![batch_item(1, b"first"), batch_item(0, &[7; 1000])],
+        };
+        let body = Bytes::from(batch.encode_to_vec());
+        let range = body.as_ptr_range();
+        let decoded = decode_complete_batch(&body).unwrap();
+        assert_eq!(decoded, batch);
+        for item in &decoded.items {
+            assert!(
+                !range.contains(&item.result.as_ptr()),
+                "a result points into the body"
+            );
+        }
+    }
 
     /// A payload limit of u64::MAX (a config never validated) reads the
     /// body instead of wrapping to a limit of nothing.

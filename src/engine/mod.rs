@@ -106,7 +106,7 @@ pub struct EngineStats {
     /// Looks on the sink for an earlier result (every item whose frame does
     /// not say it is the item's first delivery).
     pub result_checks: AtomicU64,
-    /// Requests that carried results in a batch (`_complete_=batch`).
+    /// Batch requests sent (`_complete_=batch`), answered or not.
     pub result_batches: AtomicU64,
     /// How long the model took to answer (answered calls, any status).
     pub model_seconds: crate::latency::DurationHistogram,
@@ -185,7 +185,7 @@ pub struct Engine {
     /// are handed back at once.
     stopping: tokio::sync::watch::Sender<bool>,
     /// Results waiting to be written together.
-    batches: results::ResultBatches,
+    batches: Arc<results::ResultBatches>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -241,7 +241,7 @@ impl Engine {
             current: AtomicUsize::new(0),
             stats: EngineStats::default(),
             stopping: tokio::sync::watch::Sender::new(false),
-            batches: results::ResultBatches::default(),
+            batches: Arc::default(),
         }))
     }
 
@@ -448,7 +448,7 @@ impl Engine {
             (
                 "eddy_engine_result_batches_total",
                 "counter",
-                "Requests that wrote several results at once (each with its input's commit).",
+                "Requests sent with a batch of results (`_complete_=batch`, one or more results, each with its input's commit).",
                 load(&s.result_batches),
             ),
             (
@@ -644,6 +644,7 @@ impl Engine {
                         .await,
                     false,
                 ),
+                results::Written::Send(..) => unreachable!("a turn to send is taken in the batch"),
                 results::Written::Failed(reason) => {
                     // The batch's sender logged it and moved to the next node.
                     tracing::debug!(%reason, index, "writing the result failed; retrying");
@@ -1021,11 +1022,12 @@ mod tests {
         }
     }
 
-    /// Results ready at the same moment go to the node together: while
-    /// the first [`results::BATCHES_IN_FLIGHT`] results are on their way
-    /// (one request each, sent at once), the others wait and then travel
-    /// in one request. Every result is answered, each input index is sent
-    /// once. (Old code: one `_complete_` request per result.)
+    /// Results ready at the same moment go to the node together: the
+    /// first [`results::BATCHES_IN_FLIGHT`] results go at once (one request
+    /// each) while the others wait; each of those requests, once answered,
+    /// hands its place to a waiting result, which takes what waits then.
+    /// Every result is answered, each input index is sent once. (Old code:
+    /// one `_complete_` request per result.)
     #[tokio::test]
     async fn results_ready_together_are_written_in_one_request() {
         let (addr, seen) = fake_eddy(200, Batches::Known).await;
@@ -1044,9 +1046,8 @@ mod tests {
             .expect("every result is answered");
         assert!(answers.iter().all(|a| *a == Some(false)), "{answers:?}");
         let requests = seen.lock().unwrap().clone();
-        assert_eq!(
-            requests.len(),
-            results::BATCHES_IN_FLIGHT + 1,
+        assert!(
+            requests.len() <= 2 * results::BATCHES_IN_FLIGHT,
             "{requests:?}"
         );
         let mut sent: Vec<u64> = requests

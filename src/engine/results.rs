@@ -3,34 +3,33 @@
 //! (`_complete_=batch`), each with its own answer.
 //!
 //! There is no writer task. The item that finds fewer than
-//! [`BATCHES_IN_FLIGHT`] batches on their way sends the waiting items as a
-//! batch itself, and keeps sending what waits when its batch is answered,
-//! until nothing waits; items that arrive while every batch place is taken
-//! wait for the next batch. So a lone result goes out at once, and under
-//! load a batch carries whatever arrived during the last one's round trip.
+//! [`BATCHES_IN_FLIGHT`] batches on their way sends the waiting items (itself
+//! first) as a batch. When that batch is answered and items wait, it hands
+//! its place to the oldest of them, which sends the next batch (itself
+//! first); otherwise it gives the place up. So a lone result goes out at
+//! once, under load a batch carries whatever arrived during the last one's
+//! round trip, and no item's work is held up sending others' results.
 //!
 //! Invariants:
-//! - Whether items wait and how many batches are on their way are read and
-//!   changed under one lock, and a sender stops only when it finds nothing
-//!   waiting under that lock: no item is left waiting with no sender.
+//! - Whether items wait and how many places are taken are read and changed
+//!   under one lock, and a place is given up only when nothing waits under
+//!   that lock: no item is left waiting with no sender.
+//! - A place handed to an item travels with the message that hands it
+//!   over ([`Place`]): if that item's work is gone, the place is handed on
+//!   or given up when the message is dropped, never lost.
 //! - Every waiting item gets an answer: the node's answer for it, "failed"
 //!   (the batch got no answer; the caller tries again, and the complete is
 //!   idempotent: a result written by the lost batch makes the next try a
-//!   duplicate), or "alone" (write it with a single `_complete_`). A sender
-//!   whose work is dropped half way answers "failed" to what it was sending
-//!   and to what waits when no other sender is left.
-//! - A sender's own item keeps its place in the engine's window until the
-//!   sender stops sending (at most [`BATCHES_IN_FLIGHT`] items at once).
+//!   duplicate), or "alone" (write it with a single `_complete_`).
 //! - Only small results travel in batches ([`BATCH_ITEM_MAX_BYTES`]); a
-//!   larger one is written alone, so a batch stays small next to the sink's
-//!   payload limit. A batch the node refuses as too large is written item
-//!   by item, and a node that does not know batches (it takes
-//!   `_complete_=batch` for a bad index: 400) turns batches off for the
-//!   engine's life.
+//!   larger one is written alone. A batch the node refuses as too large
+//!   (413) is written item by item and halves the batches' byte bound. A
+//!   node that does not know batches (it takes `_complete_=batch` for a bad
+//!   index: 400) turns batches off for the engine's life.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -42,23 +41,38 @@ use crate::protocol::{MAX_COMPLETE_BATCH, REQUEST_ID_TAG};
 
 /// Results larger than this are written alone.
 pub(super) const BATCH_ITEM_MAX_BYTES: usize = 64 * 1024;
-/// A batch takes no more items once its results reach this size.
+/// A batch takes no more items once its results reach this size (halved
+/// by each batch the node refuses as too large).
 const BATCH_MAX_BYTES: usize = 256 * 1024;
 /// Batches on their way to the node at once: one being answered while the
 /// next fills.
 pub(super) const BATCHES_IN_FLIGHT: usize = 2;
 
-/// The items waiting for a batch, and the batches on their way.
-#[derive(Default)]
+/// The items waiting for a batch, and the places of the batches on their
+/// way.
 pub(super) struct ResultBatches {
     waiting: Mutex<Waiting>,
     /// The node refused a batch as an unknown request: write alone.
     off: AtomicBool,
+    /// The byte bound of a batch.
+    max_bytes: AtomicUsize,
+}
+
+impl Default for ResultBatches {
+    fn default() -> Self {
+        Self {
+            waiting: Mutex::default(),
+            off: AtomicBool::new(false),
+            max_bytes: AtomicUsize::new(BATCH_MAX_BYTES),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Waiting {
     items: VecDeque<Pending>,
+    /// Places taken: batches on their way, or handed to an item that is
+    /// about to send one.
     in_flight: usize,
 }
 
@@ -70,10 +84,10 @@ struct Pending {
 impl Waiting {
     /// The next batch: waiting items from the oldest, within the batch's
     /// bounds (at least one).
-    fn take_batch(&mut self) -> Vec<Pending> {
+    fn take_batch(&mut self, max_bytes: usize) -> Vec<Pending> {
         let mut batch = Vec::new();
         let mut bytes = 0;
-        while batch.len() < MAX_COMPLETE_BATCH && bytes < BATCH_MAX_BYTES {
+        while batch.len() < MAX_COMPLETE_BATCH && bytes < max_bytes {
             let Some(p) = self.items.pop_front() else {
                 break;
             };
@@ -95,32 +109,63 @@ pub(super) enum Written {
     Failed(String),
     /// Not sent in a batch: write it with a single `_complete_`.
     Alone,
+    /// This item's turn to send a batch (itself first), with the place.
+    Send(CompleteProto, Place),
 }
 
-/// A sender's place among the batches in flight; given up under the lock
-/// when nothing waits, or, if its work is dropped half way, with "failed"
-/// for what it was sending (the dropped answers) and for what waits when no
-/// other sender is left.
-struct Sending<'a> {
-    batches: &'a ResultBatches,
-    done: bool,
+/// A place among the batches in flight. Handed on when its batch is
+/// answered; dropped without that (the work holding it, or the message
+/// carrying it, was dropped), it is handed on all the same.
+pub(super) struct Place {
+    /// None once handed on.
+    batches: Option<Arc<ResultBatches>>,
 }
 
-impl Drop for Sending<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut waiting = self.batches.waiting.lock().unwrap();
-        waiting.in_flight -= 1;
-        if waiting.in_flight == 0 {
-            for p in waiting.items.drain(..) {
-                let _ = p
-                    .answer
-                    .send(Written::Failed("the batch's sender stopped".into()));
-            }
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Place")
+    }
+}
+
+impl Place {
+    fn new(batches: &Arc<ResultBatches>) -> Self {
+        Self {
+            batches: Some(batches.clone()),
         }
     }
+
+    /// Hand the place to the oldest item that still waits, or give it up
+    /// when none does.
+    fn hand_on(mut self) {
+        if let Some(batches) = self.batches.take() {
+            hand_on(&batches);
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(batches) = self.batches.take() {
+            hand_on(&batches);
+        }
+    }
+}
+
+fn hand_on(batches: &Arc<ResultBatches>) {
+    let mut waiting = batches.waiting.lock().unwrap();
+    while let Some(next) = waiting.items.pop_front() {
+        match next
+            .answer
+            .send(Written::Send(next.item, Place::new(batches)))
+        {
+            Ok(()) => return,
+            // That item's work is gone. The place comes back in the
+            // message; emptied here, its drop does not take the lock again.
+            Err(Written::Send(_, mut place)) => place.batches = None,
+            Err(_) => {}
+        }
+    }
+    waiting.in_flight -= 1;
 }
 
 impl Engine {
@@ -140,41 +185,49 @@ impl Engine {
         let mut item_tags: std::collections::HashMap<String, String> =
             tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         item_tags.insert(REQUEST_ID_TAG.to_string(), request_id.to_string());
-        let (answer, answered) = oneshot::channel();
-        let first = {
-            let mut waiting = batches.waiting.lock().unwrap();
-            waiting.items.push_back(Pending {
-                item: CompleteProto {
-                    input_index: index,
-                    tags: item_tags,
-                    result: body.clone(),
-                },
-                answer,
-            });
-            (waiting.in_flight < BATCHES_IN_FLIGHT).then(|| {
-                waiting.in_flight += 1;
-                waiting.take_batch()
-            })
+        let mut item = CompleteProto {
+            input_index: index,
+            tags: item_tags,
+            result: body.clone(),
         };
-        if let Some(mut batch) = first {
-            let mut place = Sending {
-                batches,
-                done: false,
-            };
-            loop {
-                self.send_batch(batch).await;
+        let mut handed: Option<Place> = None;
+        loop {
+            let (answer, answered) = oneshot::channel();
+            let max_bytes = batches.max_bytes.load(Ordering::Relaxed);
+            let batch = {
                 let mut waiting = batches.waiting.lock().unwrap();
-                if waiting.items.is_empty() {
-                    waiting.in_flight -= 1;
-                    place.done = true;
-                    break;
+                let place = handed.take().or_else(|| {
+                    (waiting.in_flight < BATCHES_IN_FLIGHT).then(|| {
+                        waiting.in_flight += 1;
+                        Place::new(batches)
+                    })
+                });
+                let pending = Pending { item, answer };
+                match place {
+                    // A sender goes first in its own batch.
+                    Some(place) => {
+                        waiting.items.push_front(pending);
+                        Some((waiting.take_batch(max_bytes), place))
+                    }
+                    None => {
+                        waiting.items.push_back(pending);
+                        None
+                    }
                 }
-                batch = waiting.take_batch();
+            };
+            if let Some((batch, place)) = batch {
+                self.send_batch(batch).await;
+                place.hand_on();
+            }
+            match answered.await {
+                Ok(Written::Send(returned, place)) => {
+                    item = returned;
+                    handed = Some(place);
+                }
+                Ok(written) => return written,
+                Err(_) => return Written::Failed("the batch's sender stopped".into()),
             }
         }
-        answered
-            .await
-            .unwrap_or_else(|_| Written::Failed("the batch's sender stopped".into()))
     }
 
     /// Send one batch and answer each of its items.
@@ -212,13 +265,17 @@ impl Engine {
                 }
             }
             Err(ClientError::Status { status: 413, .. }) => {
+                let bound = &self.batches.max_bytes;
+                let _ = bound.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some((b / 2).max(1))
+                });
                 for answer in answers {
                     let _ = answer.send(Written::Alone);
                 }
             }
-            Err(ClientError::Status { status, body }) if status < 500 => {
+            Err(ClientError::Status { status, body }) if status < 500 && status != 408 => {
                 // Refused for every item alike, as each would have been
-                // alone (a token, a service that is gone).
+                // alone (a token, a service that is gone, a rate limit).
                 for answer in answers {
                     let _ = answer.send(Written::Answer(Err(ClientError::Status {
                         status,
@@ -227,6 +284,8 @@ impl Engine {
                 }
             }
             Err(e) => {
+                // No answer for any item (408: the body did not reach the
+                // node in time): the items are tried again, not refused.
                 tracing::warn!(error = %e, "a batch of results got no answer; trying the next node");
                 self.next_endpoint();
                 let reason = e.to_string();
@@ -261,23 +320,56 @@ mod tests {
             w.items.push_back(p);
             receivers.push(rx);
         }
-        assert_eq!(w.take_batch().len(), MAX_COMPLETE_BATCH);
-        assert_eq!(w.take_batch().len(), 10);
-        assert!(w.take_batch().is_empty());
+        assert_eq!(w.take_batch(BATCH_MAX_BYTES).len(), MAX_COMPLETE_BATCH);
+        assert_eq!(w.take_batch(BATCH_MAX_BYTES).len(), 10);
+        assert!(w.take_batch(BATCH_MAX_BYTES).is_empty());
         for _ in 0..10 {
             let (p, rx) = pending(BATCH_ITEM_MAX_BYTES);
             w.items.push_back(p);
             receivers.push(rx);
         }
-        let by_bytes = w.take_batch();
+        let by_bytes = w.take_batch(BATCH_MAX_BYTES);
         assert_eq!(by_bytes.len(), BATCH_MAX_BYTES / BATCH_ITEM_MAX_BYTES);
         let (big, rx) = pending(10 * BATCH_MAX_BYTES);
         w.items.push_front(big);
         receivers.push(rx);
         assert_eq!(
-            w.take_batch().len(),
+            w.take_batch(BATCH_MAX_BYTES).len(),
             1,
             "one item, however large, is a batch"
         );
+    }
+
+    /// A place is never lost: dropped without being handed on (the work
+    /// holding it was dropped half way), it goes to the oldest item whose
+    /// work still waits, skipping one whose work is gone; a place handed
+    /// to an item that drops it unused goes on the same way, and with no
+    /// item waiting it is given up.
+    #[test]
+    fn a_dropped_place_is_handed_on_or_given_up() {
+        let batches = Arc::new(ResultBatches::default());
+        let (gone, gone_rx) = pending(1);
+        let (waits, mut waits_rx) = pending(2);
+        drop(gone_rx);
+        {
+            let mut w = batches.waiting.lock().unwrap();
+            w.in_flight = 1;
+            w.items.push_back(gone);
+            w.items.push_back(waits);
+        }
+        drop(Place::new(&batches));
+        let handed = match waits_rx.try_recv() {
+            Ok(Written::Send(item, place)) => {
+                assert_eq!(item.result.len(), 2);
+                place
+            }
+            other => panic!("the waiting item did not get the place: {other:?}"),
+        };
+        {
+            let w = batches.waiting.lock().unwrap();
+            assert_eq!((w.in_flight, w.items.len()), (1, 0));
+        }
+        drop(handed);
+        assert_eq!(batches.waiting.lock().unwrap().in_flight, 0);
     }
 }

@@ -42,15 +42,16 @@ pub fn check_tags(tags: &Tags) -> Result<(), QueryError> {
         return Err(QueryError(format!("at most {MAX_TAGS} tags per request")));
     }
     for (k, v) in tags {
-        if k.is_empty() || k.starts_with('_') {
-            return Err(QueryError(format!(
-                "tag {k:?}: a tag key is not empty and does not start with _"
-            )));
-        }
+        // The length first: a key quoted in the error is a bounded one.
         if k.len() > MAX_TAG_KEY_BYTES || v.len() > MAX_TAG_VALUE_BYTES {
             return Err(QueryError(format!(
                 "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
                  {MAX_TAG_VALUE_BYTES}"
+            )));
+        }
+        if k.is_empty() || k.starts_with('_') {
+            return Err(QueryError(format!(
+                "tag {k:?}: a tag key is not empty and does not start with _"
             )));
         }
     }

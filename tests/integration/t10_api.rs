@@ -522,6 +522,11 @@ async fn a_batch_of_completes_answers_each_item_as_a_single_complete_would() {
             one.encode_to_vec(),
             StatusCode::BAD_REQUEST,
         ),
+        (
+            "/api/predict/svc/sink?_complete_=batch&requestId=x",
+            one.encode_to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let (status, _, body) = send(&c, 1, batch_request(uri, body)).await;
         assert_eq!(
