@@ -15,6 +15,7 @@ the medians and their ratio. A benchmark, not a test: it prints figures.
 
 import argparse
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,8 +41,18 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
+def check_ports_free() -> None:
+    """A process left on one of the ports would be measured instead of the
+    run's own (its node answers /readyz while the new one fails to bind)."""
+    for port in (NODE, RAFT, MODEL):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"127.0.0.1:{port} is taken by another process; stop it first")
+
+
 def one_run(server_bin: str, client_bin: str, args, engine_extra: list[str]) -> tuple[float, str]:
     """Requests/s of one run of `server_bin`, and the bench's line."""
+    check_ports_free()
     with tempfile.TemporaryDirectory(prefix="eddy-e2e-") as data:
         procs = []
         try:
@@ -58,6 +69,8 @@ def one_run(server_bin: str, client_bin: str, args, engine_extra: list[str]) -> 
                  "--model", f"http://127.0.0.1:{MODEL}",
                  "--concurrency", str(args.concurrency), *engine_extra],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            if any(p.poll() is not None for p in procs):
+                raise SystemExit(f"{server_bin}: a process of the run exited at start")
             out = subprocess.run(
                 [client_bin, "bench", "-e", f"127.0.0.1:{NODE}", "demo", "--e2e",
                  "-p", str(args.producers), "-n", str(args.count), "-s", "256"],
