@@ -680,7 +680,9 @@ impl Engine {
                     self.stats.not_written.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
-                Err(ClientError::Status { status, body: text }) if (400..500).contains(&status) => {
+                Err(ClientError::Status { status, body: text })
+                    if (400..500).contains(&status) && status != 408 =>
+                {
                     tracing::error!(status, error = %text, index, "result refused; handing the item back");
                     let _ = self
                         .input()
@@ -712,6 +714,12 @@ impl Engine {
             .try_acquire_owned()
             .map(|permit| SyncPlace { _permit: permit })
             .map_err(|_| SyncError::Busy)
+    }
+
+    /// The byte bound of a batch of results now.
+    #[cfg(test)]
+    fn batches_max_bytes(&self) -> usize {
+        self.batches.max_bytes()
     }
 
     /// Items this engine holds now (at the model, waiting for a slot, or
@@ -820,6 +828,8 @@ mod tests {
         Known,
         /// As a node that predates them: 400, a bad index.
         Unknown,
+        /// The whole batch refused as larger than the sink's limit: 413.
+        TooLarge,
     }
 
     /// A stand-in for Eddy that answers every request with `status` (each
@@ -865,7 +875,10 @@ mod tests {
                                 batch.items.iter().map(|i| i.input_index).collect();
                             line = format!("{line} items={indexes:?}");
                             match batches {
-                                Batches::Unknown => (400, b"_complete_: not a number".to_vec()),
+                                Batches::Unknown => {
+                                    (400, b"_complete_: expected a non-negative integer".to_vec())
+                                }
+                                Batches::TooLarge => (413, b"payload too large".to_vec()),
                                 Batches::Known => {
                                     let outcomes = indexes
                                         .iter()
@@ -1064,6 +1077,52 @@ mod tests {
         assert_eq!(
             engine.stats.result_batches.load(Ordering::Relaxed),
             requests.len() as u64
+        );
+    }
+
+    /// A batch of one result that the node refuses as too large (the
+    /// result is larger than the sink's limit) is written alone, and does
+    /// not shrink the batches of the other results: only a batch of several
+    /// says batches are too large.
+    #[tokio::test]
+    async fn a_result_too_large_alone_does_not_shrink_the_batches() {
+        let (addr, seen) = fake_eddy(413, Batches::TooLarge).await;
+        let engine = test_engine(addr, "http://127.0.0.1:9");
+        let bound = engine.batches_max_bytes();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            engine.finish(7, "req-7", BTreeMap::new(), Bytes::from_static(b"big")),
+        )
+        .await
+        .expect("a refusal ends the item's work");
+        let requests = seen.lock().unwrap().clone();
+        assert!(requests[0].contains("_complete_=batch"), "{requests:?}");
+        assert!(requests[1].contains("_complete_=7"), "{requests:?}");
+        assert_eq!(engine.batches_max_bytes(), bound);
+    }
+
+    /// A 408 (the node did not get the whole body in time) to a single
+    /// `_complete_` is tried again, as for no answer at all, not handed
+    /// back as a refused result (which would call the model again).
+    #[tokio::test]
+    async fn a_complete_answered_408_is_tried_again() {
+        let (addr, seen) = fake_eddy(408, Batches::Unknown).await;
+        let engine = test_engine(addr, "http://127.0.0.1:9");
+        let done = tokio::time::timeout(
+            Duration::from_millis(400),
+            engine.finish(7, "req-7", BTreeMap::new(), Bytes::from_static(b"out")),
+        )
+        .await;
+        assert!(done.is_err(), "still retrying: {done:?}");
+        let requests = seen.lock().unwrap().clone();
+        let singles = requests
+            .iter()
+            .filter(|r| r.contains("_complete_=7"))
+            .count();
+        assert!(singles >= 2, "{requests:?}");
+        assert!(
+            requests.iter().all(|r| r.starts_with("POST ")),
+            "nothing handed back: {requests:?}"
         );
     }
 }

@@ -22,10 +22,12 @@
 //!   idempotent: a result written by the lost batch makes the next try a
 //!   duplicate), or "alone" (write it with a single `_complete_`).
 //! - Only small results travel in batches ([`BATCH_ITEM_MAX_BYTES`]); a
-//!   larger one is written alone. A batch the node refuses as too large
-//!   (413) is written item by item and halves the batches' byte bound. A
-//!   node that does not know batches (it takes `_complete_=batch` for a bad
-//!   index: 400) turns batches off for the engine's life.
+//!   larger one is written alone. A batch of several items that the node
+//!   refuses as too large (413) is written item by item and halves the
+//!   batches' bound on encoded bytes (a result above the bound is then
+//!   written alone). A node that does not know batches (it refuses
+//!   `_complete_=batch` as a bad `_complete_` index: 400) turns batches off
+//!   for the engine's life.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -58,6 +60,13 @@ pub(super) struct ResultBatches {
     max_bytes: AtomicUsize,
 }
 
+impl ResultBatches {
+    #[cfg(test)]
+    pub(super) fn max_bytes(&self) -> usize {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+}
+
 impl Default for ResultBatches {
     fn default() -> Self {
         Self {
@@ -83,7 +92,8 @@ struct Pending {
 
 impl Waiting {
     /// The next batch: waiting items from the oldest, within the batch's
-    /// bounds (at least one).
+    /// bounds (at least one); an item counts by its encoded size, tags and
+    /// all.
     fn take_batch(&mut self, max_bytes: usize) -> Vec<Pending> {
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -91,7 +101,7 @@ impl Waiting {
             let Some(p) = self.items.pop_front() else {
                 break;
             };
-            bytes += p.item.result.len();
+            bytes += prost::Message::encoded_len(&p.item);
             batch.push(p);
         }
         batch
@@ -152,20 +162,42 @@ impl Drop for Place {
 }
 
 fn hand_on(batches: &Arc<ResultBatches>) {
-    let mut waiting = batches.waiting.lock().unwrap();
-    while let Some(next) = waiting.items.pop_front() {
+    loop {
+        // The next item is taken under the lock and the place sent to it
+        // outside: a place dropped with an undelivered message takes the
+        // lock itself. The place stays counted meanwhile, so an item that
+        // arrives in between waits, and the lock decides below whether
+        // anyone does.
+        let next = {
+            let mut waiting = lock(&batches.waiting);
+            match waiting.items.pop_front() {
+                Some(next) => next,
+                None => {
+                    waiting.in_flight -= 1;
+                    return;
+                }
+            }
+        };
         match next
             .answer
             .send(Written::Send(next.item, Place::new(batches)))
         {
             Ok(()) => return,
-            // That item's work is gone. The place comes back in the
-            // message; emptied here, its drop does not take the lock again.
+            // That item's work is gone; the place comes back in the
+            // message, emptied here so that its drop does not hand it on.
             Err(Written::Send(_, mut place)) => place.batches = None,
             Err(_) => {}
         }
     }
-    waiting.in_flight -= 1;
+}
+
+/// The lock, also after a panic elsewhere held it: its state (a queue and
+/// a count changed in single steps) is whole at every point, and a place's
+/// drop that panicked on a poisoned lock would abort the process.
+fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Engine {
@@ -179,7 +211,8 @@ impl Engine {
         body: &Bytes,
     ) -> Written {
         let batches = &self.batches;
-        if body.len() > BATCH_ITEM_MAX_BYTES || batches.off.load(Ordering::Relaxed) {
+        let max_bytes = batches.max_bytes.load(Ordering::Relaxed);
+        if body.len() > BATCH_ITEM_MAX_BYTES.min(max_bytes) || batches.off.load(Ordering::Relaxed) {
             return Written::Alone;
         }
         let mut item_tags: std::collections::HashMap<String, String> =
@@ -195,7 +228,7 @@ impl Engine {
             let (answer, answered) = oneshot::channel();
             let max_bytes = batches.max_bytes.load(Ordering::Relaxed);
             let batch = {
-                let mut waiting = batches.waiting.lock().unwrap();
+                let mut waiting = lock(&batches.waiting);
                 let place = handed.take().or_else(|| {
                     (waiting.in_flight < BATCHES_IN_FLIGHT).then(|| {
                         waiting.in_flight += 1;
@@ -249,10 +282,13 @@ impl Engine {
                     let _ = answer.send(Written::Answer(outcome));
                 }
             }
-            Err(ClientError::Status { status: 400, body }) => {
+            Err(ClientError::Status { status: 400, body })
+                if body.contains(crate::protocol::param::COMPLETE) =>
+            {
                 // A node that predates batches reads `_complete_=batch` as
-                // a bad index; a node that knows them refuses a batch as a
-                // whole only for what would refuse each item alone too.
+                // a bad index ("_complete_: expected a non-negative
+                // integer"). Any other 400 is what each item would get
+                // alone (below).
                 if !self.batches.off.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         status = 400,
@@ -265,10 +301,14 @@ impl Engine {
                 }
             }
             Err(ClientError::Status { status: 413, .. }) => {
-                let bound = &self.batches.max_bytes;
-                let _ = bound.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                    Some((b / 2).max(1))
-                });
+                // A result too large for the sink alone is refused alone
+                // too; only a batch of several says batches are too large.
+                if answers.len() > 1 {
+                    let bound = &self.batches.max_bytes;
+                    let _ = bound.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                        Some((b / 2).max(1))
+                    });
+                }
                 for answer in answers {
                     let _ = answer.send(Written::Alone);
                 }
