@@ -535,12 +535,12 @@ async fn complete_batch(
 ) -> Result<Response, ApiError> {
     check_sink(&target)?;
     let (group, _) = identity(&req.headers)?;
-    let body = read_body(req.body, limit).await?;
     if !req.query.tags.is_empty() {
         return Err(ApiError::BadRequest(
             "a batch of completes carries each item's tags in its body, not in the query".into(),
         ));
     }
+    let body = read_body(req.body, limit).await?;
     let batch = decode_complete_batch(&body)?;
     let target = &target;
     let group = &group;
@@ -590,9 +590,11 @@ async fn complete_batch(
 /// result, unseen by the memory budget.
 fn decode_complete_batch(body: &[u8]) -> Result<CompleteBatchProto, ApiError> {
     check_batch_counts(body)?;
-    CompleteBatchProto::decode(body).map_err(|e| {
-        ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
-    })
+    CompleteBatchProto::decode(body).map_err(malformed_batch)
+}
+
+fn malformed_batch(e: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
 }
 
 /// Refuses a batch with more than [`MAX_COMPLETE_BATCH`] items or an item
@@ -601,9 +603,6 @@ fn decode_complete_batch(body: &[u8]) -> Result<CompleteBatchProto, ApiError> {
 /// is 2 bytes on the wire and about 90 in memory, an empty tag 2 and about
 /// 60), only to be refused afterwards.
 fn check_batch_counts(body: &[u8]) -> Result<(), ApiError> {
-    let malformed = |e: String| {
-        ApiError::BadRequest(format!("a batch of completes is a CompleteBatchProto: {e}"))
-    };
     let mut items = 0;
     for_each_field(body, |number, item| {
         if number != 1 {
@@ -627,32 +626,18 @@ fn check_batch_counts(body: &[u8]) -> Result<(), ApiError> {
             }
             Ok(())
         })
-        .map_err(|e| match e {
-            FieldWalk::Malformed(e) => malformed(e),
-            FieldWalk::Refused(e) => e,
-        })
     })
-    .map_err(|e| match e {
-        FieldWalk::Malformed(e) => malformed(e),
-        FieldWalk::Refused(e) => e,
-    })
-}
-
-enum FieldWalk {
-    Malformed(String),
-    Refused(ApiError),
 }
 
 /// Calls `f` with the number of each top-level field of the protobuf
-/// message in `buf` and, for a length-delimited field, its bytes (empty for
-/// the others), without decoding anything.
+/// message in a batch's `buf` and, for a length-delimited field, its bytes
+/// (empty for the others), without decoding anything. Bytes that are not
+/// such a message are a malformed batch.
 fn for_each_field(
     mut buf: &[u8],
     mut f: impl FnMut(u64, &[u8]) -> Result<(), ApiError>,
-) -> Result<(), FieldWalk> {
-    let varint = |buf: &mut &[u8]| {
-        prost::decode_length_delimiter(buf).map_err(|e| FieldWalk::Malformed(e.to_string()))
-    };
+) -> Result<(), ApiError> {
+    let varint = |buf: &mut &[u8]| prost::decode_length_delimiter(buf).map_err(malformed_batch);
     while !buf.is_empty() {
         let key = varint(&mut buf)? as u64;
         let (number, wire_type) = (key >> 3, key & 7);
@@ -665,19 +650,19 @@ fn for_each_field(
             2 => varint(&mut buf)?,
             5 => 4,
             other => {
-                return Err(FieldWalk::Malformed(format!(
+                return Err(malformed_batch(format!(
                     "field {number}: wire type {other} is not used by this message"
                 )));
             }
         };
         if len > buf.len() {
-            return Err(FieldWalk::Malformed(format!(
+            return Err(malformed_batch(format!(
                 "field {number} runs past the end of the body"
             )));
         }
         let (value, rest) = buf.split_at(len);
         buf = rest;
-        f(number, if wire_type == 2 { value } else { &[] }).map_err(FieldWalk::Refused)?;
+        f(number, if wire_type == 2 { value } else { &[] })?;
     }
     Ok(())
 }

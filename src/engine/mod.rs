@@ -644,7 +644,6 @@ impl Engine {
                         .await,
                     false,
                 ),
-                results::Written::Send(..) => unreachable!("a turn to send is taken in the batch"),
                 results::Written::Failed(reason) => {
                     // The batch's sender logged it and moved to the next node.
                     tracing::debug!(%reason, index, "writing the result failed; retrying");
@@ -714,12 +713,6 @@ impl Engine {
             .try_acquire_owned()
             .map(|permit| SyncPlace { _permit: permit })
             .map_err(|_| SyncError::Busy)
-    }
-
-    /// The byte bound of a batch of results now.
-    #[cfg(test)]
-    fn batches_max_bytes(&self) -> usize {
-        self.batches.max_bytes()
     }
 
     /// Items this engine holds now (at the model, waiting for a slot, or
@@ -1088,7 +1081,7 @@ mod tests {
     async fn a_result_too_large_alone_does_not_shrink_the_batches() {
         let (addr, seen) = fake_eddy(413, Batches::TooLarge).await;
         let engine = test_engine(addr, "http://127.0.0.1:9");
-        let bound = engine.batches_max_bytes();
+        let bound = engine.batches.max_bytes();
         tokio::time::timeout(
             Duration::from_secs(10),
             engine.finish(7, "req-7", BTreeMap::new(), Bytes::from_static(b"big")),
@@ -1098,7 +1091,7 @@ mod tests {
         let requests = seen.lock().unwrap().clone();
         assert!(requests[0].contains("_complete_=batch"), "{requests:?}");
         assert!(requests[1].contains("_complete_=7"), "{requests:?}");
-        assert_eq!(engine.batches_max_bytes(), bound);
+        assert_eq!(engine.batches.max_bytes(), bound);
     }
 
     /// A 408 (the node did not get the whole body in time) to a single

@@ -87,7 +87,7 @@ struct Waiting {
 
 struct Pending {
     item: CompleteProto,
-    answer: oneshot::Sender<Written>,
+    answer: oneshot::Sender<Turn>,
 }
 
 impl Waiting {
@@ -119,7 +119,13 @@ pub(super) enum Written {
     Failed(String),
     /// Not sent in a batch: write it with a single `_complete_`.
     Alone,
-    /// This item's turn to send a batch (itself first), with the place.
+}
+
+/// What a waiting item is told: what became of it, or that it is its turn
+/// to send a batch (itself first), with the place.
+#[derive(Debug)]
+enum Turn {
+    Done(Written),
     Send(CompleteProto, Place),
 }
 
@@ -178,14 +184,11 @@ fn hand_on(batches: &Arc<ResultBatches>) {
                 }
             }
         };
-        match next
-            .answer
-            .send(Written::Send(next.item, Place::new(batches)))
-        {
+        match next.answer.send(Turn::Send(next.item, Place::new(batches))) {
             Ok(()) => return,
             // That item's work is gone; the place comes back in the
             // message, emptied here so that its drop does not hand it on.
-            Err(Written::Send(_, mut place)) => place.batches = None,
+            Err(Turn::Send(_, mut place)) => place.batches = None,
             Err(_) => {}
         }
     }
@@ -253,11 +256,11 @@ impl Engine {
                 place.hand_on();
             }
             match answered.await {
-                Ok(Written::Send(returned, place)) => {
+                Ok(Turn::Send(returned, place)) => {
                     item = returned;
                     handed = Some(place);
                 }
-                Ok(written) => return written,
+                Ok(Turn::Done(written)) => return written,
                 Err(_) => return Written::Failed("the batch's sender stopped".into()),
             }
         }
@@ -279,7 +282,7 @@ impl Engine {
                     self.next_endpoint();
                 }
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let _ = answer.send(Written::Answer(outcome));
+                    let _ = answer.send(Turn::Done(Written::Answer(outcome)));
                 }
             }
             Err(ClientError::Status { status: 400, body })
@@ -297,7 +300,7 @@ impl Engine {
                     );
                 }
                 for answer in answers {
-                    let _ = answer.send(Written::Alone);
+                    let _ = answer.send(Turn::Done(Written::Alone));
                 }
             }
             Err(ClientError::Status { status: 413, .. }) => {
@@ -310,17 +313,17 @@ impl Engine {
                     });
                 }
                 for answer in answers {
-                    let _ = answer.send(Written::Alone);
+                    let _ = answer.send(Turn::Done(Written::Alone));
                 }
             }
             Err(ClientError::Status { status, body }) if status < 500 && status != 408 => {
                 // Refused for every item alike, as each would have been
                 // alone (a token, a service that is gone, a rate limit).
                 for answer in answers {
-                    let _ = answer.send(Written::Answer(Err(ClientError::Status {
+                    let _ = answer.send(Turn::Done(Written::Answer(Err(ClientError::Status {
                         status,
                         body: body.clone(),
-                    })));
+                    }))));
                 }
             }
             Err(e) => {
@@ -330,7 +333,7 @@ impl Engine {
                 self.next_endpoint();
                 let reason = e.to_string();
                 for answer in answers {
-                    let _ = answer.send(Written::Failed(reason.clone()));
+                    let _ = answer.send(Turn::Done(Written::Failed(reason.clone())));
                 }
             }
         }
@@ -341,7 +344,7 @@ impl Engine {
 mod tests {
     use super::*;
 
-    fn pending(size: usize) -> (Pending, oneshot::Receiver<Written>) {
+    fn pending(size: usize) -> (Pending, oneshot::Receiver<Turn>) {
         let (answer, rx) = oneshot::channel();
         let item = CompleteProto {
             input_index: 1,
@@ -399,7 +402,7 @@ mod tests {
         }
         drop(Place::new(&batches));
         let handed = match waits_rx.try_recv() {
-            Ok(Written::Send(item, place)) => {
+            Ok(Turn::Send(item, place)) => {
                 assert_eq!(item.result.len(), 2);
                 place
             }

@@ -38,22 +38,32 @@ pub struct Query {
 /// starts with `_` (a control parameter's form) is refused here rather than
 /// dropped, since no query string was there to hold it.
 pub fn check_tags(tags: &Tags) -> Result<(), QueryError> {
-    if tags.len() > MAX_TAGS {
-        return Err(QueryError(format!("at most {MAX_TAGS} tags per request")));
-    }
+    check_tag_count(tags)?;
     for (k, v) in tags {
         // The length first: a key quoted in the error is a bounded one.
-        if k.len() > MAX_TAG_KEY_BYTES || v.len() > MAX_TAG_VALUE_BYTES {
-            return Err(QueryError(format!(
-                "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
-                 {MAX_TAG_VALUE_BYTES}"
-            )));
-        }
+        check_tag_size(k, v)?;
         if k.is_empty() || k.starts_with('_') {
             return Err(QueryError(format!(
                 "tag {k:?}: a tag key is not empty and does not start with _"
             )));
         }
+    }
+    Ok(())
+}
+
+fn check_tag_size(key: &str, value: &str) -> Result<(), QueryError> {
+    if key.len() > MAX_TAG_KEY_BYTES || value.len() > MAX_TAG_VALUE_BYTES {
+        return Err(QueryError(format!(
+            "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
+             {MAX_TAG_VALUE_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_tag_count(tags: &Tags) -> Result<(), QueryError> {
+    if tags.len() > MAX_TAGS {
+        return Err(QueryError(format!("at most {MAX_TAGS} tags per request")));
     }
     Ok(())
 }
@@ -71,16 +81,9 @@ impl Query {
                 }
                 control.insert(k.into_owned(), v.into_owned());
             } else if !k.is_empty() && !k.starts_with('_') {
-                if k.len() > MAX_TAG_KEY_BYTES || v.len() > MAX_TAG_VALUE_BYTES {
-                    return Err(QueryError(format!(
-                        "tag keys are at most {MAX_TAG_KEY_BYTES} bytes and values at most \
-                         {MAX_TAG_VALUE_BYTES}"
-                    )));
-                }
+                check_tag_size(&k, &v)?;
                 tags.insert(k.into_owned(), v.into_owned());
-                if tags.len() > MAX_TAGS {
-                    return Err(QueryError(format!("at most {MAX_TAGS} tags per request")));
-                }
+                check_tag_count(&tags)?;
             }
         }
         Ok(Self { control, tags })
