@@ -851,6 +851,11 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
     );
     let _ = writeln!(
         out,
+        "# TYPE eddy_raft_proposal_tries_total counter\neddy_raft_proposal_tries_total {}",
+        state.node.proposal_tries()
+    );
+    let _ = writeln!(
+        out,
         "# TYPE eddy_raft_commit_index gauge\neddy_raft_commit_index {}",
         s.committed.unwrap_or(0)
     );

@@ -83,6 +83,52 @@ async fn minority_side_refuses_writes() {
     );
 }
 
+/// A proposal made where no leader can be elected waits for one between
+/// its tries: each refused write changes the node's Raft metrics, and
+/// retrying on any change of them made thousands of tries a second (a
+/// core kept busy through every election).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_without_a_leader_waits_between_tries() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    c.restart(1).await;
+    let node = &c.node(1).node;
+    let before = node.proposal_tries();
+    let env = eddy::queue::Envelope {
+        id: 1,
+        now_ms: 0,
+        command: Command::Put {
+            queue: svc_input(),
+            item: NewItem {
+                request_id: "r".into(),
+                tags: Tags::new(),
+                data: Bytes::from_static(b"x"),
+                priority: 0,
+                path: String::new(),
+            },
+        },
+    };
+    let started = std::time::Instant::now();
+    let r = node.propose_envelope(env, Duration::from_secs(2)).await;
+    let took = started.elapsed();
+    let tries = node.proposal_tries() - before;
+    println!("{tries} tries in {took:?} without a leader");
+    assert!(
+        r.is_err(),
+        "a lone node of three acknowledged a write: {r:?}"
+    );
+    assert!(took >= Duration::from_secs(2), "gave up after {took:?}");
+    // A try at least every 200 ms, and one more per election round.
+    assert!(
+        (2..=40).contains(&tries),
+        "{tries} tries in {took:?} without a leader"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_add_and_remove() {
     let mut c = Cluster::new(3, 20_000).await;

@@ -127,9 +127,12 @@ impl RaftNode {
     }
 
     /// Run `attempt` (given the time left, at least [`MIN_ATTEMPT`]) until
-    /// it succeeds, fails for good, or `deadline` has passed; between tries,
-    /// wait (briefly) for the leader to change. Without a leader at the end
-    /// the error says so.
+    /// it succeeds, fails for good, or `deadline` has passed. After a
+    /// failed try the next waits until the leader or the term differs from
+    /// what they were when the failed one began (at most
+    /// [`LEADER_CHANGE_WAIT`]): retrying on any change of the metrics
+    /// instead spun while no leader was known, since every refused write
+    /// changes them. Without a leader at the end the error says so.
     pub(super) async fn retry_until<T, Fut>(
         &self,
         deadline: Duration,
@@ -141,6 +144,8 @@ impl RaftNode {
         let start = tokio::time::Instant::now();
         loop {
             let remaining = deadline.saturating_sub(start.elapsed()).max(MIN_ATTEMPT);
+            let seen = self.leader_and_term();
+            self.proposal_tries.fetch_add(1, Ordering::Relaxed);
             let err = match attempt(remaining).await {
                 Ok(done) => return Ok(done),
                 Err(e) if e.is_final() => return Err(e),
@@ -154,13 +159,40 @@ impl RaftNode {
                     e => e,
                 });
             }
-            self.wait_for_leader_change(LEADER_CHANGE_WAIT).await;
+            self.wait_for_leader_change(seen, LEADER_CHANGE_WAIT).await;
         }
     }
 
-    pub(super) async fn wait_for_leader_change(&self, max: Duration) {
-        let mut m = self.raft.metrics();
-        let _ = tokio::time::timeout(max, m.changed()).await;
+    /// The leader this node knows of, and its current term.
+    fn leader_and_term(&self) -> (Option<u64>, u64) {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        (m.current_leader, m.current_term)
+    }
+
+    /// Wait, at most `max`, until the leader or the term differs from `seen`.
+    pub(super) async fn wait_for_leader_change(&self, seen: (Option<u64>, u64), max: Duration) {
+        let mut metrics = self.raft.metrics();
+        let changed = async {
+            loop {
+                {
+                    let m = metrics.borrow_watched();
+                    if (m.current_leader, m.current_term) != seen {
+                        return;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, changed).await;
+    }
+
+    /// How many tries proposals and leader reads on this node have made,
+    /// counting each retry through an election or a failed forward.
+    pub fn proposal_tries(&self) -> u64 {
+        self.proposal_tries.load(Ordering::Relaxed)
     }
 
     /// A gRPC client for member `id`, over the cached channel to it.
