@@ -851,8 +851,8 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
     );
     let _ = writeln!(
         out,
-        "# TYPE eddy_raft_proposal_tries_total counter\neddy_raft_proposal_tries_total {}",
-        state.node.proposal_tries()
+        "# TYPE eddy_raft_proposal_retries_total counter\neddy_raft_proposal_retries_total {}",
+        state.node.proposal_retries()
     );
     let _ = writeln!(
         out,

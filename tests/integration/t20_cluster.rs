@@ -84,9 +84,9 @@ async fn minority_side_refuses_writes() {
 }
 
 /// A proposal made where no leader can be elected waits for one between
-/// its tries: each refused write changes the node's Raft metrics, and
-/// retrying on any change of them made thousands of tries a second (a
-/// core kept busy through every election).
+/// its tries. Its wait for "a change of the Raft metrics" used to return at
+/// once, so it tried without pause: some 50,000 tries a second, a core
+/// kept busy through every election.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_without_a_leader_waits_between_tries() {
     let mut c = Cluster::new(3, 20_000).await;
@@ -97,7 +97,7 @@ async fn a_proposal_without_a_leader_waits_between_tries() {
     }
     c.restart(1).await;
     let node = &c.node(1).node;
-    let before = node.proposal_tries();
+    let before = node.proposal_retries();
     let env = eddy::queue::Envelope {
         id: 1,
         now_ms: 0,
@@ -115,17 +115,20 @@ async fn a_proposal_without_a_leader_waits_between_tries() {
     let started = std::time::Instant::now();
     let r = node.propose_envelope(env, Duration::from_secs(2)).await;
     let took = started.elapsed();
-    let tries = node.proposal_tries() - before;
-    println!("{tries} tries in {took:?} without a leader");
+    let retries = node.proposal_retries() - before;
+    println!("{retries} retries in {took:?} without a leader");
     assert!(
         r.is_err(),
         "a lone node of three acknowledged a write: {r:?}"
     );
     assert!(took >= Duration::from_secs(2), "gave up after {took:?}");
-    // A try at least every 200 ms, and one more per election round.
+    // The node's retries: this write's, and its restart announcement's if
+    // it restarted believing in the old leader; each retries at most every
+    // 200 ms and once more per election round, some 30 in all. Retrying
+    // without a pause made about 100,000.
     assert!(
-        (2..=40).contains(&tries),
-        "{tries} tries in {took:?} without a leader"
+        (2..=100).contains(&retries),
+        "{retries} retries in {took:?} without a leader"
     );
 }
 

@@ -182,9 +182,9 @@ pub struct RaftNode {
     /// When each peer last forwarded a command here: a peer that forwards
     /// is alive, even while the leader's replication to it is backing off.
     peer_contact: std::sync::Mutex<BTreeMap<u64, std::time::Instant>>,
-    /// Tries made by proposals and reads that retry through elections
-    /// ([`RaftNode::proposal_tries`]).
-    proposal_tries: std::sync::atomic::AtomicU64,
+    /// Tries again of proposals and reads after a failed try
+    /// ([`RaftNode::proposal_retries`]).
+    proposal_retries: std::sync::atomic::AtomicU64,
     /// Gathers envelopes proposed here while this node leads into shared
     /// log entries.
     coalescer: Lanes,
@@ -303,7 +303,7 @@ impl RaftNode {
                 watchers_welcome: std::sync::atomic::AtomicBool::new(false),
                 leader_contact: std::sync::Mutex::new(None),
                 peer_contact: std::sync::Mutex::new(BTreeMap::new()),
-                proposal_tries: Default::default(),
+                proposal_retries: Default::default(),
             }
         });
         for task in coalescer_tasks {

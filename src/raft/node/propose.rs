@@ -130,9 +130,11 @@ impl RaftNode {
     /// it succeeds, fails for good, or `deadline` has passed. After a
     /// failed try the next waits until the leader or the term differs from
     /// what they were when the failed one began (at most
-    /// [`LEADER_CHANGE_WAIT`]): retrying on any change of the metrics
-    /// instead spun while no leader was known, since every refused write
-    /// changes them. Without a leader at the end the error says so.
+    /// [`LEADER_CHANGE_WAIT`]). Waiting for any change of the metrics
+    /// instead did not wait at all (a fresh receiver has never marked the
+    /// current report seen, and every refused write sends another), so a
+    /// node without a leader tried without pause. Without a leader at the
+    /// end the error says so.
     pub(super) async fn retry_until<T, Fut>(
         &self,
         deadline: Duration,
@@ -145,7 +147,6 @@ impl RaftNode {
         loop {
             let remaining = deadline.saturating_sub(start.elapsed()).max(MIN_ATTEMPT);
             let seen = self.leader_and_term();
-            self.proposal_tries.fetch_add(1, Ordering::Relaxed);
             let err = match attempt(remaining).await {
                 Ok(done) => return Ok(done),
                 Err(e) if e.is_final() => return Err(e),
@@ -159,6 +160,7 @@ impl RaftNode {
                     e => e,
                 });
             }
+            self.proposal_retries.fetch_add(1, Ordering::Relaxed);
             self.wait_for_leader_change(seen, LEADER_CHANGE_WAIT).await;
         }
     }
@@ -182,17 +184,19 @@ impl RaftNode {
                     }
                 }
                 if metrics.changed().await.is_err() {
-                    return;
+                    // The Raft core stopped: nothing will change, and the
+                    // bound still paces the tries.
+                    std::future::pending::<()>().await;
                 }
             }
         };
         let _ = tokio::time::timeout(max, changed).await;
     }
 
-    /// How many tries proposals and leader reads on this node have made,
-    /// counting each retry through an election or a failed forward.
-    pub fn proposal_tries(&self) -> u64 {
-        self.proposal_tries.load(Ordering::Relaxed)
+    /// How many times proposals and leader reads on this node were tried
+    /// again after a try failed (no leader, a failed forward, an election).
+    pub fn proposal_retries(&self) -> u64 {
+        self.proposal_retries.load(Ordering::Relaxed)
     }
 
     /// A gRPC client for member `id`, over the cached channel to it.
