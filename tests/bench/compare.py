@@ -12,6 +12,7 @@ The harness (`peers/`: qbench and start scripts) is copied from --peers
 qbench is built once. NATS and RabbitMQ come from Debian's packages
 (`apt-get install nats-server rabbitmq-server`); a system whose server is
 missing is left out. Eddy runs from --eddy-bin (default
+target/dist/eddy, from `cargo build --profile dist`, else
 target/release/eddy). A benchmark, not a test: it prints figures.
 """
 
@@ -98,13 +99,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", default=os.environ.get("EDDY_PEERS_DIR",
                                                       str(REPO.parent / "shared" / "peers")))
-    ap.add_argument("--eddy-bin", default=str(REPO / "target" / "release" / "eddy"))
+    # The dist profile's binary is what ships (link-time optimisation);
+    # the release profile's is the fallback.
+    shipped = REPO / "target" / "dist" / "eddy"
+    ap.add_argument("--eddy-bin", default=str(shipped if shipped.exists()
+                                              else REPO / "target" / "release" / "eddy"))
     ap.add_argument("--systems", default="eddy-3 nats-r3 rabbit-q3")
     ap.add_argument("--producers", "-p", type=int, default=4)
     ap.add_argument("-n", type=int, default=30000, help="256 B messages per phase")
     ap.add_argument("--big-n", type=int, default=3000, help="64 KiB messages per phase")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    eddy_bin = Path(args.eddy_bin)
+    release = REPO / "target" / "release" / "eddy"
+    if (eddy_bin == shipped and release.exists() and eddy_bin.exists()
+            and release.stat().st_mtime > eddy_bin.stat().st_mtime):
+        print(f"{eddy_bin} is older than {release}: rebuild it "
+              "(cargo build --profile dist) or pass --eddy-bin", file=sys.stderr)
+        return 2
+    if eddy_bin.exists():
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(eddy_bin.stat().st_mtime))
+        print(f"eddy: {eddy_bin.resolve()} (built {built})", file=sys.stderr)
 
     peers = Path(args.peers)
     if not (peers / "run-all.sh").exists():
