@@ -98,22 +98,10 @@ async fn a_proposal_without_a_leader_waits_between_tries() {
     c.restart(1).await;
     let node = &c.node(1).node;
     let before = node.proposal_retries();
-    let env = eddy::queue::Envelope {
-        id: 1,
-        now_ms: 0,
-        command: Command::Put {
-            queue: svc_input(),
-            item: NewItem {
-                request_id: "r".into(),
-                tags: Tags::new(),
-                data: Bytes::from_static(b"x"),
-                priority: 0,
-                path: String::new(),
-            },
-        },
-    };
     let started = std::time::Instant::now();
-    let r = node.propose_envelope(env, Duration::from_secs(2)).await;
+    let r = node
+        .propose_envelope(put_envelope(1), Duration::from_secs(2))
+        .await;
     let took = started.elapsed();
     let retries = node.proposal_retries() - before;
     println!("{retries} retries in {took:?} without a leader");
@@ -130,6 +118,85 @@ async fn a_proposal_without_a_leader_waits_between_tries() {
         (2..=100).contains(&retries),
         "{retries} retries in {took:?} without a leader"
     );
+}
+
+/// A write waiting for a leader is written as soon as one is elected, on
+/// the new leader or forwarded to it: the wait between its tries ends when
+/// a leader appears, and the new leader holds a write until a quorum has
+/// acknowledged it rather than refusing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_waiting_for_a_leader_is_written_once_one_is_elected() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    c.restart(1).await;
+    let first = c.node(1).node.clone();
+    let before = first.proposal_retries();
+    let on_first = write_on(first.clone(), 1);
+    eventually(
+        "the write retried without a leader",
+        Duration::from_secs(10),
+        || first.proposal_retries() > before,
+    )
+    .await;
+    c.restart(2).await;
+    // One write on each node: whichever is elected, one of them is
+    // forwarded to it.
+    let on_second = write_on(c.node(2).node.clone(), 2);
+    let leader = c.leader().await;
+    let elected = Instant::now();
+    for (node, writing) in [(1, on_first), (2, on_second)] {
+        let written = tokio::time::timeout(Duration::from_secs(10), writing)
+            .await
+            .expect("a write still waits 10 s after the election")
+            .unwrap();
+        let after = elected.elapsed();
+        println!("the write on node {node} (leader {leader}) written {after:?} after the election");
+        assert!(
+            matches!(written, Ok(eddy::queue::Reply::Put { .. })),
+            "{written:?}"
+        );
+        // One that waited out its retry bound (200 ms) instead came 180-200
+        // ms after the election: the new leader refused writes until a
+        // quorum had acknowledged it, and a write forwarded to it saw no
+        // change of leader to wake it.
+        assert!(
+            after < Duration::from_millis(100),
+            "the write on node {node} (leader {leader}) written {after:?} after the election"
+        );
+    }
+}
+
+/// Propose `put_envelope(envelope_id)` on `node`, in a task of its own.
+fn write_on(
+    node: std::sync::Arc<eddy::raft::RaftNode>,
+    envelope_id: u128,
+) -> tokio::task::JoinHandle<Result<eddy::queue::Reply, eddy::raft::ProposeError>> {
+    tokio::spawn(async move {
+        node.propose_envelope(put_envelope(envelope_id), Duration::from_secs(30))
+            .await
+    })
+}
+
+/// A put of one small item on the test service's input.
+fn put_envelope(id: u128) -> Envelope {
+    Envelope {
+        id,
+        now_ms: 0,
+        command: Command::Put {
+            queue: svc_input(),
+            item: NewItem {
+                request_id: "r".into(),
+                tags: Tags::new(),
+                data: Bytes::from_static(b"x"),
+                priority: 0,
+                path: String::new(),
+            },
+        },
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

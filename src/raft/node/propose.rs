@@ -32,6 +32,15 @@ impl RaftNode {
     /// leaders, never from the node that happened to receive a request.
     /// Envelopes proposed together may share an entry (see `coalesce`).
     pub async fn write_local(&self, envelope: Envelope) -> Result<Reply, ProposeError> {
+        // A new leader refuses writes until a quorum has acknowledged it
+        // (its lease), a round trip after its election: a write that
+        // arrives before then waits for it here instead of being refused.
+        // (A write forwarded here would be refused as "not the leader", and
+        // its node, seeing no change of leader, would wait out the bound.)
+        let seen = self.leadership();
+        if seen.leader == Some(self.id) && !seen.acknowledged {
+            self.wait_for_leader_change(seen, LEADER_CHANGE_WAIT).await;
+        }
         self.coalescer.write(envelope).await
     }
 
@@ -146,7 +155,7 @@ impl RaftNode {
         let start = tokio::time::Instant::now();
         loop {
             let remaining = deadline.saturating_sub(start.elapsed()).max(MIN_ATTEMPT);
-            let seen = self.leader_and_term();
+            let seen = self.leadership();
             let err = match attempt(remaining).await {
                 Ok(done) => return Ok(done),
                 Err(e) if e.is_final() => return Err(e),
@@ -165,23 +174,18 @@ impl RaftNode {
         }
     }
 
-    /// The leader this node knows of, and its current term.
-    fn leader_and_term(&self) -> (Option<u64>, u64) {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        (m.current_leader, m.current_term)
+    /// Who leads as this node sees it (see [`Leadership`]).
+    fn leadership(&self) -> Leadership {
+        Leadership::of(&self.raft.metrics().borrow_watched())
     }
 
-    /// Wait, at most `max`, until the leader or the term differs from `seen`.
-    pub(super) async fn wait_for_leader_change(&self, seen: (Option<u64>, u64), max: Duration) {
+    /// Wait, at most `max`, until who leads differs from `seen`.
+    pub(super) async fn wait_for_leader_change(&self, seen: Leadership, max: Duration) {
         let mut metrics = self.raft.metrics();
         let changed = async {
             loop {
-                {
-                    let m = metrics.borrow_watched();
-                    if (m.current_leader, m.current_term) != seen {
-                        return;
-                    }
+                if Leadership::of(&metrics.borrow_watched()) != seen {
+                    return;
                 }
                 if metrics.changed().await.is_err() {
                     // The Raft core stopped: nothing will change, and the
@@ -249,5 +253,35 @@ impl RaftNode {
             })?
             .into_inner();
         super::coalesce::forward_reply(leader, reply)
+    }
+}
+
+/// Who leads as one node sees it: what a write refused for want of a leader
+/// waits to see change before it is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Leadership {
+    leader: Option<u64>,
+    term: u64,
+    /// On the leader: whether a quorum has acknowledged it, without which
+    /// it refuses writes (its lease). Changes only with an election or that
+    /// first acknowledgement, so a wait for a change does not wake at every
+    /// heartbeat. (A leader whose lease lapsed later, cut off from the
+    /// others, stays acknowledged here: its writes wait out the bound.)
+    acknowledged: bool,
+}
+
+impl Leadership {
+    fn of(m: &openraft::RaftMetrics<crate::raft::types::TypeConfig>) -> Self {
+        Self {
+            leader: m.current_leader,
+            term: m.current_term,
+            // A lone voter is its own quorum.
+            acknowledged: m.last_quorum_acked.is_some()
+                || m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .nth(1)
+                    .is_none(),
+        }
     }
 }
