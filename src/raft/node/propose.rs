@@ -36,7 +36,9 @@ impl RaftNode {
         // (its lease), a round trip after its election: a write that
         // arrives before then waits for it here instead of being refused.
         // (A write forwarded here would be refused as "not the leader", and
-        // its node, seeing no change of leader, would wait out the bound.)
+        // its node, seeing no change of leader, would wait out the bound.
+        // The metrics can trail the Raft core by a moment: a write in that
+        // moment is still refused, and retried.)
         let seen = self.leadership();
         if seen.leader == Some(self.id) && !seen.acknowledged {
             self.wait_for_leader_change(seen, LEADER_CHANGE_WAIT).await;
@@ -137,9 +139,9 @@ impl RaftNode {
 
     /// Run `attempt` (given the time left, at least [`MIN_ATTEMPT`]) until
     /// it succeeds, fails for good, or `deadline` has passed. After a
-    /// failed try the next waits until the leader or the term differs from
-    /// what they were when the failed one began (at most
-    /// [`LEADER_CHANGE_WAIT`]). Waiting for any change of the metrics
+    /// failed try the next waits until the leader, the term or whether this
+    /// node's leadership is acknowledged differs from what it was when the
+    /// failed one began (at most [`LEADER_CHANGE_WAIT`]). Waiting for any change of the metrics
     /// instead did not wait at all (a fresh receiver has never marked the
     /// current report seen, and every refused write sends another), so a
     /// node without a leader tried without pause. Without a leader at the
@@ -262,11 +264,12 @@ impl RaftNode {
 pub(super) struct Leadership {
     leader: Option<u64>,
     term: u64,
-    /// On the leader: whether a quorum has acknowledged it, without which
-    /// it refuses writes (its lease). Changes only with an election or that
-    /// first acknowledgement, so a wait for a change does not wake at every
-    /// heartbeat. (A leader whose lease lapsed later, cut off from the
-    /// others, stays acknowledged here: its writes wait out the bound.)
+    /// On the leader: whether a quorum has acknowledged it in this term,
+    /// without which it refuses writes (its lease). Set by the first
+    /// acknowledgement, not by each one after, so a wait for a change does
+    /// not wake at every heartbeat. (A leader whose lease lapsed later, cut
+    /// off from the others, stays acknowledged here: its writes wait out the
+    /// bound.) Always set on other nodes.
     acknowledged: bool,
 }
 
@@ -275,8 +278,10 @@ impl Leadership {
         Self {
             leader: m.current_leader,
             term: m.current_term,
-            // A lone voter is its own quorum.
-            acknowledged: m.last_quorum_acked.is_some()
+            // Only a leader waits for acknowledgement (a follower's metrics
+            // never carry one); a lone voter is its own quorum.
+            acknowledged: m.current_leader != Some(m.id)
+                || m.last_quorum_acked.is_some()
                 || m.membership_config
                     .membership()
                     .voter_ids()
