@@ -57,25 +57,10 @@ async fn minority_side_refuses_writes() {
     let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     c.stop(others[0]).await;
     c.stop(others[1]).await;
-    let item = NewItem {
-        request_id: "r".into(),
-        tags: Tags::new(),
-        data: Bytes::from_static(b"x"),
-        priority: 0,
-        path: String::new(),
-    };
-    let env = eddy::queue::Envelope {
-        id: 1,
-        now_ms: 0,
-        command: Command::Put {
-            queue: svc_input(),
-            item,
-        },
-    };
     let r = c
         .node(leader)
         .node
-        .propose_envelope(env, Duration::from_secs(2))
+        .propose_envelope(put_envelope(1), Duration::from_secs(2))
         .await;
     assert!(
         r.is_err(),
@@ -89,13 +74,7 @@ async fn minority_side_refuses_writes() {
 /// kept busy through every election.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_without_a_leader_waits_between_tries() {
-    let mut c = Cluster::new(3, 20_000).await;
-    let leader = c.leader().await;
-    create_service(c.node(leader)).await;
-    for id in 1..=3 {
-        c.stop(id).await;
-    }
-    c.restart(1).await;
+    let c = one_of_three_restarted_alone().await;
     let node = &c.node(1).node;
     let before = node.proposal_retries();
     let started = std::time::Instant::now();
@@ -126,13 +105,7 @@ async fn a_proposal_without_a_leader_waits_between_tries() {
 /// acknowledged it rather than refusing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_waiting_for_a_leader_is_written_once_one_is_elected() {
-    let mut c = Cluster::new(3, 20_000).await;
-    let leader = c.leader().await;
-    create_service(c.node(leader)).await;
-    for id in 1..=3 {
-        c.stop(id).await;
-    }
-    c.restart(1).await;
+    let mut c = one_of_three_restarted_alone().await;
     let first = c.node(1).node.clone();
     let before = first.proposal_retries();
     let on_first = write_on(first.clone(), 1);
@@ -179,6 +152,19 @@ fn write_on(
         node.propose_envelope(put_envelope(envelope_id), Duration::from_secs(30))
             .await
     })
+}
+
+/// A cluster of three with the test service, every node stopped, and node 1
+/// started again alone: it cannot elect a leader.
+async fn one_of_three_restarted_alone() -> Cluster {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    create_service(c.node(leader)).await;
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    c.restart(1).await;
+    c
 }
 
 /// A put of one small item on the test service's input.
