@@ -40,7 +40,8 @@ impl RaftNode {
         // The metrics can trail the Raft core by a moment: a write in that
         // moment is still refused, and retried.)
         let seen = self.leadership();
-        if seen.leader == Some(self.id) && !seen.acknowledged {
+        // (Only a leader is ever unacknowledged.)
+        if !seen.acknowledged {
             self.wait_for_leader_change(seen, LEADER_CHANGE_WAIT).await;
         }
         self.coalescer.write(envelope).await
@@ -141,11 +142,11 @@ impl RaftNode {
     /// it succeeds, fails for good, or `deadline` has passed. After a
     /// failed try the next waits until the leader, the term or whether this
     /// node's leadership is acknowledged differs from what it was when the
-    /// failed one began (at most [`LEADER_CHANGE_WAIT`]). Waiting for any change of the metrics
-    /// instead did not wait at all (a fresh receiver has never marked the
-    /// current report seen, and every refused write sends another), so a
-    /// node without a leader tried without pause. Without a leader at the
-    /// end the error says so.
+    /// failed one began (at most [`LEADER_CHANGE_WAIT`]). Waiting for any
+    /// change of the metrics instead did not wait at all (a fresh receiver
+    /// has never marked the current report seen, and every refused write
+    /// sends another), so a node without a leader tried without pause.
+    /// Without a leader at the end the error says so.
     pub(super) async fn retry_until<T, Fut>(
         &self,
         deadline: Duration,
