@@ -856,6 +856,11 @@ async fn metrics(State(state): State<Arc<AppState>>, _reader: StatusReader) -> R
     );
     let _ = writeln!(
         out,
+        "# TYPE eddy_raft_forward_streams_opened_total counter\neddy_raft_forward_streams_opened_total {}",
+        state.node.forward_streams_opened()
+    );
+    let _ = writeln!(
+        out,
         "# TYPE eddy_raft_commit_index gauge\neddy_raft_commit_index {}",
         s.committed.unwrap_or(0)
     );

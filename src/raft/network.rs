@@ -149,7 +149,7 @@ impl LinkFaults {
     }
 
     /// Resolves once the link to `peer` is cut.
-    fn until_cut(&self, peer: u64) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn until_cut(&self, peer: u64) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.0.subscribe();
         async move {
             let _ = rx.wait_for(|cut| cut.contains(&peer)).await;

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::StorageHealth;
 use super::network::{SECRET_HEADER, SNAPSHOT_CHUNK, decode, encode};
-use super::node::{MAX_PEER_MESSAGE, ProposeError, RaftNode};
+use super::node::{MAX_PEER_MESSAGE, PROPOSE_DEADLINE, ProposeError, RaftNode};
 use super::pb::raft_server::{Raft as RaftService, RaftServer};
 use super::pb::{
     ForwardBatchReply, ForwardBatchRequest, ForwardError, ForwardReply, ForwardRequest, RaftReply,
@@ -91,7 +91,7 @@ impl CallSize {
     /// answered `Unimplemented` by any server; they get the smallest limit.
     fn of(path: &str) -> Self {
         match path.strip_prefix("/eddy.raft.Raft/") {
-            Some("Forward" | "ForwardBatch") => CallSize::Forward,
+            Some("Forward" | "ForwardBatch" | "ForwardStream") => CallSize::Forward,
             Some("AppendEntries" | "StreamAppend") => CallSize::Replication,
             Some("InstallSnapshot") => CallSize::Snapshot,
             _ => CallSize::Control,
@@ -442,8 +442,105 @@ impl RaftService for PeerService {
     ) -> Result<Response<ForwardBatchReply>, Status> {
         let certs = req.peer_certs();
         let req = req.into_inner();
+        let envelopes = self.open_group(&req, certs.as_ref().and_then(|c| c.first()))?;
+        let replies = self.write_group(envelopes, req.from).await;
+        Ok(Response::new(ForwardBatchReply { replies, seq: 0 }))
+    }
+
+    type ForwardStreamStream =
+        futures::stream::BoxStream<'static, Result<ForwardBatchReply, Status>>;
+
+    /// `ForwardBatch` over one stream: each group is written as it arrives,
+    /// beside the others, and answered with its `seq` when it is done. A
+    /// group that cannot be read or whose sender the connection's
+    /// certificate does not vouch for ends the stream with that status.
+    async fn forward_stream(
+        &self,
+        req: Request<Streaming<ForwardBatchRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let certs = req.peer_certs();
+        let mut groups = req.into_inner();
+        let node = self.node.clone();
+        let (replies, answers) = tokio::sync::mpsc::channel(FORWARD_STREAM_GROUPS);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(FORWARD_STREAM_GROUPS));
+        let stopped = node.stopped();
+        // The stream is read until it ends, or until this node stops (a
+        // peer's open stream must not hold it, nor its shutdown's drain).
+        tokio::spawn(async move {
+            let service = Arc::new(PeerService { node });
+            tokio::pin!(stopped);
+            loop {
+                // At most so many groups are written at once; beyond, the
+                // stream is not read (the sender's HTTP/2 window fills).
+                let Ok(slot) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let next = tokio::select! {
+                    next = groups.message() => next,
+                    () = &mut stopped => return,
+                };
+                let req = match next {
+                    Ok(Some(req)) => req,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = replies.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let envelopes =
+                    match service.open_group(&req, certs.as_ref().and_then(|c| c.first())) {
+                        Ok(envelopes) => envelopes,
+                        Err(status) => {
+                            let _ = replies.send(Err(status)).await;
+                            return;
+                        }
+                    };
+                let service = service.clone();
+                let replies = replies.clone();
+                tokio::spawn(async move {
+                    let written = service.write_group(envelopes, req.from);
+                    // The sender stops waiting after the propose deadline;
+                    // so does this, instead of holding its slot.
+                    let answer = match tokio::time::timeout(PROPOSE_DEADLINE, written).await {
+                        Ok(answer) => answer,
+                        Err(_) => (0..req.commands.len())
+                            .map(|_| ForwardReply {
+                                error_kind: ForwardError::Unavailable.into(),
+                                error: "no quorum acknowledged the write in time; outcome unknown"
+                                    .into(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    };
+                    let _ = replies
+                        .send(Ok(ForwardBatchReply {
+                            replies: answer,
+                            seq: req.seq,
+                        }))
+                        .await;
+                    drop(slot);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(answers),
+        )))
+    }
+}
+
+/// Groups of one forward stream written at once.
+const FORWARD_STREAM_GROUPS: usize = 64;
+
+impl PeerService {
+    /// Check a forwarded group's sender (over mutual TLS: against the
+    /// connection's certificate) and decode its envelopes.
+    fn open_group(
+        &self,
+        req: &ForwardBatchRequest,
+        cert: Option<&impl AsRef<[u8]>>,
+    ) -> Result<Vec<Envelope>, Status> {
         if self.node.uses_peer_tls() {
-            self.check_sender(req.from, certs.as_ref().and_then(|c| c.first()))?;
+            self.check_sender(req.from, cert)?;
         }
         let envelopes = req
             .commands
@@ -452,18 +549,20 @@ impl RaftService for PeerService {
             .collect::<Result<Vec<_>, _>>()
             .map_err(Status::invalid_argument)?;
         self.node.note_peer_contact(req.from);
-        // All at once: proposed together, they share log entries.
-        let replies = futures::future::join_all(
+        Ok(envelopes)
+    }
+
+    /// Propose a forwarded group's envelopes, all at once: proposed
+    /// together, they share log entries. One reply per envelope, in order.
+    async fn write_group(&self, envelopes: Vec<Envelope>, from: u64) -> Vec<ForwardReply> {
+        futures::future::join_all(
             envelopes
                 .into_iter()
-                .map(|envelope| self.write_forwarded(envelope, req.from, false)),
+                .map(|envelope| self.write_forwarded(envelope, from, false)),
         )
-        .await;
-        Ok(Response::new(ForwardBatchReply { replies }))
+        .await
     }
-}
 
-impl PeerService {
     /// Check and propose one forwarded envelope; the answer says how it
     /// went, as the forwarding node needs to know it.
     async fn write_forwarded(&self, envelope: Envelope, from: u64, admin: bool) -> ForwardReply {
@@ -829,6 +928,136 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_ne!(r.error_kind(), ForwardError::Rejected, "{}", r.error);
+        // The same holds for each group on a forward stream: one that
+        // speaks for another node ends the stream, refused.
+        let mut answers = c
+            .forward_stream(stream_of("the-secret", vec![(1, vec![gone(1)])], 1))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = answers.message().await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        let mut answers = c
+            .forward_stream(stream_of("the-secret", vec![(1, vec![gone(3)])], 3))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = answers.message().await.unwrap().unwrap();
+        assert_eq!(reply.seq, 1);
+        assert_ne!(reply.replies[0].error_kind(), ForwardError::Rejected);
+        node.shutdown().await;
+    }
+
+    /// Groups of `commands` on one forward stream, numbered `seq`, from `from`.
+    fn stream_of(
+        secret: &str,
+        groups: Vec<(u64, Vec<Vec<u8>>)>,
+        from: u64,
+    ) -> Request<impl futures::Stream<Item = ForwardBatchRequest> + Send + 'static> {
+        let groups = groups
+            .into_iter()
+            .map(move |(seq, commands)| ForwardBatchRequest {
+                commands: commands.into_iter().map(Into::into).collect(),
+                from,
+                seq,
+            });
+        // Kept open after the groups, as by a node that forwards more later.
+        let open = futures::stream::iter(groups).chain(futures::stream::pending());
+        super::super::network::authorized(secret, open, None)
+    }
+
+    /// On a forward stream each group is answered once, with its number
+    /// and one reply per command, as `ForwardBatch` answers it; a group
+    /// that cannot be decoded ends the stream with the status a call would
+    /// get; a wrong secret opens none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forward_stream_answers_each_group_under_its_number() {
+        let (node, _dir) = single_node("the-secret", "").await;
+        node.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "single node leads")
+            .await
+            .unwrap();
+        let mut c = client(&node).await;
+        let envelope = |id: u128, command: Command| {
+            encode(&Envelope {
+                id,
+                now_ms: 1,
+                command,
+            })
+        };
+        let put = |id: u128| {
+            envelope(
+                id,
+                Command::Put {
+                    queue: QueueRef::new("none", QueueKind::Input),
+                    item: crate::queue::NewItem {
+                        request_id: format!("r{id}"),
+                        tags: Default::default(),
+                        data: bytes::Bytes::from_static(b"x"),
+                        priority: 0,
+                        path: String::new(),
+                    },
+                },
+            )
+        };
+        let err = c
+            .forward_stream(stream_of("wrong", vec![(1, vec![put(1)])], 2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+        let groups = vec![
+            (7, vec![put(2), envelope(3, Command::Tick)]),
+            (3, vec![put(4)]),
+            (11, vec![vec![0xff; 16]]),
+        ];
+        let mut answers = c
+            .forward_stream(stream_of("the-secret", groups, 2))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = std::collections::BTreeMap::new();
+        let status = loop {
+            match answers.message().await {
+                Ok(Some(reply)) => {
+                    assert!(
+                        seen.insert(reply.seq, reply.replies).is_none(),
+                        "answered twice"
+                    );
+                }
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        // The two valid groups may or may not be answered before the bad
+        // one ends the stream; each answered one is answered whole.
+        for (seq, replies) in &seen {
+            let kinds: Vec<ForwardError> = replies.iter().map(|r| r.error_kind()).collect();
+            match seq {
+                7 => assert_eq!(kinds, [ForwardError::None, ForwardError::Rejected]),
+                3 => assert_eq!(kinds, [ForwardError::None]),
+                other => panic!("answer to group {other}, which was never sent"),
+            }
+        }
+        // Without the bad group, both are answered.
+        let groups = vec![
+            (7, vec![put(2), envelope(3, Command::Tick)]),
+            (3, vec![put(4)]),
+        ];
+        let mut answers = c
+            .forward_stream(stream_of("the-secret", groups, 2))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seqs = Vec::new();
+        for _ in 0..2 {
+            let reply = answers.message().await.unwrap().unwrap();
+            seqs.push((reply.seq, reply.replies.len()));
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, [(3, 1), (7, 2)]);
         node.shutdown().await;
     }
 
@@ -929,6 +1158,7 @@ mod tests {
             ("ReadIndex", 16 << 20),
             ("InstallSnapshot", 16 << 20),
             ("Forward", 40 << 20),
+            ("ForwardStream", 40 << 20),
         ] {
             let started = std::time::Instant::now();
             let code = tokio::time::timeout(
@@ -1016,6 +1246,10 @@ mod tests {
         use prost::Message as _;
         assert_eq!(CallSize::of("/eddy.raft.Raft/Vote"), CallSize::Control);
         assert_eq!(CallSize::of("/eddy.raft.Raft/Forward"), CallSize::Forward);
+        assert_eq!(
+            CallSize::of("/eddy.raft.Raft/ForwardStream"),
+            CallSize::Forward
+        );
         assert_eq!(
             CallSize::of("/eddy.raft.Raft/StreamAppend"),
             CallSize::Replication

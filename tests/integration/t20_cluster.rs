@@ -185,6 +185,58 @@ fn put_envelope(id: u128) -> Envelope {
     }
 }
 
+/// A follower forwards its writes to the leader on one stream, not a call
+/// each. When its link to the leader is cut the stream ends with it (a
+/// write then fails within its deadline, not later), and once the link is
+/// back the next write opens a new stream at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_on_one_stream_and_opens_another_after_a_cut() {
+    let c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    create_service(c.node(leader)).await;
+    let node = c.node(follower).node.clone();
+    for i in 0..20 {
+        put(c.node(follower), &format!("one-by-one-{i}")).await;
+    }
+    let puts = (0..200).map(|i| put_item(c.node(follower), format!("together-{i}").into_bytes()));
+    let mut indexes = futures::future::join_all(puts).await;
+    indexes.sort_unstable();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 200, "each put has its own index");
+    assert_eq!(
+        node.forward_streams_opened(),
+        1,
+        "220 forwarded puts, one stream"
+    );
+
+    node.links().cut(leader);
+    let started = Instant::now();
+    let cut_off = node
+        .propose_envelope(put_envelope(1), Duration::from_millis(500))
+        .await;
+    assert!(cut_off.is_err(), "written across a cut link: {cut_off:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a write across a cut link failed only after {:?}",
+        started.elapsed()
+    );
+    node.links().heal(leader);
+    let started = Instant::now();
+    node.propose_envelope(put_envelope(2), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the first write after the cut healed took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(node.forward_streams_opened(), 2);
+    for id in 1..=3 {
+        wait_for_length(c.node(id), 221).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_add_and_remove() {
     let mut c = Cluster::new(3, 20_000).await;

@@ -6,9 +6,10 @@
 //!   [`MAX_IN_FLIGHT`] entries of this node are being written wait, then go
 //!   into the log together as one [`Command::Coalesced`] entry.
 //! - [`Route::Leader`], on any other node: data-plane envelopes that arrive
-//!   while [`MAX_IN_FLIGHT`] forwards are out go to the leader together in
-//!   one `ForwardBatch` call, and the leader proposes them together (so they
-//!   share its entries too).
+//!   while [`MAX_IN_FLIGHT`] forwards are out go to the leader together as
+//!   one group on the node's forward stream (`forward_stream`; one
+//!   `ForwardBatch` call to a leader of an earlier version), and the leader
+//!   proposes them together (so they share its entries too).
 //!
 //! Why: every log entry and every forward costs the same fixed work
 //! whatever it holds (a trip through openraft's core, a log record, a
@@ -49,6 +50,7 @@ use std::time::Instant;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::forward_stream::StreamError;
 use super::{ProposeError, RaftNode};
 use crate::latency::Stage;
 use crate::queue::{Command, Envelope, Reply};
@@ -290,7 +292,7 @@ async fn write_entry(node: &RaftNode, mut group: Vec<Waiting>) {
 
 /// Forward `group` to the leader in one call (a lone envelope, or a leader
 /// of an earlier version, one call each) and answer each proposer.
-async fn forward_group(node: &RaftNode, mut group: Vec<Waiting>) {
+async fn forward_group(node: &RaftNode, group: Vec<Waiting>) {
     let leader = node.raft.metrics().borrow_watched().current_leader;
     let Some(leader) = leader.filter(|l| *l != node.id) else {
         // The leader changed since these were handed over: each proposer
@@ -300,6 +302,27 @@ async fn forward_group(node: &RaftNode, mut group: Vec<Waiting>) {
         }
         return;
     };
+    forward_group_to(node, leader, group).await
+}
+
+/// Forward `group` to `leader`: on the forward stream, or to a leader
+/// without it in one `ForwardBatch` call (or a call each).
+async fn forward_group_to(node: &RaftNode, leader: u64, mut group: Vec<Waiting>) {
+    match forward_over_stream(node, leader, &mut group).await {
+        Ok(replies) => {
+            for (w, reply) in group.into_iter().zip(replies) {
+                let _ = w.answer.send(reply);
+            }
+            return;
+        }
+        Err(StreamError::Failed(e)) => {
+            for w in group {
+                let _ = w.answer.send(Err(e.clone()));
+            }
+            return;
+        }
+        Err(StreamError::Unsupported) => {}
+    }
     if group.len() > 1 {
         match forward_batch(node, leader, &mut group).await {
             Ok(replies) => {
@@ -324,6 +347,38 @@ async fn forward_group(node: &RaftNode, mut group: Vec<Waiting>) {
         let _ = w.answer.send(reply);
     });
     futures::future::join_all(forwards).await;
+}
+
+/// Send `group` to the leader on this node's forward stream.
+async fn forward_over_stream(
+    node: &RaftNode,
+    leader: u64,
+    group: &mut [Waiting],
+) -> Result<Vec<Result<Reply, ProposeError>>, StreamError> {
+    let commands = group
+        .iter_mut()
+        .map(|w| match w.encoded.take() {
+            Some(bytes) => bytes.into(),
+            None => encode(&w.envelope).into(),
+        })
+        .collect();
+    let started = Instant::now();
+    let replies = node.forward_streams.send(node, leader, commands).await;
+    if !matches!(replies, Err(StreamError::Unsupported)) {
+        Stage::Forward.record(started.elapsed());
+    }
+    let replies = replies?;
+    if replies.len() != group.len() {
+        return Err(StreamError::Failed(ProposeError::Unavailable(format!(
+            "node {leader} answered {} of {} forwarded commands",
+            replies.len(),
+            group.len()
+        ))));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|r| forward_reply(leader, r))
+        .collect())
 }
 
 enum ForwardBatchError {
@@ -351,6 +406,7 @@ async fn forward_batch(
                 })
                 .collect(),
             from: node.id,
+            seq: 0,
         },
         Some(super::PROPOSE_DEADLINE),
     );
@@ -400,5 +456,193 @@ pub(super) fn forward_reply(leader: u64, reply: ForwardReply) -> Result<Reply, P
             reply.error
         ))),
         ForwardError::Unavailable => Err(ProposeError::Unavailable(reply.error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+    use crate::config::NodeConfig;
+    use crate::raft::Peer;
+    use crate::raft::pb::raft_server::{Raft as RaftService, RaftServer};
+    use crate::raft::pb::{
+        ForwardBatchReply, ForwardRequest, RaftReply, RaftRequest, SnapshotChunk,
+    };
+
+    /// A peer of an earlier version: it knows `ForwardBatch` and `Forward`,
+    /// which it answers `Reply::Done`, and no `ForwardStream`. Counts the
+    /// calls it gets.
+    #[derive(Default)]
+    struct EarlierLeader {
+        streams: AtomicUsize,
+        batches: AtomicUsize,
+        singles: AtomicUsize,
+    }
+
+    type Replies<T> = futures::stream::BoxStream<'static, Result<T, Status>>;
+
+    fn done() -> ForwardReply {
+        ForwardReply {
+            reply: encode(&Reply::Done).into(),
+            ..Default::default()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl RaftService for Arc<EarlierLeader> {
+        async fn vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unavailable("not in this test"))
+        }
+        async fn pre_vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unavailable("not in this test"))
+        }
+        async fn append_entries(
+            &self,
+            _: Request<RaftRequest>,
+        ) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unavailable("not in this test"))
+        }
+        type StreamAppendStream = Replies<RaftReply>;
+        async fn stream_append(
+            &self,
+            _: Request<Streaming<RaftRequest>>,
+        ) -> Result<Response<Self::StreamAppendStream>, Status> {
+            Err(Status::unavailable("not in this test"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unavailable("not in this test"))
+        }
+        async fn forward(
+            &self,
+            _: Request<ForwardRequest>,
+        ) -> Result<Response<ForwardReply>, Status> {
+            self.singles.fetch_add(1, Ordering::Relaxed);
+            Ok(Response::new(done()))
+        }
+        async fn forward_batch(
+            &self,
+            req: Request<ForwardBatchRequest>,
+        ) -> Result<Response<ForwardBatchReply>, Status> {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            let replies = req.get_ref().commands.iter().map(|_| done()).collect();
+            Ok(Response::new(ForwardBatchReply { replies, seq: 0 }))
+        }
+        type ForwardStreamStream = Replies<ForwardBatchReply>;
+        /// What a server without the method answers.
+        async fn forward_stream(
+            &self,
+            _: Request<Streaming<ForwardBatchRequest>>,
+        ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+            self.streams.fetch_add(1, Ordering::Relaxed);
+            Err(Status::unimplemented("unknown method ForwardStream"))
+        }
+        async fn read_index(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unavailable("not in this test"))
+        }
+    }
+
+    fn free_port() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("127.0.0.1:{port}")
+    }
+
+    /// Forward `n` envelopes from `node` to `leader` as one group; their
+    /// replies.
+    async fn forward_envelopes(node: &RaftNode, leader: u64, n: u128) -> Vec<Reply> {
+        let mut answers = Vec::new();
+        let group = (0..n)
+            .map(|id| {
+                let (answer, answered) = oneshot::channel();
+                answers.push(answered);
+                waiting(
+                    Route::Leader,
+                    (
+                        Envelope {
+                            id,
+                            now_ms: 0,
+                            command: Command::Tick,
+                        },
+                        answer,
+                        Instant::now(),
+                    ),
+                )
+            })
+            .collect();
+        forward_group_to(node, leader, group).await;
+        let mut replies = Vec::new();
+        for answered in answers {
+            replies.push(answered.await.unwrap().unwrap());
+        }
+        replies
+    }
+
+    /// During a rolling upgrade a node forwards to a leader of an earlier
+    /// version, which has no `ForwardStream`: the groups go by
+    /// `ForwardBatch` (a lone envelope by `Forward`), and the stream is not
+    /// asked for again for each group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_without_the_forward_stream_gets_batch_calls() {
+        let earlier = Arc::new(EarlierLeader::default());
+        let earlier_addr = free_port();
+        let listener = tokio::net::TcpListener::bind(&earlier_addr).await.unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServer::new(earlier.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let own_addr = free_port();
+        let mut config = NodeConfig::for_tests(1, dir.path().to_path_buf(), 0, 0);
+        config.raft_listen = own_addr.parse().unwrap();
+        config.advertise_raft = own_addr.clone();
+        config.cluster_secret = "the-secret".into();
+        config.peers = vec![
+            Peer {
+                id: 1,
+                raft_addr: own_addr.clone(),
+                api_addr: "127.0.0.1:1".into(),
+            },
+            Peer {
+                id: 2,
+                raft_addr: earlier_addr,
+                api_addr: "127.0.0.1:1".into(),
+            },
+        ];
+        let advertise = config.peers[0].clone();
+        let (node, _events) = RaftNode::start(Arc::new(config), advertise).await.unwrap();
+        // It formed the cluster: it knows node 2 once its first entry is in.
+        let mut metrics = node.raft.metrics();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            metrics.wait_until(|m| m.membership_config.membership().voter_ids().count() == 2),
+        )
+        .await
+        .expect("the membership is known")
+        .unwrap();
+
+        assert_eq!(forward_envelopes(&node, 2, 3).await, vec![Reply::Done; 3]);
+        assert_eq!(forward_envelopes(&node, 2, 1).await, vec![Reply::Done]);
+        assert_eq!(forward_envelopes(&node, 2, 2).await, vec![Reply::Done; 2]);
+        assert_eq!(
+            earlier.streams.load(Ordering::Relaxed),
+            1,
+            "stream asked for once"
+        );
+        assert_eq!(earlier.batches.load(Ordering::Relaxed), 2);
+        assert_eq!(earlier.singles.load(Ordering::Relaxed), 1);
+        assert_eq!(node.forward_streams_opened(), 0);
+        node.shutdown().await;
+        server.abort();
     }
 }

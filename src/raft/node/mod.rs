@@ -34,6 +34,7 @@
 mod clock;
 mod coalesce;
 mod error;
+mod forward_stream;
 mod housekeeping;
 mod lease;
 mod membership;
@@ -191,6 +192,8 @@ pub struct RaftNode {
     /// Gathers data-plane envelopes proposed here while another node leads
     /// into shared forward calls.
     forwarder: Lanes,
+    /// The stream the forwarder's groups travel on to the leader.
+    forward_streams: forward_stream::ForwardStreams,
 }
 
 /// On whose behalf a command is proposed: forwarded admin commands carry
@@ -304,6 +307,7 @@ impl RaftNode {
                 leader_contact: std::sync::Mutex::new(None),
                 peer_contact: std::sync::Mutex::new(BTreeMap::new()),
                 proposal_retries: Default::default(),
+                forward_streams: Default::default(),
             }
         });
         for task in coalescer_tasks {
@@ -371,6 +375,7 @@ impl RaftNode {
     /// Stop Raft, the peer server and the background tasks.
     pub async fn shutdown(&self) {
         self.stopping.send_replace(true);
+        self.forward_streams.close().await;
         let _ = self.raft.shutdown().await;
         // Nothing writes the log after this, whatever tasks still hold the
         // node: a node started again in this process opens the file alone.

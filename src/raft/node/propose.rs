@@ -206,6 +206,12 @@ impl RaftNode {
         self.proposal_retries.load(Ordering::Relaxed)
     }
 
+    /// How many forward streams this node has opened (one per leader it
+    /// forwarded to, and one more after each that broke).
+    pub fn forward_streams_opened(&self) -> u64 {
+        self.forward_streams.opened()
+    }
+
     /// A gRPC client for member `id`, over the cached channel to it.
     pub(super) fn peer_client(
         &self,
