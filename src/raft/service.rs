@@ -468,56 +468,77 @@ impl RaftService for PeerService {
         // peer's open stream must not hold it, nor its shutdown's drain).
         tokio::spawn(async move {
             let service = Arc::new(PeerService { node });
+            let cert = certs.as_ref().and_then(|c| c.first());
             tokio::pin!(stopped);
             loop {
                 // At most so many groups are written at once; beyond, the
                 // stream is not read (the sender's HTTP/2 window fills).
-                let Ok(slot) = in_flight.clone().acquire_owned().await else {
-                    return;
-                };
                 let next = tokio::select! {
-                    next = groups.message() => next,
+                    next = async {
+                        let slot = in_flight.clone().acquire_owned().await;
+                        (slot, groups.message().await)
+                    } => next,
                     () = &mut stopped => return,
                 };
                 let req = match next {
-                    Ok(Some(req)) => req,
-                    Ok(None) => return,
-                    Err(status) => {
+                    (Ok(slot), Ok(Some(req))) => (slot, req),
+                    (_, Ok(None)) | (Err(_), _) => return,
+                    (_, Err(status)) => {
                         let _ = replies.send(Err(status)).await;
                         return;
                     }
                 };
-                let envelopes =
-                    match service.open_group(&req, certs.as_ref().and_then(|c| c.first())) {
-                        Ok(envelopes) => envelopes,
-                        Err(status) => {
-                            let _ = replies.send(Err(status)).await;
-                            return;
-                        }
-                    };
+                let (slot, req) = req;
+                // A member speaking for another ends the stream, refused,
+                // as it fails the call; a group this node cannot read is
+                // answered as such, and the stream goes on.
+                if service.node.uses_peer_tls()
+                    && let Err(status) = service.check_sender(req.from, cert)
+                {
+                    let _ = replies.send(Err(status)).await;
+                    return;
+                }
+                let ForwardBatchRequest {
+                    commands,
+                    from,
+                    seq,
+                } = req;
+                let decoded = commands
+                    .iter()
+                    .map(|c| decode::<Envelope>(c))
+                    .collect::<Result<Vec<_>, _>>();
+                let count = commands.len();
+                drop(commands);
                 let service = service.clone();
                 let replies = replies.clone();
                 tokio::spawn(async move {
-                    let written = service.write_group(envelopes, req.from);
-                    // The sender stops waiting after the propose deadline;
-                    // so does this, instead of holding its slot.
-                    let answer = match tokio::time::timeout(PROPOSE_DEADLINE, written).await {
-                        Ok(answer) => answer,
-                        Err(_) => (0..req.commands.len())
-                            .map(|_| ForwardReply {
-                                error_kind: ForwardError::Unavailable.into(),
-                                error: "no quorum acknowledged the write in time; outcome unknown"
-                                    .into(),
-                                ..Default::default()
-                            })
-                            .collect(),
+                    let answer = match decoded {
+                        Ok(envelopes) => {
+                            service.node.note_peer_contact(from);
+                            // The sender stops waiting after the propose
+                            // deadline; so does this, instead of holding
+                            // its slot.
+                            let written = service.write_group(envelopes, from);
+                            tokio::time::timeout(PROPOSE_DEADLINE, written)
+                                .await
+                                .unwrap_or_else(|_| {
+                                    unavailable(
+                                        count,
+                                        "no quorum acknowledged the write in time; outcome unknown",
+                                    )
+                                })
+                        }
+                        // As a call with such a group fails: tried again
+                        // (the leader may change to one that reads it).
+                        Err(why) => unavailable(count, &format!("undecodable command: {why}")),
                     };
-                    let _ = replies
-                        .send(Ok(ForwardBatchReply {
-                            replies: answer,
-                            seq: req.seq,
-                        }))
-                        .await;
+                    // Bounded too: a peer that stops reading answers does
+                    // not keep the slot (and the stream's reading) for good.
+                    let reply = ForwardBatchReply {
+                        replies: answer,
+                        seq,
+                    };
+                    let _ = tokio::time::timeout(PROPOSE_DEADLINE, replies.send(Ok(reply))).await;
                     drop(slot);
                 });
             }
@@ -528,8 +549,20 @@ impl RaftService for PeerService {
     }
 }
 
-/// Groups of one forward stream written at once.
-const FORWARD_STREAM_GROUPS: usize = 64;
+/// Groups of one forward stream written at once: what a sender keeps in
+/// flight on one lane (4, the coalescer's bound), with room to spare.
+const FORWARD_STREAM_GROUPS: usize = 8;
+
+/// `count` replies saying "not written here; try again".
+fn unavailable(count: usize, why: &str) -> Vec<ForwardReply> {
+    (0..count)
+        .map(|_| ForwardReply {
+            error_kind: ForwardError::Unavailable.into(),
+            error: why.to_string(),
+            ..Default::default()
+        })
+        .collect()
+}
 
 impl PeerService {
     /// Check a forwarded group's sender (over mutual TLS: against the
@@ -928,17 +961,36 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_ne!(r.error_kind(), ForwardError::Rejected, "{}", r.error);
-        // The same holds for each group on a forward stream: one that
-        // speaks for another node ends the stream, refused.
+        // The same holds for each group on a forward stream, not only its
+        // first: node 3 speaking for itself is heard, then speaking for
+        // node 1 ends the stream, refused.
+        let groups = vec![(1, 3, vec![gone(3)]), (2, 1, vec![gone(1)])];
         let mut answers = c
-            .forward_stream(stream_of("the-secret", vec![(1, vec![gone(1)])], 1))
+            .forward_stream(stream_of("the-secret", groups))
             .await
             .unwrap()
             .into_inner();
-        let err = answers.message().await.unwrap_err();
+        let mut heard = Vec::new();
+        let refused = async {
+            loop {
+                match answers.message().await {
+                    Ok(Some(reply)) => heard.push(reply),
+                    Ok(None) => panic!("the stream ended without a refusal"),
+                    Err(e) => break e,
+                }
+            }
+        };
+        let err = tokio::time::timeout(std::time::Duration::from_secs(5), refused)
+            .await
+            .expect("the group speaking for node 1 was not refused");
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            heard.len() <= 1 && heard.iter().all(|r| r.seq == 1),
+            "{heard:?}"
+        );
+        // Alone on its stream, node 3's group is answered.
         let mut answers = c
-            .forward_stream(stream_of("the-secret", vec![(1, vec![gone(3)])], 3))
+            .forward_stream(stream_of("the-secret", vec![(1, 3, vec![gone(3)])]))
             .await
             .unwrap()
             .into_inner();
@@ -948,15 +1000,14 @@ mod tests {
         node.shutdown().await;
     }
 
-    /// Groups of `commands` on one forward stream, numbered `seq`, from `from`.
+    /// Groups `(seq, from, commands)` on one forward stream.
     fn stream_of(
         secret: &str,
-        groups: Vec<(u64, Vec<Vec<u8>>)>,
-        from: u64,
+        groups: Vec<(u64, u64, Vec<Vec<u8>>)>,
     ) -> Request<impl futures::Stream<Item = ForwardBatchRequest> + Send + 'static> {
         let groups = groups
             .into_iter()
-            .map(move |(seq, commands)| ForwardBatchRequest {
+            .map(|(seq, from, commands)| ForwardBatchRequest {
                 commands: commands.into_iter().map(Into::into).collect(),
                 from,
                 seq,
@@ -968,8 +1019,8 @@ mod tests {
 
     /// On a forward stream each group is answered once, with its number
     /// and one reply per command, as `ForwardBatch` answers it; a group
-    /// that cannot be decoded ends the stream with the status a call would
-    /// get; a wrong secret opens none.
+    /// that cannot be decoded is answered "not written"; a wrong secret
+    /// opens no stream.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_forward_stream_answers_each_group_under_its_number() {
         let (node, _dir) = single_node("the-secret", "").await;
@@ -1002,62 +1053,38 @@ mod tests {
             )
         };
         let err = c
-            .forward_stream(stream_of("wrong", vec![(1, vec![put(1)])], 2))
+            .forward_stream(stream_of("wrong", vec![(1, 2, vec![put(1)])]))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
+        // Groups from node 2, among them one that cannot be read (a
+        // command of a later version, say): that one is answered "not
+        // written" (retried), and the stream goes on.
         let groups = vec![
-            (7, vec![put(2), envelope(3, Command::Tick)]),
-            (3, vec![put(4)]),
-            (11, vec![vec![0xff; 16]]),
+            (7, 2, vec![put(2), envelope(3, Command::Tick)]),
+            (11, 2, vec![vec![0xff; 16]]),
+            (3, 2, vec![put(4)]),
         ];
         let mut answers = c
-            .forward_stream(stream_of("the-secret", groups, 2))
+            .forward_stream(stream_of("the-secret", groups))
             .await
             .unwrap()
             .into_inner();
         let mut seen = std::collections::BTreeMap::new();
-        let status = loop {
-            match answers.message().await {
-                Ok(Some(reply)) => {
-                    assert!(
-                        seen.insert(reply.seq, reply.replies).is_none(),
-                        "answered twice"
-                    );
-                }
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(status) => break status,
-            }
-        };
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-        // The two valid groups may or may not be answered before the bad
-        // one ends the stream; each answered one is answered whole.
-        for (seq, replies) in &seen {
-            let kinds: Vec<ForwardError> = replies.iter().map(|r| r.error_kind()).collect();
-            match seq {
-                7 => assert_eq!(kinds, [ForwardError::None, ForwardError::Rejected]),
-                3 => assert_eq!(kinds, [ForwardError::None]),
-                other => panic!("answer to group {other}, which was never sent"),
-            }
-        }
-        // Without the bad group, both are answered.
-        let groups = vec![
-            (7, vec![put(2), envelope(3, Command::Tick)]),
-            (3, vec![put(4)]),
-        ];
-        let mut answers = c
-            .forward_stream(stream_of("the-secret", groups, 2))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut seqs = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             let reply = answers.message().await.unwrap().unwrap();
-            seqs.push((reply.seq, reply.replies.len()));
+            let kinds: Vec<ForwardError> = reply.replies.iter().map(|r| r.error_kind()).collect();
+            assert!(seen.insert(reply.seq, kinds).is_none(), "answered twice");
         }
-        seqs.sort_unstable();
-        assert_eq!(seqs, [(3, 1), (7, 2)]);
+        assert_eq!(
+            seen,
+            std::collections::BTreeMap::from([
+                (3, vec![ForwardError::None]),
+                (7, vec![ForwardError::None, ForwardError::Rejected]),
+                (11, vec![ForwardError::Unavailable]),
+            ])
+        );
         node.shutdown().await;
     }
 

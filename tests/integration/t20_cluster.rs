@@ -200,10 +200,19 @@ async fn a_follower_forwards_on_one_stream_and_opens_another_after_a_cut() {
         put(c.node(follower), &format!("one-by-one-{i}")).await;
     }
     let puts = (0..200).map(|i| put_item(c.node(follower), format!("together-{i}").into_bytes()));
-    let mut indexes = futures::future::join_all(puts).await;
-    indexes.sort_unstable();
-    indexes.dedup();
-    assert_eq!(indexes.len(), 200, "each put has its own index");
+    let indexes = futures::future::join_all(puts).await;
+    // Each put got the answer of its own write: the item at its index.
+    for (i, index) in indexes.iter().enumerate() {
+        let frames = c.node(leader).node.read(|s| {
+            s.queue(&svc_input()).unwrap().peek(&Selector {
+                from_index: Some(*index),
+                length: 1,
+                tags: Tags::new(),
+            })
+        });
+        assert_eq!(frames[0].index, *index);
+        assert_eq!(frames[0].data, Bytes::from(format!("together-{i}")));
+    }
     assert_eq!(
         node.forward_streams_opened(),
         1,

@@ -78,7 +78,7 @@ type Answer = oneshot::Sender<Result<Reply, ProposeError>>;
 pub(super) enum Route {
     /// Into this node's log (it leads).
     Log,
-    /// To the leader, in one forward call.
+    /// To the leader, as one group on its forward stream.
     Leader,
 }
 
@@ -290,8 +290,9 @@ async fn write_entry(node: &RaftNode, mut group: Vec<Waiting>) {
     }
 }
 
-/// Forward `group` to the leader in one call (a lone envelope, or a leader
-/// of an earlier version, one call each) and answer each proposer.
+/// Forward `group` to the leader as one group on the forward stream (to a
+/// leader of an earlier version: in one call, a lone envelope by itself)
+/// and answer each proposer.
 async fn forward_group(node: &RaftNode, group: Vec<Waiting>) {
     let leader = node.raft.metrics().borrow_watched().current_leader;
     let Some(leader) = leader.filter(|l| *l != node.id) else {
@@ -362,8 +363,13 @@ async fn forward_over_stream(
             None => encode(&w.envelope).into(),
         })
         .collect();
+    // (A lane's envelopes all release work, or none does.)
+    let lane = usize::from(group[0].envelope.command.releases_work());
     let started = Instant::now();
-    let replies = node.forward_streams.send(node, leader, commands).await;
+    let replies = node
+        .forward_streams
+        .send(node, lane, leader, commands)
+        .await;
     if !matches!(replies, Err(StreamError::Unsupported)) {
         Stage::Forward.record(started.elapsed());
     }
@@ -558,8 +564,12 @@ mod tests {
     }
 
     /// Forward `n` envelopes from `node` to `leader` as one group; their
-    /// replies.
-    async fn forward_envelopes(node: &RaftNode, leader: u64, n: u128) -> Vec<Reply> {
+    /// answers.
+    async fn forward_envelopes(
+        node: &RaftNode,
+        leader: u64,
+        n: u128,
+    ) -> Vec<Result<Reply, ProposeError>> {
         let mut answers = Vec::new();
         let group = (0..n)
             .map(|id| {
@@ -582,9 +592,52 @@ mod tests {
         forward_group_to(node, leader, group).await;
         let mut replies = Vec::new();
         for answered in answers {
-            replies.push(answered.await.unwrap().unwrap());
+            replies.push(answered.await.unwrap());
         }
         replies
+    }
+
+    async fn done_replies(node: &RaftNode, leader: u64, n: u128) -> Vec<Reply> {
+        forward_envelopes(node, leader, n)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// Node 1 of two, node 2 being at `peer_addr` (not started here), once
+    /// it knows node 2 as a member.
+    async fn node_beside(peer_addr: String) -> (Arc<RaftNode>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let own_addr = free_port();
+        let mut config = NodeConfig::for_tests(1, dir.path().to_path_buf(), 0, 0);
+        config.raft_listen = own_addr.parse().unwrap();
+        config.advertise_raft = own_addr.clone();
+        config.cluster_secret = "the-secret".into();
+        config.peers = vec![
+            Peer {
+                id: 1,
+                raft_addr: own_addr.clone(),
+                api_addr: "127.0.0.1:1".into(),
+            },
+            Peer {
+                id: 2,
+                raft_addr: peer_addr,
+                api_addr: "127.0.0.1:1".into(),
+            },
+        ];
+        let advertise = config.peers[0].clone();
+        let (node, _events) = RaftNode::start(Arc::new(config), advertise).await.unwrap();
+        // It formed the cluster: it knows node 2 once its first entry is in.
+        let mut metrics = node.raft.metrics();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            metrics.wait_until(|m| m.membership_config.membership().voter_ids().count() == 2),
+        )
+        .await
+        .expect("the membership is known")
+        .unwrap();
+        (node, dir)
     }
 
     /// During a rolling upgrade a node forwards to a leader of an earlier
@@ -601,39 +654,11 @@ mod tests {
                 .add_service(RaftServer::new(earlier.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let dir = tempfile::tempdir().unwrap();
-        let own_addr = free_port();
-        let mut config = NodeConfig::for_tests(1, dir.path().to_path_buf(), 0, 0);
-        config.raft_listen = own_addr.parse().unwrap();
-        config.advertise_raft = own_addr.clone();
-        config.cluster_secret = "the-secret".into();
-        config.peers = vec![
-            Peer {
-                id: 1,
-                raft_addr: own_addr.clone(),
-                api_addr: "127.0.0.1:1".into(),
-            },
-            Peer {
-                id: 2,
-                raft_addr: earlier_addr,
-                api_addr: "127.0.0.1:1".into(),
-            },
-        ];
-        let advertise = config.peers[0].clone();
-        let (node, _events) = RaftNode::start(Arc::new(config), advertise).await.unwrap();
-        // It formed the cluster: it knows node 2 once its first entry is in.
-        let mut metrics = node.raft.metrics();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            metrics.wait_until(|m| m.membership_config.membership().voter_ids().count() == 2),
-        )
-        .await
-        .expect("the membership is known")
-        .unwrap();
+        let (node, _dir) = node_beside(earlier_addr).await;
 
-        assert_eq!(forward_envelopes(&node, 2, 3).await, vec![Reply::Done; 3]);
-        assert_eq!(forward_envelopes(&node, 2, 1).await, vec![Reply::Done]);
-        assert_eq!(forward_envelopes(&node, 2, 2).await, vec![Reply::Done; 2]);
+        assert_eq!(done_replies(&node, 2, 3).await, vec![Reply::Done; 3]);
+        assert_eq!(done_replies(&node, 2, 1).await, vec![Reply::Done]);
+        assert_eq!(done_replies(&node, 2, 2).await, vec![Reply::Done; 2]);
         assert_eq!(
             earlier.streams.load(Ordering::Relaxed),
             1,
@@ -644,5 +669,44 @@ mod tests {
         assert_eq!(node.forward_streams_opened(), 0);
         node.shutdown().await;
         server.abort();
+    }
+
+    /// A leader that takes connections and never answers (hung, or out of
+    /// connection slots with the kernel still accepting): the groups
+    /// waiting to be forwarded to it fail together within the open's bound,
+    /// not one open after another, and the node still stops promptly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_for_a_leader_that_never_answers_fail_together() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let (node, _dir) = node_beside(silent_addr).await;
+        let started = Instant::now();
+        let groups = (0..8).map(|_| forward_envelopes(&node, 2, 1));
+        let answers: Vec<_> = futures::future::join_all(groups)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let took = started.elapsed();
+        assert_eq!(answers.len(), 8);
+        assert!(answers.iter().all(|a| a.is_err()), "{answers:?}");
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "8 groups for a silent leader failed after {took:?}"
+        );
+        let stopping = Instant::now();
+        node.shutdown().await;
+        assert!(
+            stopping.elapsed() < std::time::Duration::from_secs(2),
+            "shutdown took {:?}",
+            stopping.elapsed()
+        );
+        silent.abort();
     }
 }

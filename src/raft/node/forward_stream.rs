@@ -8,8 +8,14 @@
 //! 0.13 ms on an open bidirectional stream, and a forward is most of what a
 //! write through a follower adds.
 //!
-//! - One stream at a time, to the leader this node forwards to; a forward
-//!   to another leader closes it and opens one to that leader.
+//! - One stream per lane of the forwarder (commands that release a
+//!   consumer's work, and the rest), to the leader this node forwards to,
+//!   so a commit never queues behind a large put group on one HTTP/2
+//!   stream; a forward to another leader closes the lane's stream and opens
+//!   one to that leader.
+//! - Opening is bounded by [`OPEN_TIMEOUT`]; a failed open is remembered
+//!   for [`OPEN_RETRY`], so the groups that waited for it fail at once
+//!   instead of each trying again in turn.
 //! - Each group is one `ForwardBatchRequest` with a number of its own
 //!   (`seq`); the leader answers each with that number, in whatever order
 //!   they are written (it writes groups concurrently).
@@ -23,9 +29,10 @@
 //!   [`UNSUPPORTED_RECHECK`] (the leader may have been upgraded).
 //!
 //! Invariants:
-//! - A group is registered under its number before it is sent, and every
-//!   registered group gets exactly one answer: its replies, or (by the drop
-//!   of its sender when the stream closes or its wait ends) an error.
+//! - A group is queued to be sent and registered under its number under
+//!   one lock, so its answer always finds it; every registered group gets
+//!   exactly one answer: its replies, or (by the drop of its sender when
+//!   the stream closes or its wait ends) an error.
 //! - A closed stream takes no more groups: registering and closing happen
 //!   under one lock.
 
@@ -44,6 +51,13 @@ use crate::raft::pb::{ForwardBatchRequest, ForwardReply};
 /// How long a leader that does not know the stream is forwarded to with
 /// unary calls before the stream is tried again.
 const UNSUPPORTED_RECHECK: Duration = Duration::from_secs(60);
+/// How long opening a stream may take: a connection (at most 0.5 s), the
+/// HTTP/2 handshake and the leader's answer, each a round trip on a
+/// healthy link.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a failed open answers the groups that ask for the same leader
+/// before one tries again (about a proposal's pause between tries).
+const OPEN_RETRY: Duration = Duration::from_millis(200);
 
 /// Why a group did not go over a stream.
 pub(super) enum StreamError {
@@ -53,16 +67,36 @@ pub(super) enum StreamError {
     Failed(ProposeError),
 }
 
-/// This node's stream to the leader it forwards to.
+/// This node's streams to the leader it forwards to, one per lane.
 #[derive(Default)]
 pub(super) struct ForwardStreams {
-    current: tokio::sync::Mutex<Option<Link>>,
+    lanes: [tokio::sync::Mutex<Option<Link>>; 2],
     opened: AtomicU64,
 }
 
 enum Link {
     Open(Arc<Stream>),
-    Unsupported { leader: u64, since: Instant },
+    Unsupported {
+        leader: u64,
+        since: Instant,
+    },
+    /// The last open failed: groups for `leader` get `why` until `until`.
+    Failed {
+        leader: u64,
+        until: Instant,
+        why: ProposeError,
+    },
+}
+
+impl Drop for ForwardStreams {
+    /// As [`ForwardStreams::close`], for a node dropped without a shutdown.
+    fn drop(&mut self) {
+        for lane in &mut self.lanes {
+            if let Some(Link::Open(stream)) = lane.get_mut() {
+                stream.close();
+            }
+        }
+    }
 }
 
 /// One open stream.
@@ -140,22 +174,36 @@ impl ForwardStreams {
     /// Close the open stream, if any (the node stops): its groups are
     /// answered "outcome unknown", and the leader sees the stream end.
     pub(super) async fn close(&self) {
-        if let Some(Link::Open(stream)) = self.current.lock().await.take() {
-            stream.close();
+        for lane in &self.lanes {
+            if let Some(Link::Open(stream)) = lane.lock().await.take() {
+                stream.close();
+            }
         }
     }
 
-    /// Send `commands` to `leader` as one group and wait for their replies,
-    /// one per command, in order.
+    /// Send `commands` to `leader` as one group on `lane`'s stream (1:
+    /// commands that release a consumer's work) and wait for their
+    /// replies, one per command, in order.
     pub(super) async fn send(
         &self,
         node: &RaftNode,
+        lane: usize,
         leader: u64,
         commands: Vec<bytes::Bytes>,
     ) -> Result<Vec<ForwardReply>, StreamError> {
-        let stream = self.stream_to(node, leader).await?;
-        let Some((seq, answered)) = stream.send(commands, node.id) else {
-            // The stream closed before this group was sent: nothing went.
+        let lane = &self.lanes[lane];
+        let mut sent = None;
+        // A stream that closed just before the group went (it broke, or a
+        // group on it timed out) gets one successor.
+        for _ in 0..2 {
+            let stream = self.stream_to(node, lane, leader).await?;
+            if let Some((seq, answered)) = stream.send(commands.clone(), node.id) {
+                sent = Some((stream, seq, answered));
+                break;
+            }
+        }
+        let Some((stream, seq, answered)) = sent else {
+            // Nothing went.
             return Err(StreamError::Failed(ProposeError::Unavailable(format!(
                 "the forward stream to node {leader} closed"
             ))));
@@ -177,51 +225,94 @@ impl ForwardStreams {
         }
     }
 
-    /// The open stream to `leader`, opened now if there is none.
-    async fn stream_to(&self, node: &RaftNode, leader: u64) -> Result<Arc<Stream>, StreamError> {
-        let mut current = self.current.lock().await;
+    /// The open stream to `leader` on `lane`, opened now if there is none.
+    async fn stream_to(
+        &self,
+        node: &RaftNode,
+        lane: &tokio::sync::Mutex<Option<Link>>,
+        leader: u64,
+    ) -> Result<Arc<Stream>, StreamError> {
+        let mut current = lane.lock().await;
         // (Checked under the lock that `close` takes after the node is
         // marked stopping: no stream is opened after it closed the last.)
         if *node.stopping.borrow() {
-            return Err(StreamError::Failed(ProposeError::Unavailable(
+            return Err(StreamError::Failed(ProposeError::Fatal(
                 "this node is shutting down".into(),
             )));
         }
         match &*current {
-            Some(Link::Open(s)) if s.leader == leader && !s.is_closed() => return Ok(s.clone()),
+            // (A cut is also noticed by the stream's reader; this closes
+            // the moment before it does.)
+            Some(Link::Open(s))
+                if s.leader == leader && !s.is_closed() && !node.links.is_cut(leader) =>
+            {
+                return Ok(s.clone());
+            }
             Some(Link::Unsupported { leader: l, since })
                 if *l == leader && since.elapsed() < UNSUPPORTED_RECHECK =>
             {
                 return Err(StreamError::Unsupported);
             }
+            Some(Link::Failed {
+                leader: l,
+                until,
+                why,
+            }) if *l == leader && Instant::now() < *until => {
+                return Err(StreamError::Failed(why.clone()));
+            }
             Some(Link::Open(s)) => s.close(),
             _ => {}
         }
         *current = None;
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, leader)) => opened
+                .unwrap_or_else(|_| Err(StreamError::Failed(ProposeError::Unavailable(format!(
+                    "forward stream to node {leader}: no answer"
+                ))))),
+            () = node.stopped() => Err(StreamError::Failed(ProposeError::Fatal(
+                "this node is shutting down".into(),
+            ))),
+        };
+        match opened {
+            Ok(stream) => {
+                *current = Some(Link::Open(stream.clone()));
+                Ok(stream)
+            }
+            Err(StreamError::Unsupported) => {
+                *current = Some(Link::Unsupported {
+                    leader,
+                    since: Instant::now(),
+                });
+                Err(StreamError::Unsupported)
+            }
+            Err(StreamError::Failed(why)) => {
+                *current = Some(Link::Failed {
+                    leader,
+                    until: Instant::now() + OPEN_RETRY,
+                    why: why.clone(),
+                });
+                Err(StreamError::Failed(why))
+            }
+        }
+    }
+
+    /// Open a stream to `leader` and start reading its answers.
+    async fn open(&self, node: &RaftNode, leader: u64) -> Result<Arc<Stream>, StreamError> {
         let mut client = node.peer_client(leader).map_err(StreamError::Failed)?;
         let (requests, to_send) = mpsc::unbounded_channel();
         // A cut ends the stream, as a broken connection would.
         let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(to_send)
             .take_until(node.links.until_cut(leader));
         let call = client.forward_stream(authorized(&node.secret, outgoing, None));
-        let answers = match tokio::time::timeout(PROPOSE_DEADLINE, call).await {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-                *current = Some(Link::Unsupported {
-                    leader,
-                    since: Instant::now(),
-                });
+        let answers = match call.await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
                 return Err(StreamError::Unsupported);
             }
-            Ok(Err(status)) => {
+            Err(status) => {
                 return Err(StreamError::Failed(ProposeError::Unavailable(format!(
                     "forward stream to node {leader}: {}",
                     status.message()
-                ))));
-            }
-            Err(_) => {
-                return Err(StreamError::Failed(ProposeError::Unavailable(format!(
-                    "forward stream to node {leader}: no answer"
                 ))));
             }
         };
@@ -240,7 +331,6 @@ impl ForwardStreams {
             answers,
             node.links.until_cut(leader),
         ));
-        *current = Some(Link::Open(stream.clone()));
         Ok(stream)
     }
 }

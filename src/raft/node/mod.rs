@@ -190,9 +190,9 @@ pub struct RaftNode {
     /// log entries.
     coalescer: Lanes,
     /// Gathers data-plane envelopes proposed here while another node leads
-    /// into shared forward calls.
+    /// into groups forwarded together.
     forwarder: Lanes,
-    /// The stream the forwarder's groups travel on to the leader.
+    /// The streams the forwarder's groups travel on to the leader.
     forward_streams: forward_stream::ForwardStreams,
 }
 
