@@ -452,8 +452,9 @@ impl RaftService for PeerService {
 
     /// `ForwardBatch` over one stream: each group is written as it arrives,
     /// beside the others, and answered with its `seq` when it is done. A
-    /// group that cannot be read or whose sender the connection's
-    /// certificate does not vouch for ends the stream with that status.
+    /// group that cannot be read is answered "not written"; one whose
+    /// sender the connection's certificate does not vouch for ends the
+    /// stream, refused.
     async fn forward_stream(
         &self,
         req: Request<Streaming<ForwardBatchRequest>>,
@@ -484,7 +485,8 @@ impl RaftService for PeerService {
                     (Ok(slot), Ok(Some(req))) => (slot, req),
                     (_, Ok(None)) | (Err(_), _) => return,
                     (_, Err(status)) => {
-                        let _ = replies.send(Err(status)).await;
+                        let _ =
+                            tokio::time::timeout(PROPOSE_DEADLINE, replies.send(Err(status))).await;
                         return;
                     }
                 };
@@ -495,7 +497,7 @@ impl RaftService for PeerService {
                 if service.node.uses_peer_tls()
                     && let Err(status) = service.check_sender(req.from, cert)
                 {
-                    let _ = replies.send(Err(status)).await;
+                    let _ = tokio::time::timeout(PROPOSE_DEADLINE, replies.send(Err(status))).await;
                     return;
                 }
                 let ForwardBatchRequest {
@@ -1073,7 +1075,11 @@ mod tests {
             .into_inner();
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..3 {
-            let reply = answers.message().await.unwrap().unwrap();
+            let reply = tokio::time::timeout(std::time::Duration::from_secs(10), answers.message())
+                .await
+                .expect("every group is answered")
+                .unwrap()
+                .unwrap();
             let kinds: Vec<ForwardError> = reply.replies.iter().map(|r| r.error_kind()).collect();
             assert!(seen.insert(reply.seq, kinds).is_none(), "answered twice");
         }

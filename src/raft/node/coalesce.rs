@@ -672,20 +672,32 @@ mod tests {
     }
 
     /// A leader that takes connections and never answers (hung, or out of
-    /// connection slots with the kernel still accepting): the groups
-    /// waiting to be forwarded to it fail together within the open's bound,
-    /// not one open after another, and the node still stops promptly.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn groups_for_a_leader_that_never_answers_fail_together() {
+    /// connection slots with the kernel still accepting), at the address it
+    /// returns; each connection it takes is announced on the receiver.
+    async fn silent_leader() -> (
+        String,
+        mpsc::UnboundedReceiver<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let silent_addr = listener.local_addr().unwrap().to_string();
-        let silent = tokio::spawn(async move {
+        let addr = listener.local_addr().unwrap().to_string();
+        let (taken, connections) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((socket, _)) = listener.accept().await {
                 held.push(socket);
+                let _ = taken.send(());
             }
         });
-        let (node, _dir) = node_beside(silent_addr).await;
+        (addr, connections, task)
+    }
+
+    /// The groups waiting to be forwarded to a silent leader fail together
+    /// within the open's bound, not one open after another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_for_a_leader_that_never_answers_fail_together() {
+        let (addr, _connections, silent) = silent_leader().await;
+        let (node, _dir) = node_beside(addr).await;
         let started = Instant::now();
         let groups = (0..8).map(|_| forward_envelopes(&node, 2, 1));
         let answers: Vec<_> = futures::future::join_all(groups)
@@ -700,13 +712,33 @@ mod tests {
             took < std::time::Duration::from_secs(3),
             "8 groups for a silent leader failed after {took:?}"
         );
+        node.shutdown().await;
+        silent.abort();
+    }
+
+    /// A node stopping while it opens a stream to a silent leader does not
+    /// wait for the open's bound: the open gives up, its group is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_stops_at_once_while_it_opens_a_forward_stream() {
+        let (addr, mut connections, silent) = silent_leader().await;
+        let (node, _dir) = node_beside(addr).await;
+        let forwarding = {
+            let node = node.clone();
+            tokio::spawn(async move { forward_envelopes(&node, 2, 1).await })
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), connections.recv())
+            .await
+            .expect("the node connects to the leader");
         let stopping = Instant::now();
         node.shutdown().await;
+        let took = stopping.elapsed();
+        println!("shutdown took {took:?}");
         assert!(
-            stopping.elapsed() < std::time::Duration::from_secs(2),
-            "shutdown took {:?}",
-            stopping.elapsed()
+            took < std::time::Duration::from_millis(700),
+            "shutdown during an open took {took:?}"
         );
+        let answers = forwarding.await.unwrap();
+        assert!(matches!(answers[..], [Err(_)]), "{answers:?}");
         silent.abort();
     }
 }

@@ -13,14 +13,15 @@
 //!   so a commit never queues behind a large put group on one HTTP/2
 //!   stream; a forward to another leader closes the lane's stream and opens
 //!   one to that leader.
-//! - Opening is bounded by [`OPEN_TIMEOUT`]; a failed open is remembered
-//!   for [`OPEN_RETRY`], so the groups that waited for it fail at once
-//!   instead of each trying again in turn.
+//! - Opening is bounded by [`OPEN_TIMEOUT`]; an open that timed out is
+//!   remembered for [`OPEN_RETRY`], so the groups that waited for it fail at
+//!   once instead of each waiting out the bound again in turn (an open that
+//!   fails at once, say a refused connection, is not: the next may work).
 //! - Each group is one `ForwardBatchRequest` with a number of its own
 //!   (`seq`); the leader answers each with that number, in whatever order
 //!   they are written (it writes groups concurrently).
 //! - A stream that breaks, is cut (partition tests), or leaves a group
-//!   unanswered past [`PROPOSE_DEADLINE`] is closed: every group waiting on
+//!   unanswered past [`PROPOSE_DEADLINE`] (and [`ANSWER_MARGIN`]) is closed: every group waiting on
 //!   it is answered "outcome unknown", and its proposer tries the same
 //!   envelope again (the state machine applies an envelope once). The next
 //!   forward opens a new stream.
@@ -55,9 +56,13 @@ const UNSUPPORTED_RECHECK: Duration = Duration::from_secs(60);
 /// HTTP/2 handshake and the leader's answer, each a round trip on a
 /// healthy link.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a failed open answers the groups that ask for the same leader
-/// before one tries again (about a proposal's pause between tries).
+/// How long an open that timed out answers the groups that ask for the
+/// same leader before one tries again (about a proposal's pause between
+/// tries).
 const OPEN_RETRY: Duration = Duration::from_millis(200);
+/// How much longer than the propose deadline a group's answer is waited
+/// for.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 /// Why a group did not go over a stream.
 pub(super) enum StreamError {
@@ -80,7 +85,8 @@ enum Link {
         leader: u64,
         since: Instant,
     },
-    /// The last open failed: groups for `leader` get `why` until `until`.
+    /// The last open timed out: groups for `leader` get `why` until
+    /// `until`.
     Failed {
         leader: u64,
         until: Instant,
@@ -140,13 +146,16 @@ impl Stream {
         let seq = state.next_seq;
         let requests = state.requests.as_ref()?;
         let (answer, answered) = oneshot::channel();
-        requests
-            .send(ForwardBatchRequest {
-                commands,
-                from,
-                seq,
-            })
-            .ok()?;
+        let queued = requests.send(ForwardBatchRequest {
+            commands,
+            from,
+            seq,
+        });
+        if queued.is_err() {
+            // The stream's request side is gone: take no more groups.
+            state.requests = None;
+            return None;
+        }
         state.next_seq += 1;
         state.waiting.insert(seq, answer);
         Some((seq, answered))
@@ -208,7 +217,11 @@ impl ForwardStreams {
                 "the forward stream to node {leader} closed"
             ))));
         };
-        match tokio::time::timeout(PROPOSE_DEADLINE, answered).await {
+        // The leader answers a group it could not write within the
+        // deadline (counted from when it read the group) itself; this waits
+        // a moment longer, so that a slow group does not close the stream
+        // on the others.
+        match tokio::time::timeout(PROPOSE_DEADLINE + ANSWER_MARGIN, answered).await {
             Ok(Ok(replies)) => Ok(replies),
             Ok(Err(_)) => Err(StreamError::Failed(ProposeError::Unavailable(format!(
                 "the forward stream to node {leader} broke; outcome unknown"
@@ -225,7 +238,7 @@ impl ForwardStreams {
         }
     }
 
-    /// The open stream to `leader` on `lane`, opened now if there is none.
+    /// The lane's open stream to `leader`, opened now if there is none.
     async fn stream_to(
         &self,
         node: &RaftNode,
@@ -265,13 +278,24 @@ impl ForwardStreams {
         }
         *current = None;
         let opened = tokio::select! {
-            opened = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, leader)) => opened
-                .unwrap_or_else(|_| Err(StreamError::Failed(ProposeError::Unavailable(format!(
-                    "forward stream to node {leader}: no answer"
-                ))))),
-            () = node.stopped() => Err(StreamError::Failed(ProposeError::Fatal(
+            opened = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, leader)) => opened,
+            () = node.stopped() => Ok(Err(StreamError::Failed(ProposeError::Fatal(
                 "this node is shutting down".into(),
-            ))),
+            )))),
+        };
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(_) => {
+                let why = ProposeError::Unavailable(format!(
+                    "forward stream to node {leader}: no answer in {OPEN_TIMEOUT:?}"
+                ));
+                *current = Some(Link::Failed {
+                    leader,
+                    until: Instant::now() + OPEN_RETRY,
+                    why: why.clone(),
+                });
+                return Err(StreamError::Failed(why));
+            }
         };
         match opened {
             Ok(stream) => {
@@ -285,14 +309,7 @@ impl ForwardStreams {
                 });
                 Err(StreamError::Unsupported)
             }
-            Err(StreamError::Failed(why)) => {
-                *current = Some(Link::Failed {
-                    leader,
-                    until: Instant::now() + OPEN_RETRY,
-                    why: why.clone(),
-                });
-                Err(StreamError::Failed(why))
-            }
+            Err(e @ StreamError::Failed(_)) => Err(e),
         }
     }
 

@@ -206,8 +206,9 @@ impl RaftNode {
         self.proposal_retries.load(Ordering::Relaxed)
     }
 
-    /// How many forward streams this node has opened (one per leader it
-    /// forwarded to, and one more after each that broke).
+    /// How many forward streams this node has opened (one per lane, commands
+    /// that release work and the rest, and leader it forwarded to, and one
+    /// more after each that broke).
     pub fn forward_streams_opened(&self) -> u64 {
         self.forward_streams.opened()
     }
