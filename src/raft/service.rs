@@ -705,6 +705,15 @@ mod tests {
     }
 
     /// Start a Raft member (no HTTP API: peers see `127.0.0.1:1` for it).
+    /// Wait until `node`, alone, leads.
+    async fn until_it_leads(node: &RaftNode) {
+        node.raft
+            .wait(Some(std::time::Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "single node leads")
+            .await
+            .unwrap();
+    }
+
     async fn start_node(config: NodeConfig) -> Arc<RaftNode> {
         let advertise = Peer {
             id: config.id,
@@ -818,11 +827,7 @@ mod tests {
         }
         // With the proof the admin command reaches the state machine (which
         // answers that there is no such service).
-        node.raft
-            .wait(Some(std::time::Duration::from_secs(10)))
-            .state(openraft::ServerState::Leader, "single node leads")
-            .await
-            .unwrap();
+        until_it_leads(&node).await;
         let r = c
             .forward(forward_request(
                 "the-secret",
@@ -843,11 +848,7 @@ mod tests {
     async fn a_node_without_an_admin_token_takes_no_forwarded_admin_command() {
         let (node, _dir) = single_node("the-secret", "").await;
         let mut c = client(&node).await;
-        node.raft
-            .wait(Some(std::time::Duration::from_secs(10)))
-            .state(openraft::ServerState::Leader, "single node leads")
-            .await
-            .unwrap();
+        until_it_leads(&node).await;
         let delete = encode(&Envelope {
             id: 10,
             now_ms: 1,
@@ -1026,11 +1027,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_forward_stream_answers_each_group_under_its_number() {
         let (node, _dir) = single_node("the-secret", "").await;
-        node.raft
-            .wait(Some(std::time::Duration::from_secs(10)))
-            .state(openraft::ServerState::Leader, "single node leads")
-            .await
-            .unwrap();
+        until_it_leads(&node).await;
         let mut c = client(&node).await;
         let envelope = |id: u128, command: Command| {
             encode(&Envelope {
@@ -1179,11 +1176,7 @@ mod tests {
     async fn oversized_messages_are_refused_by_method_before_they_arrive() {
         use prost::Message as _;
         let (node, _dir) = single_node("the-secret", "").await;
-        node.raft
-            .wait(Some(std::time::Duration::from_secs(10)))
-            .state(openraft::ServerState::Leader, "single node leads")
-            .await
-            .unwrap();
+        until_it_leads(&node).await;
         let over = |limit: usize| (limit + 1) as u32;
         for (method, declared) in [
             ("Vote", 16 << 20),

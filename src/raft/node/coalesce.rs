@@ -50,7 +50,7 @@ use std::time::Instant;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::forward_stream::StreamError;
+use super::forward_stream::NotForwarded;
 use super::{ProposeError, RaftNode};
 use crate::latency::Stage;
 use crate::queue::{Command, Envelope, Reply};
@@ -309,36 +309,15 @@ async fn forward_group(node: &RaftNode, group: Vec<Waiting>) {
 /// Forward `group` to `leader`: on the forward stream, or to a leader
 /// without it in one `ForwardBatch` call (or a call each).
 async fn forward_group_to(node: &RaftNode, leader: u64, mut group: Vec<Waiting>) {
-    match forward_over_stream(node, leader, &mut group).await {
-        Ok(replies) => {
-            for (w, reply) in group.into_iter().zip(replies) {
-                let _ = w.answer.send(reply);
-            }
-            return;
-        }
-        Err(StreamError::Failed(e)) => {
-            for w in group {
-                let _ = w.answer.send(Err(e.clone()));
-            }
-            return;
-        }
-        Err(StreamError::Unsupported) => {}
-    }
+    let sent = forward_over_stream(node, leader, &mut group).await;
+    let Some(mut group) = answer_unless_unsupported(group, sent) else {
+        return;
+    };
     if group.len() > 1 {
-        match forward_batch(node, leader, &mut group).await {
-            Ok(replies) => {
-                for (w, reply) in group.into_iter().zip(replies) {
-                    let _ = w.answer.send(reply);
-                }
-                return;
-            }
-            Err(ForwardBatchError::Failed(e)) => {
-                for w in group {
-                    let _ = w.answer.send(Err(e.clone()));
-                }
-                return;
-            }
-            Err(ForwardBatchError::Unsupported) => {}
+        let sent = forward_batch(node, leader, &mut group).await;
+        match answer_unless_unsupported(group, sent) {
+            Some(unsent) => group = unsent,
+            None => return,
         }
     }
     let forwards = group.into_iter().map(|w| async move {
@@ -350,35 +329,51 @@ async fn forward_group_to(node: &RaftNode, leader: u64, mut group: Vec<Waiting>)
     futures::future::join_all(forwards).await;
 }
 
-/// Send `group` to the leader on this node's forward stream.
-async fn forward_over_stream(
-    node: &RaftNode,
-    leader: u64,
-    group: &mut [Waiting],
-) -> Result<Vec<Result<Reply, ProposeError>>, StreamError> {
-    let commands = group
+/// Answer each proposer of `group` from what one route made of it; the
+/// group back, unanswered, if the leader does not know the route.
+fn answer_unless_unsupported(
+    group: Vec<Waiting>,
+    sent: Result<Vec<Result<Reply, ProposeError>>, NotForwarded>,
+) -> Option<Vec<Waiting>> {
+    match sent {
+        Ok(replies) => {
+            for (w, reply) in group.into_iter().zip(replies) {
+                let _ = w.answer.send(reply);
+            }
+            None
+        }
+        Err(NotForwarded::Failed(e)) => {
+            for w in group {
+                let _ = w.answer.send(Err(e.clone()));
+            }
+            None
+        }
+        Err(NotForwarded::Unsupported) => Some(group),
+    }
+}
+
+/// The group's envelopes as they travel (each encoded once).
+fn encoded_commands(group: &mut [Waiting]) -> Vec<bytes::Bytes> {
+    group
         .iter_mut()
         .map(|w| match w.encoded.take() {
             Some(bytes) => bytes.into(),
             None => encode(&w.envelope).into(),
         })
-        .collect();
-    // (A lane's envelopes all release work, or none does.)
-    let lane = usize::from(group[0].envelope.command.releases_work());
-    let started = Instant::now();
-    let replies = node
-        .forward_streams
-        .send(node, lane, leader, commands)
-        .await;
-    if !matches!(replies, Err(StreamError::Unsupported)) {
-        Stage::Forward.record(started.elapsed());
-    }
-    let replies = replies?;
-    if replies.len() != group.len() {
-        return Err(StreamError::Failed(ProposeError::Unavailable(format!(
-            "node {leader} answered {} of {} forwarded commands",
+        .collect()
+}
+
+/// What `leader`'s replies to a group of `sent` commands mean to their
+/// proposers: one reply per command, or none of them.
+fn replies_to_group(
+    leader: u64,
+    sent: usize,
+    replies: Vec<ForwardReply>,
+) -> Result<Vec<Result<Reply, ProposeError>>, NotForwarded> {
+    if replies.len() != sent {
+        return Err(NotForwarded::Failed(ProposeError::Unavailable(format!(
+            "node {leader} answered {} of {sent} forwarded commands",
             replies.len(),
-            group.len()
         ))));
     }
     Ok(replies
@@ -387,30 +382,37 @@ async fn forward_over_stream(
         .collect())
 }
 
-enum ForwardBatchError {
-    /// The leader runs a version without `ForwardBatch`.
-    Unsupported,
-    Failed(ProposeError),
+/// Send `group` to the leader on this node's forward stream.
+async fn forward_over_stream(
+    node: &RaftNode,
+    leader: u64,
+    group: &mut [Waiting],
+) -> Result<Vec<Result<Reply, ProposeError>>, NotForwarded> {
+    let commands = encoded_commands(group);
+    // (A lane's envelopes all release work, or none does.)
+    let lane = usize::from(group[0].envelope.command.releases_work());
+    let started = Instant::now();
+    let replies = node
+        .forward_streams
+        .send(node, lane, leader, commands)
+        .await;
+    if !matches!(replies, Err(NotForwarded::Unsupported)) {
+        Stage::Forward.record(started.elapsed());
+    }
+    replies_to_group(leader, group.len(), replies?)
 }
 
+/// Send `group` to the leader in one `ForwardBatch` call.
 async fn forward_batch(
     node: &RaftNode,
     leader: u64,
     group: &mut [Waiting],
-) -> Result<Vec<Result<Reply, ProposeError>>, ForwardBatchError> {
-    let mut client = node
-        .peer_client(leader)
-        .map_err(ForwardBatchError::Failed)?;
+) -> Result<Vec<Result<Reply, ProposeError>>, NotForwarded> {
+    let mut client = node.peer_client(leader).map_err(NotForwarded::Failed)?;
     let req = crate::raft::network::authorized(
         &node.secret,
         ForwardBatchRequest {
-            commands: group
-                .iter_mut()
-                .map(|w| match w.encoded.take() {
-                    Some(bytes) => bytes.into(),
-                    None => encode(&w.envelope).into(),
-                })
-                .collect(),
+            commands: encoded_commands(group),
             from: node.id,
             seq: 0,
         },
@@ -422,27 +424,16 @@ async fn forward_batch(
     let replies = match answer {
         Ok(r) => r.into_inner().replies,
         Err(s) if s.code() == tonic::Code::Unimplemented => {
-            return Err(ForwardBatchError::Unsupported);
+            return Err(NotForwarded::Unsupported);
         }
         Err(s) => {
-            return Err(ForwardBatchError::Failed(ProposeError::Unavailable(
-                format!("forward to node {leader}: {}", s.message()),
-            )));
+            return Err(NotForwarded::Failed(ProposeError::Unavailable(format!(
+                "forward to node {leader}: {}",
+                s.message()
+            ))));
         }
     };
-    if replies.len() != group.len() {
-        return Err(ForwardBatchError::Failed(ProposeError::Unavailable(
-            format!(
-                "node {leader} answered {} of {} forwarded commands",
-                replies.len(),
-                group.len()
-            ),
-        )));
-    }
-    Ok(replies
-        .into_iter()
-        .map(|r| forward_reply(leader, r))
-        .collect())
+    replies_to_group(leader, group.len(), replies)
 }
 
 /// What one forwarded command's answer means to its proposer.

@@ -64,9 +64,10 @@ const OPEN_RETRY: Duration = Duration::from_millis(200);
 /// for.
 const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
-/// Why a group did not go over a stream.
-pub(super) enum StreamError {
-    /// The leader runs a version without `ForwardStream`: use unary calls.
+/// Why a group was not forwarded by one route (the stream, or a
+/// `ForwardBatch` call).
+pub(super) enum NotForwarded {
+    /// The leader runs a version without the route's method: try the next.
     Unsupported,
     /// Not sent, or sent with no answer (outcome unknown).
     Failed(ProposeError),
@@ -141,7 +142,7 @@ impl Stream {
         &self,
         commands: Vec<bytes::Bytes>,
         from: u64,
-    ) -> Option<(u64, oneshot::Receiver<Vec<ForwardReply>>)> {
+    ) -> Option<oneshot::Receiver<Vec<ForwardReply>>> {
         let mut state = self.state.lock().unwrap();
         let seq = state.next_seq;
         let requests = state.requests.as_ref()?;
@@ -158,11 +159,7 @@ impl Stream {
         }
         state.next_seq += 1;
         state.waiting.insert(seq, answer);
-        Some((seq, answered))
-    }
-
-    fn forget(&self, seq: u64) {
-        self.state.lock().unwrap().waiting.remove(&seq);
+        Some(answered)
     }
 
     fn answer(&self, seq: u64, replies: Vec<ForwardReply>) {
@@ -199,21 +196,21 @@ impl ForwardStreams {
         lane: usize,
         leader: u64,
         commands: Vec<bytes::Bytes>,
-    ) -> Result<Vec<ForwardReply>, StreamError> {
+    ) -> Result<Vec<ForwardReply>, NotForwarded> {
         let lane = &self.lanes[lane];
         let mut sent = None;
         // A stream that closed just before the group went (it broke, or a
         // group on it timed out) gets one successor.
         for _ in 0..2 {
             let stream = self.stream_to(node, lane, leader).await?;
-            if let Some((seq, answered)) = stream.send(commands.clone(), node.id) {
-                sent = Some((stream, seq, answered));
+            if let Some(answered) = stream.send(commands.clone(), node.id) {
+                sent = Some((stream, answered));
                 break;
             }
         }
-        let Some((stream, seq, answered)) = sent else {
+        let Some((stream, answered)) = sent else {
             // Nothing went.
-            return Err(StreamError::Failed(ProposeError::Unavailable(format!(
+            return Err(NotForwarded::Failed(ProposeError::Unavailable(format!(
                 "the forward stream to node {leader} closed"
             ))));
         };
@@ -223,15 +220,15 @@ impl ForwardStreams {
         // on the others.
         match tokio::time::timeout(PROPOSE_DEADLINE + ANSWER_MARGIN, answered).await {
             Ok(Ok(replies)) => Ok(replies),
-            Ok(Err(_)) => Err(StreamError::Failed(ProposeError::Unavailable(format!(
+            Ok(Err(_)) => Err(NotForwarded::Failed(ProposeError::Unavailable(format!(
                 "the forward stream to node {leader} broke; outcome unknown"
             )))),
             Err(_) => {
                 // A leader that keeps a group this long may keep the
-                // others too: start over on a new stream.
-                stream.forget(seq);
+                // others too: start over on a new stream (closing it drops
+                // this group's registration with the others').
                 stream.close();
-                Err(StreamError::Failed(ProposeError::Unavailable(format!(
+                Err(NotForwarded::Failed(ProposeError::Unavailable(format!(
                     "node {leader} did not answer a forward in time; outcome unknown"
                 ))))
             }
@@ -244,12 +241,12 @@ impl ForwardStreams {
         node: &RaftNode,
         lane: &tokio::sync::Mutex<Option<Link>>,
         leader: u64,
-    ) -> Result<Arc<Stream>, StreamError> {
+    ) -> Result<Arc<Stream>, NotForwarded> {
         let mut current = lane.lock().await;
         // (Checked under the lock that `close` takes after the node is
         // marked stopping: no stream is opened after it closed the last.)
         if *node.stopping.borrow() {
-            return Err(StreamError::Failed(ProposeError::Fatal(
+            return Err(NotForwarded::Failed(ProposeError::Fatal(
                 "this node is shutting down".into(),
             )));
         }
@@ -264,14 +261,14 @@ impl ForwardStreams {
             Some(Link::Unsupported { leader: l, since })
                 if *l == leader && since.elapsed() < UNSUPPORTED_RECHECK =>
             {
-                return Err(StreamError::Unsupported);
+                return Err(NotForwarded::Unsupported);
             }
             Some(Link::Failed {
                 leader: l,
                 until,
                 why,
             }) if *l == leader && Instant::now() < *until => {
-                return Err(StreamError::Failed(why.clone()));
+                return Err(NotForwarded::Failed(why.clone()));
             }
             Some(Link::Open(s)) => s.close(),
             _ => {}
@@ -279,7 +276,7 @@ impl ForwardStreams {
         *current = None;
         let opened = tokio::select! {
             opened = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, leader)) => opened,
-            () = node.stopped() => Ok(Err(StreamError::Failed(ProposeError::Fatal(
+            () = node.stopped() => Ok(Err(NotForwarded::Failed(ProposeError::Fatal(
                 "this node is shutting down".into(),
             )))),
         };
@@ -294,7 +291,7 @@ impl ForwardStreams {
                     until: Instant::now() + OPEN_RETRY,
                     why: why.clone(),
                 });
-                return Err(StreamError::Failed(why));
+                return Err(NotForwarded::Failed(why));
             }
         };
         match opened {
@@ -302,20 +299,20 @@ impl ForwardStreams {
                 *current = Some(Link::Open(stream.clone()));
                 Ok(stream)
             }
-            Err(StreamError::Unsupported) => {
+            Err(NotForwarded::Unsupported) => {
                 *current = Some(Link::Unsupported {
                     leader,
                     since: Instant::now(),
                 });
-                Err(StreamError::Unsupported)
+                Err(NotForwarded::Unsupported)
             }
-            Err(e @ StreamError::Failed(_)) => Err(e),
+            Err(e @ NotForwarded::Failed(_)) => Err(e),
         }
     }
 
     /// Open a stream to `leader` and start reading its answers.
-    async fn open(&self, node: &RaftNode, leader: u64) -> Result<Arc<Stream>, StreamError> {
-        let mut client = node.peer_client(leader).map_err(StreamError::Failed)?;
+    async fn open(&self, node: &RaftNode, leader: u64) -> Result<Arc<Stream>, NotForwarded> {
+        let mut client = node.peer_client(leader).map_err(NotForwarded::Failed)?;
         let (requests, to_send) = mpsc::unbounded_channel();
         // A cut ends the stream, as a broken connection would.
         let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(to_send)
@@ -324,10 +321,10 @@ impl ForwardStreams {
         let answers = match call.await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
-                return Err(StreamError::Unsupported);
+                return Err(NotForwarded::Unsupported);
             }
             Err(status) => {
-                return Err(StreamError::Failed(ProposeError::Unavailable(format!(
+                return Err(NotForwarded::Failed(ProposeError::Unavailable(format!(
                     "forward stream to node {leader}: {}",
                     status.message()
                 ))));
