@@ -412,8 +412,12 @@ pub(super) async fn call_node(
     path: &str,
     auth: header::HeaderValue,
     body: Option<String>,
-) -> Result<(StatusCode, String), String> {
+) -> Result<(StatusCode, String), NodeCallError> {
     use http_body_util::BodyExt as _;
+    let not_sent = |message: String| NodeCallError {
+        message,
+        sent: false,
+    };
     let connect = async {
         let tcp = tokio::net::TcpStream::connect(api)
             .await
@@ -431,11 +435,13 @@ pub(super) async fn call_node(
     };
     let io = tokio::time::timeout(LEADER_CONNECT_TIMEOUT, connect)
         .await
-        .map_err(|_| format!("no connection within {LEADER_CONNECT_TIMEOUT:?}"))??;
+        .map_err(|_| format!("no connection within {LEADER_CONNECT_TIMEOUT:?}"))
+        .and_then(|connected| connected)
+        .map_err(not_sent)?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
-            .map_err(|e| format!("HTTP: {e}"))?;
+            .map_err(|e| not_sent(format!("HTTP: {e}")))?;
     let connection = tokio::spawn(conn);
     let mut request = axum::http::Request::builder()
         .method(method)
@@ -449,7 +455,7 @@ pub(super) async fn call_node(
         .body(http_body_util::Full::new(bytes::Bytes::from(
             body.unwrap_or_default(),
         )))
-        .map_err(|e| format!("request: {e}"))?;
+        .map_err(|e| not_sent(format!("request: {e}")))?;
     let result = async {
         let response = sender
             .send_request(request)
@@ -463,51 +469,98 @@ pub(super) async fn call_node(
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
-    .await;
+    .await
+    .map_err(|message| NodeCallError {
+        message,
+        sent: true,
+    });
     connection.abort();
     result
+}
+
+/// Why a call to another member failed, and whether the request may have
+/// reached it (then it may have acted on it).
+#[derive(Debug)]
+pub(super) struct NodeCallError {
+    pub message: String,
+    pub sent: bool,
+}
+
+impl std::fmt::Display for NodeCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// A connection to the leader's client port, plain or TLS.
 trait LeaderIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> LeaderIo for T {}
 
+/// How long a membership change may look for a leader: through an
+/// election, or past a leader that died since this node last heard of it.
+const LEADER_SEARCH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a membership change waits for another leader before it asks
+/// the one it knows again (its client port may have refused a connection
+/// for a moment only).
+const LEADER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Membership changes run on the leader; other nodes pass the request on.
+/// A node that knows no leader (an election is under way, or the cluster
+/// just started) waits for one, and a leader that cannot be reached before
+/// anything is sent to it is looked for again, both within
+/// [`LEADER_SEARCH`]: an operator removing a member that just died asks a
+/// follower that may still name the dead one as leader.
 async fn on_leader<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
     method: Method,
     path: String,
     body: Option<serde_json::Value>,
-    local: F,
+    mut local: F,
 ) -> Result<Response, ApiError>
 where
-    F: FnOnce() -> Fut,
+    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), crate::raft::ProposeError>>,
 {
-    match local().await {
-        Ok(()) => Ok("OK".into_response()),
-        Err(crate::raft::ProposeError::NotLeader { leader: Some(l) }) if l != state.node.id => {
-            let api = state.node.member_api_addr(l).ok_or_else(|| {
-                ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
-            })?;
-            let auth = headers
-                .get(header::AUTHORIZATION)
-                .cloned()
-                .unwrap_or_else(|| header::HeaderValue::from_static(""));
-            let (status, text) = call_node(
-                &api,
-                state.config.client_tls.as_ref(),
-                method,
-                &path,
-                auth,
-                body.map(|b| b.to_string()),
-            )
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("leader {l} at {api}: {e}")))?;
-            Ok((status, text).into_response())
-        }
-        Err(e) => Err(e.into()),
+    let started = tokio::time::Instant::now();
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .cloned()
+        .unwrap_or_else(|| header::HeaderValue::from_static(""));
+    let body = body.map(|b| b.to_string());
+    loop {
+        let left = LEADER_SEARCH.saturating_sub(started.elapsed());
+        let stale = match local().await {
+            Ok(()) => return Ok("OK".into_response()),
+            Err(crate::raft::ProposeError::NotLeader { leader: Some(l) }) if l != state.node.id => {
+                let api = state.node.member_api_addr(l).ok_or_else(|| {
+                    ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
+                })?;
+                match call_node(
+                    &api,
+                    state.config.client_tls.as_ref(),
+                    method.clone(),
+                    &path,
+                    auth.clone(),
+                    body.clone(),
+                )
+                .await
+                {
+                    Ok((status, text)) => return Ok((status, text).into_response()),
+                    Err(e) if e.sent || left.is_zero() => {
+                        return Err(ApiError::Unavailable(format!("leader {l} at {api}: {e}")));
+                    }
+                    Err(_) => Some(l),
+                }
+            }
+            Err(crate::raft::ProposeError::NotLeader { leader }) if !left.is_zero() => leader,
+            Err(e) => return Err(e.into()),
+        };
+        state
+            .node
+            .await_leader_other_than(stale, left.min(LEADER_RECHECK))
+            .await;
     }
 }
 
@@ -544,7 +597,11 @@ async fn add_member(
         Method::POST,
         "/admin/cluster/members".into(),
         Some(json),
-        || async move { node.add_member(req.id, req.raft_addr, req.api_addr).await },
+        || {
+            let (node, raft_addr, api_addr) =
+                (node.clone(), req.raft_addr.clone(), req.api_addr.clone());
+            async move { node.add_member(req.id, raft_addr, api_addr).await }
+        },
     )
     .await
 }
@@ -563,7 +620,10 @@ async fn remove_member(
         Method::DELETE,
         format!("/admin/cluster/members/{id}"),
         None,
-        || async move { node.remove_member(id).await },
+        || {
+            let node = node.clone();
+            async move { node.remove_member(id).await }
+        },
     )
     .await
 }

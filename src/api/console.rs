@@ -339,7 +339,7 @@ async fn member_views(
             .await;
             let view = match asked {
                 Err(_) => Err(format!("no answer within {MEMBER_TIMEOUT:?}")),
-                Ok(Err(e)) => Err(e),
+                Ok(Err(e)) => Err(e.to_string()),
                 Ok(Ok((status, _))) if !status.is_success() => Err(format!("answered {status}")),
                 Ok(Ok((_, body))) => serde_json::from_str::<ClusterStatus>(&body)
                     .map_err(|e| format!("unreadable status: {e}")),

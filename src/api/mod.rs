@@ -225,6 +225,9 @@ impl From<ProposeError> for ApiError {
                 tracing::error!(error = %m, "request refused: this node has stopped");
                 ApiError::Unavailable("this node has stopped after a storage error".into())
             }
+            ProposeError::ShuttingDown => {
+                ApiError::Unavailable("this node is shutting down: send to another node".into())
+            }
             other => ApiError::Unavailable(other.to_string()),
         }
     }

@@ -357,7 +357,7 @@ pub(crate) async fn send(
     read_response(resp).await
 }
 
-async fn read_response(
+pub(crate) async fn read_response(
     resp: axum::response::Response,
 ) -> (axum::http::StatusCode, axum::http::HeaderMap, bytes::Bytes) {
     use http_body_util::BodyExt;

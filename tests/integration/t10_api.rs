@@ -75,6 +75,19 @@ async fn a_put_answers_its_index_and_request_id_and_reads_back() {
     assert_eq!(attrs["stream.length"], "1", "{attrs}");
 }
 
+/// A put that reaches a node while it shuts down cleanly is told so, with
+/// 503: not that the node stopped after a storage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_to_a_node_shutting_down_is_told_so() {
+    let c = Cluster::new(1, 20_000).await;
+    create_service(c.node(1)).await;
+    c.node(1).node.shutdown().await;
+    let (status, _, body) = send(&c, 1, request("POST", "/api/predict/svc", "abc")).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("shutting down"), "{text}");
+}
+
 /// Bad input gets a clear error with the right status and a text body,
 /// and nothing already stored changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -274,6 +274,99 @@ async fn membership_add_and_remove() {
     wait_for_length(c.node(new), 11).await;
 }
 
+/// A membership change sent to a node that knows no leader (restarted
+/// while the rest of its cluster is down) waits for one to be elected
+/// instead of answering 503 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_sent_to_a_node_without_a_leader_waits_for_one() {
+    use tower::ServiceExt;
+    let mut c = one_of_three_restarted_alone().await;
+    let request = axum::http::Request::builder()
+        .method("DELETE")
+        .uri("/admin/cluster/members/3")
+        .header("authorization", c.config.admin_token.clone())
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let app = eddy::api::router(c.node(1).app_state.clone()).layer(
+        axum::extract::connect_info::MockConnectInfo(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            40_000,
+        ))),
+    );
+    let asked = tokio::spawn(app.oneshot(request));
+    c.restart(2).await;
+    let answer = tokio::time::timeout(Duration::from_secs(15), asked)
+        .await
+        .expect("answered within its bound")
+        .unwrap()
+        .unwrap();
+    let status = answer.status();
+    let (_, _, body) = read_response(answer).await;
+    assert_eq!(
+        status,
+        axum::http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    eventually(
+        "node 3 is no longer a voter",
+        Duration::from_secs(10),
+        || !c.node(1).node.status().voters.contains(&3),
+    )
+    .await;
+}
+
+/// An operator removes a leader that just died by asking a follower that
+/// still names it as leader, or knows none while it elects another: the
+/// follower looks for the new leader instead of answering 503 at once (a
+/// connection to the dead leader was refused; nothing reached it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leader_is_removed_through_a_follower_that_still_names_it() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let dead = c.leader().await;
+    let follower = (1..=3).find(|i| *i != dead).unwrap();
+    create_service(c.node(follower)).await;
+    eventually(
+        "the follower knows the leader",
+        Duration::from_secs(10),
+        || c.node(follower).node.status().leader == Some(dead),
+    )
+    .await;
+    c.stop(dead).await;
+    assert_eq!(
+        c.node(follower).node.status().leader,
+        Some(dead),
+        "the follower noticed the leader's death before the removal was sent"
+    );
+    let token = c.config.admin_token.clone();
+    let path = format!("/admin/cluster/members/{dead}");
+    let started = Instant::now();
+    let (status, text) = call(
+        &c,
+        follower,
+        [127, 0, 0, 1],
+        "DELETE",
+        &path,
+        Some(&token),
+        "",
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let survivor = (1..=3).find(|i| *i != dead && *i != follower).unwrap();
+    eventually(
+        "both survivors see the dead leader removed",
+        Duration::from_secs(10),
+        || {
+            [follower, survivor]
+                .iter()
+                .all(|id| !c.node(*id).node.status().voters.contains(&dead))
+        },
+    )
+    .await;
+    put(c.node(follower), "after-removal").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_replicates_and_shuts_out_a_node_of_another_ca() {
     let certs = tempfile::tempdir().unwrap();

@@ -149,7 +149,7 @@ impl Coalescer {
         let (answer, answered) = oneshot::channel();
         self.waiting
             .send((envelope, answer, Instant::now()))
-            .map_err(|_| ProposeError::Fatal("this node is shutting down".into()))?;
+            .map_err(|_| ProposeError::ShuttingDown)?;
         answered.await.unwrap_or_else(|_| {
             Err(ProposeError::Unavailable(
                 "the write carrying this command was abandoned; outcome unknown".into(),

@@ -15,12 +15,18 @@ pub enum ProposeError {
     /// The data volume is short of space (HTTP 507).
     #[error("{0}")]
     NoSpace(String),
+    /// Raft stopped for good on this node: a storage error or a panic.
     #[error("raft stopped: {0}")]
     Fatal(String),
+    /// This node is stopping (a clean shutdown); another node can take the
+    /// request.
+    #[error("this node is shutting down")]
+    ShuttingDown,
 }
 
 /// The one mapping from openraft's errors: a redirect names the leader,
-/// an API error means no answer now, a fatal error means Raft stopped.
+/// an API error means no answer now, a fatal error means Raft stopped
+/// (after a fault, or because the node is shutting down).
 impl ProposeError {
     /// Whether trying again cannot help: the node stopped (storage), the
     /// disk is full, or the command is refused. Other errors (no leader, no
@@ -28,7 +34,10 @@ impl ProposeError {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            ProposeError::Fatal(_) | ProposeError::NoSpace(_) | ProposeError::Refused(_)
+            ProposeError::Fatal(_)
+                | ProposeError::ShuttingDown
+                | ProposeError::NoSpace(_)
+                | ProposeError::Refused(_)
         )
     }
 }
@@ -46,6 +55,7 @@ where
         }
         match e {
             RaftError::APIError(e) => ProposeError::Unavailable(e.to_string()),
+            RaftError::Fatal(openraft::errors::Fatal::Stopped) => ProposeError::ShuttingDown,
             RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
         }
     }

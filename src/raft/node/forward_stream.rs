@@ -246,9 +246,7 @@ impl ForwardStreams {
         // (Checked under the lock that `close` takes after the node is
         // marked stopping: no stream is opened after it closed the last.)
         if *node.stopping.borrow() {
-            return Err(NotForwarded::Failed(ProposeError::Fatal(
-                "this node is shutting down".into(),
-            )));
+            return Err(NotForwarded::Failed(ProposeError::ShuttingDown));
         }
         match &*current {
             // (A cut is also noticed by the stream's reader; this closes
@@ -276,9 +274,7 @@ impl ForwardStreams {
         *current = None;
         let opened = tokio::select! {
             opened = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, leader)) => opened,
-            () = node.stopped() => Ok(Err(NotForwarded::Failed(ProposeError::Fatal(
-                "this node is shutting down".into(),
-            )))),
+            () = node.stopped() => Ok(Err(NotForwarded::Failed(ProposeError::ShuttingDown))),
         };
         let opened = match opened {
             Ok(opened) => opened,

@@ -3,6 +3,24 @@
 use super::*;
 
 impl RaftNode {
+    /// Wait, at most `max`, until this node knows a leader other than
+    /// `stale` (any leader when `stale` is `None`), and return it.
+    pub async fn await_leader_other_than(&self, stale: Option<u64>, max: Duration) -> Option<u64> {
+        let mut metrics = self.raft.metrics();
+        let found = async {
+            loop {
+                let leader = metrics.borrow_watched().current_leader;
+                if leader.is_some() && leader != stale {
+                    return leader;
+                }
+                if metrics.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(max, found).await.ok().flatten()
+    }
+
     /// On the leader: add a node as a learner, wait until it caught up, then
     /// make it a voter.
     pub async fn add_member(
