@@ -26,17 +26,25 @@ pub struct RunningNode {
     pub hub: Arc<Hub>,
     /// What the HTTP handlers share (for driving the router in process).
     pub app_state: Arc<AppState>,
-    server: tokio::task::JoinHandle<()>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningNode {
     /// Stop serving and shut Raft down (as a crash would, minus the kill).
-    pub async fn shutdown(self) {
-        self.server.abort();
-        // Once the task is gone so is its listener: a node restarted at
-        // once can bind the same address.
-        let _ = self.server.await;
+    pub async fn shutdown(mut self) {
+        self.stop_serving().await;
         self.node.shutdown().await;
+    }
+
+    /// Stop the HTTP API only: the node goes on as a Raft member whose
+    /// client port refuses connections.
+    pub async fn stop_serving(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            // Once the task is gone so is its listener: a node restarted
+            // at once can bind the same address.
+            let _ = server.await;
+        }
     }
 }
 
@@ -127,7 +135,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         node,
         http_addr,
         hub,
-        server,
+        server: Some(server),
     })
 }
 

@@ -396,52 +396,58 @@ struct MemberRequest {
     api_addr: String,
 }
 
-/// How long connecting to the leader (and the TLS handshake) may take.
-const LEADER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long connecting to another member (and the TLS handshake) may take.
+pub(super) const MEMBER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest answer read back from the leader.
 const LEADER_ANSWER_LIMIT: usize = 1024 * 1024;
 
 /// One request to another member's client port at `api` (`host:port`),
 /// over TLS when this node's client port uses TLS (every node's does then),
-/// verifying that member's certificate for the host of `api`. Returns its
-/// status and body.
+/// verifying that member's certificate for the host of `api`; connecting
+/// (and the handshake) may take `connect_within`. Returns its status and
+/// body.
 pub(super) async fn call_node(
     api: &str,
     tls: Option<&crate::tls::ClientPortTls>,
+    connect_within: std::time::Duration,
     method: Method,
     path: &str,
     auth: header::HeaderValue,
     body: Option<String>,
 ) -> Result<(StatusCode, String), NodeCallError> {
     use http_body_util::BodyExt as _;
-    let not_sent = |message: String| NodeCallError {
+    let failed = |message: String| NodeCallError {
         message,
-        sent: false,
+        unreachable: false,
     };
     let connect = async {
         let tcp = tokio::net::TcpStream::connect(api)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| NodeCallError {
+                message: format!("connect: {e}"),
+                unreachable: true,
+            })?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn LeaderIo> = match tls {
             None => Box::new(tcp),
             Some(tls) => Box::new(
                 tls.connect(crate::tls::host_of(api), tcp)
                     .await
-                    .map_err(|e| format!("TLS: {e}"))?,
+                    .map_err(|e| failed(format!("TLS: {e}")))?,
             ),
         };
-        Ok::<_, String>(io)
+        Ok::<_, NodeCallError>(io)
     };
-    let io = tokio::time::timeout(LEADER_CONNECT_TIMEOUT, connect)
+    let io = tokio::time::timeout(connect_within, connect)
         .await
-        .map_err(|_| format!("no connection within {LEADER_CONNECT_TIMEOUT:?}"))
-        .and_then(|connected| connected)
-        .map_err(not_sent)?;
+        .map_err(|_| NodeCallError {
+            message: format!("no connection within {connect_within:?}"),
+            unreachable: true,
+        })??;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
-            .map_err(|e| not_sent(format!("HTTP: {e}")))?;
+            .map_err(|e| failed(format!("HTTP: {e}")))?;
     let connection = tokio::spawn(conn);
     let mut request = axum::http::Request::builder()
         .method(method)
@@ -455,7 +461,7 @@ pub(super) async fn call_node(
         .body(http_body_util::Full::new(bytes::Bytes::from(
             body.unwrap_or_default(),
         )))
-        .map_err(|e| not_sent(format!("request: {e}")))?;
+        .map_err(|e| failed(format!("request: {e}")))?;
     let result = async {
         let response = sender
             .send_request(request)
@@ -470,20 +476,19 @@ pub(super) async fn call_node(
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
     .await
-    .map_err(|message| NodeCallError {
-        message,
-        sent: true,
-    });
+    .map_err(failed);
     connection.abort();
     result
 }
 
-/// Why a call to another member failed, and whether the request may have
-/// reached it (then it may have acted on it).
+/// Why a call to another member failed.
 #[derive(Debug)]
 pub(super) struct NodeCallError {
     pub message: String,
-    pub sent: bool,
+    /// No connection to the member's port could be made (refused, or
+    /// none in time): nothing was sent, and the member may be down. A
+    /// failed TLS handshake or anything later is not this.
+    pub unreachable: bool,
 }
 
 impl std::fmt::Display for NodeCallError {
@@ -507,10 +512,12 @@ const LEADER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Membership changes run on the leader; other nodes pass the request on.
 /// A node that knows no leader (an election is under way, or the cluster
-/// just started) waits for one, and a leader that cannot be reached before
-/// anything is sent to it is looked for again, both within
-/// [`LEADER_SEARCH`]: an operator removing a member that just died asks a
-/// follower that may still name the dead one as leader.
+/// just started) waits for one, and a leader whose port refuses the
+/// connection (nothing was sent) is looked for again, both until
+/// [`LEADER_SEARCH`] has passed: an operator removing a member that just
+/// died asks a follower that may still name the dead one as leader. A
+/// connection is not tried past that time; an answer, once the request was
+/// sent, is waited for.
 async fn on_leader<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -523,23 +530,27 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), crate::raft::ProposeError>>,
 {
-    let started = tokio::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + LEADER_SEARCH;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let auth = headers
         .get(header::AUTHORIZATION)
         .cloned()
         .unwrap_or_else(|| header::HeaderValue::from_static(""));
     let body = body.map(|b| b.to_string());
     loop {
-        let left = LEADER_SEARCH.saturating_sub(started.elapsed());
         let stale = match local().await {
             Ok(()) => return Ok("OK".into_response()),
             Err(crate::raft::ProposeError::NotLeader { leader: Some(l) }) if l != state.node.id => {
                 let api = state.node.member_api_addr(l).ok_or_else(|| {
                     ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
                 })?;
+                let connect_within = left()
+                    .min(MEMBER_CONNECT_TIMEOUT)
+                    .max(std::time::Duration::from_millis(100));
                 match call_node(
                     &api,
                     state.config.client_tls.as_ref(),
+                    connect_within,
                     method.clone(),
                     &path,
                     auth.clone(),
@@ -548,18 +559,25 @@ where
                 .await
                 {
                     Ok((status, text)) => return Ok((status, text).into_response()),
-                    Err(e) if e.sent || left.is_zero() => {
+                    Err(e) if !e.unreachable || left().is_zero() => {
                         return Err(ApiError::Unavailable(format!("leader {l} at {api}: {e}")));
                     }
                     Err(_) => Some(l),
                 }
             }
-            Err(crate::raft::ProposeError::NotLeader { leader }) if !left.is_zero() => leader,
+            Err(crate::raft::ProposeError::NotLeader { leader }) => {
+                if left().is_zero() {
+                    return Err(ApiError::Unavailable(format!(
+                        "no leader found within {LEADER_SEARCH:?}"
+                    )));
+                }
+                leader
+            }
             Err(e) => return Err(e.into()),
         };
         state
             .node
-            .await_leader_other_than(stale, left.min(LEADER_RECHECK))
+            .await_leader_other_than(stale, left().min(LEADER_RECHECK))
             .await;
     }
 }

@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
-use super::admin::{Admin, ServiceRequest, call_node, status_allowed};
+use super::admin::{Admin, MEMBER_CONNECT_TIMEOUT, ServiceRequest, call_node, status_allowed};
 use super::{ApiError, AppState};
 use crate::queue::{Command, ConsumerStatus, Queue, QueueKind, QueueRef, Reply};
 use crate::raft::ClusterStatus;
@@ -330,6 +330,7 @@ async fn member_views(
                 call_node(
                     &api,
                     state.config.client_tls.as_ref(),
+                    MEMBER_CONNECT_TIMEOUT,
                     Method::GET,
                     "/admin/cluster",
                     auth,
@@ -1073,6 +1074,7 @@ async fn perform(
                 let (status, text) = call_node(
                     &api,
                     state.config.client_tls.as_ref(),
+                    MEMBER_CONNECT_TIMEOUT,
                     method,
                     "/admin/node/drain",
                     auth,

@@ -177,6 +177,26 @@ impl Cluster {
             .expect("node is running")
     }
 
+    pub(crate) fn node_mut(&mut self, id: u64) -> &mut RunningNode {
+        self.nodes[(id - 1) as usize]
+            .as_mut()
+            .expect("node is running")
+    }
+
+    /// Send `req` to node `id`'s router in process from loopback, in a task
+    /// of its own; its response.
+    pub(crate) fn spawn_request(
+        &self,
+        id: u64,
+        req: axum::http::Request<axum::body::Body>,
+    ) -> tokio::task::JoinHandle<axum::response::Response> {
+        use axum::extract::connect_info::MockConnectInfo;
+        use tower::ServiceExt;
+        let app = eddy::api::router(self.node(id).app_state.clone())
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        tokio::spawn(async move { app.oneshot(req).await.unwrap() })
+    }
+
     pub(crate) async fn leader(&self) -> u64 {
         let leader = || {
             self.nodes.iter().flatten().find_map(|n| {

@@ -274,40 +274,40 @@ async fn membership_add_and_remove() {
     wait_for_length(c.node(new), 11).await;
 }
 
+/// A removal request for member `id`, with the cluster's admin token.
+fn removal(c: &Cluster, id: u64) -> axum::http::Request<axum::body::Body> {
+    axum::http::Request::builder()
+        .method("DELETE")
+        .uri(format!("/admin/cluster/members/{id}"))
+        .header("authorization", c.config.admin_token.clone())
+        .body(axum::body::Body::empty())
+        .unwrap()
+}
+
+/// The status and body of a spawned request's answer, within `within`.
+async fn answer_of(
+    asked: tokio::task::JoinHandle<axum::response::Response>,
+    within: Duration,
+) -> (axum::http::StatusCode, String) {
+    let answer = tokio::time::timeout(within, asked)
+        .await
+        .expect("answered within its bound")
+        .unwrap();
+    let (status, _, body) = read_response(answer).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// A membership change sent to a node that knows no leader (restarted
 /// while the rest of its cluster is down) waits for one to be elected
 /// instead of answering 503 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_membership_change_sent_to_a_node_without_a_leader_waits_for_one() {
-    use tower::ServiceExt;
     let mut c = one_of_three_restarted_alone().await;
-    let request = axum::http::Request::builder()
-        .method("DELETE")
-        .uri("/admin/cluster/members/3")
-        .header("authorization", c.config.admin_token.clone())
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let app = eddy::api::router(c.node(1).app_state.clone()).layer(
-        axum::extract::connect_info::MockConnectInfo(std::net::SocketAddr::from((
-            [127, 0, 0, 1],
-            40_000,
-        ))),
-    );
-    let asked = tokio::spawn(app.oneshot(request));
+    assert_eq!(c.node(1).node.status().leader, None);
+    let asked = c.spawn_request(1, removal(&c, 3));
     c.restart(2).await;
-    let answer = tokio::time::timeout(Duration::from_secs(15), asked)
-        .await
-        .expect("answered within its bound")
-        .unwrap()
-        .unwrap();
-    let status = answer.status();
-    let (_, _, body) = read_response(answer).await;
-    assert_eq!(
-        status,
-        axum::http::StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
+    let (status, text) = answer_of(asked, Duration::from_secs(15)).await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{text}");
     eventually(
         "node 3 is no longer a voter",
         Duration::from_secs(10),
@@ -316,10 +316,32 @@ async fn a_membership_change_sent_to_a_node_without_a_leader_waits_for_one() {
     .await;
 }
 
+/// A membership change sent to a node that is shutting down is told so at
+/// once, not after searching for a leader (its Raft no longer changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_sent_to_a_node_shutting_down_is_told_so() {
+    let c = one_of_three_restarted_alone().await;
+    c.node(1).node.shutdown().await;
+    let started = Instant::now();
+    let (status, text) =
+        answer_of(c.spawn_request(1, removal(&c, 3)), Duration::from_secs(15)).await;
+    assert_eq!(
+        status,
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "{text}"
+    );
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
+
 /// An operator removes a leader that just died by asking a follower that
-/// still names it as leader, or knows none while it elects another: the
-/// follower looks for the new leader instead of answering 503 at once (a
-/// connection to the dead leader was refused; nothing reached it).
+/// still names it as leader: the follower's connection to the leader's
+/// client port is refused (nothing reached it), so it looks for the new
+/// leader instead of answering 503 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leader_is_removed_through_a_follower_that_still_names_it() {
     let mut c = Cluster::new(3, 20_000).await;
@@ -332,27 +354,13 @@ async fn a_dead_leader_is_removed_through_a_follower_that_still_names_it() {
         || c.node(follower).node.status().leader == Some(dead),
     )
     .await;
+    // The leader's client port goes first; its Raft still leads, so the
+    // follower still names it when the request arrives.
+    c.node_mut(dead).stop_serving().await;
+    let asked = c.spawn_request(follower, removal(&c, dead));
     c.stop(dead).await;
-    assert_eq!(
-        c.node(follower).node.status().leader,
-        Some(dead),
-        "the follower noticed the leader's death before the removal was sent"
-    );
-    let token = c.config.admin_token.clone();
-    let path = format!("/admin/cluster/members/{dead}");
-    let started = Instant::now();
-    let (status, text) = call(
-        &c,
-        follower,
-        [127, 0, 0, 1],
-        "DELETE",
-        &path,
-        Some(&token),
-        "",
-    )
-    .await;
+    let (status, text) = answer_of(asked, Duration::from_secs(15)).await;
     assert_eq!(status, axum::http::StatusCode::OK, "{text}");
-    assert!(started.elapsed() < Duration::from_secs(10));
     let survivor = (1..=3).find(|i| *i != dead && *i != follower).unwrap();
     eventually(
         "both survivors see the dead leader removed",

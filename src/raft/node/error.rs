@@ -15,7 +15,9 @@ pub enum ProposeError {
     /// The data volume is short of space (HTTP 507).
     #[error("{0}")]
     NoSpace(String),
-    /// Raft stopped for good on this node: a storage error or a panic.
+    /// Raft stopped for good on this node after a fault (storage, a panic),
+    /// or something that cannot happen did (an entry answered with a reply
+    /// of another kind).
     #[error("raft stopped: {0}")]
     Fatal(String),
     /// This node is stopping (a clean shutdown); another node can take the
@@ -24,13 +26,11 @@ pub enum ProposeError {
     ShuttingDown,
 }
 
-/// The one mapping from openraft's errors: a redirect names the leader,
-/// an API error means no answer now, a fatal error means Raft stopped
-/// (after a fault, or because the node is shutting down).
 impl ProposeError {
-    /// Whether trying again cannot help: the node stopped (storage), the
-    /// disk is full, or the command is refused. Other errors (no leader, no
-    /// quorum in time) may pass with an election.
+    /// Whether trying again on this node cannot help: it stopped (after a
+    /// fault, or shutting down), the disk is full, or the command is
+    /// refused. Other errors (no leader, no quorum in time) may pass with an
+    /// election.
     pub fn is_final(&self) -> bool {
         matches!(
             self,
@@ -42,6 +42,10 @@ impl ProposeError {
     }
 }
 
+/// The one mapping from openraft's errors: a redirect names the leader,
+/// an API error means no answer now, a fatal error means Raft stopped:
+/// `Stopped` without a fault is a shutdown (a storage fault is reported as
+/// one, and proposals check the storage's health first).
 impl<E> From<RaftError<crate::raft::types::TypeConfig, E>> for ProposeError
 where
     E: std::error::Error

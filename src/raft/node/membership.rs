@@ -4,21 +4,35 @@ use super::*;
 
 impl RaftNode {
     /// Wait, at most `max`, until this node knows a leader other than
-    /// `stale` (any leader when `stale` is `None`), and return it.
-    pub async fn await_leader_other_than(&self, stale: Option<u64>, max: Duration) -> Option<u64> {
+    /// `stale` (any leader when `stale` is `None`). Once Raft has stopped
+    /// nothing changes, and the whole of `max` is waited: the bound paces
+    /// a caller that tries again.
+    pub async fn await_leader_other_than(&self, stale: Option<u64>, max: Duration) {
         let mut metrics = self.raft.metrics();
         let found = async {
             loop {
                 let leader = metrics.borrow_watched().current_leader;
                 if leader.is_some() && leader != stale {
-                    return leader;
+                    return;
                 }
                 if metrics.changed().await.is_err() {
-                    return None;
+                    std::future::pending::<()>().await;
                 }
             }
         };
-        tokio::time::timeout(max, found).await.ok().flatten()
+        let _ = tokio::time::timeout(max, found).await;
+    }
+
+    /// Refuse a membership change on a node that is shutting down or whose
+    /// storage failed: it has no say in the cluster any more.
+    fn running(&self) -> Result<(), ProposeError> {
+        if let Some(reason) = self.health.failure() {
+            return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
+        }
+        if *self.stopping.borrow() {
+            return Err(ProposeError::ShuttingDown);
+        }
+        Ok(())
     }
 
     /// On the leader: add a node as a learner, wait until it caught up, then
@@ -29,6 +43,7 @@ impl RaftNode {
         raft_addr: String,
         api_addr: String,
     ) -> Result<(), ProposeError> {
+        self.running()?;
         if self.config.admin_token.is_empty() {
             return Err(ProposeError::Refused(
                 "a cluster of more than one node needs an admin token on every node; \
@@ -51,6 +66,7 @@ impl RaftNode {
 
     /// On the leader: remove a node from the voters (and the cluster).
     pub async fn remove_member(&self, id: u64) -> Result<(), ProposeError> {
+        self.running()?;
         let status = self.status();
         // The voters are judged by the leader: a follower's view may not
         // have the latest membership yet (it refused a removal it should
