@@ -398,13 +398,14 @@ struct MemberRequest {
 
 /// How long connecting to another member (and the TLS handshake) may take.
 pub(super) const MEMBER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Largest answer read back from the leader.
-const LEADER_ANSWER_LIMIT: usize = 1024 * 1024;
+/// Largest answer read back from a member.
+const MEMBER_ANSWER_LIMIT: usize = 1024 * 1024;
 
 /// One request to another member's client port at `api` (`host:port`),
 /// over TLS when this node's client port uses TLS (every node's does then),
 /// verifying that member's certificate for the host of `api`; connecting
-/// (and the handshake) may take `connect_within`. Returns its status and
+/// (and the handshake) may take `connect_within`; `headers` (the caller's
+/// `Authorization` among them) go with the request. Returns its status and
 /// body.
 pub(super) async fn call_node(
     api: &str,
@@ -412,7 +413,7 @@ pub(super) async fn call_node(
     connect_within: std::time::Duration,
     method: Method,
     path: &str,
-    auth: header::HeaderValue,
+    headers: HeaderMap,
     body: Option<String>,
 ) -> Result<(StatusCode, String), NodeCallError> {
     use http_body_util::BodyExt as _;
@@ -428,7 +429,7 @@ pub(super) async fn call_node(
                 unreachable: true,
             })?;
         let _ = tcp.set_nodelay(true);
-        let io: Box<dyn LeaderIo> = match tls {
+        let io: Box<dyn MemberIo> = match tls {
             None => Box::new(tcp),
             Some(tls) => Box::new(
                 tls.connect(crate::tls::host_of(api), tcp)
@@ -452,10 +453,12 @@ pub(super) async fn call_node(
     let mut request = axum::http::Request::builder()
         .method(method)
         .uri(path)
-        .header(header::HOST, api)
-        .header(header::AUTHORIZATION, auth);
+        .header(header::HOST, api);
     if body.is_some() {
         request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(all) = request.headers_mut() {
+        all.extend(headers);
     }
     let request = request
         .body(http_body_util::Full::new(bytes::Bytes::from(
@@ -468,7 +471,7 @@ pub(super) async fn call_node(
             .await
             .map_err(|e| format!("HTTP: {e}"))?;
         let status = response.status();
-        let bytes = http_body_util::Limited::new(response.into_body(), LEADER_ANSWER_LIMIT)
+        let bytes = http_body_util::Limited::new(response.into_body(), MEMBER_ANSWER_LIMIT)
             .collect()
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
@@ -485,9 +488,11 @@ pub(super) async fn call_node(
 #[derive(Debug)]
 pub(super) struct NodeCallError {
     pub message: String,
-    /// No connection to the member's port could be made (refused, or
-    /// none in time): nothing was sent, and the member may be down. A
-    /// failed TLS handshake or anything later is not this.
+    /// No connection to the member's port could be made: connecting
+    /// failed (refused, no route, an unknown host), or connecting and the
+    /// handshake took longer than allowed. Nothing was sent, and the member
+    /// may be down. A handshake that failed (a certificate that does not
+    /// verify) or anything later is not this.
     pub unreachable: bool,
 }
 
@@ -497,9 +502,9 @@ impl std::fmt::Display for NodeCallError {
     }
 }
 
-/// A connection to the leader's client port, plain or TLS.
-trait LeaderIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> LeaderIo for T {}
+/// A connection to a member's client port, plain or TLS.
+trait MemberIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> MemberIo for T {}
 
 /// How long a membership change may look for a leader: through an
 /// election, or past a leader that died since this node last heard of it.
@@ -510,14 +515,24 @@ const LEADER_SEARCH: std::time::Duration = std::time::Duration::from_secs(10);
 /// for a moment only).
 const LEADER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Sent with a membership change one member passes to the leader: the
+/// leader answers [`StatusCode::MISDIRECTED_REQUEST`] at once when it no
+/// longer leads, and the member that sent it goes on looking within its own
+/// time, so one request searches for [`LEADER_SEARCH`] at most.
+const PASSED_ON_HEADER: &str = "x-eddy-passed-on";
+
 /// Membership changes run on the leader; other nodes pass the request on.
 /// A node that knows no leader (an election is under way, or the cluster
-/// just started) waits for one, and a leader whose port refuses the
-/// connection (nothing was sent) is looked for again, both until
+/// just started), whose leader is not yet acknowledged by a quorum, whose
+/// leader's port cannot be connected to (nothing was sent: it may have just
+/// died), or whose leader answers that it leads no more, waits for the
+/// leader to change (at most [`LEADER_RECHECK`]) and tries again, until
 /// [`LEADER_SEARCH`] has passed: an operator removing a member that just
-/// died asks a follower that may still name the dead one as leader. A
-/// connection is not tried past that time; an answer, once the request was
-/// sent, is waited for.
+/// died asks a follower that may still name the dead one as leader. The
+/// last try is given at least 100 ms; a change this node proposes as
+/// leader is waited for until then, an answer from the leader, once the
+/// request was sent, for as long as the leader takes (its own try is
+/// bounded likewise).
 async fn on_leader<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -530,16 +545,38 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), crate::raft::ProposeError>>,
 {
+    let passed_on = headers.contains_key(PASSED_ON_HEADER);
     let deadline = tokio::time::Instant::now() + LEADER_SEARCH;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .cloned()
-        .unwrap_or_else(|| header::HeaderValue::from_static(""));
+    let mut passed = HeaderMap::new();
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        passed.insert(header::AUTHORIZATION, auth.clone());
+    }
+    passed.insert(PASSED_ON_HEADER, header::HeaderValue::from_static("1"));
     let body = body.map(|b| b.to_string());
+    let mut last;
     loop {
-        let stale = match local().await {
+        let seen = state.node.leadership();
+        // A leader that loses its quorum never commits the change: the
+        // try is bounded too.
+        let tried =
+            tokio::time::timeout(left().max(std::time::Duration::from_millis(100)), local())
+                .await
+                .map_err(|_| {
+                    ApiError::Unavailable(format!(
+                        "no quorum acknowledged the change within {LEADER_SEARCH:?}; \
+                 its outcome is unknown"
+                    ))
+                })?;
+        match tried {
             Ok(()) => return Ok("OK".into_response()),
+            Err(crate::raft::ProposeError::NotLeader { .. }) if passed_on => {
+                return Ok((
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!("node {} is not the leader", state.node.id),
+                )
+                    .into_response());
+            }
             Err(crate::raft::ProposeError::NotLeader { leader: Some(l) }) if l != state.node.id => {
                 let api = state.node.member_api_addr(l).ok_or_else(|| {
                     ApiError::Unavailable(format!("leader {l} has no known HTTP address"))
@@ -553,31 +590,43 @@ where
                     connect_within,
                     method.clone(),
                     &path,
-                    auth.clone(),
+                    passed.clone(),
                     body.clone(),
                 )
                 .await
                 {
-                    Ok((status, text)) => return Ok((status, text).into_response()),
-                    Err(e) if !e.unreachable || left().is_zero() => {
+                    Ok((StatusCode::MISDIRECTED_REQUEST, text)) => {
+                        last = format!("leader {l} at {api}: {}", text.trim());
+                    }
+                    Ok((status, text)) if status.is_success() => {
+                        return Ok((status, text).into_response());
+                    }
+                    Ok((status, text)) => {
+                        return Ok((status, format!("leader {l}: {}", text.trim())).into_response());
+                    }
+                    Err(e) if e.unreachable => last = format!("leader {l} at {api}: {e}"),
+                    Err(e) => {
                         return Err(ApiError::Unavailable(format!("leader {l} at {api}: {e}")));
                     }
-                    Err(_) => Some(l),
                 }
             }
-            Err(crate::raft::ProposeError::NotLeader { leader }) => {
-                if left().is_zero() {
-                    return Err(ApiError::Unavailable(format!(
-                        "no leader found within {LEADER_SEARCH:?}"
-                    )));
-                }
-                leader
+            Err(crate::raft::ProposeError::NotLeader { .. }) => {
+                last = if state.node.is_leader() {
+                    "this node leads, but no quorum has acknowledged it lately".into()
+                } else {
+                    "no leader known".into()
+                };
             }
             Err(e) => return Err(e.into()),
-        };
+        }
+        if left().is_zero() {
+            return Err(ApiError::Unavailable(format!(
+                "no leader reachable within {LEADER_SEARCH:?} (last: {last})"
+            )));
+        }
         state
             .node
-            .await_leader_other_than(stale, left().min(LEADER_RECHECK))
+            .wait_for_leader_change(seen, left().min(LEADER_RECHECK))
             .await;
     }
 }

@@ -333,7 +333,7 @@ async fn member_views(
                     MEMBER_CONNECT_TIMEOUT,
                     Method::GET,
                     "/admin/cluster",
-                    auth,
+                    HeaderMap::from_iter([(header::AUTHORIZATION, auth)]),
                     None,
                 ),
             )
@@ -1077,7 +1077,7 @@ async fn perform(
                     MEMBER_CONNECT_TIMEOUT,
                     method,
                     "/admin/node/drain",
-                    auth,
+                    HeaderMap::from_iter([(header::AUTHORIZATION, auth)]),
                     None,
                 )
                 .await

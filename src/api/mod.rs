@@ -223,7 +223,7 @@ impl From<ProposeError> for ApiError {
             // to go elsewhere.
             ProposeError::Fatal(m) => {
                 tracing::error!(error = %m, "request refused: this node has stopped");
-                ApiError::Unavailable("this node has stopped after a storage error".into())
+                ApiError::Unavailable("this node cannot write after a fault (see its log)".into())
             }
             ProposeError::ShuttingDown => {
                 ApiError::Unavailable("this node is shutting down: send to another node".into())

@@ -35,5 +35,5 @@ pub use health::StorageHealth;
 pub use listener::PeerListenerLimits;
 pub use log::{FSYNC_BUCKETS_MICROS, FsyncStats, Tail as WalTail, WalReport, check as check_wal};
 pub use network::LinkFaults;
-pub use node::{ClusterStatus, Peer, ProposeError, RaftNode, now_ms};
+pub use node::{ClusterStatus, Leadership, Peer, ProposeError, RaftNode, now_ms};
 pub use state_machine::StateDigest;

@@ -297,23 +297,89 @@ async fn answer_of(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A membership change sent to a node that knows no leader (restarted
-/// while the rest of its cluster is down) waits for one to be elected
-/// instead of answering 503 at once.
+/// A membership change sent to a node that knows no leader (the former
+/// leader, restarted while the rest of its cluster is down: it does not
+/// take up its leadership again) waits for one to be elected instead of
+/// answering 503 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_membership_change_sent_to_a_node_without_a_leader_waits_for_one() {
-    let mut c = one_of_three_restarted_alone().await;
-    assert_eq!(c.node(1).node.status().leader, None);
-    let asked = c.spawn_request(1, removal(&c, 3));
-    c.restart(2).await;
+    let mut c = Cluster::new(3, 20_000).await;
+    let alone = c.leader().await;
+    let (back, gone) = {
+        let mut others = (1..=3).filter(|i| *i != alone);
+        (others.next().unwrap(), others.next().unwrap())
+    };
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    c.restart(alone).await;
+    assert_eq!(c.node(alone).node.status().leader, None);
+    let asked = c.spawn_request(alone, removal(&c, gone));
+    c.restart(back).await;
     let (status, text) = answer_of(asked, Duration::from_secs(15)).await;
     assert_eq!(status, axum::http::StatusCode::OK, "{text}");
     eventually(
-        "node 3 is no longer a voter",
+        "the stopped node is no longer a voter",
         Duration::from_secs(10),
-        || !c.node(1).node.status().voters.contains(&3),
+        || !c.node(alone).node.status().voters.contains(&gone),
     )
     .await;
+}
+
+/// A membership change a member passed on to a node that does not lead
+/// (any more) is answered 421 at once, so that the member that sent it
+/// looks for the leader within its own time instead of the two searching
+/// one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_passed_on_to_a_node_that_does_not_lead_is_sent_back() {
+    let c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let gone = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
+    let mut request = removal(&c, gone);
+    request.headers_mut().insert(
+        "x-eddy-passed-on",
+        axum::http::HeaderValue::from_static("1"),
+    );
+    let (status, text) =
+        answer_of(c.spawn_request(follower, request), Duration::from_secs(5)).await;
+    assert_eq!(
+        status,
+        axum::http::StatusCode::MISDIRECTED_REQUEST,
+        "{text}"
+    );
+    assert!(c.node(leader).node.status().voters.contains(&gone));
+}
+
+/// A leader that lost its quorum refuses a membership change once its
+/// search is over, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_quorum_refuses_a_membership_change_after_its_search() {
+    let mut c = Cluster::new(3, 20_000).await;
+    let leader = c.leader().await;
+    for id in (1..=3).filter(|i| *i != leader) {
+        c.stop(id).await;
+    }
+    let started = Instant::now();
+    let (status, text) = answer_of(
+        c.spawn_request(leader, removal(&c, if leader == 1 { 2 } else { 1 })),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        status,
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "{text}"
+    );
+    assert!(
+        text.contains("within 10s") && text.contains("no quorum"),
+        "{text}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(12),
+        "answered after {took:?}"
+    );
 }
 
 /// A membership change sent to a node that is shutting down is told so at

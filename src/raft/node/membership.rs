@@ -3,29 +3,9 @@
 use super::*;
 
 impl RaftNode {
-    /// Wait, at most `max`, until this node knows a leader other than
-    /// `stale` (any leader when `stale` is `None`). Once Raft has stopped
-    /// nothing changes, and the whole of `max` is waited: the bound paces
-    /// a caller that tries again.
-    pub async fn await_leader_other_than(&self, stale: Option<u64>, max: Duration) {
-        let mut metrics = self.raft.metrics();
-        let found = async {
-            loop {
-                let leader = metrics.borrow_watched().current_leader;
-                if leader.is_some() && leader != stale {
-                    return;
-                }
-                if metrics.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(max, found).await;
-    }
-
     /// Refuse a membership change on a node that is shutting down or whose
     /// storage failed: it has no say in the cluster any more.
-    fn running(&self) -> Result<(), ProposeError> {
+    fn ensure_running(&self) -> Result<(), ProposeError> {
         if let Some(reason) = self.health.failure() {
             return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
         }
@@ -43,7 +23,7 @@ impl RaftNode {
         raft_addr: String,
         api_addr: String,
     ) -> Result<(), ProposeError> {
-        self.running()?;
+        self.ensure_running()?;
         if self.config.admin_token.is_empty() {
             return Err(ProposeError::Refused(
                 "a cluster of more than one node needs an admin token on every node; \
@@ -66,7 +46,7 @@ impl RaftNode {
 
     /// On the leader: remove a node from the voters (and the cluster).
     pub async fn remove_member(&self, id: u64) -> Result<(), ProposeError> {
-        self.running()?;
+        self.ensure_running()?;
         let status = self.status();
         // The voters are judged by the leader: a follower's view may not
         // have the latest membership yet (it refused a removal it should

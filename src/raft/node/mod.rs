@@ -43,6 +43,7 @@ mod reads;
 mod status;
 
 pub use error::ProposeError;
+pub use propose::Leadership;
 
 use coalesce::{Lanes, Route};
 

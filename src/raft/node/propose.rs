@@ -178,12 +178,12 @@ impl RaftNode {
     }
 
     /// Who leads as this node sees it (see [`Leadership`]).
-    fn leadership(&self) -> Leadership {
+    pub fn leadership(&self) -> Leadership {
         Leadership::of(&self.raft.metrics().borrow_watched())
     }
 
     /// Wait, at most `max`, until who leads differs from `seen`.
-    pub(super) async fn wait_for_leader_change(&self, seen: Leadership, max: Duration) {
+    pub async fn wait_for_leader_change(&self, seen: Leadership, max: Duration) {
         let mut metrics = self.raft.metrics();
         let changed = async {
             loop {
@@ -269,7 +269,7 @@ impl RaftNode {
 /// Who leads as one node sees it: what a write refused for want of a leader
 /// waits to see change before it is tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Leadership {
+pub struct Leadership {
     leader: Option<u64>,
     term: u64,
     /// On the leader: whether a quorum has acknowledged it in this term,
