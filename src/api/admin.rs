@@ -529,10 +529,12 @@ const PASSED_ON_HEADER: &str = "x-eddy-passed-on";
 /// leader to change (at most [`LEADER_RECHECK`]) and tries again, until
 /// [`LEADER_SEARCH`] has passed: an operator removing a member that just
 /// died asks a follower that may still name the dead one as leader. The
-/// last try is given at least 100 ms; a change this node proposes as
-/// leader is waited for until then, an answer from the leader, once the
-/// request was sent, for as long as the leader takes (its own try is
-/// bounded likewise).
+/// last try is given at least 100 ms. `local` gets the time left: the
+/// voters' change it proposes as leader is waited for that long (a new
+/// learner's catch-up before it, for as long as it takes). An answer
+/// from the leader, once the request was sent, is waited for as long as
+/// the leader takes (its own search is not repeated: a passed-on request
+/// is answered 421 by a node that does not lead or is shutting down).
 async fn on_leader<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -542,7 +544,7 @@ async fn on_leader<F, Fut>(
     mut local: F,
 ) -> Result<Response, ApiError>
 where
-    F: FnMut() -> Fut,
+    F: FnMut(std::time::Duration) -> Fut,
     Fut: std::future::Future<Output = Result<(), crate::raft::ProposeError>>,
 {
     let passed_on = headers.contains_key(PASSED_ON_HEADER);
@@ -557,23 +559,24 @@ where
     let mut last;
     loop {
         let seen = state.node.leadership();
-        // A leader that loses its quorum never commits the change: the
-        // try is bounded too.
-        let tried =
-            tokio::time::timeout(left().max(std::time::Duration::from_millis(100)), local())
-                .await
-                .map_err(|_| {
-                    ApiError::Unavailable(format!(
-                        "no quorum acknowledged the change within {LEADER_SEARCH:?}; \
-                 its outcome is unknown"
-                    ))
-                })?;
-        match tried {
+        match local(left().max(std::time::Duration::from_millis(100))).await {
             Ok(()) => return Ok("OK".into_response()),
-            Err(crate::raft::ProposeError::NotLeader { .. }) if passed_on => {
+            Err(crate::raft::ProposeError::ShuttingDown) if passed_on => {
                 return Ok((
                     StatusCode::MISDIRECTED_REQUEST,
-                    format!("node {} is not the leader", state.node.id),
+                    format!("node {} is shutting down", state.node.id),
+                )
+                    .into_response());
+            }
+            Err(crate::raft::ProposeError::NotLeader { .. }) if passed_on => {
+                let why = if state.node.is_leader() {
+                    "leads, but no quorum has acknowledged it lately"
+                } else {
+                    "is not the leader"
+                };
+                return Ok((
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!("node {} {why}", state.node.id),
                 )
                     .into_response());
             }
@@ -664,10 +667,13 @@ async fn add_member(
         Method::POST,
         "/admin/cluster/members".into(),
         Some(json),
-        || {
+        |commit_within| {
             let (node, raft_addr, api_addr) =
                 (node.clone(), req.raft_addr.clone(), req.api_addr.clone());
-            async move { node.add_member(req.id, raft_addr, api_addr).await }
+            async move {
+                node.add_member(req.id, raft_addr, api_addr, commit_within)
+                    .await
+            }
         },
     )
     .await
@@ -687,9 +693,9 @@ async fn remove_member(
         Method::DELETE,
         format!("/admin/cluster/members/{id}"),
         None,
-        || {
+        |commit_within| {
             let node = node.clone();
-            async move { node.remove_member(id).await }
+            async move { node.remove_member(id, commit_within).await }
         },
     )
     .await

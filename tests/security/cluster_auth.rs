@@ -296,9 +296,12 @@ async fn a_node_without_an_admin_token_adds_no_members() {
     assert!(answer.1.contains("admin token"), "{}", answer.1);
     let direct = tokio::time::timeout(
         Duration::from_secs(10),
-        c.node(1)
-            .node
-            .add_member(2, format!("127.0.0.1:{}", free_port()), String::new()),
+        c.node(1).node.add_member(
+            2,
+            format!("127.0.0.1:{}", free_port()),
+            String::new(),
+            Duration::from_secs(10),
+        ),
     )
     .await
     .expect("the add was refused at once");
