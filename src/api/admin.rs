@@ -561,18 +561,16 @@ where
         let seen = state.node.leadership();
         match local(left().max(std::time::Duration::from_millis(100))).await {
             Ok(()) => return Ok("OK".into_response()),
-            Err(crate::raft::ProposeError::ShuttingDown) if passed_on => {
-                return Ok((
-                    StatusCode::MISDIRECTED_REQUEST,
-                    format!("node {} is shutting down", state.node.id),
-                )
-                    .into_response());
-            }
-            Err(crate::raft::ProposeError::NotLeader { .. }) if passed_on => {
-                let why = if state.node.is_leader() {
-                    "leads, but no quorum has acknowledged it lately"
-                } else {
-                    "is not the leader"
+            Err(
+                e @ (crate::raft::ProposeError::ShuttingDown
+                | crate::raft::ProposeError::NotLeader { .. }),
+            ) if passed_on => {
+                let why = match e {
+                    crate::raft::ProposeError::ShuttingDown => "is shutting down",
+                    _ if state.node.is_leader() => {
+                        "leads, but no quorum has acknowledged it lately"
+                    }
+                    _ => "is not the leader",
                 };
                 return Ok((
                     StatusCode::MISDIRECTED_REQUEST,

@@ -190,11 +190,17 @@ impl Cluster {
         id: u64,
         req: axum::http::Request<axum::body::Body>,
     ) -> tokio::task::JoinHandle<axum::response::Response> {
-        use axum::extract::connect_info::MockConnectInfo;
         use tower::ServiceExt;
-        let app = eddy::api::router(self.node(id).app_state.clone())
-            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        let app = self.router_as_seen_from(id, [127, 0, 0, 1]);
         tokio::spawn(async move { app.oneshot(req).await.unwrap() })
+    }
+
+    /// Node `id`'s router, with its callers at `from` (the address the
+    /// admin and status routes see).
+    pub(crate) fn router_as_seen_from(&self, id: u64, from: [u8; 4]) -> axum::Router {
+        use axum::extract::connect_info::MockConnectInfo;
+        eddy::api::router(self.node(id).app_state.clone())
+            .layer(MockConnectInfo(SocketAddr::from((from, 40_000))))
     }
 
     pub(crate) async fn leader(&self) -> u64 {
@@ -341,11 +347,9 @@ pub(crate) async fn call(
     token: Option<&str>,
     body: &str,
 ) -> (axum::http::StatusCode, String) {
-    use axum::extract::connect_info::MockConnectInfo;
     use tower::ServiceExt;
 
-    let app = eddy::api::router(c.node(id).app_state.clone())
-        .layer(MockConnectInfo(SocketAddr::from((from, 40_000))));
+    let app = c.router_as_seen_from(id, from);
     let mut req = axum::http::Request::builder().method(method).uri(path);
     if let Some(t) = token {
         req = req.header("authorization", t);

@@ -6,9 +6,7 @@ impl RaftNode {
     /// Refuse a membership change on a node that is shutting down or whose
     /// storage failed: it has no say in the cluster any more.
     fn ensure_running(&self) -> Result<(), ProposeError> {
-        if let Some(reason) = self.health.failure() {
-            return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
-        }
+        self.ensure_storage_sound()?;
         if *self.stopping.borrow() {
             return Err(ProposeError::ShuttingDown);
         }

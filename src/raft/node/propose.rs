@@ -5,12 +5,18 @@
 use super::*;
 
 impl RaftNode {
+    /// Refuse anything once this node's storage failed.
+    pub(super) fn ensure_storage_sound(&self) -> Result<(), ProposeError> {
+        match self.health.failure() {
+            Some(reason) => Err(ProposeError::Fatal(format!("storage failed: {reason}"))),
+            None => Ok(()),
+        }
+    }
+
     /// Refuse a command this node must not write: any, once storage failed;
     /// new data, while the data volume is short of space.
     pub(super) fn admit(&self, command: &Command) -> Result<(), ProposeError> {
-        if let Some(reason) = self.health.failure() {
-            return Err(ProposeError::Fatal(format!("storage failed: {reason}")));
-        }
+        self.ensure_storage_sound()?;
         if command.has_nested_batch() {
             return Err(ProposeError::Refused("nested command batch".into()));
         }
